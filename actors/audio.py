@@ -1,0 +1,92 @@
+"""PCM helpers shared by providers, protocols, tests and tools: one place to
+convert, resample and read/write WAV so every part agrees on the format."""
+
+from __future__ import annotations
+
+import io
+import wave
+from pathlib import Path
+
+import numpy as np
+
+from actors.providers.base import SAMPLE_RATE
+
+
+def float_to_pcm16(samples: np.ndarray) -> bytes:
+    return (np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+
+
+def pcm16_to_float(pcm16: bytes) -> np.ndarray:
+    return np.frombuffer(pcm16, dtype="<i2").astype(np.float32) / 32768.0
+
+
+def resample(samples: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
+    """Linear-interpolation resampling: cheap, and good enough for speech
+    going into Whisper or out to a phone-grade speaker."""
+    if src_rate == dst_rate or len(samples) == 0:
+        return samples.astype(np.float32, copy=False)
+    n = max(1, int(round(len(samples) * dst_rate / src_rate)))
+    x_new = np.linspace(0, len(samples) - 1, n)
+    return np.interp(x_new, np.arange(len(samples)), samples).astype(np.float32)
+
+
+def resample_pcm16(pcm16: bytes, src_rate: int, dst_rate: int) -> bytes:
+    if src_rate == dst_rate:
+        return pcm16
+    return float_to_pcm16(resample(pcm16_to_float(pcm16), src_rate, dst_rate))
+
+
+def rms_dbfs(pcm16: bytes) -> float:
+    x = pcm16_to_float(pcm16)
+    if len(x) == 0:
+        return -120.0
+    return float(20 * np.log10(max(np.sqrt(np.mean(x * x)), 1e-6)))
+
+
+def duration_ms(pcm16: bytes, sample_rate: int = SAMPLE_RATE) -> float:
+    return len(pcm16) / 2 / sample_rate * 1000.0
+
+
+def wav_bytes(pcm16: bytes, sample_rate: int) -> bytes:
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(sample_rate)
+        w.writeframes(pcm16)
+    return buf.getvalue()
+
+
+def write_wav(path: str | Path, pcm16: bytes, sample_rate: int) -> None:
+    Path(path).write_bytes(wav_bytes(pcm16, sample_rate))
+
+
+class AudioFormatError(ValueError):
+    """The audio is not something we can turn into PCM16 mono."""
+
+
+def read_wav(data: bytes | str | Path, target_rate: int = SAMPLE_RATE) -> bytes:
+    """Any PCM16 WAV (mono or stereo, any rate) → PCM16 mono at target_rate."""
+    raw = Path(data).read_bytes() if isinstance(data, (str, Path)) else data
+    try:
+        with wave.open(io.BytesIO(raw), "rb") as w:
+            channels, width, rate = w.getnchannels(), w.getsampwidth(), w.getframerate()
+            frames = w.readframes(w.getnframes())
+    except (wave.Error, EOFError) as e:
+        raise AudioFormatError(f"not a readable WAV file: {e}") from None
+    if width != 2:
+        raise AudioFormatError(f"WAV must be 16-bit PCM, got {8 * width}-bit")
+    x = np.frombuffer(frames, dtype="<i2").astype(np.float32) / 32768.0
+    if channels > 1:
+        x = x.reshape(-1, channels).mean(axis=1)
+    return float_to_pcm16(resample(x, rate, target_rate))
+
+
+def split_frames(pcm16: bytes, frame_ms: int = 60, sample_rate: int = SAMPLE_RATE) -> list[bytes]:
+    """Cut PCM into client-sized frames (xiaozhi sends 60 ms)."""
+    step = sample_rate * frame_ms // 1000 * 2
+    return [pcm16[i:i + step] for i in range(0, len(pcm16), step)]
+
+
+def silence(ms: int, sample_rate: int = SAMPLE_RATE) -> bytes:
+    return b"\x00\x00" * (sample_rate * ms // 1000)

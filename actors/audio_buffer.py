@@ -1,0 +1,146 @@
+"""AudioBuffer child: numbered frames in, speech start/end and utterance audio out.
+
+Ray async actors may start one-way calls out of order (DESIGN §2), so every
+frame carries a sequence number: this child restores the order, drops
+duplicates, skips a gap once `reorder_window` later frames have arrived,
+cuts the stream into VAD frames and runs the speech state machine with a
+pre-roll so the first syllable reaches STT.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from actors.config import AppConfig
+from actors.mailbox import Child, Message
+from actors.providers.base import SAMPLE_RATE, VAD
+from actors.stt_stream import SpeechAudio, SpeechBegan, SpeechEnded
+
+if TYPE_CHECKING:
+    from actors.session_core import SessionCore
+
+
+@dataclass
+class AudioBatch(Message):
+    frames: list[tuple[int | None, bytes]] = field(default_factory=list)
+    stream: str = ""
+    """Sequence numbers count within a stream: a reconnecting client or a
+    second notebook starts a new stream and may start again from 0."""
+
+
+class AudioBuffer(Child):
+    name = "audio_buffer"
+
+    def __init__(self, core: SessionCore, vad: VAD, config: AppConfig) -> None:
+        super().__init__(core.child_crashed)
+        self._core = core
+        self._vad = vad
+        self._frame_ms = vad.frame_ms
+        self._frame_bytes = SAMPLE_RATE * self._frame_ms // 1000 * 2
+        cfg = config.vad
+        self._start_frames = max(1, cfg.start_ms // self._frame_ms)
+        self._end_frames = max(1, cfg.end_silence_ms // self._frame_ms)
+        self._max_frames = int(config.stt.max_utterance_s * 1000 // self._frame_ms)
+        self._reorder_window = config.session.reorder_window
+        self._preroll: deque[bytes] = deque(maxlen=max(1, cfg.preroll_ms // self._frame_ms))
+        # sequencing
+        self._stream = ""
+        self._expected: int | None = None
+        self._held: dict[int, bytes] = {}
+        self.duplicates = 0
+        self.lost = 0
+        # VAD state
+        self._pcm = bytearray()
+        self._stream_ms = 0
+        self._candidate: list[bytes] = []
+        self._turn: int | None = None
+        self._silent = 0
+        self._speech_frames = 0
+
+    @property
+    def in_speech(self) -> bool:
+        return self._turn is not None
+
+    async def handle(self, message: Message) -> None:
+        assert isinstance(message, AudioBatch)
+        if message.stream != self._stream:
+            self._new_stream(message.stream)
+        for pcm in self._in_order(message.frames):
+            self._pcm.extend(pcm)
+        outgoing = bytearray()
+        while len(self._pcm) >= self._frame_bytes:
+            frame = bytes(self._pcm[: self._frame_bytes])
+            del self._pcm[: self._frame_bytes]
+            outgoing = self._on_frame(frame, outgoing)
+        if outgoing and self._turn is not None:
+            self._core.stt.post(SpeechAudio(self._turn, bytes(outgoing)))
+
+    def _new_stream(self, stream: str) -> None:
+        for seq in sorted(self._held):  # what the old stream left behind, in order
+            self._pcm.extend(self._held[seq])
+        self._held.clear()
+        self._expected = None
+        self._stream = stream
+
+    def _in_order(self, frames: list[tuple[int | None, bytes]]) -> list[bytes]:
+        released: list[bytes] = []
+        for seq, pcm in frames:
+            if seq is None:
+                released.append(pcm)
+                continue
+            if self._expected is None:
+                self._expected = seq
+            if seq < self._expected or seq in self._held:
+                self.duplicates += 1
+                continue
+            self._held[seq] = pcm
+            while True:
+                while self._expected in self._held:
+                    released.append(self._held.pop(self._expected))
+                    self._expected += 1
+                if len(self._held) <= self._reorder_window:
+                    break
+                nxt = min(self._held)  # give up on the gap
+                self.lost += nxt - self._expected
+                self._expected = nxt
+        return released
+
+    def _on_frame(self, frame: bytes, outgoing: bytearray) -> bytearray:
+        """One VAD frame; returns audio still to be sent to STT this batch."""
+        self._stream_ms += self._frame_ms
+        speech = self._vad.is_speech(frame)
+        if self._turn is None:
+            if speech:
+                self._candidate.append(frame)
+                if len(self._candidate) >= self._start_frames:
+                    self._begin()
+            else:
+                self._preroll.extend(self._candidate)
+                self._candidate.clear()
+                self._preroll.append(frame)
+            return outgoing
+        outgoing.extend(frame)
+        self._speech_frames += 1
+        self._silent = 0 if speech else self._silent + 1
+        if self._silent >= self._end_frames or self._speech_frames >= self._max_frames:
+            self._core.stt.post(SpeechAudio(self._turn, bytes(outgoing)))
+            self._end()
+            return bytearray()
+        return outgoing
+
+    def _begin(self) -> None:
+        self._turn = self._core.on_speech_start(self._stream_ms)
+        audio = b"".join(self._preroll) + b"".join(self._candidate)
+        self._preroll.clear()
+        self._candidate.clear()
+        self._silent = 0
+        self._speech_frames = 0
+        self._core.stt.post(SpeechBegan(self._turn, audio))
+
+    def _end(self) -> None:
+        turn, self._turn = self._turn, None
+        assert turn is not None
+        self._core.on_speech_end(turn, self._stream_ms)
+        self._core.stt.post(SpeechEnded(turn))

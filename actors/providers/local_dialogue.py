@@ -1,0 +1,578 @@
+"""The offline default "LLM": intent rules, retrieval and the built-in tools.
+
+No instruction-tuned model ships on PyPI (DESIGN §4), so a fresh clone talks
+through this engine instead. It is honest about what it is (see `label`), and
+it speaks the same protocol as a real model: it streams text word by word and
+asks for tools with `LLMChunk(tool_call=...)` rather than running them, so the
+dialogue's tool loop, interruption and TTS sentence splitting are exercised
+exactly as they will be with a cloud LLM.
+
+Input is a Whisper transcript: capitals, punctuation, numbers as digits or
+words. Rules match on normalised lower-case text; values the user dictates
+(a name, a fact) keep the user's spelling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from actors.knowledge import KnowledgeBase
+from actors.providers.base import LLM, ChatMessage, LLMChunk, ToolCall, ToolSpec
+from actors.tools import normalize_key
+
+# ------------------------------------------------------------ number words
+_SMALL = {
+    w: i
+    for i, w in enumerate(
+        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+        "fifteen sixteen seventeen eighteen nineteen".split()
+    )
+}
+_TENS = {w: 10 * i for i, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split(), start=2)}
+
+
+def _is_sep(part: str | None) -> bool:
+    return part is not None and re.fullmatch(r"[ \t-]+", part) is not None
+
+
+def _below_100(parts: list[str], k: int) -> tuple[int, int] | None:
+    """Parse 'seven', 'twelve', 'forty two' or 'forty-two' at parts[k]."""
+    if k >= len(parts):
+        return None
+    word = parts[k]
+    if word in _SMALL:
+        return _SMALL[word], k + 1
+    if word in _TENS:
+        if k + 2 < len(parts) and _is_sep(parts[k + 1]) and 1 <= _SMALL.get(parts[k + 2], 0) <= 9:
+            return _TENS[word] + _SMALL[parts[k + 2]], k + 3
+        return _TENS[word], k + 1
+    return None
+
+
+def _number_at(parts: list[str], i: int) -> tuple[int, int] | None:
+    """Parse a number 0..999 spelled in words starting at parts[i]; returns
+    (value, index after it)."""
+    if parts[i] == "a" and i + 2 < len(parts) and _is_sep(parts[i + 1]) and parts[i + 2] == "hundred":
+        small, j = 1, i + 2
+    else:
+        parsed = _below_100(parts, i)
+        if parsed is None:
+            return None
+        small, j = parsed
+        if not (j + 1 < len(parts) and _is_sep(parts[j]) and parts[j + 1] == "hundred" and 1 <= small <= 9):
+            return small, j
+        j += 1
+    value, j = small * 100, j + 1  # j now after "hundred"
+    k = j
+    if k + 1 < len(parts) and _is_sep(parts[k]) and parts[k + 1] == "and":
+        k += 2
+    if k + 1 < len(parts) and _is_sep(parts[k]):
+        rest = _below_100(parts, k + 1)
+        if rest is not None:
+            return value + rest[0], rest[1]
+    return value, j
+
+
+def words_to_digits(text: str) -> str:
+    """'what's twelve times seven' → "what's 12 times 7" (0..999), because
+    Whisper writes small numbers either way."""
+    parts = re.findall(r"[a-z]+|[^a-z]+", text)
+    out: list[str] = []
+    i = 0
+    while i < len(parts):
+        parsed = _number_at(parts, i) if parts[i].isalpha() else None
+        if parsed is None:
+            out.append(parts[i])
+            i += 1
+        else:
+            out.append(str(parsed[0]))
+            i = parsed[1]
+    return "".join(out)
+
+
+# ------------------------------------------------------------- formatting
+def format_number(value: float) -> str:
+    """Digits a TTS voice reads well; 'about' marks a rounded value."""
+    if isinstance(value, int) or float(value).is_integer() and abs(value) < 1e15:
+        return str(int(value)) if value >= 0 else f"minus {int(-value)}"
+    text = f"{abs(value):.6g}"
+    if "e" in text:
+        mantissa, exp = text.split("e")
+        text = f"{mantissa} times 10 to the power of {int(exp)}"
+    about = "about " if float(f"{abs(value):.6g}") != abs(value) else ""
+    return f"{about}{'minus ' if value < 0 else ''}{text}"
+
+
+_OP_WORDS = {"+": "plus", "-": "minus", "*": "times", "/": "divided by", "%": "modulo", "**": "to the power of"}
+
+
+def speak_expression(expression: str) -> str | None:
+    """'12 * 7' → '12 times 7'; None for anything with parentheses, where a
+    flat reading would misstate the grouping."""
+    tokens = re.findall(r"\*\*|\d+(?:\.\d+)?|[-+*/%()]|\S", expression)
+    if any(t in "()" for t in tokens) or not tokens:
+        return None
+    words: list[str] = []
+    prev_is_operand = False
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if tok == "**" and i + 1 < len(tokens) and tokens[i + 1] in ("2", "3"):
+            words.append("squared" if tokens[i + 1] == "2" else "cubed")
+            i += 2
+            prev_is_operand = True
+            continue
+        if tok in _OP_WORDS:
+            if not prev_is_operand and tok != "-":
+                return None  # "* 3" has no reading; only a sign may lead
+            words.append(_OP_WORDS[tok])
+            prev_is_operand = False
+        elif re.fullmatch(r"\d+(?:\.\d+)?", tok):
+            words.append(tok)
+            prev_is_operand = True
+        else:
+            return None
+        i += 1
+    return " ".join(words)
+
+
+def format_duration(seconds: float) -> str:
+    total = int(round(seconds))
+    parts = []
+    for unit, size in (("hour", 3600), ("minute", 60), ("second", 1)):
+        n, total = divmod(total, size)
+        if n:
+            parts.append(f"{n} {unit}{'s' if n != 1 else ''}")
+    return _join(parts) if parts else "0 seconds"
+
+
+def _join(items: list[str]) -> str:
+    if len(items) <= 1:
+        return "".join(items)
+    if len(items) == 2:
+        return f"{items[0]} and {items[1]}"
+    return ", ".join(items[:-1]) + f", and {items[-1]}"
+
+
+def _sentence(text: str) -> str:
+    text = text.strip()
+    if not text:
+        return text
+    text = text[0].upper() + text[1:]
+    return text if text[-1] in ".!?" else text + "."
+
+
+# ------------------------------------------------------------ text rules
+_TRAILING = re.compile(r"[\s.!?,;:]+$")
+
+
+def _clean(text: str) -> str:
+    """Whisper output → one tidy line: no '[BLANK_AUDIO]'/'(music)' tags,
+    straight apostrophes, single spaces, no final punctuation."""
+    text = re.sub(r"\[[^\]]*\]|\((?:[A-Za-z\s]+)\)", " ", text)
+    text = text.replace("’", "'").replace("‘", "'").replace("“", '"').replace("”", '"')
+    text = " ".join(text.split())
+    return _TRAILING.sub("", text)
+
+
+def _math_text(lower: str) -> str:
+    """Lower-case transcript with number words as digits and operator words
+    as symbols, for the arithmetic and timer rules."""
+    t = re.sub(r"(?<=\d),(?=\d{3}\b)", "", words_to_digits(lower))
+    t = re.sub(r"-(?=[a-z])", " ", t)
+    for pattern, symbol in (
+        (r"\bmultiplied by\b|\btimes\b", " * "),
+        (r"(?<=\d)\s*[x×]\s*(?=\d)", " * "),
+        (r"\bdivided by\b|\bover\b|÷", " / "),
+        (r"\bplus\b", " + "),
+        (r"\bminus\b|\btake away\b|\bnegative\b", " - "),
+        (r"\bsquared\b", " ** 2 "),
+        (r"\bcubed\b", " ** 3 "),
+        (r"\b(?:to the power of|raised to the power of|raised to)\b", " ** "),
+        (r"\bmod(?:ulo)?\b", " % "),
+        (r"\^", " ** "),
+    ):
+        t = re.sub(pattern, symbol, t)
+    return t
+
+
+_BINARY = re.compile(r"[\d)]\s*(?:\*\*|[-+*/%])\s*[-+(]*\s*\d")
+
+
+def find_expression(lower: str) -> str | None:
+    """The longest arithmetic span in the transcript, e.g. '12 * 7'."""
+    best = None
+    for m in re.finditer(r"[-+(]*\s*\d[\d.\s()+\-*/%]*", _math_text(lower)):
+        expr = re.sub(r"[\s.+\-*/%(]+$", "", m.group()).strip()
+        expr = " ".join(expr.split())
+        if _BINARY.search(expr) and (best is None or len(expr) > len(best)):
+            best = expr
+    return best
+
+
+_UNIT_S = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+_DURATION = re.compile(
+    r"\b(?P<n>\d+(?:\.\d+)?(?:\s+and a half)?|half an?|an?)[\s-]*"
+    r"(?P<unit>days?|hours?|hrs?|minutes?|mins?|seconds?|secs?)\b"
+)
+_NOT_LABELS = {"new", "quick", "countdown", "the", "a", "an", "my", "one", "second", "minute", "hour", "day"}
+
+
+def parse_timer(lower: str) -> tuple[float | None, str]:
+    """(seconds or None, label) from 'set a timer for 1 hour and 30 minutes
+    for the pasta'."""
+    t = _math_text(lower)
+    total, last_end = 0.0, None
+    for m in _DURATION.finditer(t):
+        raw = m.group("n")
+        if raw.startswith("half"):
+            n = 0.5
+        elif raw in ("a", "an"):
+            n = 1.0
+        else:
+            n = float(raw.split()[0]) + (0.5 if "half" in raw else 0.0)
+        total += n * _UNIT_S[m.group("unit")[0]]
+        last_end = m.end()
+    label = ""
+    if last_end is not None:
+        tail = _TRAILING.sub("", t[last_end:])
+        lm = re.match(r"^\s*(?:,\s*)?(?:for|called|named|labell?ed|to)\s+(?:the\s+|my\s+)?([a-z][a-z' ]{0,40})$", tail)
+        if lm and lm.group(1).strip() not in ("please", "me"):
+            label = lm.group(1).strip()
+    if not label:
+        lm = re.search(r"\b(?:an?|the|my)\s+([a-z]+)\s+timer\b", t)
+        if lm and lm.group(1) not in _NOT_LABELS:
+            label = lm.group(1)
+    return (total if last_end is not None else None), label
+
+
+_PRONOUNS = {
+    "i": "you", "i'm": "you're", "im": "you're", "me": "you", "my": "your", "mine": "yours",
+    "myself": "yourself", "am": "are", "i've": "you've", "i'll": "you'll", "i'd": "you'd",
+}
+
+
+def second_person(text: str) -> str:
+    """'I parked on level 3' → 'you parked on level 3', for read-back."""
+    text = re.sub(r"\bI was\b", "you were", text, flags=re.IGNORECASE)
+    return re.sub(
+        r"\b[A-Za-z']+\b",
+        lambda m: _PRONOUNS.get(m.group().lower(), m.group()),
+        text,
+    )
+
+
+_NAME_STOP = {"and", "but", "so", "i", "nice", "what", "please", "by", "from", "the", "how", "can", "who", "it"}
+
+
+def _name_from(text: str) -> str:
+    """First one to three name-like words: 'Ana and I like dinosaurs' → 'Ana'."""
+    words = []
+    for w in re.findall(r"[^\W\d_][\w'-]*|\S", text):
+        if not re.match(r"[^\W\d_]", w) or w.lower() in _NAME_STOP or len(words) == 3:
+            break
+        words.append(w if not w.islower() else w.capitalize())
+    return " ".join(words)
+
+
+def _verb_for(key: str) -> str:
+    return "are" if key.endswith("s") and not key.endswith("ss") else "is"
+
+
+def _fact_phrase(key: str, value: str) -> str:
+    """'name','Ana' → 'your name is Ana'; a free-form note reads back as said."""
+    if normalize_key(value) == key:
+        return value
+    return f"your {key} {_verb_for(key)} {value}"
+
+
+# ------------------------------------------------------------ patterns
+_RE = {
+    "remember_name": re.compile(
+        r"(?:\bmy name(?:'s| is)|^(?:please |you can |just )?call me|^i'm called|^i am called)\s+(?P<rest>.+)$", re.I
+    ),
+    "remember": re.compile(
+        r"^(?:(?:please|okay|ok|and|also|so)[, ]+)*(?:can you |could you |would you |please )?"
+        r"(?:remember|don't forget|do not forget|note|make a note)\s+(?:that\s+)?(?P<fact>.+)$",
+        re.I,
+    ),
+    "fact_split": re.compile(r"^(?P<key>.+?)\s+(?:is|are|was|were)\s+(?P<value>.+)$", re.I),
+    "recall_all": re.compile(
+        r"\bwhat (?:do|did) you (?:remember|know about me)\b|\bwhat have i told you\b|\bwhat did i tell you\b"
+        r"|\bwhat have you remembered\b|\bwhat(?:'s| is) in your memory\b"
+    ),
+    "recall_key": re.compile(
+        r"^(?:(?:and|so|okay|ok)[, ]+)?"
+        r"(?:what(?:'s| is| was| are| were)|do you (?:know|remember)|tell me|remind me(?: of)?)"
+        r"\s+my\s+(?P<key>[a-z0-9' ]+?)(?:\s+again)?$"
+    ),
+    "recall_what_my": re.compile(r"\bwhat my (?P<key>[a-z0-9' ]+?) (?:is|was|are|were)$"),
+    "who_am_i": re.compile(r"\bwho am i\b"),
+    "timer": re.compile(r"\btimers?\b|\bcount ?down\b|\bremind me in\b"),
+    "timer_cancel": re.compile(r"\b(?:cancel|stop|delete|remove|turn off|how much time)\b"),
+    "time": re.compile(
+        r"\bwhat(?:'s| is)? the time\b|\bwhat time is it\b|\bwhat time it is\b|\btell me the time\b"
+        r"|\bcurrent time\b|\bthe time now\b|\bhave the time\b|\btime is it\b"
+    ),
+    "date": re.compile(
+        r"\bwhat(?:'s| is)? (?:the |today's )?date\b|\btoday's date\b|\bdate today\b|\bwhat day is (?:it|today)\b"
+        r"|\bwhat day of the week\b|\bwhich day is (?:it|today)\b|\bwhat is today\b|\bwhat year is it\b"
+    ),
+    "help": re.compile(
+        r"\bwhat can you do\b|\bwhat do you do\b|\bhow can you help\b|\bwhat can i ask\b|\bwho are you\b"
+        r"|\bwhat are you\b|^help(?: me)?$|\bwhat are your (?:skills|features)\b"
+        r"|\bare you an? (?:ai|robot|llm|language model)\b"
+    ),
+    "list": re.compile(
+        r"\bwhat can i see\b|\bwhich exhibits?\b|\bwhat exhibits?\b|\blist (?:the |all |your )?exhibits?\b"
+        r"|\bwhat(?:'s| is) on (?:display|show)\b|\bwhat do you have\b|\bwhat should i see\b|\bwhat is there to see\b"
+        r"|\b(?:tell me about|show me) (?:the |your |all )?exhibits\b|\ball (?:the |your )?exhibits\b"
+    ),
+    "how_are_you": re.compile(r"^(?:and )?how are you(?: doing| today)?$|^how's it going$"),
+    "thanks": re.compile(r"^(?:(?:ok(?:ay)?|great|perfect|cool|awesome)[, ]+)?(?:thanks|thank you|cheers)\b"),
+    "bye": re.compile(r"^(?:bye|goodbye|good bye|see you|good night)\b"),
+    "where": re.compile(r"^where\b|\bwhere (?:is|are|can i (?:find|see))\b|\bwhich (?:room|gallery|floor)\b"),
+}
+
+_GREETING = r"(?:hi|hello|hey|hiya|howdy|greetings|good (?:morning|afternoon|evening))"
+
+
+@dataclass
+class Reply:
+    """What one turn produces: text to stream, or one tool call to request."""
+
+    text: str = ""
+    tool_call: ToolCall | None = None
+    emotion: str | None = None
+
+
+_CAN_T = {
+    "get_time": "check the time",
+    "get_date": "check the date",
+    "calculate": "do arithmetic",
+    "set_timer": "set timers",
+    "remember": "remember things",
+    "recall": "look up what you asked me to remember",
+}
+_COULDNT = {
+    "get_time": "check the time",
+    "get_date": "check the date",
+    "calculate": "work that out",
+    "set_timer": "set that timer",
+    "remember": "remember that",
+    "recall": "look that up",
+}
+
+
+class LocalDialogueEngine(LLM):
+    """Rules first, then retrieval, then an honest fallback; see module doc."""
+
+    label = "local dialogue engine (intent rules + retrieval; not an LLM)"
+
+    def __init__(
+        self,
+        knowledge: KnowledgeBase | None,
+        persona_name: str = "Ava",
+        chunk_delay_s: float = 0.0,
+        min_score: float = 3.0,
+    ) -> None:
+        self.knowledge = knowledge
+        self.persona_name = persona_name
+        self.chunk_delay_s = chunk_delay_s
+        self.min_score = min_score
+        """Below this BM25 score a match is a coincidence ('world famous' for
+        'world cup'); tuned on museum.yaml, where real hits score above 3.9."""
+
+    # ------------------------------------------------------------ stream
+    async def stream(self, messages: list[ChatMessage], tools: list[ToolSpec]) -> AsyncIterator[LLMChunk]:
+        reply = self.respond(messages, tools)
+        if reply.emotion:
+            yield LLMChunk(emotion=reply.emotion)
+        if reply.tool_call is not None:
+            yield LLMChunk(tool_call=reply.tool_call)
+            return
+        for i, chunk in enumerate(re.findall(r"\S+\s*", reply.text)):
+            if i:
+                # Yield to the loop even at zero delay, so an interruption
+                # can cancel the stream between words as with a real model.
+                await asyncio.sleep(self.chunk_delay_s)
+            yield LLMChunk(text=chunk)
+
+    def respond(self, messages: list[ChatMessage], tools: list[ToolSpec]) -> Reply:
+        """The whole decision for one turn, synchronous and side-effect free."""
+        if not messages:
+            return Reply()
+        last = messages[-1]
+        if last.role == "tool":
+            return self._after_tools(messages)
+        if last.role != "user":
+            return Reply()
+        return self._answer(last.content, {t.name for t in tools}, call_id=f"call_{len(messages)}")
+
+    # --------------------------------------------------------- tool results
+    def _after_tools(self, messages: list[ChatMessage]) -> Reply:
+        results: list[ChatMessage] = []
+        for msg in reversed(messages):
+            if msg.role != "tool":
+                break
+            results.insert(0, msg)
+        calls = {c.id: c for m in messages if m.role == "assistant" for c in m.tool_calls}
+        sentences = [self._speak_result(calls.get(r.tool_call_id or ""), r.content) for r in results]
+        return Reply(text=" ".join(s for s in sentences if s))
+
+    def _speak_result(self, call: ToolCall | None, content: str) -> str:
+        name = call.name if call else ""
+        try:
+            data: Any = json.loads(content)
+        except (TypeError, ValueError):
+            data = None
+        if not isinstance(data, dict):
+            return "Done."
+        if "error" in data:
+            return _sentence(f"Sorry, I couldn't {_COULDNT.get(name, 'do that')}: {data['error']}")
+        if name == "get_time" and "spoken" in data:
+            return f"It is {data['spoken']}."
+        if name == "get_date" and "spoken" in data:
+            return f"Today is {data['spoken']}."
+        if name == "calculate" and "result" in data:
+            spoken = speak_expression(str(data.get("expression", "")))
+            result = format_number(data["result"])
+            return _sentence(f"{spoken} is {result}" if spoken else f"the answer is {result}")
+        if name == "set_timer" and "seconds" in data:
+            label = f", labelled {data['label']}" if data.get("label") else ""
+            return f"Okay, I set a timer for {format_duration(float(data['seconds']))}{label}."
+        if name == "remember" and "key" in data:
+            return f"Got it, I will remember that {_fact_phrase(data['key'], data['value'])}."
+        if name == "recall":
+            if "facts" in data:
+                facts = [_fact_phrase(k, v) for k, v in data["facts"].items()]
+                if not facts:
+                    return "I don't have anything remembered yet."
+                return _sentence(f"I remember that {_join(facts)}")
+            if data.get("found"):
+                return _sentence(_fact_phrase(data["key"], data["value"]))
+            return "I don't have anything remembered about that yet."
+        return _sentence(str(data["spoken"])) if isinstance(data.get("spoken"), str) else "Done."
+
+    # ------------------------------------------------------------ user turn
+    def _answer(self, raw: str, tool_names: set[str], call_id: str) -> Reply:
+        text = _clean(raw)
+        greeting = re.match(
+            rf"^{_GREETING}(?:\s+(?:there|everyone|again|{re.escape(self.persona_name.lower())}))*\b[\s,.!]*",
+            text,
+            re.I,
+        )
+        if greeting:
+            text = text[greeting.end():]
+            if not text:
+                return Reply(text=self._greeting(), emotion="happy")
+        lower = text.lower()
+        if not lower:
+            return Reply(text="Sorry, I didn't catch that. Could you say it again?")
+
+        def call(name: str, **arguments: Any) -> Reply:
+            if name not in tool_names:
+                return Reply(text=f"Sorry, I can't {_CAN_T.get(name, 'do that')} right now.")
+            return Reply(tool_call=ToolCall(id=f"{call_id}_{name}", name=name, arguments=arguments))
+
+        # Statements about the user first: "Hi, my name is Ana" is not a greeting.
+        m = _RE["remember_name"].search(text)
+        if m and (name := _name_from(m.group("rest"))):
+            return call("remember", key="name", value=name)
+        m = _RE["remember"].match(text)
+        if m:
+            fact = m.group("fact").strip()
+            split = _RE["fact_split"].match(fact)
+            if split:
+                return call("remember", key=split.group("key"), value=split.group("value").strip())
+            spoken = second_person(fact)
+            return call("remember", key=spoken, value=spoken)
+
+        if _RE["recall_all"].search(lower):
+            return call("recall")
+        m = _RE["recall_key"].match(lower)
+        if m:
+            return call("recall", key=m.group("key"))
+        m = _RE["recall_what_my"].search(lower)
+        if m:
+            return call("recall", key=m.group("key"))
+        if _RE["who_am_i"].search(lower):
+            return call("recall", key="name")
+
+        if _RE["timer"].search(lower):
+            if _RE["timer_cancel"].search(lower):
+                return Reply(text="Sorry, I can only start new timers. I can't check or cancel them yet.")
+            seconds, label = parse_timer(lower)
+            if seconds is None:
+                return Reply(text="How long should the timer be? For example, say set a timer for five minutes.")
+            args: dict[str, Any] = {"seconds": int(seconds) if float(seconds).is_integer() else seconds}
+            if label:
+                args["label"] = label
+            return call("set_timer", **args)
+
+        expression = find_expression(lower)
+        if expression:
+            return call("calculate", expression=expression)
+        if _RE["time"].search(lower):
+            return call("get_time")
+        if _RE["date"].search(lower):
+            return call("get_date")
+
+        if _RE["help"].search(lower):
+            return Reply(text=self._help(tool_names))
+        if _RE["how_are_you"].search(lower):
+            return Reply(text="I'm doing well, thank you for asking. How can I help?", emotion="happy")
+        if _RE["thanks"].search(lower):
+            return Reply(text="You're welcome! Is there anything else I can help with?", emotion="happy")
+        if _RE["bye"].search(lower):
+            return Reply(text="Goodbye, and have a lovely day!", emotion="happy")
+        if self.knowledge is not None and _RE["list"].search(lower):
+            titles = self.knowledge.titles()
+            return Reply(text=f"You can see {len(titles)} exhibits: {_join(titles)}. Ask me about any of them.")
+        return self._retrieve(text, lower, tool_names)
+
+    def _retrieve(self, text: str, lower: str, tool_names: set[str]) -> Reply:
+        hits = self.knowledge.search(text, k=1) if self.knowledge is not None else []
+        if not hits or hits[0][1] < self.min_score:
+            return Reply(text=f"I'm not sure about that. {self._abilities(tool_names)}")
+        entry = hits[0][0]
+        if entry.location and _RE["where"].search(lower):
+            return Reply(text=f"You can find it in {entry.location}.")
+        where = f" Here, you'll find it in {entry.location}." if entry.location else ""
+        return Reply(text=_sentence(entry.text) + where)
+
+    # ------------------------------------------------------------- phrasing
+    def _greeting(self) -> str:
+        name = self.knowledge.name if self.knowledge is not None and self.knowledge.name else ""
+        intro = f"Hello, I'm {self.persona_name}, your {name}." if name else f"Hello, I'm {self.persona_name}."
+        return f"{intro} How can I help you today?"
+
+    def _abilities(self, names: set[str]) -> str:
+        """Only claim what this session can actually do."""
+        things = []
+        if self.knowledge is not None and self.knowledge.entries:
+            things.append("tell you about our exhibits")
+        if {"get_time", "get_date"} <= names:
+            things.append("tell you the time or date")
+        elif "get_time" in names or "get_date" in names:
+            things.append("tell you the time" if "get_time" in names else "tell you the date")
+        if "calculate" in names:
+            things.append("do arithmetic")
+        if "set_timer" in names:
+            things.append("set timers")
+        if "remember" in names:
+            things.append("remember things")
+        if not things:
+            return "I can only chat a little right now."
+        return f"I can {_join(things)}."
+
+    def _help(self, tool_names: set[str]) -> str:
+        return (
+            f"I'm {self.persona_name}, a simple offline assistant that works with rules and a knowledge base, "
+            f"not a language model. {self._abilities(tool_names)}"
+        )

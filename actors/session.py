@@ -1,0 +1,108 @@
+"""SessionActor: one Ray actor per client session, named `session:<id>`.
+
+The ingress, a reconnecting client and a notebook all find the same actor by
+name. It is detached so it outlives whoever created it (DESIGN §7), and it
+ends itself after `session.idle_timeout_s` without input or listeners.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import ray
+
+from actors.config import AppConfig
+from actors.events import Event
+from actors.pools import FallbackTTS, PooledSTT, PooledTTS, get_pool
+from actors.providers import build_llm, build_vad
+from actors.providers.base import SAMPLE_RATE, TTS
+from actors.session_core import SessionCore
+
+log = logging.getLogger(__name__)
+
+
+def session_actor_name(session_id: str) -> str:
+    return f"session:{session_id}"
+
+
+def build_core(session_id: str, config: AppConfig) -> SessionCore:
+    """Wire a session to its providers: local VAD and LLM, pooled STT and TTS."""
+    stt = PooledSTT(get_pool("stt", config.stt.provider, config))
+    primary: TTS = PooledTTS(get_pool("tts", config.tts.provider, config))
+    fallback = config.tts.fallback
+    tts: TTS = primary if fallback == "none" else FallbackTTS(
+        primary, lambda: PooledTTS(get_pool("tts", fallback, config)))
+    return SessionCore(
+        session_id, config, vad=build_vad(config), stt=stt, llm=build_llm(config.llm.provider, config), tts=tts,
+        provider_names={"vad": config.vad.provider, "stt": config.stt.provider,
+                        "llm": config.llm.provider, "tts": config.tts.provider},
+    )
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class SessionActor:
+    def __init__(self, session_id: str, config_json: str) -> None:
+        self._config = AppConfig.model_validate_json(config_json)
+        self._core = build_core(session_id, self._config)
+        self._started = False
+        self._created = time.time()
+
+    def _ensure_started(self) -> SessionCore:
+        if not self._started:  # needs the actor's event loop, absent in __init__
+            self._started = True
+            self._core.start()
+            asyncio.get_running_loop().create_task(self._reap_when_idle())
+        return self._core
+
+    async def ready(self) -> str:
+        self._ensure_started()
+        return self._core.session_id
+
+    async def send_audio(self, frames: list[tuple[int | None, bytes]], sample_rate: int = SAMPLE_RATE,
+                         stream: str = "") -> int:
+        """A batch of (sequence number, PCM16 frame); returns frames accepted."""
+        return self._ensure_started().send_audio(frames, sample_rate, stream)
+
+    async def send_text(self, text: str) -> int | None:
+        return self._ensure_started().send_text(text)
+
+    async def interrupt(self) -> bool:
+        return self._ensure_started().interrupt()
+
+    async def events(self) -> AsyncIterator[Event]:
+        """The session's event stream (a Ray streaming generator). The first
+        event is always `session.started`: wait for it before sending input,
+        because Ray may start this call after a later one."""
+        core = self._ensure_started()
+        q = core.subscribe()
+        try:
+            while not core.closed:
+                yield await q.get()
+        finally:
+            core.unsubscribe(q)
+
+    async def history(self) -> list[dict[str, Any]]:
+        return [m.model_dump() for m in self._core.history()]
+
+    async def stats(self) -> dict[str, Any]:
+        import os
+
+        return {**self._core.stats(), "pid": os.getpid(), "created": self._created}
+
+    async def close(self) -> None:
+        await self._core.close()
+        ray.actor.exit_actor()
+
+    async def _reap_when_idle(self) -> None:
+        limit = self._config.session.idle_timeout_s
+        while not self._core.closed:
+            await asyncio.sleep(min(limit, 30.0))
+            idle = time.monotonic() - self._core.last_activity
+            if idle >= limit and self._core.subscribers == 0 and self._core.reply_turn is None:
+                log.info("session %s idle for %.0f s; ending", self._core.session_id, idle)
+                await self._core.close()
+                ray.actor.exit_actor()

@@ -1,0 +1,255 @@
+"""The session's logic without Ray: children, turns, interruption, events.
+
+`SessionActor` (session.py) wraps this in a Ray actor; benchmarks drive it
+directly in one process as the no-Ray baseline, so both run the same code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from actors.audio_buffer import AudioBatch, AudioBuffer
+from actors.config import AppConfig
+from actors.dialogue import AssistantSays, DialogueState, UserTurn
+from actors.events import (
+    ErrorCode, ErrorEvent, Event, SessionStarted, SpeechEnd, SpeechStart, STTFinal, TurnMetrics,
+)
+from actors.providers.base import LLM, SAMPLE_RATE, STT, TTS, VAD, ChatMessage
+from actors.stt_stream import STTStream
+from actors.tools import ToolContext, ToolRegistry, default_registry
+from actors.tts import TTSChild
+
+log = logging.getLogger(__name__)
+
+MAX_TEXT_CHARS = 4000
+
+
+@dataclass
+class TurnTimer:
+    """Wall-clock marks of one turn, turned into the `metrics` event."""
+
+    speech_end: float | None = None
+    text_in: float | None = None
+    stt_final: float | None = None
+    llm_start: float | None = None
+    llm_first: float | None = None
+    first_sentence: float | None = None
+    first_audio: float | None = None
+
+    def to_event(self, turn: int, interrupted: bool) -> TurnMetrics:
+        def ms(a: float | None, b: float | None) -> float | None:
+            return None if a is None or b is None else round((b - a) * 1000.0, 1)
+
+        return TurnMetrics(
+            turn_id=turn, interrupted=interrupted,
+            stt_final_ms=ms(self.speech_end, self.stt_final),
+            llm_first_token_ms=ms(self.llm_start, self.llm_first),
+            tts_first_audio_ms=ms(self.first_sentence, self.first_audio),
+            first_audio_ms=ms(self.speech_end or self.text_in, self.first_audio),
+        )
+
+
+class SessionCore:
+    def __init__(self, session_id: str, config: AppConfig, *, vad: VAD, stt: STT, llm: LLM, tts: TTS,
+                 tools: ToolRegistry | None = None, provider_names: dict[str, str] | None = None,
+                 history: list[ChatMessage] | None = None) -> None:
+        self.session_id = session_id
+        self.config = config
+        self.provider_names = provider_names or {}
+        self._subscribers: list[asyncio.Queue[Event]] = []
+        self.dropped_events = 0
+        self.turn_id = 0
+        self.reply_turn: int | None = None
+        """The turn whose reply is being thought of or spoken, if any."""
+        self.interrupt_stream_ms: int | None = None
+        self._timers: dict[int, TurnTimer] = {}
+        self._timer_tasks: set[asyncio.TimerHandle] = set()
+        self.tool_context = ToolContext(memory={}, schedule_timer=self._schedule_timer)
+        self.audio = AudioBuffer(self, vad, config)
+        self.stt = STTStream(self, stt, config.stt.partial_interval_ms)
+        self.dialogue = DialogueState(self, llm, tools or default_registry(), self.tool_context,
+                                      config.persona(), config.session.max_history_messages, history)
+        self.tts = TTSChild(self, tts, config.tts, config.session.output_sample_rate)
+        self._children = [self.audio, self.stt, self.dialogue, self.tts]
+        self.last_activity = time.monotonic()
+        self.closed = False
+
+    def start(self) -> None:
+        for child in self._children:
+            child.start()
+
+    # ------------------------------------------------------------ events
+    def subscribe(self) -> asyncio.Queue[Event]:
+        q: asyncio.Queue[Event] = asyncio.Queue(maxsize=self.config.session.event_queue_size)
+        q.put_nowait(SessionStarted(
+            session_id=self.session_id, turn_id=self.turn_id, input_sample_rate=SAMPLE_RATE,
+            output_sample_rate=self.config.session.output_sample_rate,
+            persona=self.config.persona().name, providers=self.provider_names))
+        self._subscribers.append(q)
+        return q
+
+    def unsubscribe(self, q: asyncio.Queue[Event]) -> None:
+        if q in self._subscribers:
+            self._subscribers.remove(q)
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._subscribers)
+
+    def emit(self, event: Any) -> None:
+        event.session_id = self.session_id
+        for q in self._subscribers:
+            if q.full():  # a stalled reader must not stall the session
+                self.dropped_events += 1
+            else:
+                q.put_nowait(event)
+
+    def emit_error(self, code: ErrorCode, message: str, turn: int | None = None) -> None:
+        self.emit(ErrorEvent(turn_id=self.turn_id if turn is None else turn, code=code, message=message))
+
+    def child_crashed(self, child: str, error: BaseException) -> None:
+        self.emit_error(ErrorCode.INTERNAL, f"{child} failed: {type(error).__name__}")
+
+    def timer(self, turn: int) -> TurnTimer:
+        return self._timers.setdefault(turn, TurnTimer())
+
+    # ------------------------------------------------------------ input
+    def send_audio(self, frames: list[tuple[int | None, bytes]], sample_rate: int = SAMPLE_RATE,
+                   stream: str = "") -> int:
+        """Validate a batch of frames and queue the good ones; returns how many were accepted."""
+        self.last_activity = time.monotonic()
+        cfg = self.config.session
+        if sample_rate != SAMPLE_RATE:
+            self.emit_error(ErrorCode.AUDIO_UNSUPPORTED_FORMAT,
+                            f"audio must be PCM16 mono at {SAMPLE_RATE} Hz, got {sample_rate} Hz")
+            return 0
+        if len(frames) > cfg.max_batch_frames:
+            self.emit_error(ErrorCode.AUDIO_BATCH_TOO_LARGE,
+                            f"at most {cfg.max_batch_frames} frames per batch, got {len(frames)}")
+            return 0
+        good: list[tuple[int | None, bytes]] = []
+        for seq, pcm in frames:
+            if not pcm:
+                self.emit_error(ErrorCode.AUDIO_EMPTY, f"frame {seq} is empty")
+            elif len(pcm) > cfg.max_frame_bytes:
+                self.emit_error(ErrorCode.AUDIO_FRAME_TOO_LARGE,
+                                f"frame {seq} has {len(pcm)} bytes; the limit is {cfg.max_frame_bytes}")
+            elif len(pcm) % 2:
+                self.emit_error(ErrorCode.AUDIO_ODD_LENGTH,
+                                f"frame {seq} has {len(pcm)} bytes; PCM16 needs an even count")
+            elif seq is not None and (not isinstance(seq, int) or seq < 0):
+                self.emit_error(ErrorCode.AUDIO_BAD_SEQUENCE, f"sequence number {seq!r} is not a non-negative int")
+            else:
+                good.append((seq, bytes(pcm)))
+        if good:
+            self.audio.post(AudioBatch(None, good, stream))
+        return len(good)
+
+    def send_text(self, text: str) -> int | None:
+        """A typed message: interrupts any reply and starts a new turn."""
+        self.last_activity = time.monotonic()
+        text = (text or "").strip()
+        if not text:
+            self.emit_error(ErrorCode.TEXT_EMPTY, "text message is empty")
+            return None
+        if len(text) > MAX_TEXT_CHARS:
+            self.emit_error(ErrorCode.TEXT_TOO_LONG, f"text is {len(text)} characters; the limit is {MAX_TEXT_CHARS}")
+            return None
+        self.interrupt()
+        turn = self._new_turn()
+        self.timer(turn).text_in = time.time()
+        self.reply_turn = turn
+        self.dialogue.post(UserTurn(turn, text))
+        return turn
+
+    def say(self, text: str) -> int:
+        """Speak without being asked (timers); interrupts like any new turn."""
+        self.interrupt()
+        turn = self._new_turn()
+        self.timer(turn).text_in = time.time()
+        self.reply_turn = turn
+        self.dialogue.post(AssistantSays(turn, text))
+        return turn
+
+    def interrupt(self, stream_ms: int | None = None) -> bool:
+        """The one interruption primitive: barge-in, client abort, new text."""
+        turn = self.reply_turn
+        if turn is None:
+            return False
+        self.reply_turn = None
+        self.interrupt_stream_ms = stream_ms
+        heard = self.tts.heard_text(turn)
+        for child in (self.dialogue, self.tts):
+            child.interrupt(turn)
+        self.dialogue.record_interrupted(turn, heard)
+        self._finish_turn(turn, interrupted=True)
+        return True
+
+    # ------------------------------------------------------------ from children
+    def on_speech_start(self, stream_ms: int) -> int:
+        self.last_activity = time.monotonic()
+        turn = self._new_turn()
+        self.emit(SpeechStart(turn_id=turn, stream_ms=stream_ms))
+        self.interrupt(stream_ms)
+        return turn
+
+    def on_speech_end(self, turn: int, stream_ms: int) -> None:
+        self.timer(turn).speech_end = time.time()
+        self.emit(SpeechEnd(turn_id=turn, stream_ms=stream_ms))
+
+    def on_transcript(self, turn: int, text: str) -> None:
+        self.timer(turn).stt_final = time.time()
+        self.emit(STTFinal(turn_id=turn, text=text))
+        if not text.strip():
+            self._finish_turn(turn, interrupted=False)
+            return
+        if self.reply_turn is not None and self.reply_turn < turn:
+            self.interrupt()
+        self.reply_turn = turn
+        self.dialogue.post(UserTurn(turn, text))
+
+    def on_reply_done(self, turn: int) -> None:
+        if self.reply_turn == turn:
+            self.reply_turn = None
+        self._finish_turn(turn, interrupted=False)
+
+    # ------------------------------------------------------------ internals
+    def _new_turn(self) -> int:
+        self.turn_id += 1
+        return self.turn_id
+
+    def _finish_turn(self, turn: int, interrupted: bool) -> None:
+        timer = self._timers.pop(turn, None)
+        if timer is not None:
+            self.emit(timer.to_event(turn, interrupted))
+
+    def _schedule_timer(self, seconds: float, label: str) -> None:
+        loop = asyncio.get_running_loop()
+        text = f"Your {label} timer is done." if label else "Your timer is done."
+        handle = loop.call_later(seconds, lambda: self.say(text))
+        self._timer_tasks.add(handle)
+
+    def history(self) -> list[ChatMessage]:
+        return list(self.dialogue.history)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "session_id": self.session_id, "turn_id": self.turn_id, "reply_turn": self.reply_turn,
+            "subscribers": len(self._subscribers), "dropped_events": self.dropped_events,
+            "duplicate_frames": self.audio.duplicates, "lost_frames": self.audio.lost,
+            "history_messages": len(self.dialogue.history),
+        }
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.interrupt()
+        for h in self._timer_tasks:
+            h.cancel()
+        for child in self._children:
+            await child.stop()

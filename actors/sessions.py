@@ -1,0 +1,208 @@
+"""Opening sessions: the warm pool and a handle for scripts and notebooks.
+
+A cold Ray actor takes ~0.4 s to start (DESIGN §2), so `SessionManager`
+keeps `server.warm_sessions` idle session actors started ahead, each already
+named with the id it will be handed out under. `SessionHandle` wraps one
+actor with blocking calls (`ask_text`, `ask_wav`) for notebooks and the CLI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from actors.audio import read_wav, silence, split_frames, write_wav
+from actors.config import AppConfig, load_config
+from actors.events import AudioChunk, ErrorEvent, Event, LLMDelta, STTFinal, TurnMetrics
+from actors.session import SessionActor, session_actor_name
+
+
+def new_session_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def create_session_actor(config: AppConfig, session_id: str) -> ray.actor.ActorHandle:
+    return SessionActor.options(
+        name=session_actor_name(session_id), namespace=config.server.namespace,
+        lifetime="detached", get_if_exists=True,
+    ).remote(session_id, config.model_dump_json())
+
+
+def find_session(config: AppConfig, session_id: str) -> ray.actor.ActorHandle | None:
+    try:
+        return ray.get_actor(session_actor_name(session_id), namespace=config.server.namespace)
+    except ValueError:
+        return None
+
+
+class SessionManager:
+    """Hands out session actors, from the warm pool when it has one."""
+
+    def __init__(self, config: AppConfig, warm: int | None = None) -> None:
+        self.config = config
+        self._target = config.server.warm_sessions if warm is None else warm
+        self._warm: deque[tuple[str, ray.actor.ActorHandle, ray.ObjectRef]] = deque()
+        self._lock = threading.Lock()
+        self.refill()
+
+    def refill(self) -> None:
+        with self._lock:
+            while len(self._warm) < self._target:
+                sid = new_session_id()
+                actor = create_session_actor(self.config, sid)
+                self._warm.append((sid, actor, actor.ready.remote()))
+
+    def _take_warm(self) -> tuple[str, ray.actor.ActorHandle] | None:
+        with self._lock:
+            for _ in range(len(self._warm)):
+                sid, actor, ready = self._warm.popleft()
+                done, _ = ray.wait([ready], timeout=0)
+                if done:
+                    return sid, actor
+                self._warm.append((sid, actor, ready))  # still starting: keep it for later
+        return None
+
+    def open(self, session_id: str | None = None) -> tuple[str, ray.actor.ActorHandle]:
+        """Resume `session_id` if its actor lives, else start a session (warm if possible)."""
+        if session_id:
+            actor = find_session(self.config, session_id) or create_session_actor(self.config, session_id)
+            return session_id, actor
+        taken = self._take_warm()
+        if taken is None:
+            sid = new_session_id()
+            taken = (sid, create_session_actor(self.config, sid))
+        self.refill()
+        return taken
+
+    def shutdown(self) -> None:
+        with self._lock:
+            for _, actor, _ in self._warm:
+                ray.kill(actor)
+            self._warm.clear()
+
+
+@dataclass
+class TurnResult:
+    turn_id: int
+    transcript: str | None = None
+    reply: str = ""
+    audio: bytes = b""
+    sample_rate: int = 16000
+    metrics: dict[str, Any] = field(default_factory=dict)
+    errors: list[ErrorEvent] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+
+    def save_audio(self, path: str | Path) -> Path:
+        write_wav(path, self.audio, self.sample_rate)
+        return Path(path)
+
+
+async def collect_turn(actor: ray.actor.ActorHandle, send: Any, timeout_s: float = 60.0) -> TurnResult:
+    """Subscribe, run `send()` (which starts a turn and returns False if the
+    input was refused), and gather events until that turn's `metrics` event."""
+    gen = actor.events.remote()
+    deadline = time.monotonic() + timeout_s
+
+    async def next_event() -> Event:
+        remaining = deadline - time.monotonic()
+        ref = await asyncio.wait_for(gen.__anext__(), remaining)
+        return await asyncio.wait_for(ref, max(0.001, deadline - time.monotonic()))
+
+    try:
+        started = await next_event()  # session.started: from here on we are subscribed
+        accepted = await send()
+        result: TurnResult | None = None
+        while True:
+            try:
+                ev = await next_event()
+            except asyncio.TimeoutError:
+                raise TimeoutError(f"no complete turn within {timeout_s:.0f} s "
+                                   "(was there speech in the audio?)") from None
+            if ev.turn_id <= started.turn_id:
+                if not accepted and isinstance(ev, ErrorEvent):
+                    return TurnResult(turn_id=ev.turn_id, errors=[ev], events=[ev])
+                continue
+            if result is None:
+                result = TurnResult(turn_id=ev.turn_id)
+            if ev.turn_id == result.turn_id:
+                result.events.append(ev)
+                _fold(result, ev)
+                if isinstance(ev, TurnMetrics):
+                    return result
+    finally:
+        ray.cancel(gen)
+
+
+def _fold(result: TurnResult, ev: Event) -> None:
+    if isinstance(ev, STTFinal):
+        result.transcript = ev.text
+    elif isinstance(ev, LLMDelta):
+        result.reply += ev.text
+    elif isinstance(ev, AudioChunk):
+        result.audio += ev.pcm16
+        result.sample_rate = ev.sample_rate
+    elif isinstance(ev, ErrorEvent):
+        result.errors.append(ev)
+    elif isinstance(ev, TurnMetrics):
+        result.metrics = ev.model_dump(exclude={"type", "session_id", "ts"})
+
+
+class SessionHandle:
+    """Blocking, notebook-friendly access to one session actor."""
+
+    def __init__(self, session_id: str, actor: ray.actor.ActorHandle) -> None:
+        self.session_id = session_id
+        self.actor = actor
+
+    @classmethod
+    def open(cls, session_id: str | None = None, config: AppConfig | None = None) -> SessionHandle:
+        config = config or load_config()
+        sid = session_id or new_session_id()
+        actor = find_session(config, sid) or create_session_actor(config, sid)
+        ray.get(actor.ready.remote())
+        return cls(sid, actor)
+
+    def ask_text(self, text: str, timeout_s: float = 60.0) -> TurnResult:
+        async def send() -> bool:
+            return await self.actor.send_text.remote(text) is not None
+
+        return asyncio.run(collect_turn(self.actor, send, timeout_s))
+
+    def ask_audio(self, pcm16: bytes, timeout_s: float = 60.0, batch_ms: int = 600) -> TurnResult:
+        """PCM16 mono 16 kHz; trailing silence is added so the VAD sees the end."""
+        frames = split_frames(pcm16 + silence(1500), 60)
+        per_batch = max(1, batch_ms // 60)
+
+        stream = uuid.uuid4().hex
+
+        async def send() -> bool:
+            accepted = 0
+            for i in range(0, len(frames), per_batch):
+                batch = [(i + j, f) for j, f in enumerate(frames[i:i + per_batch])]
+                accepted += await self.actor.send_audio.remote(batch, 16000, stream)
+            return accepted > 0
+
+        return asyncio.run(collect_turn(self.actor, send, timeout_s))
+
+    def ask_wav(self, path: str | Path, timeout_s: float = 60.0) -> TurnResult:
+        return self.ask_audio(read_wav(path), timeout_s)
+
+    def history(self) -> list[dict[str, Any]]:
+        return ray.get(self.actor.history.remote())
+
+    def interrupt(self) -> bool:
+        return ray.get(self.actor.interrupt.remote())
+
+    def close(self) -> None:
+        try:
+            ray.get(self.actor.close.remote())
+        except ray.exceptions.RayActorError:
+            pass  # it exits while answering: that is the point
