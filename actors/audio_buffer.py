@@ -26,8 +26,8 @@ if TYPE_CHECKING:
 class AudioBatch(Message):
     frames: list[tuple[int | None, bytes]] = field(default_factory=list)
     stream: str = ""
-    """Sequence numbers count within a stream: a reconnecting client or a
-    second notebook starts a new stream and may start again from 0."""
+    """Sequence numbers count from 0 within a stream: a reconnecting client
+    or a second notebook starts a new stream and counts from 0 again."""
 
 
 class AudioBuffer(Child):
@@ -91,7 +91,8 @@ class AudioBuffer(Child):
                 released.append(pcm)
                 continue
             if self._expected is None:
-                self._expected = seq
+                # streams count from 0; a later first frame may just be early
+                self._expected = 0
             if seq < self._expected or seq in self._held:
                 self.duplicates += 1
                 continue

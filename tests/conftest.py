@@ -1,0 +1,137 @@
+"""One Ray instance for the whole test session (DESIGN §7: ~4-6 s each),
+plus speech fixtures made with the embedded TTS at test time."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
+os.environ.setdefault("no_proxy", "127.0.0.1,localhost")
+
+TEST_NAMESPACE = "voice-actors-test"
+
+
+@pytest.fixture(scope="session")
+def config() -> Any:
+    from actors.config import load_config
+
+    return load_config(env={
+        "VOICE_ACTORS__SERVER__NAMESPACE": TEST_NAMESPACE,
+        "VOICE_ACTORS__SERVER__WARM_SESSIONS": "1",
+        "VOICE_ACTORS__SESSION__IDLE_TIMEOUT_S": "600",
+    })
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(config: Any) -> Iterator[Any]:
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, namespace=TEST_NAMESPACE,
+             log_to_driver=False, configure_logging=False)
+    from actors.pools import ensure_pools
+
+    ensure_pools(config)
+    yield ray
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if actor["namespace"] == TEST_NAMESPACE:
+            try:
+                ray.kill(ray.get_actor(actor["name"], namespace=TEST_NAMESPACE))
+            except ValueError:
+                pass
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def speech(ray_cluster: Any, config: Any) -> Callable[[str], bytes]:
+    """Text → PCM16 16 kHz speech, synthesised by the embedded piper voice."""
+    from actors.audio import resample_pcm16
+    from actors.pools import get_pool
+
+    pool = get_pool("tts", "local-piper", config)
+    cache: dict[str, bytes] = {}
+
+    def make(text: str) -> bytes:
+        if text not in cache:
+            seg = ray_cluster.get(pool.synthesize.remote(text))
+            cache[text] = resample_pcm16(seg.pcm16, seg.sample_rate, 16000)
+        return cache[text]
+
+    return make
+
+
+class EventTap:
+    """Collects a session actor's events in the background for assertions."""
+
+    def __init__(self, actor: Any) -> None:
+        self.actor = actor
+        self.events: list[Any] = []
+        self._gen = actor.events.remote()
+        self._task: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()
+
+    async def __aenter__(self) -> EventTap:
+        first = await asyncio.wait_for(await self._gen.__anext__(), 30)
+        self.events.append(first)
+        self._task = asyncio.get_running_loop().create_task(self._pump())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        import ray
+
+        if self._task:
+            self._task.cancel()
+        ray.cancel(self._gen)
+
+    async def _pump(self) -> None:
+        async for ref in self._gen:
+            self.events.append(await ref)
+            self._changed.set()
+
+    async def wait_for(self, pred: Callable[[Any], bool], timeout: float = 60.0) -> Any:
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while True:
+            for ev in self.events[seen:]:
+                if pred(ev):
+                    return ev
+            seen = len(self.events)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                kinds = [e.type for e in self.events[-30:]]
+                raise AssertionError(f"event not seen within {timeout} s; last events: {kinds}")
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except asyncio.TimeoutError:
+                pass
+
+    def of(self, type_: str, turn: int | None = None) -> list[Any]:
+        return [e for e in self.events if e.type == type_ and (turn is None or e.turn_id == turn)]
+
+
+@pytest.fixture
+def tap() -> type[EventTap]:
+    return EventTap
+
+
+def frames_of(pcm16: bytes, start_seq: int = 0, frame_ms: int = 60) -> list[tuple[int, bytes]]:
+    from actors.audio import split_frames
+
+    return [(start_seq + i, f) for i, f in enumerate(split_frames(pcm16, frame_ms))]
+
+
+async def send_frames(actor: Any, frames: list[tuple[int, bytes]], stream: str = "test",
+                      batch: int = 5, realtime: bool = False, frame_ms: int = 60) -> int:
+    accepted = 0
+    for i in range(0, len(frames), batch):
+        accepted += await actor.send_audio.remote(frames[i:i + batch], 16000, stream)
+        if realtime:
+            await asyncio.sleep(batch * frame_ms / 1000)
+    return accepted

@@ -1,0 +1,238 @@
+"""A session actor end to end on real Ray and the real embedded models."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import ray
+
+from actors.audio import rms_dbfs, silence
+from actors.pools import get_pool
+from actors.sessions import SessionHandle, SessionManager, create_session_actor, new_session_id
+from tests.conftest import TEST_NAMESPACE, frames_of, send_frames
+
+QUESTION = "What is twelve times seven?"
+
+
+async def open_actor(config):
+    actor = create_session_actor(config, new_session_id())
+    await actor.ready.remote()
+    return actor
+
+
+async def test_spoken_question_gets_transcript_reply_and_real_speech(ray_cluster, config, speech, tap):
+    actor = await open_actor(config)
+    audio = silence(400) + speech(QUESTION) + silence(1200)
+    async with tap(actor) as t:
+        await send_frames(actor, frames_of(audio))
+        final = await t.wait_for(lambda e: e.type == "stt.final")
+        metrics = await t.wait_for(lambda e: e.type == "metrics" and e.turn_id == final.turn_id)
+    turn = final.turn_id
+    words = final.text.lower()
+    assert ("12" in words or "twelve" in words) and ("7" in words or "seven" in words), final.text
+    reply = "".join(e.text for e in t.of("llm.delta", turn))
+    assert "84" in reply, reply
+
+    chunks = t.of("tts.audio", turn)
+    assert chunks and all(c.sample_rate == config.session.output_sample_rate for c in chunks)
+    assert [c.seq for c in chunks] == list(range(len(chunks)))
+    pcm = b"".join(c.pcm16 for c in chunks)
+    seconds = len(pcm) / 2 / config.session.output_sample_rate
+    assert 0.8 < seconds < 6.0, seconds
+    assert rms_dbfs(pcm) > -35.0
+    # the reply audio is real speech: the embedded STT hears the answer in it
+    heard = await get_pool("stt", "local-whisper", config).transcribe.remote(pcm)
+    assert "84" in heard or "eighty" in heard.lower(), heard
+
+    order = [e.type for e in t.events if e.turn_id == turn]
+    for earlier, later in [("vad.speech_start", "vad.speech_end"), ("vad.speech_end", "stt.final"),
+                           ("stt.final", "llm.delta"), ("tool.call", "tool.result"), ("llm.delta", "tts.start"),
+                           ("tts.start", "tts.sentence"), ("tts.sentence", "tts.audio"), ("tts.audio", "tts.stop"),
+                           ("tts.stop", "metrics")]:
+        assert order.index(earlier) < order.index(later), (earlier, later, order)
+    assert t.of("tool.call", turn)[0].name == "calculate"
+    assert metrics.stt_final_ms > 0 and metrics.llm_first_token_ms >= 0
+    assert metrics.tts_first_audio_ms > 0 and metrics.first_audio_ms > metrics.stt_final_ms
+    assert not metrics.interrupted
+    ray.kill(actor)
+
+
+async def test_barge_in_stops_reply_at_once_and_keeps_only_what_was_heard(ray_cluster, config, speech, tap):
+    actor = await open_actor(config)
+    async with tap(actor) as t:
+        first_turn = await actor.send_text.remote("Tell me about the Rosetta Stone.")
+        await t.wait_for(lambda e: e.type == "tts.audio" and e.turn_id == first_turn and e.seq >= 16)
+        await send_frames(actor, frames_of(speech("What time is it?") + silence(1200)), stream="barge-in")
+        start = await t.wait_for(lambda e: e.type == "vad.speech_start")
+        stop = await t.wait_for(lambda e: e.type == "tts.stop" and e.turn_id == first_turn)
+        second = await t.wait_for(lambda e: e.type == "metrics" and e.turn_id == start.turn_id)
+    assert stop.reason == "interrupted"
+    # the VAD decision and the stop happen on the same input frame
+    assert stop.stream_ms == start.stream_ms
+    assert stop.ts - start.ts < 0.060, stop.ts - start.ts  # well inside one 60 ms client frame
+    i_stop = t.events.index(stop)
+    late_audio = [e for e in t.events[i_stop:] if e.type == "tts.audio" and e.turn_id == first_turn]
+    assert late_audio == []
+    first_metrics = t.of("metrics", first_turn)
+    assert first_metrics and first_metrics[0].interrupted
+    assert not second.interrupted and "It is" in "".join(e.text for e in t.of("llm.delta", start.turn_id))
+
+    full = "".join(e.text for e in t.of("llm.delta", first_turn)).split()
+    history = await actor.history.remote()
+    cut = [m for m in history if m["role"] == "assistant" and m["interrupted"]]
+    assert len(cut) == 1
+    heard = cut[0]["content"].split()
+    assert 0 < len(heard) < len(full) and full[:len(heard)] == heard, (heard, full[:12])
+    assert history[-1]["role"] == "assistant" and history[-1]["content"].startswith("It is")
+    ray.kill(actor)
+
+
+async def test_explicit_interrupt_cancels_reply(ray_cluster, config, tap):
+    actor = await open_actor(config)
+    async with tap(actor) as t:
+        turn = await actor.send_text.remote("Tell me about the Terracotta Army.")
+        await t.wait_for(lambda e: e.type == "tts.audio" and e.turn_id == turn)
+        assert await actor.interrupt.remote() is True
+        stop = await t.wait_for(lambda e: e.type == "tts.stop" and e.turn_id == turn)
+        await asyncio.sleep(0.5)
+    assert stop.reason == "interrupted"
+    assert not [e for e in t.events[t.events.index(stop):] if e.type == "tts.audio"]
+    assert await actor.interrupt.remote() is False  # nothing left to interrupt
+    ray.kill(actor)
+
+
+async def test_out_of_order_and_duplicate_frames(ray_cluster, config, speech, tap):
+    actor = await open_actor(config)
+    frames = frames_of(silence(300) + speech(QUESTION) + silence(1200))
+    shuffled = []
+    for i in range(0, len(frames), 4):  # every group of four arrives backwards
+        shuffled.extend(reversed(frames[i:i + 4]))
+    duplicates = frames[3::7]
+    mixed = shuffled[:]
+    for k, dup in enumerate(duplicates):
+        mixed.insert(min(len(mixed), 6 + k * 7), dup)
+    async with tap(actor) as t:
+        await send_frames(actor, mixed, stream="shuffled", batch=3)
+        final = await t.wait_for(lambda e: e.type == "stt.final")
+        await t.wait_for(lambda e: e.type == "metrics" and e.turn_id == final.turn_id)
+    assert "84" in "".join(e.text for e in t.of("llm.delta", final.turn_id)), final.text
+    stats = await actor.stats.remote()
+    assert stats["duplicate_frames"] == len(duplicates)
+    assert stats["lost_frames"] == 0
+    ray.kill(actor)
+
+
+@pytest.mark.parametrize("frames, rate, code", [
+    ([(0, b"\x00\x00" * 480)], 44100, "audio.unsupported_format"),
+    ([(0, b"\x00" * 961)], 16000, "audio.odd_length"),
+    ([(0, b"\x00\x00" * 40000)], 16000, "audio.frame_too_large"),
+    ([(0, b"")], 16000, "audio.empty"),
+    ([(-4, b"\x00\x00" * 480)], 16000, "audio.bad_sequence"),
+    ([(i, b"\x00\x00" * 10) for i in range(500)], 16000, "audio.batch_too_large"),
+])
+async def test_bad_audio_gets_error_event_and_session_keeps_working(ray_cluster, config, tap, frames, rate, code):
+    actor = await open_actor(config)
+    async with tap(actor) as t:
+        accepted = await actor.send_audio.remote(frames, rate, "bad")
+        err = await t.wait_for(lambda e: e.type == "error")
+        assert accepted == 0
+        assert err.code == code and err.message
+        turn = await actor.send_text.remote("What is two plus two?")
+        await t.wait_for(lambda e: e.type == "metrics" and e.turn_id == turn)
+    assert "4" in "".join(e.text for e in t.of("llm.delta", turn))
+    ray.kill(actor)
+
+
+async def test_bad_text_gets_error_event(ray_cluster, config, tap):
+    actor = await open_actor(config)
+    async with tap(actor) as t:
+        assert await actor.send_text.remote("   ") is None
+        assert (await t.wait_for(lambda e: e.type == "error")).code == "text.empty"
+        assert await actor.send_text.remote("x" * 5000) is None
+        assert (await t.wait_for(lambda e: e.type == "error" and e.code != "text.empty")).code == "text.too_long"
+    assert await actor.history.remote() == []
+    ray.kill(actor)
+
+
+async def test_two_sessions_do_not_see_each_other(ray_cluster, config, speech, tap):
+    a, b = await open_actor(config), await open_actor(config)
+    sid_a, sid_b = (await a.stats.remote())["session_id"], (await b.stats.remote())["session_id"]
+    async with tap(a) as ta, tap(b) as tb:
+        await asyncio.gather(
+            send_frames(a, frames_of(silence(300) + speech(QUESTION) + silence(1200))),
+            b.send_text.remote("My name is Ana."),
+        )
+        await ta.wait_for(lambda e: e.type == "metrics" and e.turn_id >= 1)
+        await tb.wait_for(lambda e: e.type == "metrics" and e.turn_id >= 1)
+    assert {e.session_id for e in ta.events} == {sid_a}
+    assert {e.session_id for e in tb.events} == {sid_b}
+    hist_a = json.dumps(await a.history.remote())
+    hist_b = json.dumps(await b.history.remote())
+    assert "84" in hist_a and "Ana" not in hist_a
+    assert "Ana" in hist_b and "84" not in hist_b
+    ray.kill(a)
+    ray.kill(b)
+
+
+async def test_pools_load_each_model_once(ray_cluster, config):
+    stt_pool = get_pool("stt", "local-whisper", config)
+    before = await stt_pool.stats.remote()
+    actors = [await open_actor(config) for _ in range(3)]
+    await asyncio.gather(*(a.send_text.remote("What is the date today?") for a in actors))
+    await asyncio.sleep(0.2)
+    tts_stats = await get_pool("tts", "local-piper", config).stats.remote()
+    after = await get_pool("stt", "local-whisper", config).stats.remote()
+    assert after["pid"] == before["pid"]
+    assert after["models_loaded_in_process"] == 1 and tts_stats["models_loaded_in_process"] == 1
+    session_pids = {(await a.stats.remote())["pid"] for a in actors}
+    assert len(session_pids) == 3 and before["pid"] not in session_pids and tts_stats["pid"] not in session_pids
+    for a in actors:
+        ray.kill(a)
+
+
+async def test_warm_pool_hands_out_started_actors(ray_cluster, config):
+    manager = SessionManager(config, warm=2)
+    warm_ids = [sid for sid, _, _ in manager._warm]
+    await asyncio.gather(*(ready for _, _, ready in manager._warm))
+    sid, actor = manager.open()
+    assert sid in warm_ids
+    assert await actor.ready.remote() == sid
+    assert len(manager._warm) == 2  # refilled
+    resumed_sid, resumed = manager.open(sid)
+    assert resumed_sid == sid and (await resumed.stats.remote())["pid"] == (await actor.stats.remote())["pid"]
+    manager.shutdown()
+    ray.kill(actor)
+
+
+def test_second_driver_sees_the_same_session(ray_cluster, config):
+    handle = SessionHandle.open(config=config)
+    first = handle.ask_text("My name is Ana.")
+    assert "Ana" in first.reply
+    script = textwrap.dedent(f"""
+        import json, ray
+        from actors.config import load_config
+        from actors.sessions import SessionHandle
+        ray.init(address="auto", namespace="{TEST_NAMESPACE}", log_to_driver=False)
+        cfg = load_config(env={{"VOICE_ACTORS__SERVER__NAMESPACE": "{TEST_NAMESPACE}"}})
+        h = SessionHandle.open("{handle.session_id}", cfg)
+        seen = h.history()
+        r = h.ask_text("What is my name?")
+        print(json.dumps({{"seen": seen, "reply": r.reply}}))
+    """)
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    data = json.loads(out.stdout.strip().splitlines()[-1])
+    assert [m["content"] for m in data["seen"]][:1] == ["My name is Ana."]
+    assert "Ana" in data["reply"]
+    mine = handle.history()
+    users = [m["content"] for m in mine if m["role"] == "user"]
+    assert users == ["My name is Ana.", "What is my name?"]
+    assert mine[-1]["role"] == "assistant" and "Ana" in mine[-1]["content"]
+    handle.close()
