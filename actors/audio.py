@@ -13,7 +13,8 @@ from actors.providers.base import SAMPLE_RATE
 
 
 def float_to_pcm16(samples: np.ndarray) -> bytes:
-    return (np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+    """Inverse of pcm16_to_float (same 32768 scale), so PCM survives a round trip."""
+    return np.clip(np.rint(samples * 32768.0), -32768, 32767).astype("<i2").tobytes()
 
 
 def pcm16_to_float(pcm16: bytes) -> np.ndarray:

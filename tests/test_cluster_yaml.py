@@ -1,0 +1,37 @@
+"""cluster.yaml passes the same preparation and schema checks `ray up` runs."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+CLUSTER_YAML = Path(__file__).resolve().parent.parent / "cluster.yaml"
+
+
+def load() -> dict:
+    return yaml.safe_load(CLUSTER_YAML.read_text())
+
+
+def test_cluster_yaml_is_valid_for_ray_up():
+    prepared = prepare_config(copy.deepcopy(load()))
+    validate_config(prepared)
+    assert prepared["provider"]["type"] == "local"
+    assert prepared["head_node_type"] in prepared["available_node_types"]
+
+
+def test_setup_installs_this_package_on_every_node():
+    cfg = load()
+    assert any("pip install" in c and "voice-actors[local]" in c for c in cfg["setup_commands"])
+    assert "~/voice-actors" in cfg["file_mounts"]
+
+
+def test_validation_really_rejects_a_broken_file():
+    broken = copy.deepcopy(load())
+    broken["setup_commandz"] = broken.pop("setup_commands")
+    with pytest.raises(jsonschema.ValidationError):
+        validate_config(prepare_config(broken))

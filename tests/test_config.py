@@ -1,0 +1,57 @@
+"""The configuration model, its YAML and its environment overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from actors.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+
+
+def test_default_config_is_the_offline_embedded_stack():
+    cfg = load_config(env={})
+    assert (cfg.vad.provider, cfg.stt.provider, cfg.llm.provider, cfg.tts.provider) == (
+        "local-two-stage", "local-whisper", "local-dialogue", "local-piper")
+    assert cfg.resolve_path(cfg.llm.knowledge_base).exists()
+    assert cfg.persona().name == "Ava"
+
+
+def test_environment_overrides_nested_fields_with_yaml_values():
+    cfg = load_config(env={
+        "VOICE_ACTORS__SERVER__PORT": "9123",
+        "VOICE_ACTORS__VAD__END_SILENCE_MS": "450",
+        "VOICE_ACTORS__TTS__PACE": "false",
+        "VOICE_ACTORS__PERSONAS__GUIDE__NAME": "Max",
+        "UNRELATED": "1",
+    })
+    assert cfg.server.port == 9123 and cfg.vad.end_silence_ms == 450 and cfg.tts.pace is False
+    assert cfg.personas["guide"].name == "Max" and cfg.personas["default"].name == "Ava"
+
+
+@pytest.mark.parametrize("env, field", [
+    ({"VOICE_ACTORS__SERVER__PORT": "70000"}, "server.port"),
+    ({"VOICE_ACTORS__VAD__WEBRTC_AGGRESSIVENESS": "7"}, "vad.webrtc_aggressiveness"),
+    ({"VOICE_ACTORS__STT__PROVIDER": "nonesuch"}, "stt.provider"),
+    ({"VOICE_ACTORS__SESSION__OUTPUT_SAMPLE_RATE": "12345"}, "session.output_sample_rate"),
+    ({"VOICE_ACTORS__TTS__SPEED": "2"}, "tts.speed"),
+])
+def test_bad_configuration_names_the_field(env, field):
+    with pytest.raises(ConfigError) as err:
+        load_config(env=env)
+    assert field in str(err.value)
+
+
+def test_bad_yaml_file_is_a_clear_error(tmp_path: Path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("server: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad, env={})
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml", env={})
+
+
+def test_config_path_from_environment(tmp_path: Path):
+    other = tmp_path / "other.yaml"
+    other.write_text(DEFAULT_CONFIG_PATH.read_text().replace("port: 8000", "port: 8111"))
+    assert load_config(env={"VOICE_ACTORS_CONFIG": str(other)}).server.port == 8111
