@@ -32,6 +32,7 @@ class PiperTTS(TTS):
         self._voice = PiperVoice.load(model, config)
         self.sample_rate: int = self._voice.config.sample_rate
         MODELS_LOADED += 1
+        self.synthesize_sync("Ready.")  # warm the ONNX session at load, not on a user's turn
 
     def synthesize_sync(self, text: str) -> AudioSegment:
         parts = [c.audio_float_array for c in self._voice.synthesize(text)]

@@ -38,6 +38,8 @@ class WhisperSTT(STT):
                                    local_files_only=True)
         self._language = language
         MODELS_LOADED += 1
+        # the first decode pays one-off allocation costs (~0.5 s); pay them at load, not on a user's turn
+        self.transcribe_sync(b"\x00\x00" * 8000)
 
     def transcribe_sync(self, pcm16: bytes) -> str:
         audio = pcm16_to_float(pcm16)
