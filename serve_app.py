@@ -4,8 +4,6 @@ Thin on purpose: routes, auth and hand-off to protocol adapters and session
 actors. No wire format, dialogue or vendor API lives here.
 """
 
-from __future__ import annotations
-
 from typing import Any
 
 from fastapi import FastAPI

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_PATH = PROJECT_ROOT / "config" / "default.yaml"
@@ -108,6 +108,58 @@ class PoolsConfig(_Section):
     tts: PoolConfig = PoolConfig()
 
 
+class UserConfig(_Section):
+    password_hash: str
+    """`pbkdf2_sha256$<iterations>$<salt b64>$<hash b64>`; make one with
+    `voice-actors hash-password`."""
+    roles: list[str] = ["user"]
+
+
+class AuthConfig(_Section):
+    enabled: bool = True
+    jwt_secret: SecretStr | None = None
+    """Signs user tokens. Set it from the environment
+    (VOICE_ACTORS__AUTH__JWT_SECRET); if unset, `voice-actors serve` makes a
+    random one for the run. Every replica must share it."""
+    token_ttl_s: int = Field(3600, gt=0)
+    issuer: str = "voice-actors"
+    device_secret: SecretStr | None = None
+    """Signs xiaozhi device tokens (HMAC over client id, device id, expiry)."""
+    device_token_ttl_s: int = Field(30 * 24 * 3600, gt=0)
+    device_allowlist: list[str] | None = None
+    """Device ids (MAC addresses) allowed to connect; None allows any device
+    holding a valid token."""
+    users: dict[str, UserConfig] = {}
+
+
+class LimitsConfig(_Section):
+    requests_per_minute: float = Field(120, gt=0)
+    """Per client (user, device or IP) across HTTP requests and socket opens."""
+    burst: int = Field(30, ge=1)
+    max_sessions: int = Field(500, ge=1)
+    """Concurrent voice sockets per ingress replica."""
+    max_sessions_per_client: int = Field(8, ge=1)
+    max_request_bytes: int = Field(10 * 1024 * 1024, gt=0)
+    max_ws_message_bytes: int = Field(64 * 1024, gt=0)
+    ws_messages_per_second: float = Field(100, gt=0)
+    """Per socket; a 60 ms audio stream needs ~17."""
+
+
+class IngressConfig(_Section):
+    public_url: str | None = None
+    """Base URL clients should use (e.g. wss://voice.example.com); the OTA
+    endpoint derives the WebSocket URL from the request when unset."""
+    min_replicas: int = Field(1, ge=1)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: int = Field(200, ge=1)
+    max_ongoing_requests: int = Field(1000, ge=1)
+    """Each socket holds one slot for its whole life (DESIGN §5)."""
+    graceful_shutdown_timeout_s: float = Field(120, ge=0)
+    uplink_batch_ms: int = Field(120, ge=20)
+    """Audio is gathered this long before one call to the session actor."""
+    xiaozhi_output_sample_rate: int = 24000
+
+
 class Persona(_Section):
     name: str = "Ava"
     system_prompt: str = "You are Ava, a friendly museum guide. Answer briefly in spoken sentences."
@@ -122,6 +174,9 @@ class AppConfig(_Section):
     llm: LLMConfig = LLMConfig()
     tts: TTSConfig = TTSConfig()
     pools: PoolsConfig = PoolsConfig()
+    auth: AuthConfig = AuthConfig()
+    limits: LimitsConfig = LimitsConfig()
+    ingress: IngressConfig = IngressConfig()
     personas: dict[str, Persona] = {"default": Persona()}
     default_persona: str = "default"
 
