@@ -23,6 +23,19 @@ if TYPE_CHECKING:
 
 
 @dataclass
+class ListenControl(Message):
+    """Client listening state, ordered with the audio around it.
+
+    `manual` (push to talk): everything between start and stop is one
+    utterance, whatever the VAD says. `auto` / `realtime`: the VAD cuts
+    utterances; stop ends the one in progress and ignores audio until start.
+    """
+
+    state: str = "start"
+    mode: str = "auto"
+
+
+@dataclass
 class AudioBatch(Message):
     frames: list[tuple[int | None, bytes]] = field(default_factory=list)
     stream: str = ""
@@ -58,12 +71,17 @@ class AudioBuffer(Child):
         self._turn: int | None = None
         self._silent = 0
         self._speech_frames = 0
+        self._manual = False
+        self._listening = True
 
     @property
     def in_speech(self) -> bool:
         return self._turn is not None
 
     async def handle(self, message: Message) -> None:
+        if isinstance(message, ListenControl):
+            self._on_listen(message)
+            return
         assert isinstance(message, AudioBatch)
         if message.stream != self._stream:
             self._new_stream(message.stream)
@@ -76,6 +94,26 @@ class AudioBuffer(Child):
             outgoing = self._on_frame(frame, outgoing)
         if outgoing and self._turn is not None:
             self._core.stt.post(SpeechAudio(self._turn, bytes(outgoing)))
+
+    def _on_listen(self, msg: ListenControl) -> None:
+        if msg.state == "start":
+            self._listening = True
+            self._manual = msg.mode == "manual"
+            if self._manual and self._turn is None:
+                self._begin()
+        elif msg.state == "stop":
+            self._listen_stop()
+
+    def _listen_stop(self) -> None:
+        tail = bytes(self._pcm) if self._turn is not None else b""
+        self._pcm.clear()
+        if self._turn is not None:
+            if tail:
+                self._core.stt.post(SpeechAudio(self._turn, tail))
+            self._end()
+        self._manual = False
+        self._listening = False
+        self._candidate.clear()
 
     def _new_stream(self, stream: str) -> None:
         for seq in sorted(self._held):  # what the old stream left behind, in order
@@ -111,6 +149,17 @@ class AudioBuffer(Child):
     def _on_frame(self, frame: bytes, outgoing: bytearray) -> bytearray:
         """One VAD frame; returns audio still to be sent to STT this batch."""
         self._stream_ms += self._frame_ms
+        if not self._listening:
+            return outgoing
+        if self._manual:
+            outgoing.extend(frame)
+            self._speech_frames += 1
+            if self._speech_frames >= self._max_frames:
+                self._core.stt.post(SpeechAudio(self._turn, bytes(outgoing)))
+                self._end()
+                self._begin()
+                return bytearray()
+            return outgoing
         speech = self._vad.is_speech(frame)
         if self._turn is None:
             if speech:

@@ -4,6 +4,8 @@
     voice-actors turn question.wav -o reply.wav
     voice-actors turn --text "What time is it?" -o reply.wav
     voice-actors say "Tell me about the Rosetta Stone." -o question.wav
+    voice-actors client question.wav [--xiaozhi]   # over the network to a running server
+    voice-actors hash-password                    # for auth.users in the config
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ import time
 from pathlib import Path
 
 from actors.config import ConfigError, load_config
+
+DEV_TOKEN_FILE = Path.home() / ".voice-actors-token"
+"""Where `serve` leaves a development token: a file, not the log."""
 
 
 def _turn(args: argparse.Namespace) -> int:
@@ -55,6 +60,76 @@ def _turn(args: argparse.Namespace) -> int:
     return 0 if result.reply else 1
 
 
+def _client(args: argparse.Namespace) -> int:
+    import asyncio
+
+    import httpx
+
+    from actors.audio import AudioFormatError, read_wav, write_wav
+    from actors.client import NativeClient, XiaozhiClient
+
+    try:
+        pcm = read_wav(args.wav) if args.wav else b""
+    except (AudioFormatError, FileNotFoundError) as e:
+        print(f"error: {args.wav}: {e}", file=sys.stderr)
+        return 2
+    if not pcm and not args.text:
+        print("error: give a WAV file or --text", file=sys.stderr)
+        return 2
+    base = args.url.rstrip("/")
+    ws_base = "ws" + base[4:] if base.startswith("http") else base
+    token = args.token or (DEV_TOKEN_FILE.read_text().strip() if DEV_TOKEN_FILE.exists() else None)
+
+    def show(msg: dict) -> None:
+        kind = msg.get("type")
+        if kind in ("stt.partial", "stt.final", "stt"):
+            print(f"  [{'final' if kind != 'stt.partial' else 'partial'}] {msg['text']}")
+        elif kind == "tts.sentence" or (kind == "tts" and msg.get("state") == "sentence_start"):
+            print(f"  [reply] {msg['text']}")
+        elif kind == "error":
+            print(f"  [error {msg.get('code')}] {msg.get('message')}")
+
+    async def run() -> object:
+        if args.xiaozhi:
+            ota = httpx.post(f"{base}/xiaozhi/ota/", headers={"Device-Id": args.device_id,
+                                                             "Client-Id": args.device_id}, json={}, timeout=30)
+            ota.raise_for_status()
+            ws_info = ota.json()["websocket"]
+            async with await XiaozhiClient.connect(ws_info["url"], ws_info["token"] or token, args.device_id,
+                                                   client_id=args.device_id, version=args.protocol_version) as c:
+                return await c.ask_audio(pcm, on_event=show)
+        async with await NativeClient.connect(f"{ws_base}/ws/voice", token, args.session) as c:
+            print(f"session {c.session_id}")
+            if args.text:
+                return await c.ask_text(args.text, on_event=show)
+            return await c.ask_audio(pcm, on_event=show)
+
+    try:
+        turn = asyncio.run(run())
+    except (OSError, httpx.HTTPError) as e:
+        print(f"error: cannot reach {base}: {e}", file=sys.stderr)
+        return 3
+    except Exception as e:  # a refused handshake or a closed socket: say why, briefly
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 3
+    if turn.end_of_speech_to_first_audio_ms is not None:
+        print(f"end of speech -> first audio: {turn.end_of_speech_to_first_audio_ms:.0f} ms")
+    if args.out and turn.audio:
+        write_wav(args.out, turn.audio, turn.sample_rate)
+        print(f"audio: {args.out} ({len(turn.audio) / 2 / turn.sample_rate:.1f} s at {turn.sample_rate} Hz)")
+    return 0 if turn.audio or turn.reply else 1
+
+
+def _hash_password(args: argparse.Namespace) -> int:
+    import getpass
+
+    from actors.auth import hash_password
+
+    password = args.password or getpass.getpass("password: ")
+    print(hash_password(password))
+    return 0
+
+
 def _say(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -71,11 +146,12 @@ def _say(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from ray import serve
 
+    from actors.auth import Authenticator
     from actors.pools import ensure_pools
     from actors.runtime import connect_ray
-    from serve_app import build_app
+    from serve_app import build_app, with_secrets
 
-    config = load_config(args.config)
+    config = with_secrets(load_config(args.config))
     print(f"ray: {connect_ray(config, args.address)}", file=sys.stderr)
     print("loading models...", file=sys.stderr)
     ensure_pools(config)
@@ -83,6 +159,12 @@ def _serve(args: argparse.Namespace) -> int:
     serve.run(build_app(config), name="voice-actors", route_prefix="/")
     print(f"voice-actors listening on http://{config.server.host}:{config.server.port} "
           "(Ctrl-C to stop)", file=sys.stderr)
+    if config.auth.enabled:
+        token = Authenticator(config.auth).issue_token("local-dev", roles=("admin",))
+        DEV_TOKEN_FILE.write_text(token)
+        DEV_TOKEN_FILE.chmod(0o600)
+        print(f"a development token for this run is in {DEV_TOKEN_FILE} (mode 600, valid "
+              f"{config.auth.token_ttl_s} s); `voice-actors client` reads it", file=sys.stderr)
     try:
         while True:
             time.sleep(3600)
@@ -110,10 +192,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--address", help="Ray cluster to join (default: a running one, else start locally)")
     p.set_defaults(fn=_turn)
 
+    p = sub.add_parser("client", help="talk to a running server over a WebSocket, as a device would")
+    p.add_argument("wav", nargs="?", help="question as a WAV file, streamed in real time")
+    p.add_argument("--text", help="send text instead of audio (native protocol)")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL")
+    p.add_argument("--token", help=f"bearer token (default: {DEV_TOKEN_FILE} if present)")
+    p.add_argument("--session", help="resume this session id (native protocol)")
+    p.add_argument("--xiaozhi", action="store_true", help="speak the xiaozhi protocol with Opus (OTA first)")
+    p.add_argument("--device-id", default="02:00:00:00:00:01", help="xiaozhi Device-Id (a MAC address)")
+    p.add_argument("--protocol-version", type=int, default=1, choices=(1, 2, 3))
+    p.add_argument("-o", "--out", default="reply.wav")
+    p.set_defaults(fn=_client)
+
     p = sub.add_parser("say", help="write a speech WAV with the embedded voice")
     p.add_argument("text")
     p.add_argument("-o", "--out", default="question.wav")
     p.set_defaults(fn=_say)
+
+    p = sub.add_parser("hash-password", help="print a password hash for auth.users.<name>.password_hash")
+    p.add_argument("--password", help="(prompted for if omitted)")
+    p.set_defaults(fn=_hash_password)
 
     args = parser.parse_args(argv)
     try:

@@ -33,10 +33,9 @@ def pool_name(kind: PoolKind, provider: str) -> str:
 class ProviderPool:
     """Holds one provider instance (the loaded model) and serves calls to it."""
 
-    def __init__(self, kind: PoolKind, provider: str, config_json: str) -> None:
+    def __init__(self, kind: PoolKind, provider: str, config: AppConfig) -> None:
         from actors.providers import build_stt, build_tts
 
-        config = AppConfig.model_validate_json(config_json)
         started = time.perf_counter()
         self._kind = kind
         self._provider_name = provider
@@ -84,7 +83,7 @@ def get_pool(kind: PoolKind, provider: str, config: AppConfig) -> ray.actor.Acto
         name=pool_name(kind, provider), namespace=config.server.namespace, lifetime="detached",
         get_if_exists=True, num_cpus=pool_cfg.num_cpus,
         max_concurrency=max(100, pool_cfg.max_concurrency * 4),
-    ).remote(kind, provider, config.model_dump_json())
+    ).remote(kind, provider, config)
 
 
 def ensure_pools(config: AppConfig, timeout_s: float = 120.0) -> list[dict[str, Any]]:

@@ -45,11 +45,12 @@ def build_core(session_id: str, config: AppConfig) -> SessionCore:
 
 @ray.remote(num_cpus=0, max_restarts=0)
 class SessionActor:
-    def __init__(self, session_id: str, config_json: str) -> None:
-        self._config = AppConfig.model_validate_json(config_json)
+    def __init__(self, session_id: str, config: AppConfig) -> None:
+        self._config = config
         self._core = build_core(session_id, self._config)
         self._started = False
         self._created = time.time()
+        self._owner: str | None = None
 
     def _ensure_started(self) -> SessionCore:
         if not self._started:  # needs the actor's event loop, absent in __init__
@@ -73,6 +74,23 @@ class SessionActor:
     async def interrupt(self) -> bool:
         return self._ensure_started().interrupt()
 
+    async def listen(self, state: str, mode: str = "auto") -> None:
+        self._ensure_started().listen(state, mode)
+
+    async def configure_output(self, sample_rate: int | None = None, speak: bool | None = None,
+                               pace: bool | None = None) -> None:
+        self._ensure_started().configure_output(sample_rate, speak, pace)
+
+    async def claim(self, owner: str) -> bool:
+        """First caller becomes the owner; later callers must be the same
+        principal, so a guessed session id does not open someone's session."""
+        if self._owner is None:
+            self._owner = owner
+        return self._owner == owner
+
+    async def device_message(self, kind: str, payload: Any) -> None:
+        self._ensure_started().device_message(kind, payload)
+
     async def events(self) -> AsyncIterator[Event]:
         """The session's event stream (a Ray streaming generator). The first
         event is always `session.started`: wait for it before sending input,
@@ -91,7 +109,8 @@ class SessionActor:
     async def stats(self) -> dict[str, Any]:
         import os
 
-        return {**self._core.stats(), "pid": os.getpid(), "created": self._created}
+        return {**self._core.stats(), "pid": os.getpid(), "created": self._created,
+                "device_state": self._core.device_state}
 
     async def close(self) -> None:
         await self._core.close()

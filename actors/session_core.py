@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from actors.audio_buffer import AudioBatch, AudioBuffer
+from actors.audio_buffer import AudioBatch, AudioBuffer, ListenControl
 from actors.config import AppConfig
 from actors.dialogue import AssistantSays, DialogueState, UserTurn
 from actors.events import (
@@ -77,6 +77,7 @@ class SessionCore:
         self._children = [self.audio, self.stt, self.dialogue, self.tts]
         self.last_activity = time.monotonic()
         self.closed = False
+        self.device_state: dict[str, Any] = {}
 
     def start(self) -> None:
         for child in self._children:
@@ -87,7 +88,7 @@ class SessionCore:
         q: asyncio.Queue[Event] = asyncio.Queue(maxsize=self.config.session.event_queue_size)
         q.put_nowait(SessionStarted(
             session_id=self.session_id, turn_id=self.turn_id, input_sample_rate=SAMPLE_RATE,
-            output_sample_rate=self.config.session.output_sample_rate,
+            output_sample_rate=self.tts.output_rate,
             persona=self.config.persona().name, providers=self.provider_names))
         self._subscribers.append(q)
         return q
@@ -165,6 +166,31 @@ class SessionCore:
         self.reply_turn = turn
         self.dialogue.post(UserTurn(turn, text))
         return turn
+
+    def listen(self, state: str, mode: str = "auto") -> None:
+        """Client listening state (xiaozhi `listen`, native `listen`); applied
+        in order with the audio sent before it."""
+        self.last_activity = time.monotonic()
+        if state == "start" and mode == "manual":
+            self.interrupt()  # push-to-talk cuts the reply short at once
+        self.audio.post(ListenControl(None, state, mode))
+
+    def configure_output(self, sample_rate: int | None = None, speak: bool | None = None,
+                         pace: bool | None = None) -> None:
+        """Per-client output: protocols that play at another rate (xiaozhi:
+        24 kHz) ask for it so audio is resampled once, from the voice's own
+        rate; text-only clients turn speech off; HTTP clients that want the
+        whole reply file at once turn real-time pacing off."""
+        if sample_rate is not None:
+            self.tts.output_rate = sample_rate
+        if speak is not None:
+            self.tts.speak = speak
+        if pace is not None:
+            self.tts.pace = pace
+
+    def device_message(self, kind: str, payload: Any) -> None:
+        """MCP / IoT messages from a device, kept for tools and inspection."""
+        self.device_state[kind] = payload
 
     def say(self, text: str) -> int:
         """Speak without being asked (timers); interrupts like any new turn."""

@@ -33,7 +33,7 @@ def create_session_actor(config: AppConfig, session_id: str) -> ray.actor.ActorH
     return SessionActor.options(
         name=session_actor_name(session_id), namespace=config.server.namespace,
         lifetime="detached", get_if_exists=True,
-    ).remote(session_id, config.model_dump_json())
+    ).remote(session_id, config)
 
 
 def find_session(config: AppConfig, session_id: str) -> ray.actor.ActorHandle | None:

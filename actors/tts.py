@@ -82,7 +82,9 @@ class TTSChild(Child):
         self._core = core
         self._tts = tts
         self._cfg = config
-        self._rate = output_rate
+        self.speak = True
+        self.pace = config.pace
+        self.output_rate = output_rate
         self._turns: dict[int, _Playback] = {}
 
     @property
@@ -92,6 +94,10 @@ class TTSChild(Child):
     async def handle(self, message: Message) -> None:
         turn = message.turn_id
         assert turn is not None
+        if not self.speak:  # a text-only client: the reply ends with its text
+            if isinstance(message, TextEnd):
+                self._core.on_reply_done(turn)
+            return
         pb = self._turns.get(turn)
         if pb is None:
             pb = self._turns[turn] = _Playback(turn)
@@ -121,7 +127,7 @@ class TTSChild(Child):
         return await self._tts.synthesize(sentence)
 
     async def _play(self, pb: _Playback) -> None:
-        chunk_bytes = self._rate * self._cfg.chunk_ms // 1000 * 2
+        chunk_bytes = self.output_rate * self._cfg.chunk_ms // 1000 * 2
         while (item := await pb.queue.get()) is not None:
             sentence, synth = item
             try:
@@ -129,23 +135,23 @@ class TTSChild(Child):
             except Exception as e:
                 self._core.emit_error(ErrorCode.TTS_FAILED, f"could not speak a sentence: {e}", pb.turn)
                 continue
-            pcm = resample_pcm16(segment.pcm16, segment.sample_rate, self._rate)
+            pcm = resample_pcm16(segment.pcm16, segment.sample_rate, self.output_rate)
             if not pcm:
                 continue
             if not pb.started:
                 pb.started = True
-                self._core.emit(TTSStart(turn_id=pb.turn, sample_rate=self._rate))
+                self._core.emit(TTSStart(turn_id=pb.turn, sample_rate=self.output_rate))
             self._core.emit(TTSSentence(turn_id=pb.turn, text=sentence))
-            pb.spoken.append(_Spoken(sentence, pb.sent_ms, len(pcm) / 2 / self._rate * 1000.0))
+            pb.spoken.append(_Spoken(sentence, pb.sent_ms, len(pcm) / 2 / self.output_rate * 1000.0))
             for i in range(0, len(pcm), chunk_bytes):
                 await self._pace(pb)
                 chunk = pcm[i:i + chunk_bytes]
                 if pb.seq == 0:
                     self._core.timer(pb.turn).first_audio = time.time()
-                self._core.emit(AudioChunk(turn_id=pb.turn, seq=pb.seq, sample_rate=self._rate, pcm16=chunk))
+                self._core.emit(AudioChunk(turn_id=pb.turn, seq=pb.seq, sample_rate=self.output_rate, pcm16=chunk))
                 pb.seq += 1
-                pb.sent_ms += len(chunk) / 2 / self._rate * 1000.0
-        if self._cfg.pace and pb.clock_start is not None:
+                pb.sent_ms += len(chunk) / 2 / self.output_rate * 1000.0
+        if self.pace and pb.clock_start is not None:
             # tts.stop marks the end of playback, not the end of sending
             await asyncio.sleep(max(0.0, (pb.sent_ms - pb.played_ms()) / 1000.0))
         self._turns.pop(pb.turn, None)
@@ -157,7 +163,7 @@ class TTSChild(Child):
         now = time.monotonic()
         if pb.clock_start is None:
             pb.clock_start = now
-        if not self._cfg.pace:
+        if not self.pace:
             return
         elapsed_ms = (now - pb.clock_start) * 1000.0
         if elapsed_ms > pb.sent_ms:  # underrun: the listener waited, so shift the clock

@@ -1,0 +1,274 @@
+"""A small client for a running voice-actors server, over the native protocol
+or the xiaozhi protocol (Opus), as a device would talk to it.
+
+    async with NativeClient.connect("ws://127.0.0.1:8000/ws/voice", token) as c:
+        turn = await c.ask_audio(pcm16, on_event=print)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+
+from actors.audio import silence, split_frames
+from actors.protocols.native import CODEC_OPUS, unpack_audio
+from actors.protocols.opus import OpusDecoder, OpusEncoder
+from actors.protocols.xiaozhi import pack_frame, unpack_frame
+
+FRAME_MS = 60
+
+
+@dataclass
+class ClientTurn:
+    """What one turn looked like from the client's side of the socket."""
+
+    transcript: str | None = None
+    partials: list[str] = field(default_factory=list)
+    reply: str = ""
+    sentences: list[str] = field(default_factory=list)
+    audio: bytes = b""
+    sample_rate: int = 16000
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    interrupted: bool = False
+    first_audio_at: float | None = None
+    audio_done_at: float | None = None
+    speech_sent_at: float | None = None
+    """When the last frame of speech (before the trailing silence) was sent."""
+
+    @property
+    def end_of_speech_to_first_audio_ms(self) -> float | None:
+        if self.first_audio_at is None or self.speech_sent_at is None:
+            return None
+        return (self.first_audio_at - self.speech_sent_at) * 1000.0
+
+
+OnEvent = Callable[[dict[str, Any]], None]
+
+
+class _Client:
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.hello: dict[str, Any] = {}
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+    async def __aenter__(self) -> _Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def stream_pcm(self, pcm16: bytes, realtime: bool = True, trailing_silence_ms: int = 1200,
+                         turn: ClientTurn | None = None) -> None:
+        """Send speech as 60 ms frames, in real time unless told otherwise."""
+        frames = split_frames(pcm16, FRAME_MS)
+        tail = split_frames(silence(trailing_silence_ms), FRAME_MS)
+        start = time.monotonic()
+        for i, frame in enumerate(frames + tail):
+            if i == len(frames) and turn is not None:
+                turn.speech_sent_at = time.monotonic()
+            await self._send_audio_frame(frame)
+            if realtime:
+                delay = start + (i + 1) * FRAME_MS / 1000 - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+
+    async def _send_audio_frame(self, frame: bytes) -> None:
+        raise NotImplementedError
+
+
+class NativeClient(_Client):
+    """docs/protocol.md, version 1."""
+
+    def __init__(self, ws: ClientConnection, opus: bool) -> None:
+        super().__init__(ws)
+        self._encoder = OpusEncoder(16000, FRAME_MS) if opus else None
+        self._decoder: OpusDecoder | None = None
+
+    @classmethod
+    async def connect(cls, url: str, token: str | None = None, session_id: str | None = None,
+                      opus: bool = False, output_opus: bool = False, output_rate: int | None = None) -> NativeClient:
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        ws = await connect(url, additional_headers=headers, max_size=2 ** 22, proxy=None)
+        client = cls(ws, opus)
+        hello: dict[str, Any] = {"type": "hello", "version": 1,
+                                 "audio": {"format": "opus" if opus else "pcm16", "sample_rate": 16000,
+                                           "channels": 1, "frame_ms": FRAME_MS},
+                                 "output": {"format": "opus" if output_opus else "pcm16"}}
+        if output_rate:
+            hello["output"]["sample_rate"] = output_rate
+        if session_id:
+            hello["session_id"] = session_id
+        await ws.send(json.dumps(hello))
+        reply = json.loads(await ws.recv())
+        if reply.get("type") != "hello":
+            raise ConnectionError(f"server refused hello: {reply}")
+        client.hello = reply
+        if output_opus:
+            client._decoder = OpusDecoder(reply["audio_out"]["sample_rate"])
+        return client
+
+    @property
+    def session_id(self) -> str:
+        return self.hello["session_id"]
+
+    async def _send_audio_frame(self, frame: bytes) -> None:
+        if self._encoder is None:
+            await self.ws.send(frame)
+        else:
+            for packet in self._encoder.encode(frame):
+                await self.ws.send(packet)
+
+    async def send_json(self, message: dict[str, Any]) -> None:
+        await self.ws.send(json.dumps(message))
+
+    async def send_text(self, text: str) -> None:
+        await self.send_json({"type": "text", "text": text})
+
+    async def interrupt(self) -> None:
+        await self.send_json({"type": "interrupt"})
+
+    async def receive_turn(self, on_event: OnEvent | None = None, timeout_s: float = 60.0,
+                           turn: ClientTurn | None = None, until: str = "metrics") -> ClientTurn:
+        """Read until the reply's `metrics` event (or `until`) arrives."""
+        turn = turn or ClientTurn()
+        deadline = time.monotonic() + timeout_s
+        reply_turn: int | None = None
+        while True:
+            data = await asyncio.wait_for(self.ws.recv(), max(0.01, deadline - time.monotonic()))
+            if isinstance(data, bytes):
+                codec, turn_id, _seq, payload = unpack_audio(data)
+                if reply_turn is not None and turn_id != reply_turn:
+                    continue
+                if turn.first_audio_at is None:
+                    turn.first_audio_at = time.monotonic()
+                turn.audio += self._decoder.decode(payload) if codec == CODEC_OPUS and self._decoder else payload
+                continue
+            msg = json.loads(data)
+            turn.messages.append(msg)
+            if on_event:
+                on_event(msg)
+            kind = msg.get("type")
+            if kind == "tts.start":
+                turn.sample_rate = msg["sample_rate"]
+            if kind == "stt.partial":
+                turn.partials.append(msg["text"])
+            elif kind == "stt.final":
+                turn.transcript = msg["text"]
+                reply_turn = msg["turn_id"]
+            elif kind == "llm.delta":
+                reply_turn = msg["turn_id"] if reply_turn is None else reply_turn
+                turn.reply += msg["text"]
+            elif kind == "tts.sentence":
+                turn.sentences.append(msg["text"])
+            elif kind == "error":
+                turn.errors.append(msg)
+            elif kind == "tts.stop":
+                turn.audio_done_at = time.monotonic()
+                turn.interrupted = turn.interrupted or msg["reason"] == "interrupted"
+            if kind == until and (reply_turn is None or msg.get("turn_id") == reply_turn):
+                return turn
+
+    async def ask_audio(self, pcm16: bytes, on_event: OnEvent | None = None, realtime: bool = True,
+                        timeout_s: float = 60.0) -> ClientTurn:
+        turn = ClientTurn()
+        receiver = asyncio.create_task(self.receive_turn(on_event, timeout_s, turn))
+        await self.stream_pcm(pcm16, realtime, turn=turn)
+        return await receiver
+
+    async def ask_text(self, text: str, on_event: OnEvent | None = None, timeout_s: float = 60.0) -> ClientTurn:
+        await self.send_text(text)
+        return await self.receive_turn(on_event, timeout_s)
+
+
+class XiaozhiClient(_Client):
+    """Speaks like xiaozhi-esp32 firmware: headers, hello, listen, Opus frames."""
+
+    def __init__(self, ws: ClientConnection, version: int) -> None:
+        super().__init__(ws)
+        self.version = version
+        self._encoder = OpusEncoder(16000, FRAME_MS)
+        self._decoder: OpusDecoder | None = None
+        self.session_id = ""
+
+    @classmethod
+    async def connect(cls, url: str, token: str | None, device_id: str, client_id: str | None = None,
+                      version: int = 1, mcp: bool = False) -> XiaozhiClient:
+        headers = {"Protocol-Version": str(version), "Device-Id": device_id,
+                   "Client-Id": client_id or str(uuid.uuid4())}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        ws = await connect(url, additional_headers=headers, max_size=2 ** 22, proxy=None)
+        client = cls(ws, version)
+        await ws.send(json.dumps({"type": "hello", "version": version, "transport": "websocket",
+                                  "features": {"mcp": mcp},
+                                  "audio_params": {"format": "opus", "sample_rate": 16000, "channels": 1,
+                                                   "frame_duration": FRAME_MS}}))
+        reply = json.loads(await ws.recv())
+        if reply.get("type") != "hello" or reply.get("transport") != "websocket":
+            raise ConnectionError(f"server refused hello: {reply}")
+        client.hello = reply
+        client.session_id = reply.get("session_id", "")
+        client._decoder = OpusDecoder(reply["audio_params"]["sample_rate"])
+        return client
+
+    async def send_json(self, message: dict[str, Any]) -> None:
+        await self.ws.send(json.dumps({"session_id": self.session_id, **message}))
+
+    async def listen(self, state: str, mode: str = "auto") -> None:
+        await self.send_json({"type": "listen", "state": state, "mode": mode})
+
+    async def abort(self, reason: str = "user") -> None:
+        await self.send_json({"type": "abort", "reason": reason})
+
+    async def _send_audio_frame(self, frame: bytes) -> None:
+        for packet in self._encoder.encode(frame):
+            await self.ws.send(pack_frame(self.version, packet))
+
+    async def receive_turn(self, on_event: OnEvent | None = None, timeout_s: float = 60.0,
+                           turn: ClientTurn | None = None) -> ClientTurn:
+        """Read until `tts stop` (the firmware's end of a reply)."""
+        turn = turn or ClientTurn()
+        assert self._decoder is not None
+        turn.sample_rate = self.hello["audio_params"]["sample_rate"]
+        deadline = time.monotonic() + timeout_s
+        while True:
+            data = await asyncio.wait_for(self.ws.recv(), max(0.01, deadline - time.monotonic()))
+            if isinstance(data, bytes):
+                _kind, payload = unpack_frame(self.version, data)
+                if turn.first_audio_at is None:
+                    turn.first_audio_at = time.monotonic()
+                turn.audio += self._decoder.decode(payload)
+                continue
+            msg = json.loads(data)
+            turn.messages.append(msg)
+            if on_event:
+                on_event(msg)
+            kind, state = msg.get("type"), msg.get("state")
+            if kind == "stt":
+                turn.transcript = msg["text"]
+            elif kind == "tts" and state == "sentence_start":
+                turn.sentences.append(msg["text"])
+                turn.reply = " ".join(turn.sentences)
+            elif kind == "error":
+                turn.errors.append(msg)
+            elif kind == "tts" and state == "stop":
+                turn.audio_done_at = time.monotonic()
+                return turn
+
+    async def ask_audio(self, pcm16: bytes, on_event: OnEvent | None = None, realtime: bool = True,
+                        timeout_s: float = 60.0) -> ClientTurn:
+        await self.listen("start", "auto")
+        turn = ClientTurn()
+        receiver = asyncio.create_task(self.receive_turn(on_event, timeout_s, turn))
+        await self.stream_pcm(pcm16, realtime, turn=turn)
+        return await receiver

@@ -1,0 +1,216 @@
+"""One client socket bridged to one session actor, whatever the protocol.
+
+Uplink: client frames → protocol adapter → actions; audio is gathered into
+batches of `ingress.uplink_batch_ms` (DESIGN §2: every cross-process call
+costs 0.7–2.5 ms of CPU) and every call to the session is awaited in order,
+so control messages never overtake the audio sent before them.
+Downlink: the session's event stream → adapter → client frames.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from typing import Any, Protocol
+
+from actors.config import AppConfig
+from actors.limits import LimitError, RateLimiter
+from actors.protocols.base import (
+    Audio, DeviceMessage, HistoryRequest, Hello, Interrupt, Listen, Outgoing, ProtocolAdapter, ProtocolError, Reply,
+    Text,
+)
+
+log = logging.getLogger(__name__)
+
+HELLO_TIMEOUT_S = 10.0
+
+
+class ClientSocket(Protocol):
+    """The few WebSocket calls the bridge needs (Starlette's WebSocket fits)."""
+
+    async def receive(self) -> dict[str, Any]: ...
+    async def send_text(self, data: str) -> None: ...
+    async def send_bytes(self, data: bytes) -> None: ...
+    async def close(self, code: int = 1000, reason: str | None = None) -> None: ...
+
+
+class SessionOpener(Protocol):
+    async def __call__(self, session_id: str | None) -> tuple[str, Any, bool]:
+        """→ (session id, actor handle, resumed)"""
+
+
+class ConnectionClosed(Exception):
+    pass
+
+
+class VoiceConnection:
+    def __init__(self, ws: ClientSocket, adapter: ProtocolAdapter, open_session: SessionOpener,
+                 config: AppConfig, observe: Any = None, fixed_session_id: str | None = None) -> None:
+        self._ws = ws
+        self._adapter = adapter
+        self._open_session = open_session
+        self._config = config
+        self._observe = observe or (lambda event: None)
+        self._fixed_session_id = fixed_session_id
+        self._calls: asyncio.Queue[tuple[str, tuple[Any, ...]] | None] = asyncio.Queue()
+        self._pending = bytearray()
+        self._pending_since: float | None = None
+        self._seq = 0
+        self._stream = uuid.uuid4().hex
+        self._send_lock = asyncio.Lock()
+        self._frame_limit = RateLimiter(config.limits.ws_messages_per_second * 60,
+                                        burst=max(10, int(config.limits.ws_messages_per_second)))
+        self.session_id: str | None = None
+        self.actor: Any = None
+
+    # ------------------------------------------------------------ plumbing
+    async def _send(self, frames: list[Outgoing]) -> None:
+        async with self._send_lock:
+            for f in frames:
+                if isinstance(f, bytes):
+                    await self._ws.send_bytes(f)
+                else:
+                    await self._ws.send_text(f)
+
+    async def _receive(self) -> str | bytes:
+        msg = await self._ws.receive()
+        if msg["type"] == "websocket.disconnect":
+            raise ConnectionClosed()
+        if msg.get("bytes") is not None:
+            return msg["bytes"]
+        return msg.get("text") or ""
+
+    def _check_size(self, data: str | bytes) -> None:
+        if len(data) > self._config.limits.max_ws_message_bytes:
+            raise ProtocolError("limit.too_large", f"message of {len(data)} bytes; the limit is "
+                                f"{self._config.limits.max_ws_message_bytes}")
+
+    # ------------------------------------------------------------ lifecycle
+    async def serve(self) -> None:
+        try:
+            hello, rest = await asyncio.wait_for(self._await_hello(), HELLO_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            await self._ws.close(4408, "protocol.hello_timeout")
+            return
+        except ConnectionClosed:
+            return
+        except ProtocolError as e:
+            await self._send(self._adapter.error(e.code, e.message))
+            await self._ws.close(e.close_code, e.code)
+            return
+        sid, actor, resumed = await self._open_session(self._fixed_session_id or hello.session_id)
+        self.session_id, self.actor = sid, actor
+        rate = self._adapter.wants_output_rate or self._config.session.output_sample_rate
+        await actor.configure_output.remote(rate, self._adapter.speaks)
+        events = actor.events.remote()
+        await (await events.__anext__())  # subscribed: nothing said from here on is lost
+        await self._send(self._adapter.hello_reply(sid, resumed, rate))
+        await self._send(self._adapter.after_hello())
+        for action in rest:
+            await self._dispatch(action)
+        tasks = [asyncio.create_task(self._downlink(events)), asyncio.create_task(self._uplink()),
+                 asyncio.create_task(self._caller()), asyncio.create_task(self._flusher())]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                if t.exception() and not isinstance(t.exception(), ConnectionClosed):
+                    log.warning("connection %s ended: %r", sid, t.exception())
+        finally:
+            for t in tasks:
+                t.cancel()
+            import ray
+
+            ray.cancel(events)
+
+    async def _await_hello(self) -> tuple[Hello, list[Any]]:
+        """The hello, and whatever else its message asked for (text stream)."""
+        while True:
+            data = await self._receive()
+            self._check_size(data)
+            actions = self._adapter.on_binary(data) if isinstance(data, bytes) else self._adapter.on_text(data)
+            for i, action in enumerate(actions):
+                if isinstance(action, Hello):
+                    return action, actions[i + 1:]
+
+    async def _uplink(self) -> None:
+        while True:
+            data = await self._receive()
+            try:
+                self._frame_limit.check("socket")
+                self._check_size(data)
+                actions = self._adapter.on_binary(data) if isinstance(data, bytes) else self._adapter.on_text(data)
+            except LimitError as e:
+                await self._send(self._adapter.error(e.code, e.message))
+                continue
+            except ProtocolError as e:
+                await self._send(self._adapter.error(e.code, e.message))
+                if e.fatal:
+                    await self._ws.close(e.close_code, e.code)
+                    raise ConnectionClosed() from None
+                continue
+            for action in actions:
+                await self._dispatch(action)
+
+    async def _dispatch(self, action: Any) -> None:
+        if isinstance(action, Audio):
+            self._pending.extend(action.pcm16)
+            if self._pending_since is None:
+                self._pending_since = time.monotonic()
+            if len(self._pending) >= self._batch_bytes:
+                self._flush()
+            return
+        self._flush()  # control follows the audio sent before it
+        if isinstance(action, Text):
+            self._calls.put_nowait(("send_text", (action.text,)))
+        elif isinstance(action, Interrupt):
+            self._calls.put_nowait(("interrupt", ()))
+        elif isinstance(action, Listen):
+            self._calls.put_nowait(("listen", (action.state, action.mode)))
+        elif isinstance(action, DeviceMessage):
+            self._calls.put_nowait(("device_message", (action.kind, action.payload)))
+        elif isinstance(action, HistoryRequest):
+            history = await self.actor.history.remote()
+            await self._send([json.dumps({"type": "history", "messages": history})])
+        elif isinstance(action, Reply):
+            await self._send([action.data])
+
+    @property
+    def _batch_bytes(self) -> int:
+        return 16000 * 2 * self._config.ingress.uplink_batch_ms // 1000
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        frame_bytes = 16000 * 2 * 60 // 1000  # numbered in 60 ms frames
+        pcm = bytes(self._pending)
+        frames = []
+        for i in range(0, len(pcm), frame_bytes):
+            frames.append((self._seq, pcm[i:i + frame_bytes]))
+            self._seq += 1
+        self._pending.clear()
+        self._pending_since = None
+        self._calls.put_nowait(("send_audio", (frames, 16000, self._stream)))
+
+    async def _flusher(self) -> None:
+        """Do not let the tail of an utterance wait for a full batch."""
+        period = self._config.ingress.uplink_batch_ms / 1000
+        while True:
+            await asyncio.sleep(period)
+            if self._pending_since is not None and time.monotonic() - self._pending_since >= period:
+                self._flush()
+
+    async def _caller(self) -> None:
+        while (call := await self._calls.get()) is not None:
+            method, args = call
+            await getattr(self.actor, method).remote(*args)
+
+    async def _downlink(self, events: Any) -> None:
+        async for ref in events:
+            event = await ref
+            self._observe(event)
+            frames = self._adapter.encode(event)
+            if frames:
+                await self._send(frames)

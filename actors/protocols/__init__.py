@@ -1,0 +1,1 @@
+"""Client wire protocols (xiaozhi, native) and their codecs."""

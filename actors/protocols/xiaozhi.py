@@ -1,0 +1,194 @@
+"""The xiaozhi-esp32 WebSocket protocol: JSON control + binary Opus, 16 kHz
+mono 60 ms frames up, Opus at the advertised rate down.
+
+Binary framing follows the firmware's protocol versions: 1 = a bare Opus
+packet per frame; 2 = BinaryProtocol2 (big-endian u16 version, u16 type,
+u32 reserved, u32 timestamp, u32 payload size); 3 = BinaryProtocol3 (u8
+type, u8 reserved, big-endian u16 payload size). Type 0 is Opus audio.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any
+
+from actors.protocols.base import (
+    Action, Audio, DeviceMessage, Hello, Interrupt, Listen, Outgoing, ProtocolAdapter, ProtocolError,
+)
+from actors.protocols.opus import OpusDecodeError, OpusDecoder, OpusEncoder
+
+V2_HEADER = struct.Struct(">HHIII")
+V3_HEADER = struct.Struct(">BBH")
+TYPE_OPUS = 0
+
+EMOTION_EMOJI = {
+    "neutral": "😶", "happy": "🙂", "laughing": "😆", "funny": "😂", "sad": "😔", "angry": "😠",
+    "crying": "😭", "loving": "😍", "surprised": "😯", "thinking": "🤔", "confused": "🙄",
+}
+
+
+def pack_frame(version: int, payload: bytes, timestamp_ms: int = 0) -> bytes:
+    if version == 2:
+        return V2_HEADER.pack(2, TYPE_OPUS, 0, timestamp_ms & 0xFFFFFFFF, len(payload)) + payload
+    if version == 3:
+        return V3_HEADER.pack(TYPE_OPUS, 0, len(payload)) + payload
+    return payload
+
+
+def unpack_frame(version: int, frame: bytes) -> tuple[int, bytes]:
+    """→ (message type, payload); raises ValueError on a malformed frame."""
+    if version == 2:
+        if len(frame) < V2_HEADER.size:
+            raise ValueError("frame shorter than the protocol-2 header")
+        _v, kind, _r, _ts, size = V2_HEADER.unpack_from(frame)
+        payload = frame[V2_HEADER.size:]
+    elif version == 3:
+        if len(frame) < V3_HEADER.size:
+            raise ValueError("frame shorter than the protocol-3 header")
+        kind, _r, size = V3_HEADER.unpack_from(frame)
+        payload = frame[V3_HEADER.size:]
+    else:
+        return TYPE_OPUS, frame
+    if size != len(payload):
+        raise ValueError(f"header says {size} payload bytes, frame has {len(payload)}")
+    return kind, payload
+
+
+class XiaozhiProtocol(ProtocolAdapter):
+    name = "xiaozhi"
+
+    def __init__(self, protocol_version: int, output_sample_rate: int, max_frame_bytes: int) -> None:
+        if protocol_version not in (1, 2, 3):
+            raise ProtocolError("xiaozhi.bad_version", f"Protocol-Version {protocol_version} is not 1, 2 or 3",
+                                fatal=True)
+        self.version = protocol_version
+        self._out_rate = output_sample_rate
+        self._max_frame = max_frame_bytes
+        self._session_id = ""
+        self._hello: dict[str, Any] | None = None
+        self._decoder = OpusDecoder(16000)
+        self._encoder = OpusEncoder(output_sample_rate, frame_ms=60)
+        self._mcp = False
+        self._sent_ms = 0
+
+    # ----------------------------------------------------------- inbound
+    def on_text(self, data: str) -> list[Action]:
+        try:
+            msg = json.loads(data)
+        except json.JSONDecodeError as e:
+            raise ProtocolError("protocol.bad_json", f"message is not valid JSON: {e.msg}") from None
+        if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
+            raise ProtocolError("protocol.bad_message", "a message must be a JSON object with a string 'type'")
+        kind = msg["type"]
+        if self._hello is None:
+            if kind != "hello":
+                raise ProtocolError("protocol.hello_required", "send 'hello' first", fatal=True)
+            return [self._on_hello(msg)]
+        if kind == "listen":
+            return self._on_listen(msg)
+        if kind == "abort":
+            return [Interrupt(str(msg.get("reason") or "abort"))]
+        if kind == "mcp":
+            if not isinstance(msg.get("payload"), dict):
+                raise ProtocolError("protocol.bad_message", "'mcp' needs a JSON-RPC object in 'payload'")
+            return [DeviceMessage("mcp", msg["payload"])]
+        if kind == "iot":
+            return [DeviceMessage("iot", {k: v for k, v in msg.items() if k in ("descriptors", "states", "update")})]
+        if kind == "hello":
+            raise ProtocolError("protocol.bad_message", "'hello' was already received")
+        raise ProtocolError("protocol.unknown_type", f"unknown message type {kind!r}")
+
+    def _on_hello(self, msg: dict[str, Any]) -> Hello:
+        params = msg.get("audio_params") or {}
+        if not isinstance(params, dict):
+            raise ProtocolError("protocol.bad_hello", "audio_params must be an object", fatal=True)
+        if params.get("format", "opus") != "opus" or int(params.get("sample_rate", 16000)) != 16000 \
+                or int(params.get("channels", 1)) != 1:
+            raise ProtocolError("audio.unsupported_format",
+                                "xiaozhi uplink must be Opus, 16000 Hz, mono", fatal=True)
+        if msg.get("transport", "websocket") != "websocket":
+            raise ProtocolError("protocol.bad_hello", "only transport 'websocket' is served here", fatal=True)
+        self._hello = msg
+        features = msg.get("features") if isinstance(msg.get("features"), dict) else {}
+        self._mcp = bool(features.get("mcp"))
+        return Hello(session_id=None, output_sample_rate=self._out_rate, features=features)
+
+    def _on_listen(self, msg: dict[str, Any]) -> list[Action]:
+        state, mode = msg.get("state"), msg.get("mode", "auto")
+        if mode not in ("auto", "manual", "realtime"):
+            raise ProtocolError("protocol.bad_message", f"unknown listen mode {mode!r}")
+        if state in ("start", "stop"):
+            return [Listen(state, mode)]
+        if state == "detect":  # the wake word was heard: stop talking and listen
+            return [Interrupt("wake_word_detected"), DeviceMessage("wake_word", str(msg.get("text") or ""))]
+        raise ProtocolError("protocol.bad_message", f"unknown listen state {state!r}")
+
+    def on_binary(self, data: bytes) -> list[Action]:
+        if self._hello is None:
+            raise ProtocolError("protocol.hello_required", "send 'hello' before audio", fatal=True)
+        if len(data) > self._max_frame:
+            raise ProtocolError("audio.frame_too_large", f"frame of {len(data)} bytes; the limit is {self._max_frame}")
+        try:
+            kind, payload = unpack_frame(self.version, data)
+        except ValueError as e:
+            raise ProtocolError("xiaozhi.bad_frame", str(e)) from None
+        if kind != TYPE_OPUS:
+            raise ProtocolError("xiaozhi.bad_frame", f"binary message type {kind} is not Opus audio")
+        try:
+            return [Audio(self._decoder.decode(payload))]
+        except OpusDecodeError as e:
+            raise ProtocolError("audio.bad_opus", f"could not decode an Opus packet: {e}") from None
+
+    # ----------------------------------------------------------- outbound
+    @property
+    def wants_output_rate(self) -> int | None:
+        return self._out_rate
+
+    def hello_reply(self, session_id: str, resumed: bool, output_sample_rate: int) -> list[Outgoing]:
+        self._session_id = session_id
+        return [self._json({"type": "hello", "transport": "websocket", "audio_params": {
+            "format": "opus", "sample_rate": self._out_rate, "channels": 1, "frame_duration": 60}})]
+
+    def after_hello(self) -> list[Outgoing]:
+        if not self._mcp:
+            return []
+        init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2024-11-05", "capabilities": {},
+            "clientInfo": {"name": "voice-actors", "version": "0.1.0"}}}
+        tools = {"jsonrpc": "2.0", "id": 2, "method": "tools/list", "params": {}}
+        return [self._json({"type": "mcp", "payload": init}), self._json({"type": "mcp", "payload": tools})]
+
+    def mcp_request(self, payload: dict[str, Any]) -> list[Outgoing]:
+        return [self._json({"type": "mcp", "payload": payload})]
+
+    def error(self, code: str, message: str) -> list[Outgoing]:
+        return [self._json({"type": "error", "code": code, "message": message})]
+
+    def encode(self, event: Any) -> list[Outgoing]:
+        kind = event.type
+        if kind == "stt.final":
+            return [self._json({"type": "stt", "text": event.text})]
+        if kind == "llm.emotion":
+            return [self._json({"type": "llm", "emotion": event.emotion,
+                                "text": EMOTION_EMOJI.get(event.emotion, "🙂")})]
+        if kind == "tts.start":
+            self._encoder = OpusEncoder(self._out_rate, frame_ms=60)
+            return [self._json({"type": "tts", "state": "start"})]
+        if kind == "tts.sentence":
+            return [self._json({"type": "tts", "state": "sentence_start", "text": event.text})]
+        if kind == "tts.audio":
+            return [self._frame(p) for p in self._encoder.encode(event.pcm16)]
+        if kind == "tts.stop":
+            tail = [self._frame(p) for p in self._encoder.flush()] if event.reason == "done" else []
+            return [*tail, self._json({"type": "tts", "state": "stop"})]
+        if kind == "error":
+            return self.error(str(event.code), event.message)
+        return []
+
+    def _frame(self, packet: bytes) -> bytes:
+        self._sent_ms += 60
+        return pack_frame(self.version, packet, self._sent_ms)
+
+    def _json(self, msg: dict[str, Any]) -> str:
+        return json.dumps({"session_id": self._session_id, **msg}, ensure_ascii=False)
