@@ -243,27 +243,19 @@ class VoiceIngress:
     async def audio_process(self, request: Request) -> dict[str, Any]:
         """One spoken turn over HTTP: audio file in, transcript + reply + reply WAV (base64) out."""
         from actors.audio import silence, split_frames, wav_bytes
+        from actors.sessions import send_utterance
 
         p = self._principal(request)
         pcm = await self._decode_upload(request)
         sid, actor, _ = await self._open(request.query_params.get("session_id"), p.subject)
         await actor.configure_output.remote(speak=True, pace=False)
-        stream = secrets.token_hex(8)
         frames = split_frames(pcm + silence(1500), 60)
-
-        async def send() -> bool:
-            accepted = 0
-            for i in range(0, len(frames), 10):
-                batch = [(i + j, f) for j, f in enumerate(frames[i:i + 10])]
-                accepted += await actor.send_audio.remote(batch, 16000, stream)
-            return accepted > 0
-
         try:
-            result = await self._turn(actor, send)
-        except TimeoutError:
-            raise ApiError(422, "audio.no_speech", "no speech was found in the audio") from None
+            result = await self._turn(actor, lambda: send_utterance(actor, frames))
         finally:
             await actor.configure_output.remote(pace=self.config.tts.pace)
+        if result.transcript is None and not result.errors:
+            raise ApiError(422, "audio.no_speech", "no speech was found in the audio")
         out = self._turn_json(sid, result)
         out["audio_wav_base64"] = base64.b64encode(wav_bytes(result.audio, result.sample_rate)).decode()
         return out

@@ -73,6 +73,7 @@ class AudioBuffer(Child):
         self._speech_frames = 0
         self._manual = False
         self._listening = True
+        self.utterances = 0
 
     @property
     def in_speech(self) -> bool:
@@ -181,6 +182,7 @@ class AudioBuffer(Child):
         return outgoing
 
     def _begin(self) -> None:
+        self.utterances += 1
         self._turn = self._core.on_speech_start(self._stream_ms)
         audio = b"".join(self._preroll) + b"".join(self._candidate)
         self._preroll.clear()

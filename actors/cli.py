@@ -43,6 +43,8 @@ def _turn(args: argparse.Namespace) -> int:
     session = SessionHandle.open(args.session, config)
     print(f"session {session.session_id} ready in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     result = session.ask_text(args.text) if args.text else session.ask_audio(pcm)
+    if not args.text and result.transcript is None and not result.errors:
+        print("no speech was found in the audio", file=sys.stderr)
     if result.transcript is not None:
         print(f"transcript: {result.transcript}")
     print(f"reply:      {result.reply}")

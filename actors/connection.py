@@ -111,16 +111,24 @@ class VoiceConnection:
         await self._send(self._adapter.after_hello())
         for action in rest:
             await self._dispatch(action)
+        caller = asyncio.create_task(self._caller())
         tasks = [asyncio.create_task(self._downlink(events)), asyncio.create_task(self._uplink()),
-                 asyncio.create_task(self._caller()), asyncio.create_task(self._flusher())]
+                 asyncio.create_task(self._flusher()), caller]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for t in done:
                 if t.exception() and not isinstance(t.exception(), ConnectionClosed):
                     log.warning("connection %s ended: %r", sid, t.exception())
         finally:
-            for t in tasks:
+            for t in tasks[:3]:
                 t.cancel()
+            # what the client sent before leaving still reaches the session
+            self._flush()
+            self._calls.put_nowait(None)
+            try:
+                await asyncio.wait_for(caller, 5.0)
+            except (asyncio.TimeoutError, Exception):
+                caller.cancel()
             import ray
 
             ray.cancel(events)

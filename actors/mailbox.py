@@ -52,6 +52,7 @@ class Child:
         kept: list[Message | None] = []
         while not self._mailbox.empty():
             m = self._mailbox.get_nowait()
+            self._mailbox.task_done()
             if m is None or m.turn_id is None or m.turn_id > turn_id:
                 kept.append(m)
         for m in kept:
@@ -77,10 +78,15 @@ class Child:
             except (asyncio.TimeoutError, asyncio.CancelledError):
                 self._loop_task.cancel()
 
+    async def drained(self) -> None:
+        """Wait until every message posted so far has been handled."""
+        await self._mailbox.join()
+
     async def _run(self) -> None:
         while True:
             message = await self._mailbox.get()
             if message is None:
+                self._mailbox.task_done()
                 return
             self._work_turn = message.turn_id
             self._work = asyncio.get_running_loop().create_task(self.handle(message))
@@ -94,3 +100,4 @@ class Child:
                 self._on_crash(self.name, e)
             finally:
                 self._work = None
+                self._mailbox.task_done()

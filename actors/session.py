@@ -71,6 +71,15 @@ class SessionActor:
     async def send_text(self, text: str) -> int | None:
         return self._ensure_started().send_text(text)
 
+    async def utterances(self, settle: bool = False) -> int:
+        """How many utterances the VAD has opened; with `settle`, after all
+        audio sent so far has been through it (so a caller can tell that a
+        recording held no speech instead of waiting for a turn)."""
+        core = self._ensure_started()
+        if settle:
+            await core.audio.drained()
+        return core.audio.utterances
+
     async def interrupt(self) -> bool:
         return self._ensure_started().interrupt()
 

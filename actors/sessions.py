@@ -9,6 +9,7 @@ actor with blocking calls (`ask_text`, `ask_wav`) for notebooks and the CLI.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 import uuid
@@ -119,16 +120,22 @@ async def collect_turn(actor: ray.actor.ActorHandle, send: Any, timeout_s: float
     try:
         started = await next_event()  # session.started: from here on we are subscribed
         accepted = await send()
+        if not accepted:  # no turn will come: report what the input got instead
+            errors: list[ErrorEvent] = []
+            with contextlib.suppress(asyncio.TimeoutError):
+                deadline = min(deadline, time.monotonic() + 0.3)
+                while True:
+                    ev = await next_event()
+                    if isinstance(ev, ErrorEvent):
+                        errors.append(ev)
+            return TurnResult(turn_id=started.turn_id, errors=errors, events=list(errors))
         result: TurnResult | None = None
         while True:
             try:
                 ev = await next_event()
             except asyncio.TimeoutError:
-                raise TimeoutError(f"no complete turn within {timeout_s:.0f} s "
-                                   "(was there speech in the audio?)") from None
+                raise TimeoutError(f"no complete turn within {timeout_s:.0f} s") from None
             if ev.turn_id <= started.turn_id:
-                if not accepted and isinstance(ev, ErrorEvent):
-                    return TurnResult(turn_id=ev.turn_id, errors=[ev], events=[ev])
                 continue
             if result is None:
                 result = TurnResult(turn_id=ev.turn_id)
@@ -139,6 +146,17 @@ async def collect_turn(actor: ray.actor.ActorHandle, send: Any, timeout_s: float
                     return result
     finally:
         ray.cancel(gen)
+
+
+async def send_utterance(actor: ray.actor.ActorHandle, frames: list[bytes], per_batch: int = 10) -> bool:
+    """Send a recording in batches as a new audio stream; True if the VAD
+    found speech in it (so a turn is coming), False if it held none."""
+    stream = uuid.uuid4().hex
+    before = await actor.utterances.remote()
+    for i in range(0, len(frames), per_batch):
+        batch = [(i + j, f) for j, f in enumerate(frames[i:i + per_batch])]
+        await actor.send_audio.remote(batch, 16000, stream)
+    return await actor.utterances.remote(settle=True) > before
 
 
 def _fold(result: TurnResult, ev: Event) -> None:
@@ -181,16 +199,8 @@ class SessionHandle:
         frames = split_frames(pcm16 + silence(1500), 60)
         per_batch = max(1, batch_ms // 60)
 
-        stream = uuid.uuid4().hex
-
-        async def send() -> bool:
-            accepted = 0
-            for i in range(0, len(frames), per_batch):
-                batch = [(i + j, f) for j, f in enumerate(frames[i:i + per_batch])]
-                accepted += await self.actor.send_audio.remote(batch, 16000, stream)
-            return accepted > 0
-
-        return asyncio.run(collect_turn(self.actor, send, timeout_s))
+        return asyncio.run(collect_turn(self.actor, lambda: send_utterance(self.actor, frames, per_batch),
+                                        timeout_s))
 
     def ask_wav(self, path: str | Path, timeout_s: float = 60.0) -> TurnResult:
         return self.ask_audio(read_wav(path), timeout_s)

@@ -1,0 +1,487 @@
+"""The ingress through the real Ray Serve proxy: real sockets, real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import time
+
+import httpx
+import pytest
+import ray
+from pydantic import SecretStr
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from actors.audio import read_wav, rms_dbfs, silence, wav_bytes
+from actors.auth import Authenticator, hash_password
+from actors.client import NativeClient, XiaozhiClient
+from actors.config import UserConfig
+from actors.protocols.native import unpack_audio
+from actors.protocols.opus import OpusEncoder
+from actors.protocols.xiaozhi import pack_frame
+
+PORT = 18765
+BASE = f"http://127.0.0.1:{PORT}"
+WS = f"ws://127.0.0.1:{PORT}"
+ALLOWED_DEVICES = ["02:00:00:00:00:01", "02:00:00:00:00:02", "02:00:00:00:00:03", "02:00:00:00:00:04"]
+QUESTION = "What is twelve times seven?"
+
+
+@pytest.fixture(scope="module")
+def server_config(config):
+    auth = config.auth.model_copy(update={
+        "jwt_secret": SecretStr("test-jwt-secret-0123456789abcdef0123"),
+        "device_secret": SecretStr("test-device-secret-0123456789abcdef"),
+        "device_allowlist": ALLOWED_DEVICES,
+        "users": {"alice": UserConfig(password_hash=hash_password("wonderland", iterations=1000))},
+    })
+    limits = config.limits.model_copy(update={"requests_per_minute": 600, "burst": 40})
+    return config.model_copy(update={"auth": auth, "limits": limits})
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, server_config):
+    from ray import serve
+
+    from serve_app import build_app
+
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+    serve.run(build_app(server_config), name="voice-actors-test", route_prefix="/")
+    yield BASE
+    serve.delete("voice-actors-test")
+
+
+@pytest.fixture(scope="module")
+def auth(server_config) -> Authenticator:
+    return Authenticator(server_config.auth)
+
+
+def token_for(auth: Authenticator, subject: str = "tester") -> str:
+    return auth.issue_token(subject)
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def ota(device_id: str) -> dict:
+    async with httpx.AsyncClient() as http:
+        r = await http.post(f"{BASE}/xiaozhi/ota/", headers={"Device-Id": device_id, "Client-Id": device_id},
+                            json={"application": {"version": "1.6.0"}})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+async def close_code(url: str, headers: dict[str, str] | None = None, first: str | bytes | None = None) -> tuple:
+    """Open a socket, optionally send one message, and return how the server closed it."""
+    async with connect(url, additional_headers=headers, proxy=None) as ws:
+        if first is not None:
+            await ws.send(first)
+        try:
+            while True:
+                await asyncio.wait_for(ws.recv(), 10)
+        except ConnectionClosed as e:
+            return e.rcvd.code, e.rcvd.reason
+
+
+# ------------------------------------------------------------------ spoken turns
+async def test_native_spoken_turn(server, auth, speech):
+    async with await NativeClient.connect(f"{WS}/ws/voice", token_for(auth)) as c:
+        assert c.hello["audio_out"] == {"format": "pcm16", "sample_rate": 16000, "channels": 1}
+        turn = await c.ask_audio(silence(300) + speech(QUESTION), realtime=True)
+    assert "12" in turn.transcript and "7" in turn.transcript, turn.transcript
+    assert "84" in turn.reply
+    assert turn.sample_rate == 16000 and len(turn.audio) / 32000 > 0.8 and rms_dbfs(turn.audio) > -35
+    assert turn.end_of_speech_to_first_audio_ms is not None and turn.end_of_speech_to_first_audio_ms > 0
+    # the reply audio is speech: the server's own STT route hears the answer in it
+    async with httpx.AsyncClient(timeout=60) as http:
+        r = await http.post(f"{BASE}/api/audio/stt", content=wav_bytes(turn.audio, 16000),
+                            headers={**bearer(token_for(auth)), "Content-Type": "audio/wav"})
+    assert r.status_code == 200 and ("84" in r.json()["text"] or "eighty" in r.json()["text"].lower()), r.text
+
+
+async def test_native_opus_both_ways(server, auth, speech):
+    async with await NativeClient.connect(f"{WS}/ws/voice", token_for(auth), opus=True, output_opus=True,
+                                          output_rate=24000) as c:
+        assert c.hello["audio_out"]["format"] == "opus" and c.hello["audio_out"]["sample_rate"] == 24000
+        turn = await c.ask_audio(silence(300) + speech(QUESTION), realtime=False)
+    assert "84" in turn.reply and "12" in turn.transcript
+    assert len(turn.audio) / (2 * 24000) > 0.8 and rms_dbfs(turn.audio) > -35
+
+
+@pytest.mark.parametrize("version", [1, 2, 3])
+async def test_xiaozhi_spoken_turn(server, speech, version):
+    device = ALLOWED_DEVICES[version - 1]
+    info = await ota(device)
+    assert info["websocket"]["url"] == f"{WS}/xiaozhi/v1/" and info["websocket"]["token"].startswith("dv1.")
+    assert info["firmware"]["version"] == "1.6.0" and info["server_time"]["timestamp"] > 0
+    async with await XiaozhiClient.connect(info["websocket"]["url"], info["websocket"]["token"], device,
+                                           client_id=device, version=version) as c:
+        assert c.hello["audio_params"] == {"format": "opus", "sample_rate": 24000, "channels": 1,
+                                           "frame_duration": 60}
+        turn = await c.ask_audio(silence(300) + speech(QUESTION), realtime=True)
+    kinds = [(m["type"], m.get("state")) for m in turn.messages]
+    assert kinds.index(("stt", None)) < kinds.index(("tts", "start")) < kinds.index(("tts", "sentence_start"))
+    assert kinds[-1] == ("tts", "stop")
+    assert "12" in turn.transcript and "84" in turn.reply
+    assert turn.sample_rate == 24000 and len(turn.audio) / 48000 > 0.8 and rms_dbfs(turn.audio) > -35
+    # tts stop comes only after the audio: nothing arrived after it, and it took real time to play
+    assert turn.audio_done_at >= turn.first_audio_at + 0.8 * (len(turn.audio) / 48000) - 0.5
+
+
+async def test_xiaozhi_query_string_fallback_and_mcp(server):
+    device = ALLOWED_DEVICES[3]
+    info = await ota(device)
+    url = (f"{WS}/xiaozhi/v1/?device-id={device}&client-id={device}&token={info['websocket']['token']}"
+           f"&protocol-version=1")
+    async with connect(url, proxy=None) as ws:
+        await ws.send(json.dumps({"type": "hello", "version": 1, "transport": "websocket", "features": {"mcp": True},
+                                  "audio_params": {"format": "opus", "sample_rate": 16000, "channels": 1,
+                                                   "frame_duration": 60}}))
+        hello = json.loads(await ws.recv())
+        init = json.loads(await ws.recv())
+        tools = json.loads(await ws.recv())
+        assert hello["type"] == "hello" and hello["session_id"].startswith("xz-")
+        assert init["type"] == "mcp" and init["payload"]["method"] == "initialize"
+        assert tools["payload"]["method"] == "tools/list"
+        await ws.send(json.dumps({"session_id": hello["session_id"], "type": "mcp", "payload": {
+            "jsonrpc": "2.0", "id": 2, "result": {"tools": [{"name": "self.light.set_rgb"}]}}}))
+        await ws.send(json.dumps({"session_id": hello["session_id"], "type": "iot",
+                                  "descriptors": [{"name": "Speaker"}]}))
+        await ws.send(json.dumps({"type": "ping-unknown"}))
+        err = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        assert err["type"] == "error" and err["code"] == "protocol.unknown_type"
+    actor = ray.get_actor(f"session:{hello['session_id']}", namespace="voice-actors-test")
+    state = (await actor.stats.remote())["device_state"]
+    assert state["mcp"]["result"]["tools"][0]["name"] == "self.light.set_rgb"
+    assert state["iot"]["descriptors"][0]["name"] == "Speaker"
+
+
+# ------------------------------------------------------------------ barge-in and abort
+async def _wait_audio(c: NativeClient, min_frames: int) -> int:
+    """Read until some reply audio arrived; returns its turn id."""
+    frames = 0
+    while True:
+        data = await asyncio.wait_for(c.ws.recv(), 30)
+        if isinstance(data, bytes):
+            frames += 1
+            if frames >= min_frames:
+                return unpack_audio(data)[1]
+
+
+async def _drain_after_stop(ws, turn: int) -> tuple[list, list]:
+    """Read until tts.stop of `turn`, then 0.6 s more; returns (messages, audio turn ids after stop)."""
+    messages, after = [], []
+    stopped_at = None
+    while stopped_at is None or time.monotonic() - stopped_at < 0.6:
+        try:
+            data = await asyncio.wait_for(ws.recv(), 0.7 if stopped_at else 30)
+        except asyncio.TimeoutError:
+            break
+        if isinstance(data, bytes):
+            if stopped_at is not None:
+                after.append(unpack_audio(data)[1])
+            continue
+        msg = json.loads(data)
+        messages.append(msg)
+        if msg["type"] == "tts.stop" and msg["turn_id"] == turn:
+            stopped_at = time.monotonic()
+    return messages, after
+
+
+async def test_native_barge_in_and_interrupt(server, auth, speech):
+    async with await NativeClient.connect(f"{WS}/ws/voice", token_for(auth)) as c:
+        await c.send_text("Tell me about the Rosetta Stone.")
+        turn = await _wait_audio(c, 10)
+        await c.stream_pcm(speech("What time is it?"), realtime=False, trailing_silence_ms=0)
+        messages, after = await _drain_after_stop(c.ws, turn)
+        stop = next(m for m in messages if m["type"] == "tts.stop")
+        start = next(m for m in messages if m["type"] == "vad.speech_start")
+        assert stop["reason"] == "interrupted" and stop["stream_ms"] == start["stream_ms"]
+        assert turn not in after
+
+        await c.send_text("Tell me about the Mona Lisa.")
+        turn = await _wait_audio(c, 3)
+        await c.interrupt()
+        messages, after = await _drain_after_stop(c.ws, turn)
+        assert [m["reason"] for m in messages if m["type"] == "tts.stop"] == ["interrupted"]
+        assert turn not in after
+
+
+async def test_xiaozhi_barge_in_and_abort(server, speech):
+    device = ALLOWED_DEVICES[0]
+    info = await ota(device)
+    async with await XiaozhiClient.connect(info["websocket"]["url"], info["websocket"]["token"], device,
+                                           client_id=device) as c:
+        await c.listen("start", "realtime")
+        await c.stream_pcm(speech("Tell me about the Rosetta Stone."), realtime=False)
+
+        async def until(pred, timeout=30):
+            while True:
+                data = await asyncio.wait_for(c.ws.recv(), timeout)
+                if not isinstance(data, bytes) and pred(json.loads(data)):
+                    return
+
+        await until(lambda m: m["type"] == "tts" and m["state"] == "sentence_start")
+        await asyncio.sleep(0.8)
+        await c.stream_pcm(speech("What time is it?"), realtime=False)  # barge in, in realtime mode
+        await until(lambda m: m["type"] == "tts" and m["state"] == "stop", timeout=10)
+        await until(lambda m: m["type"] == "stt" and "time" in m["text"].lower())
+        await until(lambda m: m["type"] == "tts" and m["state"] == "sentence_start")
+
+        await c.listen("stop")
+        await c.stream_pcm(speech("Tell me about the Terracotta Army."), realtime=False, trailing_silence_ms=0)
+        await c.listen("start", "manual")
+        await c.stream_pcm(speech("Tell me about the Terracotta Army."), realtime=False, trailing_silence_ms=300)
+        await c.listen("stop", "manual")
+        await until(lambda m: m["type"] == "stt" and "terracotta" in m["text"].lower())
+        await until(lambda m: m["type"] == "tts" and m["state"] == "sentence_start")
+        await c.abort("wake_word_detected")
+        await until(lambda m: m["type"] == "tts" and m["state"] == "stop", timeout=10)
+        stray = []
+        try:
+            while True:
+                data = await asyncio.wait_for(c.ws.recv(), 0.7)
+                if isinstance(data, bytes):
+                    stray.append(data)
+        except asyncio.TimeoutError:
+            pass
+        assert stray == []
+
+
+# ------------------------------------------------------------------ sessions
+async def test_reconnect_resumes_and_delete_ends_the_actor(server, auth):
+    token = token_for(auth, "resumer")
+    async with await NativeClient.connect(f"{WS}/ws/voice", token) as c:
+        sid = c.session_id
+        assert c.hello["resumed"] is False
+        await c.ask_text("My name is Ana.")
+    async with await NativeClient.connect(f"{WS}/ws/voice", token, session_id=sid) as c:
+        assert c.hello["resumed"] is True and c.session_id == sid
+        turn = await c.ask_text("What is my name?")
+        assert "Ana" in turn.reply
+    async with httpx.AsyncClient() as http:
+        other = await http.get(f"{BASE}/api/session/validate/{sid}", headers=bearer(token_for(auth, "mallory")))
+        assert other.status_code == 403 and other.json()["error"]["code"] == "auth.forbidden_session"
+        ok = await http.get(f"{BASE}/api/session/validate/{sid}", headers=bearer(token))
+        assert ok.json()["valid"] is True and ok.json()["history_messages"] >= 4
+        gone = await http.delete(f"{BASE}/api/session/{sid}", headers=bearer(token))
+        assert gone.status_code == 200 and gone.json()["ended"] is True
+        for _ in range(50):
+            try:
+                ray.get_actor(f"session:{sid}", namespace="voice-actors-test")
+            except ValueError:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            pytest.fail("session actor still alive after DELETE")
+        again = await http.get(f"{BASE}/api/session/validate/{sid}", headers=bearer(token))
+        assert again.json()["valid"] is False
+        missing = await http.delete(f"{BASE}/api/session/{sid}", headers=bearer(token))
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "session.not_found"
+
+
+async def test_xiaozhi_device_keeps_its_session_across_connections(server, speech):
+    device = ALLOWED_DEVICES[1]
+    info = await ota(device)
+    ids = []
+    for _ in range(2):
+        async with await XiaozhiClient.connect(info["websocket"]["url"], info["websocket"]["token"], device,
+                                               client_id=device) as c:
+            ids.append(c.session_id)
+    assert ids[0] == ids[1] == "xz-02-00-00-00-00-02"
+
+
+# ------------------------------------------------------------------ auth and limits
+async def test_http_auth_refusals(server, auth, server_config):
+    wrong = Authenticator(server_config.auth.model_copy(update={"jwt_secret": SecretStr("another-secret-xxxxxxxxxxxxxxxxxxxxxxxx")}))
+    old = Authenticator(server_config.auth, clock=lambda: time.time() - 7200)
+    async with httpx.AsyncClient() as http:
+        for headers, code in [({}, "auth.missing_token"), (bearer(wrong.issue_token("x")), "auth.bad_token"),
+                              (bearer(old.issue_token("x")), "auth.expired"), (bearer("garbage"), "auth.bad_token")]:
+            r = await http.get(f"{BASE}/api/auth/me", headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["code"] == code, (code, r.text)
+        good = await http.post(f"{BASE}/api/auth/login", json={"username": "alice", "password": "wonderland"})
+        assert good.status_code == 200
+        me = await http.get(f"{BASE}/api/auth/me", headers=bearer(good.json()["access_token"]))
+        assert me.json()["subject"] == "alice" and me.json()["kind"] == "user"
+        bad = await http.post(f"{BASE}/api/auth/login", json={"username": "alice", "password": "nope"})
+        assert bad.status_code == 401 and bad.json()["error"]["code"] == "auth.bad_credentials"
+        unknown = await http.post(f"{BASE}/api/auth/login", json={"username": "bob", "password": "wonderland"})
+        assert unknown.json()["error"]["code"] == "auth.bad_credentials"
+        malformed = await http.post(f"{BASE}/api/auth/login", json={"username": "alice"})
+        assert malformed.status_code == 422 and malformed.json()["error"]["code"] == "request.invalid"
+
+
+async def test_socket_auth_refusals(server, auth, server_config):
+    wrong = Authenticator(server_config.auth.model_copy(update={"jwt_secret": SecretStr("another-secret-xxxxxxxxxxxxxxxxxxxxxxxx")}))
+    old = Authenticator(server_config.auth, clock=lambda: time.time() - 7200)
+    assert await close_code(f"{WS}/ws/voice") == (4401, "auth.missing_token")
+    assert await close_code(f"{WS}/ws/voice", bearer(wrong.issue_token("x"))) == (4401, "auth.bad_token")
+    assert await close_code(f"{WS}/ws/voice?token={old.issue_token('x')}") == (4401, "auth.expired")
+    # a device token is bound to its device: another device id cannot use it
+    token = (await ota(ALLOWED_DEVICES[0]))["websocket"]["token"]
+    xz = {"Protocol-Version": "1", "Client-Id": ALLOWED_DEVICES[1], "Device-Id": ALLOWED_DEVICES[1],
+          **bearer(token)}
+    assert await close_code(f"{WS}/xiaozhi/v1/", xz) == (4401, "auth.bad_device_token")
+    stranger = {**xz, "Device-Id": "0a:0b:0c:0d:0e:0f", "Client-Id": "0a:0b:0c:0d:0e:0f",
+                **bearer(auth.issue_device_token("0a:0b:0c:0d:0e:0f", "0a:0b:0c:0d:0e:0f"))}
+    assert await close_code(f"{WS}/xiaozhi/v1/", stranger) == (4403, "auth.forbidden_device")
+    async with httpx.AsyncClient() as http:
+        r = await http.post(f"{BASE}/xiaozhi/ota/", headers={"Device-Id": "0a:0b:0c:0d:0e:0f"}, json={})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "auth.forbidden_device"
+        r = await http.post(f"{BASE}/xiaozhi/ota/", json={})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "xiaozhi.missing_device_id"
+
+
+async def test_rate_limit_trips_per_client(server, auth):
+    flooder, bystander = token_for(auth, "flooder"), token_for(auth, "bystander")
+    async with httpx.AsyncClient() as http:
+        codes = [(await http.get(f"{BASE}/api/auth/me", headers=bearer(flooder))).status_code for _ in range(60)]
+        assert 429 in codes and codes[0] == 200
+        limited = await http.get(f"{BASE}/api/auth/me", headers=bearer(flooder))
+        assert limited.status_code == 429 and limited.json()["error"]["code"] == "limit.rate"
+        assert int(limited.headers["Retry-After"]) >= 1
+        assert (await http.get(f"{BASE}/api/auth/me", headers=bearer(bystander))).status_code == 200
+
+
+# ------------------------------------------------------------------ bad input over sockets
+async def test_bad_messages_get_errors_and_the_socket_survives(server, auth):
+    async with await NativeClient.connect(f"{WS}/ws/voice", token_for(auth)) as c, \
+            await NativeClient.connect(f"{WS}/ws/voice", token_for(auth)) as bystander:
+        for bad, code in [("{not json", "protocol.bad_json"), (json.dumps({"type": "dance"}), "protocol.unknown_type"),
+                          (json.dumps([1, 2]), "protocol.bad_message"), (b"\x00" * 200_000, "limit.too_large"),
+                          (b"\x00" * 33_000, "audio.frame_too_large"), (b"\x00\x01\x02", "audio.odd_length")]:
+            await c.ws.send(bad)
+            err = await _next_json(c.ws, "error")
+            assert err["code"] == code, (code, err)
+        await c.send_json({"type": "ping", "id": 7})
+        assert (await _next_json(c.ws, "pong"))["id"] == 7
+        assert "4" in (await c.ask_text("What is two plus two?")).reply
+        assert "Today is" in (await bystander.ask_text("What is the date today?")).reply
+
+
+async def test_binary_before_hello_and_bad_hello_close_the_socket(server, auth):
+    headers = bearer(token_for(auth))
+    assert await close_code(f"{WS}/ws/voice", headers, b"\x00\x00" * 480) == (4400, "protocol.hello_required")
+    assert await close_code(f"{WS}/ws/voice", headers, json.dumps({"type": "text", "text": "hi"})) == (
+        4400, "protocol.hello_required")
+    bad_rate = json.dumps({"type": "hello", "version": 1, "audio": {"format": "pcm16", "sample_rate": 44100}})
+    assert await close_code(f"{WS}/ws/voice", headers, bad_rate) == (4400, "protocol.bad_hello")
+    assert await close_code(f"{WS}/ws/voice", headers, json.dumps({"type": "hello", "version": 9})) == (
+        4400, "protocol.version")
+
+
+async def test_xiaozhi_bad_opus_packet_is_reported_and_skipped(server, speech):
+    device = ALLOWED_DEVICES[2]
+    info = await ota(device)
+    async with await XiaozhiClient.connect(info["websocket"]["url"], info["websocket"]["token"], device,
+                                           client_id=device, version=3) as c:
+        await c.listen("start", "auto")
+        await c.ws.send(pack_frame(3, b""))
+        err = await _next_json(c.ws, "error")
+        assert err["code"] == "audio.bad_opus"
+        await c.ws.send(b"\x00\x00\x00\x09abc")  # header says 9 bytes, 3 follow
+        assert (await _next_json(c.ws, "error"))["code"] == "xiaozhi.bad_frame"
+        turn = await c.ask_audio(silence(300) + speech(QUESTION), realtime=False)
+        assert "84" in turn.reply
+
+
+async def _next_json(ws, kind: str) -> dict:
+    while True:
+        data = await asyncio.wait_for(ws.recv(), 15)
+        if isinstance(data, str):
+            msg = json.loads(data)
+            if msg.get("type") == kind:
+                return msg
+
+
+# ------------------------------------------------------------------ HTTP API
+async def test_text_routes(server, auth):
+    h = bearer(token_for(auth))
+    async with httpx.AsyncClient(timeout=60) as http:
+        r = await http.post(f"{BASE}/api/text/process", json={"text": "What is twelve times seven?"}, headers=h)
+        assert r.status_code == 200 and "84" in r.json()["reply"] and r.json()["metrics"]["llm_first_token_ms"] >= 0
+        r = await http.post(f"{BASE}/api/text/process", json={"text": ""}, headers=h)
+        assert r.status_code == 422 and r.json()["error"]["code"] == "request.invalid"
+        r = await http.post(f"{BASE}/api/text/batch", json={"texts": ["My name is Ana.", "What is my name?"]},
+                            headers=h)
+        assert r.status_code == 200 and "Ana" in r.json()["results"][1]["reply"]
+        r = await http.post(f"{BASE}/api/text/batch", json={"texts": []}, headers=h)
+        assert r.status_code == 422
+    async with connect(f"{WS}/ws/text/stream", additional_headers=h, proxy=None) as ws:
+        await ws.send(json.dumps({"type": "text", "text": "What time is it?"}))
+        hello = json.loads(await ws.recv())
+        assert hello["type"] == "hello" and hello["session_id"]
+        deltas, kinds = [], []
+        while True:
+            msg = json.loads(await asyncio.wait_for(ws.recv(), 30))
+            kinds.append(msg["type"])
+            if msg["type"] == "llm.delta":
+                deltas.append(msg["text"])
+            if msg["type"] == "metrics":
+                break
+        assert "".join(deltas).startswith("It is") and "tool.call" in kinds and "tts.audio" not in kinds
+        await ws.send(b"\x00\x00")
+        assert json.loads(await ws.recv())["code"] == "protocol.no_audio"
+
+
+async def test_audio_routes(server, auth, speech):
+    h = bearer(token_for(auth))
+    question = wav_bytes(silence(300) + speech(QUESTION) + silence(300), 16000)
+    async with httpx.AsyncClient(timeout=120) as http:
+        r = await http.post(f"{BASE}/api/audio/stt", content=question, headers={**h, "Content-Type": "audio/wav"})
+        assert r.status_code == 200 and "12" in r.json()["text"]
+        files = {"file": ("q.wav", question, "audio/wav")}
+        r = await http.post(f"{BASE}/api/audio/stt", files=files, headers=h)
+        assert r.status_code == 200 and "12" in r.json()["text"]
+        r = await http.post(f"{BASE}/api/audio/stt", content=b"\x89PNG\r\n\x1a\n" + b"\x00" * 100,
+                            headers={**h, "Content-Type": "image/png"})
+        assert r.status_code == 415 and r.json()["error"]["code"] == "audio.unsupported_format"
+
+        r = await http.post(f"{BASE}/api/audio/tts", json={"text": "The museum opens at nine.", "sample_rate": 22050},
+                            headers=h)
+        assert r.status_code == 200 and r.headers["content-type"] == "audio/wav"
+        pcm = read_wav(r.content, 22050)
+        assert len(pcm) / 44100 > 1.0 and rms_dbfs(pcm) > -35
+        r = await http.post(f"{BASE}/api/audio/tts", json={"text": ""}, headers=h)
+        assert r.status_code == 422
+
+        r = await http.post(f"{BASE}/api/audio/process", content=question, headers={**h, "Content-Type": "audio/wav"})
+        body = r.json()
+        assert r.status_code == 200 and "12" in body["transcript"] and "84" in body["reply"], body
+        reply = read_wav(base64.b64decode(body["audio_wav_base64"]))
+        assert len(reply) / 32000 > 0.8 and rms_dbfs(reply) > -35
+        r = await http.post(f"{BASE}/api/audio/process", content=b"hello, I am text",
+                            headers={**h, "Content-Type": "text/plain"})
+        assert r.status_code == 415
+        r = await http.post(f"{BASE}/api/audio/process", content=wav_bytes(silence(2000), 16000),
+                            headers={**h, "Content-Type": "audio/wav"})
+        assert r.status_code == 422 and r.json()["error"]["code"] == "audio.no_speech"
+
+
+async def test_voice_start_end_and_metrics(server, auth):
+    h = bearer(token_for(auth, "caller"))
+    async with httpx.AsyncClient(timeout=60) as http:
+        r = await http.post(f"{BASE}/api/voice/start", json={}, headers=h)
+        assert r.status_code == 200 and r.json()["websocket"]["url"] == f"{WS}/ws/voice"
+        sid = r.json()["session_id"]
+        async with await NativeClient.connect(r.json()["websocket"]["url"], h["Authorization"][7:], sid) as c:
+            assert c.session_id == sid
+        r = await http.post(f"{BASE}/api/voice/end", json={"session_id": sid}, headers=h)
+        assert r.status_code == 200 and r.json()["ended"]
+        r = await http.post(f"{BASE}/api/voice/end", json={"session_id": sid}, headers=h)
+        assert r.status_code == 404
+        r = await http.post(f"{BASE}/api/voice/end", json={"session_id": "../../etc"}, headers=h)
+        assert r.status_code == 422
+        text = (await http.get(f"{BASE}/metrics")).text
+        assert "voice_connections_total" in text and "voice_first_audio_seconds_count" in text
+        assert (await http.get(f"{BASE}/health")).json()["status"] == "ok"
+        spec = (await http.get(f"{BASE}/openapi.json")).json()
+        for path in ["/api/text/process", "/api/text/batch", "/api/audio/stt", "/api/audio/tts", "/api/audio/process",
+                     "/api/voice/start", "/api/voice/end", "/api/auth/login", "/api/auth/me",
+                     "/api/session/validate/{session_id}", "/api/session/{session_id}", "/xiaozhi/ota/", "/health"]:
+            assert path in spec["paths"], path
