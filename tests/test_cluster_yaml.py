@@ -35,3 +35,15 @@ def test_validation_really_rejects_a_broken_file():
     broken["setup_commandz"] = broken.pop("setup_commands")
     with pytest.raises(jsonschema.ValidationError):
         validate_config(prepare_config(broken))
+
+
+def test_serve_config_is_a_valid_serve_deploy_file():
+    from ray.serve.schema import ServeDeploySchema
+
+    path = CLUSTER_YAML.parent / "config" / "serve.yaml"
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+    app = schema.applications[0]
+    assert app.import_path == "serve_app:app"
+    deployment = app.deployments[0]
+    assert deployment.name == "VoiceIngress" and deployment.max_ongoing_requests >= 500
+    assert schema.http_options.request_timeout_s is None

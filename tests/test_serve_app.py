@@ -485,3 +485,20 @@ async def test_voice_start_end_and_metrics(server, auth):
                      "/api/voice/start", "/api/voice/end", "/api/auth/login", "/api/auth/me",
                      "/api/session/validate/{session_id}", "/api/session/{session_id}", "/xiaozhi/ota/", "/health"]:
             assert path in spec["paths"], path
+
+
+async def test_concurrent_socket_cap_per_client(server, auth, server_config):
+    token = token_for(auth, "hoarder")
+    cap = server_config.limits.max_sessions_per_client
+    held = [await connect(f"{WS}/ws/voice", additional_headers=bearer(token), proxy=None) for _ in range(cap)]
+    try:
+        await asyncio.sleep(0.3)
+        assert await close_code(f"{WS}/ws/voice", bearer(token)) == (4429, "limit.client_sessions")
+        async with await NativeClient.connect(f"{WS}/ws/voice", token_for(auth, "someone-else")) as other:
+            assert other.session_id
+    finally:
+        for ws in held:
+            await ws.close()
+    await asyncio.sleep(0.3)
+    async with await NativeClient.connect(f"{WS}/ws/voice", token) as again:  # slots came back
+        assert again.session_id
