@@ -68,14 +68,17 @@ class _Client:
         await self.close()
 
     async def stream_pcm(self, pcm16: bytes, realtime: bool = True, trailing_silence_ms: int = 1200,
-                         turn: ClientTurn | None = None) -> None:
-        """Send speech as 60 ms frames, in real time unless told otherwise."""
+                         turn: ClientTurn | None = None, lags_ms: list[float] | None = None) -> None:
+        """Send speech as 60 ms frames, in real time unless told otherwise;
+        `lags_ms` collects how late each frame left against its schedule."""
         frames = split_frames(pcm16, FRAME_MS)
         tail = split_frames(silence(trailing_silence_ms), FRAME_MS)
         start = time.monotonic()
         for i, frame in enumerate(frames + tail):
             if i == len(frames) and turn is not None:
                 turn.speech_sent_at = time.monotonic()
+            if lags_ms is not None:
+                lags_ms.append(max(0.0, (time.monotonic() - (start + i * FRAME_MS / 1000)) * 1000))
             await self._send_audio_frame(frame)
             if realtime:
                 delay = start + (i + 1) * FRAME_MS / 1000 - time.monotonic()
@@ -179,10 +182,10 @@ class NativeClient(_Client):
                 return turn
 
     async def ask_audio(self, pcm16: bytes, on_event: OnEvent | None = None, realtime: bool = True,
-                        timeout_s: float = 60.0) -> ClientTurn:
+                        timeout_s: float = 60.0, lags_ms: list[float] | None = None) -> ClientTurn:
         turn = ClientTurn()
         receiver = asyncio.create_task(self.receive_turn(on_event, timeout_s, turn))
-        await self.stream_pcm(pcm16, realtime, turn=turn)
+        await self.stream_pcm(pcm16, realtime, turn=turn, lags_ms=lags_ms)
         return await receiver
 
     async def ask_text(self, text: str, on_event: OnEvent | None = None, timeout_s: float = 60.0) -> ClientTurn:
@@ -266,9 +269,9 @@ class XiaozhiClient(_Client):
                 return turn
 
     async def ask_audio(self, pcm16: bytes, on_event: OnEvent | None = None, realtime: bool = True,
-                        timeout_s: float = 60.0) -> ClientTurn:
+                        timeout_s: float = 60.0, lags_ms: list[float] | None = None) -> ClientTurn:
         await self.listen("start", "auto")
         turn = ClientTurn()
         receiver = asyncio.create_task(self.receive_turn(on_event, timeout_s, turn))
-        await self.stream_pcm(pcm16, realtime, turn=turn)
+        await self.stream_pcm(pcm16, realtime, turn=turn, lags_ms=lags_ms)
         return await receiver

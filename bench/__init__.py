@@ -1,0 +1,1 @@
+"""Benchmarks: latency to first audio, density, memory, against baselines in the same run."""

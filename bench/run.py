@@ -1,0 +1,478 @@
+"""Load generator and report: `python -m bench.run --mode fake --sessions 1,2,4,8`.
+
+Starts its own Ray instance and Serve ingress (on 127.0.0.1 only), opens N
+concurrent real WebSocket sessions that stream speech in real time (60 ms
+frames), and measures per turn and per run. Every figure is also reported
+as a ratio to baselines run in the same process: (a) the same session code
+driven without Ray, (b) a bare Ray Serve WebSocket echo fed the same frames.
+Writes a JSON result and a PNG plot. See docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PORT = 18900
+FAKE = {"stt": "bench.fakes:FixedDelaySTT", "llm": "bench.fakes:FixedDelayLLM", "tts": "bench.fakes:FixedDelayTTS"}
+QUESTION = "What is twelve times seven?"
+LONG_QUESTION = "Tell me about the Rosetta Stone."
+
+
+# ------------------------------------------------------------------ statistics
+def pct(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"n": 0, "p50": None, "p95": None, "p99": None, "max": None}
+    a = np.asarray(values, dtype=float)
+    return {"n": len(values), "p50": round(float(np.percentile(a, 50)), 1),
+            "p95": round(float(np.percentile(a, 95)), 1), "p99": round(float(np.percentile(a, 99)), 1),
+            "max": round(float(a.max()), 1)}
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else round(a / b, 2)
+
+
+# ------------------------------------------------------------------ process accounting
+def ray_processes() -> list[Any]:
+    import psutil
+
+    me = os.getpid()
+    procs = []
+    for p in psutil.process_iter(["pid", "name", "cmdline"]):
+        try:
+            cmd = " ".join(p.info["cmdline"] or [])
+        except Exception:
+            continue
+        if p.info["pid"] != me and ("ray" in (p.info["name"] or "") or "ray/" in cmd or "ray::" in cmd):
+            procs.append(p)
+    return procs
+
+
+def cpu_seconds(procs: list[Any]) -> float:
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except Exception:
+            pass
+    return total
+
+
+def uss_by_kind() -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for p in ray_processes():
+        try:
+            cmd = " ".join(p.cmdline())
+            kind = cmd.split("ray::", 1)[1].split()[0] if "ray::" in cmd else (p.name() or "other")
+            out.setdefault(kind, []).append(p.memory_full_info().uss)
+        except Exception:
+            pass
+    return out
+
+
+# ------------------------------------------------------------------ fixtures
+def speech_fixture(text: str) -> bytes:
+    """Real speech from the embedded voice, 16 kHz PCM16, no padding."""
+    from actors.audio import resample_pcm16
+    from actors.providers.local_tts import PiperTTS
+
+    voice = getattr(speech_fixture, "_voice", None) or PiperTTS()
+    speech_fixture._voice = voice  # type: ignore[attr-defined]
+    seg = voice.synthesize_sync(text)
+    return trim_silence(resample_pcm16(seg.pcm16, seg.sample_rate, 16000))
+
+
+def trim_silence(pcm16: bytes, threshold_dbfs: float = -45.0, window_ms: int = 10) -> bytes:
+    """Cut the voice's own leading and trailing quiet, so the fixture's last
+    sample is the true end of speech that latency is measured from."""
+    x = np.frombuffer(pcm16, dtype="<i2").astype(np.float32) / 32768.0
+    win = 16 * window_ms
+    n = len(x) // win
+    rms = np.sqrt((x[: n * win].reshape(n, win) ** 2).mean(axis=1) + 1e-12)
+    loud = np.nonzero(20 * np.log10(rms) > threshold_dbfs)[0]
+    if len(loud) == 0:
+        return pcm16
+    return pcm16[loud[0] * win * 2:(loud[-1] + 1) * win * 2]
+
+
+# ------------------------------------------------------------------ one run
+@dataclass
+class RunResult:
+    protocol: str
+    sessions: int
+    e2e_ms: list[float] = field(default_factory=list)
+    stt_ms: list[float] = field(default_factory=list)
+    llm_ms: list[float] = field(default_factory=list)
+    tts_ms: list[float] = field(default_factory=list)
+    server_first_audio_ms: list[float] = field(default_factory=list)
+    connect_ms: list[float] = field(default_factory=list)
+    lags_ms: list[float] = field(default_factory=list)
+    barge_ms: list[float] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    cpu_cores: float = 0.0
+    wall_s: float = 0.0
+    session_uss_mb: list[float] = field(default_factory=list)
+    ray_uss_mb: float = 0.0
+
+
+async def native_session(base: str, token: str, speech: bytes, turns: int, r: RunResult, barge: bytes | None) -> None:
+    from actors.audio import silence
+    from actors.client import NativeClient
+
+    t0 = time.monotonic()
+    async with await NativeClient.connect(f"{base}/ws/voice", token) as c:
+        r.connect_ms.append((time.monotonic() - t0) * 1000)
+        for _ in range(turns):
+            turn = await c.ask_audio(silence(500) + speech, lags_ms=r.lags_ms, timeout_s=60)
+            if turn.end_of_speech_to_first_audio_ms is None or not turn.audio:
+                r.failures.append("no reply audio")
+                continue
+            r.e2e_ms.append(turn.end_of_speech_to_first_audio_ms)
+            m = next((m for m in turn.messages if m["type"] == "metrics"), {})
+            for key, bucket in [("stt_final_ms", r.stt_ms), ("llm_first_token_ms", r.llm_ms),
+                                ("tts_first_audio_ms", r.tts_ms), ("first_audio_ms", r.server_first_audio_ms)]:
+                if m.get(key) is not None:
+                    bucket.append(m[key])
+        if barge is not None:
+            r.barge_ms.append(await barge_in(c, barge))
+
+
+async def barge_in(c: Any, speech: bytes) -> float:
+    """Ask for a long reply, talk over it; → ms from our first speech frame to
+    the last audio byte of the cut turn."""
+    from actors.protocols.native import unpack_audio
+
+    await c.send_text("please give me a long answer")
+    cut_turn = None
+    while cut_turn is None:
+        data = await asyncio.wait_for(c.ws.recv(), 30)
+        if isinstance(data, bytes):
+            cut_turn = unpack_audio(data)[1]
+    await asyncio.sleep(0.5)
+    started = time.monotonic()
+    last_audio = started
+    sender = asyncio.create_task(c.stream_pcm(speech, trailing_silence_ms=1200))
+    while True:
+        data = await asyncio.wait_for(c.ws.recv(), 30)
+        if isinstance(data, bytes):
+            if unpack_audio(data)[1] == cut_turn:
+                last_audio = time.monotonic()
+            continue
+        msg = json.loads(data)
+        if msg["type"] == "tts.stop" and msg["turn_id"] == cut_turn:
+            break
+    await sender
+    # drain the reply to the barge-in so the socket is quiet for the next run
+    with_timeout = time.monotonic() + 30
+    while time.monotonic() < with_timeout:
+        data = await asyncio.wait_for(c.ws.recv(), 30)
+        if isinstance(data, str) and json.loads(data)["type"] == "metrics" and json.loads(data)["turn_id"] != cut_turn:
+            break
+    return (last_audio - started) * 1000
+
+
+async def xiaozhi_session(base: str, device: str, speech: bytes, turns: int, r: RunResult) -> None:
+    import httpx
+
+    from actors.audio import silence
+    from actors.client import XiaozhiClient
+
+    t0 = time.monotonic()
+    async with httpx.AsyncClient() as http:
+        ota = (await http.post(f"http{base[2:]}/xiaozhi/ota/", headers={"Device-Id": device, "Client-Id": device},
+                               json={})).json()["websocket"]
+    async with await XiaozhiClient.connect(ota["url"], ota["token"], device, client_id=device) as c:
+        r.connect_ms.append((time.monotonic() - t0) * 1000)
+        for _ in range(turns):
+            turn = await c.ask_audio(silence(500) + speech, lags_ms=r.lags_ms, timeout_s=60)
+            if turn.end_of_speech_to_first_audio_ms is None or not turn.audio:
+                r.failures.append("no reply audio")
+                continue
+            r.e2e_ms.append(turn.end_of_speech_to_first_audio_ms)
+
+
+async def measured(run: RunResult, coros: list[Any]) -> None:
+    procs = ray_processes()
+    cpu0, t0 = cpu_seconds(procs), time.monotonic()
+    peak: dict[str, list[int]] = {}
+
+    async def sample_memory() -> None:
+        nonlocal peak
+        await asyncio.sleep(2.0)  # sessions are open by now
+        peak = uss_by_kind()
+
+    sampler = asyncio.create_task(sample_memory())
+    results = await asyncio.gather(*coros, return_exceptions=True)
+    await sampler
+    run.wall_s = time.monotonic() - t0
+    run.cpu_cores = (cpu_seconds(procs) - cpu0) / run.wall_s
+    run.failures += [repr(e)[:200] for e in results if isinstance(e, BaseException)]
+    run.session_uss_mb = [u / 2 ** 20 for u in peak.get("SessionActor", [])]
+    run.ray_uss_mb = sum(sum(v) for v in peak.values()) / 2 ** 20
+
+
+# ------------------------------------------------------------------ baselines
+async def baseline_no_ray(config: Any, speech: bytes, turns: int) -> list[float]:
+    """(a) The same SessionCore, in this process, fed frames at the same cadence."""
+    from actors.audio import silence, split_frames
+    from actors.providers import build_llm, build_stt, build_tts, build_vad
+    from actors.session_core import SessionCore
+
+    core = SessionCore("baseline", config, vad=build_vad(config), stt=build_stt(config.stt.provider, config),
+                       llm=build_llm(config.llm.provider, config), tts=build_tts(config.tts.provider, config))
+    core.start()
+    q = core.subscribe()
+    out = []
+    batch = max(1, config.ingress.uplink_batch_ms // 60)
+    for _ in range(turns):
+        frames = split_frames(silence(500) + speech + silence(1200), 60)
+        n_speech = len(split_frames(silence(500) + speech, 60))
+        start, speech_end = time.monotonic(), None
+        for i in range(0, len(frames), batch):
+            core.send_audio([(None, f) for f in frames[i:i + batch]])
+            if i + batch >= n_speech and speech_end is None:
+                speech_end = time.monotonic()
+            await asyncio.sleep(max(0.0, start + (i + batch) * 0.06 - time.monotonic()))
+        first = None
+        while True:
+            ev = await asyncio.wait_for(q.get(), 60)
+            if ev.type == "tts.audio" and first is None:
+                first = (time.monotonic() - speech_end) * 1000
+                out.append(first)
+            if ev.type == "metrics" and ev.turn_id == core.turn_id:
+                break
+    await core.close()
+    return out
+
+
+async def stream_only(url: str, n: int, seconds: float, headers: dict[str, str] | None, hello: str | None,
+                      echo: bool) -> dict[str, Any]:
+    """N sockets each sending 60 ms PCM frames of silence in real time: the
+    per-socket cost of the uplink alone (ours vs the echo floor)."""
+    from websockets.asyncio.client import connect
+
+    frame = b"\x00\x00" * 960
+    rtts: list[float] = []
+    lags: list[float] = []
+
+    async def one() -> None:
+        async with connect(url, additional_headers=headers, proxy=None, max_size=2 ** 22) as ws:
+            if hello:
+                await ws.send(hello)
+                await ws.recv()
+            start = time.monotonic()
+            k = 0
+            while time.monotonic() - start < seconds:
+                lags.append(max(0.0, (time.monotonic() - (start + k * 0.06)) * 1000))
+                sent = time.monotonic()
+                await ws.send(frame)
+                if echo:
+                    await ws.recv()
+                    rtts.append((time.monotonic() - sent) * 1000)
+                k += 1
+                await asyncio.sleep(max(0.0, start + k * 0.06 - time.monotonic()))
+
+    procs = ray_processes()
+    cpu0, t0 = cpu_seconds(procs), time.monotonic()
+    await asyncio.gather(*(one() for _ in range(n)))
+    cores = (cpu_seconds(procs) - cpu0) / (time.monotonic() - t0)
+    return {"sessions": n, "cpu_pct_of_core_per_session": round(100 * cores / n, 2),
+            "uplink_lag_ms": pct(lags), "echo_rtt_ms": pct(rtts) if echo else None}
+
+
+# ------------------------------------------------------------------ orchestration
+def build_config(opts: argparse.Namespace) -> Any:
+    from pydantic import SecretStr
+
+    from actors.config import load_config
+
+    env = {"VOICE_ACTORS__SERVER__NAMESPACE": "voice-actors-bench",
+           "VOICE_ACTORS__SERVER__WARM_SESSIONS": str(min(8, max(opts.sessions))),
+           "VOICE_ACTORS__LIMITS__MAX_SESSIONS_PER_CLIENT": "10000",
+           "VOICE_ACTORS__LIMITS__REQUESTS_PER_MINUTE": "100000", "VOICE_ACTORS__LIMITS__BURST": "10000",
+           "VOICE_ACTORS__INGRESS__UPLINK_BATCH_MS": str(opts.uplink_batch_ms)}
+    if opts.mode == "fake":
+        env.update({"VOICE_ACTORS__STT__PROVIDER": FAKE["stt"], "VOICE_ACTORS__LLM__PROVIDER": FAKE["llm"],
+                    "VOICE_ACTORS__TTS__PROVIDER": FAKE["tts"], "VOICE_ACTORS__TTS__FALLBACK": "none"})
+    config = load_config(env=env)
+    auth = config.auth.model_copy(update={"jwt_secret": SecretStr("bench-secret-" + "x" * 32),
+                                          "device_secret": SecretStr("bench-device-" + "x" * 32)})
+    return config.model_copy(update={"auth": auth})
+
+
+async def run_all(opts: argparse.Namespace) -> dict[str, Any]:
+    import ray
+    from ray import serve
+
+    from actors.auth import Authenticator
+    from actors.pools import ensure_pools
+    from bench.echo_app import echo_app
+    from bench.fakes import known_delay_ms
+    from serve_app import build_app
+
+    config = build_config(opts)
+    started = time.monotonic()
+    print(f"[bench] starting Ray and Serve ({opts.mode} providers)...", flush=True)
+    ray.init(address="local", include_dashboard=False, namespace=config.server.namespace, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}})
+    ensure_pools(config)
+    serve.start(http_options={"host": "127.0.0.1", "port": opts.port})
+    serve.run(build_app(config), name="voice-actors", route_prefix="/")
+    serve.run(echo_app, name="echo", route_prefix="/echo")
+    base = f"ws://127.0.0.1:{opts.port}"
+    token = Authenticator(config.auth).issue_token("bench")
+    speech = speech_fixture(QUESTION)
+    print(f"[bench] up in {time.monotonic() - started:.1f} s; fixture {len(speech) / 32000:.2f} s of speech",
+          flush=True)
+
+    runs: list[RunResult] = []
+    for protocol in opts.protocols:
+        for n in opts.sessions:
+            run = RunResult(protocol, n)
+            print(f"[bench] {protocol}: {n} session(s) x {opts.turns} turn(s)...", flush=True)
+            if protocol == "native":
+                barge = speech if opts.barge_in else None
+                coros = [native_session(base, token, speech, opts.turns, run, barge) for _ in range(n)]
+            else:
+                coros = [xiaozhi_session(base, f"02:00:00:00:{i // 256:02x}:{i % 256:02x}", speech, opts.turns, run)
+                         for i in range(n)]
+            await measured(run, coros)
+            runs.append(run)
+            s = pct(run.e2e_ms)
+            print(f"[bench]   end of speech -> first audio p50 {s['p50']} ms p99 {s['p99']} ms; "
+                  f"cpu {100 * run.cpu_cores / n:.1f}% of a core per session; failures {len(run.failures)}",
+                  flush=True)
+
+    print("[bench] baseline (a): session code without Ray...", flush=True)
+    no_ray = await baseline_no_ray(config, speech, max(3, opts.turns))
+    stream_n = opts.stream_sessions
+    print(f"[bench] baseline (b): {stream_n} sockets streaming to the Serve echo vs /ws/voice...", flush=True)
+    hello = json.dumps({"type": "hello", "version": 1})
+    ours_stream = await stream_only(f"{base}/ws/voice", stream_n, opts.stream_seconds,
+                                    {"Authorization": f"Bearer {token}"}, hello, echo=False)
+    echo_stream = await stream_only(f"{base}/echo/", stream_n, opts.stream_seconds, None, None, echo=True)
+
+    report = make_report(opts, config, runs, no_ray, ours_stream, echo_stream, known_delay_ms(config.vad.end_silence_ms)
+                         if opts.mode == "fake" else None)
+    serve.shutdown()
+    ray.shutdown()
+    return report
+
+
+def make_report(opts: argparse.Namespace, config: Any, runs: list[RunResult], no_ray: list[float],
+                ours_stream: dict, echo_stream: dict, known_ms: float | None) -> dict[str, Any]:
+    base_no_ray = pct(no_ray)
+    out_runs = []
+    single: dict[str, float | None] = {}
+    for r in runs:
+        e2e = pct(r.e2e_ms)
+        if r.sessions == min(opts.sessions):
+            single[r.protocol] = e2e["p99"]
+        overhead = pct([x - known_ms for x in r.e2e_ms]) if known_ms is not None else None
+        out_runs.append({
+            "protocol": r.protocol, "sessions": r.sessions, "turns": len(r.e2e_ms), "failures": r.failures[:5],
+            "end_of_speech_to_first_audio_ms": e2e,
+            "server_first_audio_ms": pct(r.server_first_audio_ms), "stt_final_ms": pct(r.stt_ms),
+            "llm_first_token_ms": pct(r.llm_ms), "tts_first_audio_ms": pct(r.tts_ms),
+            "server_overhead_ms": overhead, "barge_in_reaction_ms": pct(r.barge_ms),
+            "connect_to_hello_ms": pct(r.connect_ms), "uplink_frame_lag_ms": pct(r.lags_ms),
+            "cpu_pct_of_core_per_session": round(100 * r.cpu_cores / r.sessions, 2),
+            "session_actor_uss_mb": round(statistics.mean(r.session_uss_mb), 1) if r.session_uss_mb else None,
+            "ray_uss_mb_per_session": round(r.ray_uss_mb / r.sessions, 1),
+            "vs_no_ray_p50": ratio(e2e["p50"], base_no_ray["p50"]), "vs_no_ray_p99": ratio(e2e["p99"], base_no_ray["p99"]),
+            "held_real_time": (pct(r.lags_ms)["p99"] or 0) < 60 and not r.failures,
+        })
+    ceiling = {}
+    for proto, p99_single in single.items():
+        ok = [r["sessions"] for r in out_runs if r["protocol"] == proto and r["held_real_time"]
+              and p99_single and r["end_of_speech_to_first_audio_ms"]["p99"] is not None
+              and r["end_of_speech_to_first_audio_ms"]["p99"] <= 1.5 * p99_single]
+        ceiling[proto] = max(ok) if ok else None
+    return {
+        "command": " ".join(["python -m bench.run", *sys.argv[1:]]),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "mode": opts.mode,
+        "known_provider_delay_ms": known_ms,
+        "settings": {"uplink_batch_ms": config.ingress.uplink_batch_ms, "end_silence_ms": config.vad.end_silence_ms,
+                     "tts_prebuffer_ms": config.tts.prebuffer_ms, "frame_ms": 60},
+        "runs": out_runs,
+        "baselines": {"no_ray_end_of_speech_to_first_audio_ms": base_no_ray,
+                      "uplink_only_ours": ours_stream, "uplink_only_serve_echo": echo_stream},
+        "ratios": {"uplink_cpu_ours_vs_echo": ratio(ours_stream["cpu_pct_of_core_per_session"],
+                                                    echo_stream["cpu_pct_of_core_per_session"])},
+        "ceiling_sessions_within_1_5x_single_p99": ceiling,
+    }
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for proto in sorted({r["protocol"] for r in report["runs"]}):
+        rs = [r for r in report["runs"] if r["protocol"] == proto]
+        ns = [r["sessions"] for r in rs]
+        for q, style in [("p50", "-o"), ("p95", "--s"), ("p99", ":^")]:
+            ax1.plot(ns, [r["end_of_speech_to_first_audio_ms"][q] for r in rs], style, label=f"{proto} {q}")
+        ax2.plot(ns, [r["ray_uss_mb_per_session"] for r in rs], "-o", label=f"{proto}: all Ray USS / N")
+        ax2.plot(ns, [r["session_actor_uss_mb"] for r in rs], "--s", label=f"{proto}: session actor USS")
+    no_ray = report["baselines"]["no_ray_end_of_speech_to_first_audio_ms"]["p50"]
+    if no_ray:
+        ax1.axhline(no_ray, color="grey", lw=1, label="no-Ray baseline p50")
+    ax1.set(xlabel="concurrent sessions", ylabel="end of speech → first audio (ms)",
+            title=f"latency ({report['mode']} providers)")
+    ax2.set(xlabel="concurrent sessions", ylabel="MB per session", title="memory")
+    ax1.legend(fontsize=7)
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
+    p.add_argument("--mode", choices=("fake", "real"), default="fake",
+                   help="fake: fixed-delay providers (overhead figures); real: the embedded models")
+    p.add_argument("--sessions", default="1,2,4,8", help="concurrent session counts, comma-separated")
+    p.add_argument("--protocols", default="native,xiaozhi")
+    p.add_argument("--turns", type=int, default=2, help="spoken turns per session")
+    p.add_argument("--barge-in", action="store_true", help="also measure barge-in reaction (native)")
+    p.add_argument("--uplink-batch-ms", type=int, default=120)
+    p.add_argument("--stream-sessions", type=int, default=8)
+    p.add_argument("--stream-seconds", type=float, default=10.0)
+    p.add_argument("--port", type=int, default=PORT)
+    p.add_argument("--out", default="bench/results")
+    opts = p.parse_args(argv)
+    opts.sessions = sorted(int(x) for x in opts.sessions.split(","))
+    opts.protocols = [x for x in opts.protocols.split(",") if x]
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
+    report = asyncio.run(run_all(opts))
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    json_path, png_path = out / f"bench-{opts.mode}-{stamp}.json", out / f"bench-{opts.mode}-{stamp}.png"
+    json_path.write_text(json.dumps(report, indent=2))
+    plot(report, png_path)
+    print(json.dumps({k: report[k] for k in ("ceiling_sessions_within_1_5x_single_p99", "ratios")}, indent=2))
+    print(f"[bench] wrote {json_path} and {png_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
