@@ -129,12 +129,16 @@ class VoiceIngress:
         check_size(len(data), self.config.limits.max_request_bytes, "request body")
         return data
 
-    async def _open(self, session_id: str | None, owner: str) -> tuple[str, Any, bool]:
-        """Open or resume a session; refuses one that belongs to someone else."""
+    async def _open(self, session_id: str | None, owner: str, alias: str | None = None) -> tuple[str, Any, bool]:
+        """Open or resume a session (by id, or by a stable alias such as a
+        device id); refuses one that belongs to someone else."""
         from actors.sessions import find_session
 
-        resumed = bool(session_id) and find_session(self.config, session_id) is not None
-        sid, actor = await asyncio.to_thread(self.sessions.open, session_id)
+        if alias is not None:
+            sid, actor, resumed = await self.sessions.open_alias(alias)
+        else:
+            resumed = bool(session_id) and find_session(self.config, session_id) is not None
+            sid, actor = await asyncio.to_thread(self.sessions.open, session_id)
         if not await actor.claim.remote(owner):
             raise AuthError("auth.forbidden_session", "this session belongs to another client")
         return sid, actor, resumed
@@ -166,7 +170,8 @@ class VoiceIngress:
     # ------------------------------------------------------------ operations
     @api.get("/health")
     async def health(self) -> dict[str, Any]:
-        return {"status": "ok", "sockets": self.slots.in_use}
+        return {"status": "ok", "sockets": self.slots.in_use, "warm_sessions_ready": self.sessions.warm_ready(),
+                "warm_sessions_target": self.sessions.warm_target}
 
     @api.get("/metrics")
     async def prometheus(self) -> Response:
@@ -364,14 +369,14 @@ class VoiceIngress:
             await ws.close(e.ws_close_code, e.code)
             return
         # a device keeps one session across reconnects; others resume by id in hello
-        fixed = "xz-" + "".join(c if c.isalnum() else "-" for c in device_id.lower())[:48] if device_id else None
+        alias = f"device:{device_id.lower()}" if device_id else None
 
         async def open_session(session_id: str | None) -> tuple[str, Any, bool]:
-            return await self._open(fixed or session_id, principal.subject)
+            return await self._open(session_id, principal.subject, alias)
 
         self.metrics.connected(adapter.name)
         try:
-            await VoiceConnection(ws, adapter, open_session, self.config, self.metrics.observe, fixed).serve()
+            await VoiceConnection(ws, adapter, open_session, self.config, self.metrics.observe).serve()
         except AuthError as e:
             await ws.close(e.ws_close_code, e.code)
         finally:

@@ -48,13 +48,12 @@ class ConnectionClosed(Exception):
 
 class VoiceConnection:
     def __init__(self, ws: ClientSocket, adapter: ProtocolAdapter, open_session: SessionOpener,
-                 config: AppConfig, observe: Any = None, fixed_session_id: str | None = None) -> None:
+                 config: AppConfig, observe: Any = None) -> None:
         self._ws = ws
         self._adapter = adapter
         self._open_session = open_session
         self._config = config
         self._observe = observe or (lambda event: None)
-        self._fixed_session_id = fixed_session_id
         self._calls: asyncio.Queue[tuple[str, tuple[Any, ...]] | None] = asyncio.Queue()
         self._pending = bytearray()
         self._pending_since: float | None = None
@@ -101,7 +100,7 @@ class VoiceConnection:
             await self._send(self._adapter.error(e.code, e.message))
             await self._ws.close(e.close_code, e.code)
             return
-        sid, actor, resumed = await self._open_session(self._fixed_session_id or hello.session_id)
+        sid, actor, resumed = await self._open_session(hello.session_id)
         self.session_id, self.actor = sid, actor
         rate = self._adapter.wants_output_rate or self._config.session.output_sample_rate
         await actor.configure_output.remote(rate, self._adapter.speaks)

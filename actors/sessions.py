@@ -44,6 +44,30 @@ def find_session(config: AppConfig, session_id: str) -> ray.actor.ActorHandle | 
         return None
 
 
+@ray.remote(num_cpus=0, max_restarts=-1)
+class SessionDirectory:
+    """Stable names (a device's id) → session ids, shared by every replica.
+
+    A device must get its own session back on every connection, yet a session
+    named after the device would always start cold (~1 s for a new Ray worker),
+    while warm sessions are named before anyone asks for them. The directory
+    maps the device to whichever warm session it was given first.
+    """
+
+    def __init__(self) -> None:
+        self._ids: dict[str, str] = {}
+
+    def lookup(self, alias: str) -> str | None:
+        return self._ids.get(alias)
+
+    def bind(self, alias: str, session_id: str) -> str:
+        """Bind unless another replica was first; returns the winner."""
+        return self._ids.setdefault(alias, session_id)
+
+    def rebind(self, alias: str, session_id: str) -> None:
+        self._ids[alias] = session_id
+
+
 class SessionManager:
     """Hands out session actors, from the warm pool when it has one."""
 
@@ -60,6 +84,16 @@ class SessionManager:
                 sid = new_session_id()
                 actor = create_session_actor(self.config, sid)
                 self._warm.append((sid, actor, actor.ready.remote()))
+
+    @property
+    def warm_target(self) -> int:
+        return self._target
+
+    def warm_ready(self) -> int:
+        """Warm actors started and idle now (for /health and the benchmark)."""
+        with self._lock:
+            refs = [ready for _, _, ready in self._warm]
+        return len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) if refs else 0
 
     def _take_warm(self) -> tuple[str, ray.actor.ActorHandle] | None:
         with self._lock:
@@ -82,6 +116,28 @@ class SessionManager:
             taken = (sid, create_session_actor(self.config, sid))
         self.refill()
         return taken
+
+    @property
+    def directory(self) -> ray.actor.ActorHandle:
+        return SessionDirectory.options(name="sessions:directory", namespace=self.config.server.namespace,
+                                        lifetime="detached", get_if_exists=True).remote()
+
+    async def open_alias(self, alias: str) -> tuple[str, ray.actor.ActorHandle, bool]:
+        """The live session bound to `alias`, else a warm one bound to it now."""
+        directory = self.directory
+        sid = await directory.lookup.remote(alias)
+        if sid is not None:
+            actor = find_session(self.config, sid)
+            if actor is not None:
+                return sid, actor, True
+        new_sid, actor = await asyncio.to_thread(self.open)
+        if sid is not None:  # the old session ended: the device starts afresh
+            await directory.rebind.remote(alias, new_sid)
+            return new_sid, actor, False
+        winner = await directory.bind.remote(alias, new_sid)
+        if winner != new_sid:  # another replica bound this device a moment ago
+            return await self.open_alias(alias)
+        return new_sid, actor, False
 
     def shutdown(self) -> None:
         with self._lock:

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 PORT = 18900
+STAGGER_S = 2.0
 FAKE = {"stt": "bench.fakes:FixedDelaySTT", "llm": "bench.fakes:FixedDelayLLM", "tts": "bench.fakes:FixedDelayTTS"}
 QUESTION = "What is twelve times seven?"
 LONG_QUESTION = "Tell me about the Rosetta Stone."
@@ -128,10 +129,12 @@ class RunResult:
     ray_uss_mb: float = 0.0
 
 
-async def native_session(base: str, token: str, speech: bytes, turns: int, r: RunResult, barge: bytes | None) -> None:
+async def native_session(base: str, token: str, speech: bytes, turns: int, r: RunResult, barge: bytes | None,
+                         delay_s: float = 0.0) -> None:
     from actors.audio import silence
     from actors.client import NativeClient
 
+    await asyncio.sleep(delay_s)
     t0 = time.monotonic()
     async with await NativeClient.connect(f"{base}/ws/voice", token) as c:
         r.connect_ms.append((time.monotonic() - t0) * 1000)
@@ -184,12 +187,14 @@ async def barge_in(c: Any, speech: bytes) -> float:
     return (last_audio - started) * 1000
 
 
-async def xiaozhi_session(base: str, device: str, speech: bytes, turns: int, r: RunResult) -> None:
+async def xiaozhi_session(base: str, device: str, speech: bytes, turns: int, r: RunResult,
+                          delay_s: float = 0.0) -> None:
     import httpx
 
     from actors.audio import silence
     from actors.client import XiaozhiClient
 
+    await asyncio.sleep(delay_s)
     t0 = time.monotonic()
     async with httpx.AsyncClient() as http:
         ota = (await http.post(f"http{base[2:]}/xiaozhi/ota/", headers={"Device-Id": device, "Client-Id": device},
@@ -204,14 +209,29 @@ async def xiaozhi_session(base: str, device: str, speech: bytes, turns: int, r: 
             r.e2e_ms.append(turn.end_of_speech_to_first_audio_ms)
 
 
+async def wait_for_warm_pool(base: str, timeout_s: float = 90.0) -> None:
+    """Each run starts with a full warm pool, so connect → hello measures the
+    warm path, not the refill left over from the previous run."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    async with httpx.AsyncClient() as http:
+        while time.monotonic() < deadline:
+            health = (await http.get(f"http{base[2:]}/health")).json()
+            if health["warm_sessions_ready"] >= health["warm_sessions_target"]:
+                return
+            await asyncio.sleep(0.5)
+
+
 async def measured(run: RunResult, coros: list[Any]) -> None:
+    idle_total = sum(sum(v) for v in uss_by_kind().values())
     procs = ray_processes()
     cpu0, t0 = cpu_seconds(procs), time.monotonic()
     peak: dict[str, list[int]] = {}
 
     async def sample_memory() -> None:
         nonlocal peak
-        await asyncio.sleep(2.0)  # sessions are open by now
+        await asyncio.sleep(STAGGER_S + 1.5)  # every session is open by now
         peak = uss_by_kind()
 
     sampler = asyncio.create_task(sample_memory())
@@ -221,7 +241,7 @@ async def measured(run: RunResult, coros: list[Any]) -> None:
     run.cpu_cores = (cpu_seconds(procs) - cpu0) / run.wall_s
     run.failures += [repr(e)[:200] for e in results if isinstance(e, BaseException)]
     run.session_uss_mb = [u / 2 ** 20 for u in peak.get("SessionActor", [])]
-    run.ray_uss_mb = sum(sum(v) for v in peak.values()) / 2 ** 20
+    run.ray_uss_mb = (sum(sum(v) for v in peak.values()) - idle_total) / 2 ** 20
 
 
 # ------------------------------------------------------------------ baselines
@@ -242,10 +262,11 @@ async def baseline_no_ray(config: Any, speech: bytes, turns: int) -> list[float]
         n_speech = len(split_frames(silence(500) + speech, 60))
         start, speech_end = time.monotonic(), None
         for i in range(0, len(frames), batch):
-            core.send_audio([(None, f) for f in frames[i:i + batch]])
-            if i + batch >= n_speech and speech_end is None:
-                speech_end = time.monotonic()
+            # a batch leaves once its last frame has been "recorded", as in the ingress
             await asyncio.sleep(max(0.0, start + (i + batch) * 0.06 - time.monotonic()))
+            if i + batch >= n_speech and speech_end is None:
+                speech_end = start + n_speech * 0.06
+            core.send_audio([(None, f) for f in frames[i:i + batch]])
         first = None
         while True:
             ev = await asyncio.wait_for(q.get(), 60)
@@ -305,8 +326,11 @@ def build_config(opts: argparse.Namespace) -> Any:
            "VOICE_ACTORS__LIMITS__REQUESTS_PER_MINUTE": "100000", "VOICE_ACTORS__LIMITS__BURST": "10000",
            "VOICE_ACTORS__INGRESS__UPLINK_BATCH_MS": str(opts.uplink_batch_ms)}
     if opts.mode == "fake":
+        # fakes only sleep: no pool queueing, so the server's own overhead is all that is left
         env.update({"VOICE_ACTORS__STT__PROVIDER": FAKE["stt"], "VOICE_ACTORS__LLM__PROVIDER": FAKE["llm"],
-                    "VOICE_ACTORS__TTS__PROVIDER": FAKE["tts"], "VOICE_ACTORS__TTS__FALLBACK": "none"})
+                    "VOICE_ACTORS__TTS__PROVIDER": FAKE["tts"], "VOICE_ACTORS__TTS__FALLBACK": "none",
+                    "VOICE_ACTORS__POOLS__STT__MAX_CONCURRENCY": "64",
+                    "VOICE_ACTORS__POOLS__TTS__MAX_CONCURRENCY": "64"})
     config = load_config(env=env)
     auth = config.auth.model_copy(update={"jwt_secret": SecretStr("bench-secret-" + "x" * 32),
                                           "device_secret": SecretStr("bench-device-" + "x" * 32)})
@@ -343,12 +367,15 @@ async def run_all(opts: argparse.Namespace) -> dict[str, Any]:
         for n in opts.sessions:
             run = RunResult(protocol, n)
             print(f"[bench] {protocol}: {n} session(s) x {opts.turns} turn(s)...", flush=True)
+            await wait_for_warm_pool(base)
+            # users do not finish speaking in the same 60 ms: spread the starts over one utterance
+            delays = [i * STAGGER_S / n for i in range(n)]
             if protocol == "native":
                 barge = speech if opts.barge_in else None
-                coros = [native_session(base, token, speech, opts.turns, run, barge) for _ in range(n)]
+                coros = [native_session(base, token, speech, opts.turns, run, barge, d) for d in delays]
             else:
-                coros = [xiaozhi_session(base, f"02:00:00:00:{i // 256:02x}:{i % 256:02x}", speech, opts.turns, run)
-                         for i in range(n)]
+                coros = [xiaozhi_session(base, f"02:00:00:00:{i // 256:02x}:{i % 256:02x}", speech, opts.turns, run,
+                                         d) for i, d in enumerate(delays)]
             await measured(run, coros)
             runs.append(run)
             s = pct(run.e2e_ms)
@@ -391,7 +418,7 @@ def make_report(opts: argparse.Namespace, config: Any, runs: list[RunResult], no
             "connect_to_hello_ms": pct(r.connect_ms), "uplink_frame_lag_ms": pct(r.lags_ms),
             "cpu_pct_of_core_per_session": round(100 * r.cpu_cores / r.sessions, 2),
             "session_actor_uss_mb": round(statistics.mean(r.session_uss_mb), 1) if r.session_uss_mb else None,
-            "ray_uss_mb_per_session": round(r.ray_uss_mb / r.sessions, 1),
+            "ray_uss_mb_added_per_session": round(r.ray_uss_mb / r.sessions, 1),
             "vs_no_ray_p50": ratio(e2e["p50"], base_no_ray["p50"]), "vs_no_ray_p99": ratio(e2e["p99"], base_no_ray["p99"]),
             "held_real_time": (pct(r.lags_ms)["p99"] or 0) < 60 and not r.failures,
         })
@@ -430,7 +457,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ns = [r["sessions"] for r in rs]
         for q, style in [("p50", "-o"), ("p95", "--s"), ("p99", ":^")]:
             ax1.plot(ns, [r["end_of_speech_to_first_audio_ms"][q] for r in rs], style, label=f"{proto} {q}")
-        ax2.plot(ns, [r["ray_uss_mb_per_session"] for r in rs], "-o", label=f"{proto}: all Ray USS / N")
+        ax2.plot(ns, [r["ray_uss_mb_added_per_session"] for r in rs], "-o", label=f"{proto}: Ray USS added / N")
         ax2.plot(ns, [r["session_actor_uss_mb"] for r in rs], "--s", label=f"{proto}: session actor USS")
     no_ray = report["baselines"]["no_ray_end_of_speech_to_first_audio_ms"]["p50"]
     if no_ray:
