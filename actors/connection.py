@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from actors.config import AppConfig
 from actors.limits import LimitError, RateLimiter
+from actors.session import EventStream
 from actors.protocols.base import (
     Audio, DeviceMessage, HistoryRequest, Hello, Interrupt, Listen, Outgoing, ProtocolAdapter, ProtocolError, Reply,
     Text,
@@ -104,8 +105,8 @@ class VoiceConnection:
         self.session_id, self.actor = sid, actor
         rate = self._adapter.wants_output_rate or self._config.session.output_sample_rate
         await actor.configure_output.remote(rate, self._adapter.speaks)
-        events = actor.events.remote()
-        await (await events.__anext__())  # subscribed: nothing said from here on is lost
+        events = EventStream(actor)
+        await events.__anext__()  # session.started: subscribed, nothing said from here on is lost
         await self._send(self._adapter.hello_reply(sid, resumed, rate))
         await self._send(self._adapter.after_hello())
         for action in rest:
@@ -128,9 +129,7 @@ class VoiceConnection:
                 await asyncio.wait_for(caller, 5.0)
             except (asyncio.TimeoutError, Exception):
                 caller.cancel()
-            import ray
-
-            ray.cancel(events)
+            events.close()
 
     async def _await_hello(self) -> tuple[Hello, list[Any]]:
         """The hello, and whatever else its message asked for (text stream)."""
@@ -214,9 +213,8 @@ class VoiceConnection:
             method, args = call
             await getattr(self.actor, method).remote(*args)
 
-    async def _downlink(self, events: Any) -> None:
-        async for ref in events:
-            event = await ref
+    async def _downlink(self, events: EventStream) -> None:
+        async for event in events:
             self._observe(event)
             frames = self._adapter.encode(event)
             if frames:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,6 +24,29 @@ from actors.providers.base import SAMPLE_RATE, TTS
 from actors.session_core import SessionCore
 
 log = logging.getLogger(__name__)
+
+
+EVENT_BATCH_MAX = 64
+
+
+class EventStream:
+    """One subscriber's view of a session's events, one event at a time."""
+
+    def __init__(self, actor: ray.actor.ActorHandle) -> None:
+        self._gen = actor.events.remote()
+        self._buffer: deque[Event] = deque()
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> Event:
+        while not self._buffer:
+            ref = await self._gen.__anext__()
+            self._buffer.extend(await ref)
+        return self._buffer.popleft()
+
+    def close(self) -> None:
+        ray.cancel(self._gen)
 
 
 def session_actor_name(session_id: str) -> str:
@@ -100,15 +124,21 @@ class SessionActor:
     async def device_message(self, kind: str, payload: Any) -> None:
         self._ensure_started().device_message(kind, payload)
 
-    async def events(self) -> AsyncIterator[Event]:
-        """The session's event stream (a Ray streaming generator). The first
-        event is always `session.started`: wait for it before sending input,
-        because Ray may start this call after a later one."""
+    async def events(self) -> AsyncIterator[list[Event]]:
+        """The session's event stream (a Ray streaming generator) in batches:
+        each item is every event queued at that moment (up to 64), because
+        each item crossing processes costs ~1 ms while a reply's words arrive
+        in bursts. Read it through `EventStream`. The first event is always
+        `session.started`: wait for it before sending input, because Ray may
+        start this call after a later one."""
         core = self._ensure_started()
         q = core.subscribe()
         try:
             while not core.closed:
-                yield await q.get()
+                batch = [await q.get()]
+                while not q.empty() and len(batch) < EVENT_BATCH_MAX:
+                    batch.append(q.get_nowait())
+                yield batch
         finally:
             core.unsubscribe(q)
 

@@ -23,7 +23,7 @@ import ray
 from actors.audio import read_wav, silence, split_frames, write_wav
 from actors.config import AppConfig, load_config
 from actors.events import AudioChunk, ErrorEvent, Event, LLMDelta, STTFinal, TurnMetrics
-from actors.session import SessionActor, session_actor_name
+from actors.session import EventStream, SessionActor, session_actor_name
 
 
 def new_session_id() -> str:
@@ -76,6 +76,9 @@ class SessionManager:
         self._target = config.server.warm_sessions if warm is None else warm
         self._warm: deque[tuple[str, ray.actor.ActorHandle, ray.ObjectRef]] = deque()
         self._lock = threading.Lock()
+        self._directory = SessionDirectory.options(
+            name="sessions:directory", namespace=config.server.namespace, lifetime="detached",
+            get_if_exists=True).remote()  # started now, so a device's first connect does not wait for it
         self.refill()
 
     def refill(self) -> None:
@@ -117,14 +120,9 @@ class SessionManager:
         self.refill()
         return taken
 
-    @property
-    def directory(self) -> ray.actor.ActorHandle:
-        return SessionDirectory.options(name="sessions:directory", namespace=self.config.server.namespace,
-                                        lifetime="detached", get_if_exists=True).remote()
-
     async def open_alias(self, alias: str) -> tuple[str, ray.actor.ActorHandle, bool]:
         """The live session bound to `alias`, else a warm one bound to it now."""
-        directory = self.directory
+        directory = self._directory
         sid = await directory.lookup.remote(alias)
         if sid is not None:
             actor = find_session(self.config, sid)
@@ -165,13 +163,11 @@ class TurnResult:
 async def collect_turn(actor: ray.actor.ActorHandle, send: Any, timeout_s: float = 60.0) -> TurnResult:
     """Subscribe, run `send()` (which starts a turn and returns False if the
     input was refused), and gather events until that turn's `metrics` event."""
-    gen = actor.events.remote()
+    events = EventStream(actor)
     deadline = time.monotonic() + timeout_s
 
     async def next_event() -> Event:
-        remaining = deadline - time.monotonic()
-        ref = await asyncio.wait_for(gen.__anext__(), remaining)
-        return await asyncio.wait_for(ref, max(0.001, deadline - time.monotonic()))
+        return await asyncio.wait_for(events.__anext__(), max(0.001, deadline - time.monotonic()))
 
     try:
         started = await next_event()  # session.started: from here on we are subscribed
@@ -201,7 +197,7 @@ async def collect_turn(actor: ray.actor.ActorHandle, send: Any, timeout_s: float
                 if isinstance(ev, TurnMetrics):
                     return result
     finally:
-        ray.cancel(gen)
+        events.close()
 
 
 async def send_utterance(actor: ray.actor.ActorHandle, frames: list[bytes], per_batch: int = 10) -> bool:

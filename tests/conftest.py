@@ -72,26 +72,26 @@ class EventTap:
     def __init__(self, actor: Any) -> None:
         self.actor = actor
         self.events: list[Any] = []
-        self._gen = actor.events.remote()
+        from actors.session import EventStream
+
+        self._stream = EventStream(actor)
         self._task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
 
     async def __aenter__(self) -> EventTap:
-        first = await asyncio.wait_for(await self._gen.__anext__(), 30)
+        first = await asyncio.wait_for(self._stream.__anext__(), 30)
         self.events.append(first)
         self._task = asyncio.get_running_loop().create_task(self._pump())
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        import ray
-
         if self._task:
             self._task.cancel()
-        ray.cancel(self._gen)
+        self._stream.close()
 
     async def _pump(self) -> None:
-        async for ref in self._gen:
-            self.events.append(await ref)
+        async for event in self._stream:
+            self.events.append(event)
             self._changed.set()
 
     async def wait_for(self, pred: Callable[[Any], bool], timeout: float = 60.0) -> Any:
