@@ -198,12 +198,20 @@ async def test_pools_load_each_model_once(ray_cluster, config):
 
 async def test_warm_pool_hands_out_started_actors(ray_cluster, config):
     manager = SessionManager(config, warm=2)
+    for _ in range(100):  # filled one start at a time
+        if manager.warm_ready() == 2:
+            break
+        await asyncio.sleep(0.1)
+    assert manager.warm_ready() == 2
     warm_ids = [sid for sid, _, _ in manager._warm]
-    await asyncio.gather(*(ready for _, _, ready in manager._warm))
     sid, actor = manager.open()
     assert sid in warm_ids
     assert await actor.ready.remote() == sid
-    assert len(manager._warm) == 2  # refilled
+    for _ in range(100):
+        if manager.warm_ready() == 2:
+            break
+        await asyncio.sleep(0.1)
+    assert manager.warm_ready() == 2 and sid not in [s for s, _, _ in manager._warm]  # refilled
     resumed_sid, resumed = manager.open(sid)
     assert resumed_sid == sid and (await resumed.stats.remote())["pid"] == (await actor.stats.remote())["pid"]
     manager.shutdown()
