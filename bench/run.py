@@ -129,21 +129,30 @@ class RunResult:
     ray_uss_mb: float = 0.0
 
 
+async def spoken_turns(client: Any, speech: bytes, turns: int, r: RunResult) -> list[Any]:
+    """Ask `turns` spoken questions; record end of speech → first audio of each."""
+    from actors.audio import silence
+
+    done = []
+    for _ in range(turns):
+        turn = await client.ask_audio(silence(500) + speech, lags_ms=r.lags_ms, timeout_s=60)
+        if turn.end_of_speech_to_first_audio_ms is None or not turn.audio:
+            r.failures.append("no reply audio")
+            continue
+        r.e2e_ms.append(turn.end_of_speech_to_first_audio_ms)
+        done.append(turn)
+    return done
+
+
 async def native_session(base: str, token: str, speech: bytes, turns: int, r: RunResult, barge: bytes | None,
                          delay_s: float = 0.0) -> None:
-    from actors.audio import silence
     from actors.client import NativeClient
 
     await asyncio.sleep(delay_s)
     t0 = time.monotonic()
     async with await NativeClient.connect(f"{base}/ws/voice", token) as c:
         r.connect_ms.append((time.monotonic() - t0) * 1000)
-        for _ in range(turns):
-            turn = await c.ask_audio(silence(500) + speech, lags_ms=r.lags_ms, timeout_s=60)
-            if turn.end_of_speech_to_first_audio_ms is None or not turn.audio:
-                r.failures.append("no reply audio")
-                continue
-            r.e2e_ms.append(turn.end_of_speech_to_first_audio_ms)
+        for turn in await spoken_turns(c, speech, turns, r):
             m = next((m for m in turn.messages if m["type"] == "metrics"), {})
             for key, bucket in [("stt_final_ms", r.stt_ms), ("llm_first_token_ms", r.llm_ms),
                                 ("tts_first_audio_ms", r.tts_ms), ("first_audio_ms", r.server_first_audio_ms)]:
@@ -191,7 +200,6 @@ async def xiaozhi_session(base: str, device: str, speech: bytes, turns: int, r: 
                           delay_s: float = 0.0) -> None:
     import httpx
 
-    from actors.audio import silence
     from actors.client import XiaozhiClient
 
     await asyncio.sleep(delay_s)
@@ -201,12 +209,7 @@ async def xiaozhi_session(base: str, device: str, speech: bytes, turns: int, r: 
                                json={})).json()["websocket"]
     async with await XiaozhiClient.connect(ota["url"], ota["token"], device, client_id=device) as c:
         r.connect_ms.append((time.monotonic() - t0) * 1000)
-        for _ in range(turns):
-            turn = await c.ask_audio(silence(500) + speech, lags_ms=r.lags_ms, timeout_s=60)
-            if turn.end_of_speech_to_first_audio_ms is None or not turn.audio:
-                r.failures.append("no reply audio")
-                continue
-            r.e2e_ms.append(turn.end_of_speech_to_first_audio_ms)
+        await spoken_turns(c, speech, turns, r)
 
 
 async def wait_for_warm_pool(base: str, timeout_s: float = 90.0) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import io
 import json
 import time
 
@@ -21,7 +20,6 @@ from actors.auth import Authenticator, hash_password
 from actors.client import NativeClient, XiaozhiClient
 from actors.config import UserConfig
 from actors.protocols.native import unpack_audio
-from actors.protocols.opus import OpusEncoder
 from actors.protocols.xiaozhi import pack_frame
 
 PORT = 18765

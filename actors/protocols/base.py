@@ -20,6 +20,20 @@ class ProtocolError(Exception):
         self.close_code = close_code
 
 
+def parse_json_message(data: str) -> tuple[str, dict[str, Any]]:
+    """Every JSON control protocol here takes an object with a string `type`;
+    → (type, message) or the protocol's stable error."""
+    import json
+
+    try:
+        msg = json.loads(data)
+    except json.JSONDecodeError as e:
+        raise ProtocolError("protocol.bad_json", f"message is not valid JSON: {e.msg}") from None
+    if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
+        raise ProtocolError("protocol.bad_message", "a message must be a JSON object with a string 'type'")
+    return msg["type"], msg
+
+
 # ------------------------------------------------------------------ actions
 @dataclass
 class Hello:

@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from actors.protocols.base import (
-    Action, Audio, HistoryRequest, Hello, Interrupt, Listen, Outgoing, ProtocolAdapter, ProtocolError, Reply, Text,
+    Action, Audio, HistoryRequest, Hello, Interrupt, Listen, Outgoing, ProtocolAdapter, ProtocolError, parse_json_message, Reply, Text,
 )
 
 PROTOCOL_VERSION = 1
@@ -73,13 +73,7 @@ class NativeProtocol(ProtocolAdapter):
 
     # ----------------------------------------------------------- inbound
     def on_text(self, data: str) -> list[Action]:
-        try:
-            msg = json.loads(data)
-        except json.JSONDecodeError as e:
-            raise ProtocolError("protocol.bad_json", f"message is not valid JSON: {e.msg}") from None
-        if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
-            raise ProtocolError("protocol.bad_message", "a message must be a JSON object with a string 'type'")
-        kind = msg["type"]
+        kind, msg = parse_json_message(data)
         if self._hello is None:
             if kind != "hello":
                 raise ProtocolError("protocol.hello_required", "send 'hello' first", fatal=True)
