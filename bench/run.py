@@ -127,6 +127,7 @@ class RunResult:
     wall_s: float = 0.0
     session_uss_mb: list[float] = field(default_factory=list)
     ray_uss_mb: float = 0.0
+    ray_uss_total_mb: float = 0.0
 
 
 async def spoken_turns(client: Any, speech: bytes, turns: int, r: RunResult) -> list[Any]:
@@ -244,7 +245,8 @@ async def measured(run: RunResult, coros: list[Any]) -> None:
     run.cpu_cores = (cpu_seconds(procs) - cpu0) / run.wall_s
     run.failures += [repr(e)[:200] for e in results if isinstance(e, BaseException)]
     run.session_uss_mb = [u / 2 ** 20 for u in peak.get("SessionActor", [])]
-    run.ray_uss_mb = (sum(sum(v) for v in peak.values()) - idle_total) / 2 ** 20
+    run.ray_uss_total_mb = sum(sum(v) for v in peak.values()) / 2 ** 20
+    run.ray_uss_mb = run.ray_uss_total_mb - idle_total / 2 ** 20
 
 
 # ------------------------------------------------------------------ baselines
@@ -422,6 +424,7 @@ def make_report(opts: argparse.Namespace, config: Any, runs: list[RunResult], no
             "cpu_pct_of_core_per_session": round(100 * r.cpu_cores / r.sessions, 2),
             "session_actor_uss_mb": round(statistics.mean(r.session_uss_mb), 1) if r.session_uss_mb else None,
             "ray_uss_mb_added_per_session": round(r.ray_uss_mb / r.sessions, 1),
+            "ray_uss_mb_total_per_session": round(r.ray_uss_total_mb / r.sessions, 1),
             "vs_no_ray_p50": ratio(e2e["p50"], base_no_ray["p50"]), "vs_no_ray_p99": ratio(e2e["p99"], base_no_ray["p99"]),
             "held_real_time": (pct(r.lags_ms)["p99"] or 0) < 60 and not r.failures,
         })
