@@ -20,9 +20,9 @@ class ProtocolError(Exception):
         self.close_code = close_code
 
 
-def parse_json_message(data: str) -> tuple[str, dict[str, Any]]:
-    """Every JSON control protocol here takes an object with a string `type`;
-    → (type, message) or the protocol's stable error."""
+def parse_json_message(data: str, expect_hello: bool = False) -> tuple[str, dict[str, Any]]:
+    """Every JSON control protocol here takes an object with a string `type`,
+    and `hello` before anything else; → (type, message) or the stable error."""
     import json
 
     try:
@@ -31,6 +31,8 @@ def parse_json_message(data: str) -> tuple[str, dict[str, Any]]:
         raise ProtocolError("protocol.bad_json", f"message is not valid JSON: {e.msg}") from None
     if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
         raise ProtocolError("protocol.bad_message", "a message must be a JSON object with a string 'type'")
+    if expect_hello and msg["type"] != "hello":
+        raise ProtocolError("protocol.hello_required", "send 'hello' first", fatal=True)
     return msg["type"], msg
 
 

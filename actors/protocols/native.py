@@ -73,10 +73,8 @@ class NativeProtocol(ProtocolAdapter):
 
     # ----------------------------------------------------------- inbound
     def on_text(self, data: str) -> list[Action]:
-        kind, msg = parse_json_message(data)
+        kind, msg = parse_json_message(data, expect_hello=self._hello is None)
         if self._hello is None:
-            if kind != "hello":
-                raise ProtocolError("protocol.hello_required", "send 'hello' first", fatal=True)
             return [self._on_hello(msg)]
         if kind == "text":
             text = msg.get("text")
