@@ -314,16 +314,17 @@ class VoiceIngress:
 
     @api.delete("/api/session/{session_id}")
     async def session_delete(self, session_id: str, request: Request) -> dict[str, Any]:
+        """Ends the session and deletes its stored conversation."""
         p = self._principal(request)
-        await self._end(await self._existing(session_id, p.subject))
-        return {"session_id": session_id, "ended": True}
+        await self._end(await self._existing(session_id, p.subject), forget=True)
+        return {"session_id": session_id, "ended": True, "history_deleted": True}
 
     @staticmethod
-    async def _end(actor: Any) -> None:
+    async def _end(actor: Any, forget: bool = False) -> None:
         import ray
 
         try:
-            await actor.close.remote()
+            await actor.close.remote(forget)
         except ray.exceptions.RayActorError:
             pass  # it exits while answering
 

@@ -70,6 +70,9 @@ class SessionConfig(_Section):
     output_sample_rate: int = 16000
     max_history_messages: int = Field(40, ge=2)
     event_queue_size: int = Field(2000, ge=10)
+    history_db: str | None = "data/history.sqlite3"
+    """SQLite file keeping every session's conversation (relative to the
+    project root); None keeps history only in the session actor."""
 
     @field_validator("output_sample_rate")
     @classmethod

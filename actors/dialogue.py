@@ -57,11 +57,13 @@ class DialogueState(Child):
         assert turn is not None
         if isinstance(message, AssistantSays):
             self._record_reply(turn, message.text)
+            self._core.history_changed()
             self._core.tts.post(TextDelta(turn, message.text))
             self._core.tts.post(TextEnd(turn))
             return
         assert isinstance(message, UserTurn)
         self.history.append(ChatMessage(role="user", content=message.text))
+        self._core.history_changed()
         reply = ""
         try:
             reply = await self._run_llm(turn)
@@ -72,6 +74,7 @@ class DialogueState(Child):
         self._record_reply(turn, reply)
         self._core.tts.post(TextEnd(turn))
         self._trim()
+        self._core.history_changed()
 
     async def _run_llm(self, turn: int) -> str:
         timer = self._core.timer(turn)
@@ -119,6 +122,7 @@ class DialogueState(Child):
         else:
             self._assistant_at[turn] = len(self.history)
             self.history.append(msg)
+        self._core.history_changed()
 
     def _trim(self) -> None:
         excess = len(self.history) - self._max_history

@@ -17,6 +17,7 @@ from typing import Any
 import ray
 
 from actors.config import AppConfig
+from actors.history_store import HistoryStore
 from actors.events import Event
 from actors.pools import FallbackTTS, PooledSTT, PooledTTS, get_pool
 from actors.providers import build_llm, build_vad
@@ -54,7 +55,10 @@ def session_actor_name(session_id: str) -> str:
 
 
 def build_core(session_id: str, config: AppConfig) -> SessionCore:
-    """Wire a session to its providers: local VAD and LLM, pooled STT and TTS."""
+    """Wire a session to its providers (local VAD and LLM, pooled STT and
+    TTS) and to its stored history, if it had one."""
+    store = HistoryStore(config.resolve_path(config.session.history_db)) if config.session.history_db else None
+    history, memory = store.load(session_id) if store else ([], {})
     stt = PooledSTT(get_pool("stt", config.stt.provider, config))
     primary: TTS = PooledTTS(get_pool("tts", config.tts.provider, config))
     fallback = config.tts.fallback
@@ -64,6 +68,7 @@ def build_core(session_id: str, config: AppConfig) -> SessionCore:
         session_id, config, vad=build_vad(config), stt=stt, llm=build_llm(config.llm.provider, config), tts=tts,
         provider_names={"vad": config.vad.provider, "stt": config.stt.provider,
                         "llm": config.llm.provider, "tts": config.tts.provider},
+        history=history, memory=memory, store=store,
     )
 
 
@@ -151,8 +156,11 @@ class SessionActor:
         return {**self._core.stats(), "pid": os.getpid(), "created": self._created,
                 "device_state": self._core.device_state}
 
-    async def close(self) -> None:
+    async def close(self, forget: bool = False) -> None:
+        """End the session; `forget` also deletes its stored conversation."""
         await self._core.close()
+        if forget:
+            self._core.forget_history()
         ray.actor.exit_actor()
 
     async def _reap_when_idle(self) -> None:

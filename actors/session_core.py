@@ -15,6 +15,7 @@ from typing import Any
 from actors.audio_buffer import AudioBatch, AudioBuffer, ListenControl
 from actors.config import AppConfig
 from actors.dialogue import AssistantSays, DialogueState, UserTurn
+from actors.history_store import HistoryStore
 from actors.events import (
     ErrorCode, ErrorEvent, Event, SessionStarted, SpeechEnd, SpeechStart, STTFinal, TurnMetrics,
 )
@@ -56,7 +57,8 @@ class TurnTimer:
 class SessionCore:
     def __init__(self, session_id: str, config: AppConfig, *, vad: VAD, stt: STT, llm: LLM, tts: TTS,
                  tools: ToolRegistry | None = None, provider_names: dict[str, str] | None = None,
-                 history: list[ChatMessage] | None = None) -> None:
+                 history: list[ChatMessage] | None = None, memory: dict[str, str] | None = None,
+                 store: HistoryStore | None = None) -> None:
         self.session_id = session_id
         self.config = config
         self.provider_names = provider_names or {}
@@ -68,7 +70,7 @@ class SessionCore:
         self.interrupt_stream_ms: int | None = None
         self._timers: dict[int, TurnTimer] = {}
         self._timer_tasks: set[asyncio.TimerHandle] = set()
-        self.tool_context = ToolContext(memory={}, schedule_timer=self._schedule_timer)
+        self.tool_context = ToolContext(memory=dict(memory or {}), schedule_timer=self._schedule_timer)
         self.audio = AudioBuffer(self, vad, config)
         self.stt = STTStream(self, stt, config.stt.partial_interval_ms)
         self.dialogue = DialogueState(self, llm, tools or default_registry(), self.tool_context,
@@ -78,6 +80,9 @@ class SessionCore:
         self.last_activity = time.monotonic()
         self.closed = False
         self.device_state: dict[str, Any] = {}
+        self._store = store
+        self._history_dirty = False
+        self._saver: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         for child in self._children:
@@ -259,6 +264,29 @@ class SessionCore:
         handle = loop.call_later(seconds, lambda: self.say(text))
         self._timer_tasks.add(handle)
 
+    def history_changed(self) -> None:
+        """Persist the history soon; writes are serialised and the latest
+        snapshot wins, so a burst of changes costs one or two writes."""
+        if self._store is None:
+            return
+        self._history_dirty = True
+        if self._saver is None or self._saver.done():
+            self._saver = asyncio.get_running_loop().create_task(self._save_history())
+
+    async def _save_history(self) -> None:
+        assert self._store is not None
+        while self._history_dirty:
+            self._history_dirty = False
+            try:
+                await self._store.save(self.session_id, list(self.dialogue.history), self.tool_context.memory)
+            except Exception as e:  # a full disk must not end the conversation
+                log.error("session %s: could not save history: %s", self.session_id, e)
+                self.emit_error(ErrorCode.INTERNAL, "the conversation could not be saved")
+
+    def forget_history(self) -> None:
+        if self._store is not None:
+            self._store.forget(self.session_id)
+
     def history(self) -> list[ChatMessage]:
         return list(self.dialogue.history)
 
@@ -279,3 +307,5 @@ class SessionCore:
             h.cancel()
         for child in self._children:
             await child.stop()
+        if self._saver is not None:
+            await self._saver

@@ -7,6 +7,7 @@ import asyncio
 import os
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,7 +23,11 @@ TEST_NAMESPACE = "voice-actors-test"
 def config() -> Any:
     from actors.config import load_config
 
+    import tempfile
+
+    history_db = Path(tempfile.mkdtemp(prefix="va-test-")) / "history.sqlite3"
     return load_config(env={
+        "VOICE_ACTORS__SESSION__HISTORY_DB": str(history_db),
         "VOICE_ACTORS__SERVER__NAMESPACE": TEST_NAMESPACE,
         "VOICE_ACTORS__SERVER__WARM_SESSIONS": "1",
         "VOICE_ACTORS__SESSION__IDLE_TIMEOUT_S": "600",

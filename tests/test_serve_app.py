@@ -154,7 +154,11 @@ async def test_xiaozhi_query_string_fallback_and_mcp(server):
         err = json.loads(await asyncio.wait_for(ws.recv(), 10))
         assert err["type"] == "error" and err["code"] == "protocol.unknown_type"
     actor = ray.get_actor(f"session:{hello['session_id']}", namespace="voice-actors-test")
-    state = (await actor.stats.remote())["device_state"]
+    for _ in range(50):  # the ingress delivers what the device sent, also after it hung up
+        state = (await actor.stats.remote())["device_state"]
+        if "iot" in state:
+            break
+        await asyncio.sleep(0.1)
     assert state["mcp"]["result"]["tools"][0]["name"] == "self.light.set_rgb"
     assert state["iot"]["descriptors"][0]["name"] == "Speaker"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -14,7 +15,7 @@ import ray
 
 from actors.audio import rms_dbfs, silence
 from actors.pools import get_pool
-from actors.sessions import SessionHandle, SessionManager, create_session_actor, new_session_id
+from actors.sessions import SessionHandle, SessionManager, create_session_actor, find_session, new_session_id
 from tests.conftest import TEST_NAMESPACE, frames_of, send_frames
 
 QUESTION = "What is twelve times seven?"
@@ -244,3 +245,34 @@ def test_second_driver_sees_the_same_session(ray_cluster, config):
     assert users == ["My name is Ana.", "What is my name?"]
     assert mine[-1]["role"] == "assistant" and "Ana" in mine[-1]["content"]
     handle.close()
+
+
+async def test_history_survives_a_crashed_session_actor(ray_cluster, config, tap):
+    sid = new_session_id()
+    actor = create_session_actor(config, sid)
+    async with tap(actor) as t:
+        turn = await actor.send_text.remote("My name is Ana.")
+        await t.wait_for(lambda e: e.type == "metrics" and e.turn_id == turn)
+    await asyncio.sleep(0.3)  # the write follows the turn
+    ray.kill(actor)  # a crash: no goodbye, no flush
+    for _ in range(50):
+        if find_session(config, sid) is None:
+            break
+        await asyncio.sleep(0.1)
+    revived = create_session_actor(config, sid)
+    history = await revived.history.remote()
+    assert [m["content"] for m in history if m["role"] == "user"] == ["My name is Ana."]
+    assert "Ana" in history[-1]["content"] and history[-1]["role"] == "assistant"
+    async with tap(revived) as t:
+        turn = await revived.send_text.remote("What is my name?")
+        await t.wait_for(lambda e: e.type == "metrics" and e.turn_id == turn)
+    assert "Ana" in "".join(e.text for e in t.of("llm.delta", turn))
+    with contextlib.suppress(ray.exceptions.RayActorError):
+        await revived.close.remote(True)  # forget: the stored conversation goes too
+    for _ in range(50):
+        if find_session(config, sid) is None:
+            break
+        await asyncio.sleep(0.1)
+    fresh = create_session_actor(config, sid)
+    assert await fresh.history.remote() == []
+    ray.kill(fresh)
