@@ -175,7 +175,7 @@ class VoiceIngress:
 
     @api.get("/metrics")
     async def prometheus(self) -> Response:
-        body, content_type = self.metrics.render(self.slots.in_use)
+        body, content_type = self.metrics.render()
         return Response(body, media_type=content_type)
 
     # ------------------------------------------------------------ auth

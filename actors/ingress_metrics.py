@@ -53,5 +53,5 @@ class IngressMetrics:
                 if value is not None:
                     hist.observe(value / 1000.0)
 
-    def render(self, sockets: int) -> tuple[bytes, str]:
+    def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
