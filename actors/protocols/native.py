@@ -68,7 +68,6 @@ class NativeProtocol(ProtocolAdapter):
         self._decoder: Any = None
         self._encoder: Any = None
         self._encoder_turn = -1
-        self._output_rate = 16000
         self._opus_seq = 0
 
     # ----------------------------------------------------------- inbound
@@ -141,7 +140,6 @@ class NativeProtocol(ProtocolAdapter):
             from actors.protocols.opus import OpusEncoder
 
             self._encoder = OpusEncoder(output_sample_rate, frame_ms=60)
-        self._output_rate = output_sample_rate
         return [_json({
             "type": "hello", "version": PROTOCOL_VERSION, "session_id": session_id, "resumed": resumed,
             "audio_in": self._hello.audio.model_dump(),
@@ -162,9 +160,7 @@ class NativeProtocol(ProtocolAdapter):
             if event.reason == "done":
                 out.extend(self._opus(event.turn_id, self._encoder.flush()))
             else:  # drop the cut turn's buffered tail
-                from actors.protocols.opus import OpusEncoder
-
-                self._encoder = OpusEncoder(self._output_rate, frame_ms=60)
+                self._encoder.reset()
         out.append(_json(event.model_dump(mode="json")))
         return out
 

@@ -165,7 +165,7 @@ class XiaozhiProtocol(ProtocolAdapter):
             return [self._json({"type": "llm", "emotion": event.emotion,
                                 "text": EMOTION_EMOJI.get(event.emotion, "🙂")})]
         if kind == "tts.start":
-            self._encoder = OpusEncoder(self._out_rate, frame_ms=60)
+            self._encoder.reset()  # a new reply starts from a clean codec state
             return [self._json({"type": "tts", "state": "start"})]
         if kind == "tts.sentence":
             return [self._json({"type": "tts", "state": "sentence_start", "text": event.text})]
