@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,7 @@ from actors.audio_buffer import AudioBatch, AudioBuffer, ListenControl
 from actors.config import AppConfig
 from actors.dialogue import AssistantSays, DialogueState, UserTurn
 from actors.history_store import HistoryStore
+from actors.mailbox import Message
 from actors.events import (
     ErrorCode, ErrorEvent, Event, SessionStarted, SpeechEnd, SpeechStart, STTFinal, TurnMetrics,
 )
@@ -165,12 +167,7 @@ class SessionCore:
         if len(text) > MAX_TEXT_CHARS:
             self.emit_error(ErrorCode.TEXT_TOO_LONG, f"text is {len(text)} characters; the limit is {MAX_TEXT_CHARS}")
             return None
-        self.interrupt()
-        turn = self._new_turn()
-        self.timer(turn).text_in = time.time()
-        self.reply_turn = turn
-        self.dialogue.post(UserTurn(turn, text))
-        return turn
+        return self._start_reply(lambda turn: UserTurn(turn, text))
 
     def listen(self, state: str, mode: str = "auto") -> None:
         """Client listening state (xiaozhi `listen`, native `listen`); applied
@@ -199,12 +196,7 @@ class SessionCore:
 
     def say(self, text: str) -> int:
         """Speak without being asked (timers); interrupts like any new turn."""
-        self.interrupt()
-        turn = self._new_turn()
-        self.timer(turn).text_in = time.time()
-        self.reply_turn = turn
-        self.dialogue.post(AssistantSays(turn, text))
-        return turn
+        return self._start_reply(lambda turn: AssistantSays(turn, text))
 
     def interrupt(self, stream_ms: int | None = None) -> bool:
         """The one interruption primitive: barge-in, client abort, new text."""
@@ -249,6 +241,15 @@ class SessionCore:
         self._finish_turn(turn, interrupted=False)
 
     # ------------------------------------------------------------ internals
+    def _start_reply(self, message: Callable[[int], Message]) -> int:
+        """A turn that starts from text, not speech: cut any reply, then answer."""
+        self.interrupt()
+        turn = self._new_turn()
+        self.timer(turn).text_in = time.time()
+        self.reply_turn = turn
+        self.dialogue.post(message(turn))
+        return turn
+
     def _new_turn(self) -> int:
         self.turn_id += 1
         return self.turn_id

@@ -132,7 +132,7 @@ class SessionManager:
     def open(self, session_id: str | None = None) -> tuple[str, ray.actor.ActorHandle]:
         """Resume `session_id` if its actor lives, else start a session (warm if possible)."""
         if session_id:
-            actor = find_session(self.config, session_id) or create_session_actor(self.config, session_id)
+            actor = create_session_actor(self.config, session_id)  # get_if_exists: resumes a live one
             return session_id, actor
         taken = self._take_warm()
         if taken is None:
@@ -258,7 +258,7 @@ class SessionHandle:
     def open(cls, session_id: str | None = None, config: AppConfig | None = None) -> SessionHandle:
         config = config or load_config()
         sid = session_id or new_session_id()
-        actor = find_session(config, sid) or create_session_actor(config, sid)
+        actor = create_session_actor(config, sid)  # get_if_exists: resumes a live one
         ray.get(actor.ready.remote())
         return cls(sid, actor)
 
