@@ -4,6 +4,7 @@ convert, resample and read/write WAV so every part agrees on the format."""
 from __future__ import annotations
 
 import io
+import struct
 import wave
 from pathlib import Path
 
@@ -66,21 +67,57 @@ class AudioFormatError(ValueError):
     """The audio is not something we can turn into PCM16 mono."""
 
 
-def read_wav(data: bytes | str | Path, target_rate: int = SAMPLE_RATE) -> bytes:
-    """Any PCM16 WAV (mono or stereo, any rate) → PCM16 mono at target_rate."""
+WAV_MIN_RATE, WAV_MAX_RATE = 4000, 192000
+WAV_MAX_CHANNELS = 2
+_UNKNOWN_LENGTH = 0x7FFF0000
+"""A data chunk claiming ~2 GiB or more: what streaming writers (arecord,
+ffmpeg to a pipe) put there when they do not know the length yet. Such a
+claim is read as 'until the end of the file', not as truncation."""
+
+
+def read_wav(data: bytes | str | Path, target_rate: int = SAMPLE_RATE, *, max_seconds: float = 300) -> bytes:
+    """Any PCM16 WAV (mono or stereo, 4-192 kHz) → PCM16 mono at target_rate.
+
+    Everything in the header is checked before a sample is converted: an 8 KB
+    file whose header says 1 Hz would otherwise resample into gigabytes.
+    """
     raw = Path(data).read_bytes() if isinstance(data, (str, Path)) else data
     try:
         with wave.open(io.BytesIO(raw), "rb") as w:
-            channels, width, rate = w.getnchannels(), w.getsampwidth(), w.getframerate()
-            frames = w.readframes(w.getnframes())
-    except (wave.Error, EOFError) as e:
-        raise AudioFormatError(f"not a readable WAV file: {e}") from None
-    if width != 2:
-        raise AudioFormatError(f"WAV must be 16-bit PCM, got {8 * width}-bit")
-    x = np.frombuffer(frames, dtype="<i2").astype(np.float32) / 32768.0
+            channels, width, rate, nframes = w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()
+            _check_wav_header(channels, width, rate, nframes, max_seconds)
+            frames = w.readframes(nframes)  # at most what the file holds, whatever nframes says
+    except (wave.Error, EOFError, struct.error, RuntimeError) as e:
+        # RuntimeError: what wave's Chunk.skip raises for a chunk size past the end of the file
+        raise AudioFormatError(f"not a readable WAV file: {str(e) or type(e).__name__}") from None
+    present = len(frames) // (width * channels)
+    if present < nframes and nframes * width * channels < _UNKNOWN_LENGTH:
+        raise AudioFormatError(f"WAV data is truncated: the header says {nframes} frames, the file holds {present}")
+    _check_output_length(present, rate, target_rate, max_seconds)
+    x = np.frombuffer(frames[:present * width * channels], dtype="<i2").astype(np.float32) / 32768.0
     if channels > 1:
         x = x.reshape(-1, channels).mean(axis=1)
     return float_to_pcm16(resample(x, rate, target_rate))
+
+
+def _check_wav_header(channels: int, width: int, rate: int, nframes: int, max_seconds: float) -> None:
+    """Format, rate, channel count and the claimed duration, before reading data."""
+    if width != 2:
+        raise AudioFormatError(f"WAV must be 16-bit PCM, got {8 * width}-bit")
+    if not 1 <= channels <= WAV_MAX_CHANNELS:
+        raise AudioFormatError(f"WAV must be mono or stereo, got {channels} channels")
+    if not WAV_MIN_RATE <= rate <= WAV_MAX_RATE:
+        raise AudioFormatError(f"WAV sample rate {rate} Hz is outside {WAV_MIN_RATE}-{WAV_MAX_RATE} Hz")
+    if nframes * width * channels < _UNKNOWN_LENGTH and nframes / rate > max_seconds:
+        raise AudioFormatError(f"audio is {nframes / rate:.1f} s long, over the {max_seconds:g} s limit")
+
+
+def _check_output_length(frames: int, rate: int, target_rate: int, max_seconds: float) -> None:
+    """Refuse before resampling when the output would exceed max_seconds; the
+    same length resample() will produce."""
+    out = max(1, round(frames * target_rate / rate)) if frames else 0
+    if out > max_seconds * target_rate:
+        raise AudioFormatError(f"audio is {out / target_rate:.1f} s long, over the {max_seconds:g} s limit")
 
 
 def split_frames(pcm16: bytes, frame_ms: int = 60, sample_rate: int = SAMPLE_RATE) -> list[bytes]:

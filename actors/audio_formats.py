@@ -77,12 +77,14 @@ def decode_upload(
     """
     if not data:
         raise AudioFormatError("empty upload: no audio data")
+    if declared_rate is not None:
+        _check_rate(declared_rate, "declared sample rate")
     mime, params = _parse_content_type(content_type)
     kind = _detect_kind(data, mime, filename, declared_rate)
     if kind == "wav":
-        pcm = read_wav(data, SAMPLE_RATE)
+        pcm = read_wav(data, SAMPLE_RATE, max_seconds=max_seconds)
     elif kind == "pcm":
-        pcm = _decode_raw_pcm(data, _pcm_rate(params, declared_rate), _pcm_channels(params))
+        pcm = _decode_raw_pcm(data, _pcm_rate(params, declared_rate), _pcm_channels(params), max_seconds)
     else:
         pcm = _decode_container(data, _DEMUXERS[kind], max_seconds)
     if not pcm:
@@ -208,12 +210,22 @@ def _looks_like_text(data: bytes) -> bool:
 def _pcm_rate(params: dict[str, str], declared_rate: int | None) -> int:
     """The content-type rate= wins over declared_rate; default SAMPLE_RATE."""
     raw = params.get("rate", declared_rate if declared_rate is not None else SAMPLE_RATE)
-    try:
-        rate = int(raw)
-    except (TypeError, ValueError):
-        raise AudioFormatError(f"invalid PCM sample rate {raw!r}") from None
+    if isinstance(raw, str):
+        text = raw.strip()
+        # int() alone would take '１６０００', '1_6000' and 4,000-digit strings
+        if not (text.isascii() and text.isdigit() and len(text) <= 9):
+            raise AudioFormatError(f"invalid PCM sample rate {raw[:32]!r}")
+        raw = int(text)
+    return _check_rate(raw, "PCM sample rate")
+
+
+def _check_rate(rate: object, what: str) -> int:
+    """An int (not bool) within _MIN_RATE.._MAX_RATE: every rate used as a
+    divisor or resampling ratio goes through here first."""
+    if isinstance(rate, bool) or not isinstance(rate, int):
+        raise AudioFormatError(f"{what} must be an integer number of Hz, got {str(rate)[:32]!r}")
     if not _MIN_RATE <= rate <= _MAX_RATE:
-        raise AudioFormatError(f"PCM sample rate {rate} outside {_MIN_RATE}-{_MAX_RATE} Hz")
+        raise AudioFormatError(f"{what} {rate} outside {_MIN_RATE}-{_MAX_RATE} Hz")
     return rate
 
 
@@ -224,13 +236,15 @@ def _pcm_channels(params: dict[str, str]) -> int:
     return int(raw)
 
 
-def _decode_raw_pcm(data: bytes, rate: int, channels: int) -> bytes:
-    """Raw PCM16 little-endian (interleaved if stereo) → mono at SAMPLE_RATE."""
+def _decode_raw_pcm(data: bytes, rate: int, channels: int, max_seconds: float) -> bytes:
+    """Raw PCM16 little-endian (interleaved if stereo) → mono at SAMPLE_RATE;
+    the duration is checked before resampling, which is where size multiplies."""
     if len(data) % (2 * channels):
         raise AudioFormatError(
             f"raw PCM16 length {len(data)} bytes is not a whole number of "
             f"{channels}-channel 16-bit samples"
         )
+    _check_duration(len(data) // (2 * channels), rate, max_seconds)
     x = pcm16_to_float(data)
     if channels > 1:
         x = x.reshape(-1, channels).mean(axis=1)
@@ -243,9 +257,15 @@ def _decode_container(data: bytes, demuxer: str, max_seconds: float) -> bytes:
         with av.open(io.BytesIO(data), format=demuxer) as container:
             if not container.streams.audio:
                 raise AudioFormatError(f"{demuxer} file has no audio stream")
-            frames = container.decode(container.streams.audio[0])
-            return _frames_to_pcm(frames, max_seconds)
-    except av.error.FFmpegError as e:
+            stream = container.streams.audio[0]
+            if stream.sample_rate:  # 0 = not known before decoding; each frame is checked then
+                _check_rate(stream.sample_rate, f"{demuxer} stream sample rate")
+            return _frames_to_pcm(container.decode(stream), max_seconds)
+    except AudioFormatError:
+        raise
+    except (av.error.FFmpegError, ValueError, IndexError, UnicodeDecodeError) as e:
+        # FFmpeg's own errors, and PyAV's when a corrupt frame has an
+        # impossible layout (to_ndarray/reshape) or undecodable metadata
         raise AudioFormatError(f"cannot decode {demuxer} audio: {e}") from None
 
 
@@ -255,7 +275,7 @@ def _frames_to_pcm(frames: Iterable[av.AudioFrame], max_seconds: float) -> bytes
     runs: list[tuple[int, list[np.ndarray]]] = []  # consecutive frames sharing a rate
     seconds = 0.0
     for frame in frames:
-        rate = frame.sample_rate
+        rate = _check_rate(frame.sample_rate, "decoded sample rate")
         if not runs or runs[-1][0] != rate:
             runs.append((rate, []))
         runs[-1][1].append(frame_to_mono(frame))

@@ -5,8 +5,12 @@ format and nothing else: no dialogue, no vendor, no Ray."""
 from __future__ import annotations
 
 import abc
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Union
+
+from actors import safe_json
 
 
 class ProtocolError(Exception):
@@ -20,17 +24,64 @@ class ProtocolError(Exception):
         self.close_code = close_code
 
 
+SESSION_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+"""Session ids a client may name: they become actor names, log fields and
+SQLite keys, so no dots, slashes, colons, blanks or control characters (the
+server's own ids are 16 hex characters)."""
+MAX_TEXT_CHARS = 4000
+"""A typed message, as on POST /api/text/process."""
+MAX_ECHO_ID_CHARS = 64
+_SESSION_ID_RE = re.compile(SESSION_ID_PATTERN)
+_JSON_CODES = {"json.too_large": "limit.too_large", "json.too_deep": "protocol.too_deep"}
+"""safe_json codes with a protocol code of their own; the rest (syntax, bad
+number, constant or string) are all `protocol.bad_json` to the client."""
+
+
+def valid_session_id(value: object) -> bool:
+    """True for a str matching SESSION_ID_PATTERN (fullmatch: `$` alone would
+    let a trailing newline through)."""
+    return isinstance(value, str) and _SESSION_ID_RE.fullmatch(value) is not None
+
+
+def echo_id(value: object) -> str | int | float | None:
+    """The `id` of a ping as it may be sent back: a short string or a number
+    any JSON client reads exactly (finite, within ±2**53); anything else is
+    answered with null rather than echoing a client's payload."""
+    if isinstance(value, str):
+        return value if len(value) <= MAX_ECHO_ID_CHARS else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value if abs(value) <= 2 ** 53 else None
+
+
+def short_repr(value: object, limit: int = 40) -> str:
+    """repr() for error messages, cut so a client cannot make us echo
+    (and log) a whole message back."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def load_json_message(data: str | bytes, fatal: bool = False) -> Any:
+    """safe_json.loads with its refusals as ProtocolErrors: syntax and
+    unacceptable values are `protocol.bad_json`, over-size `limit.too_large`,
+    over-deep `protocol.too_deep`."""
+    try:
+        return safe_json.loads(data)
+    except safe_json.JSONLimitError as e:
+        code = _JSON_CODES.get(e.code, "protocol.bad_json")
+        raise ProtocolError(code, f"message refused: {e.message}", fatal=fatal) from None
+
+
 def parse_json_message(data: str, expect_hello: bool = False) -> tuple[str, dict[str, Any]]:
     """Every JSON control protocol here takes an object with a string `type`,
-    and `hello` before anything else; → (type, message) or the stable error."""
-    import json
-
-    try:
-        msg = json.loads(data)
-    except json.JSONDecodeError as e:
-        raise ProtocolError("protocol.bad_json", f"message is not valid JSON: {e.msg}") from None
+    and `hello` before anything else; → (type, message) or the stable error.
+    Errors before the hello are fatal: there is no session to keep open."""
+    msg = load_json_message(data, fatal=expect_hello)
     if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
-        raise ProtocolError("protocol.bad_message", "a message must be a JSON object with a string 'type'")
+        raise ProtocolError("protocol.bad_message", "a message must be a JSON object with a string 'type'",
+                            fatal=expect_hello)
     if expect_hello and msg["type"] != "hello":
         raise ProtocolError("protocol.hello_required", "send 'hello' first", fatal=True)
     return msg["type"], msg
@@ -108,9 +159,7 @@ class ProtocolAdapter(abc.ABC):
 
     def error(self, code: str, message: str) -> list[Outgoing]:
         """A non-fatal error report in this protocol's own shape."""
-        import json
-
-        return [json.dumps({"type": "error", "code": code, "message": message})]
+        return [safe_json.dumps({"type": "error", "code": code, "message": message})]
 
     def after_hello(self) -> list[Outgoing]:
         """Messages the server sends right after the hello reply (e.g. MCP initialize)."""

@@ -4,14 +4,15 @@ audio as tagged binary frames out."""
 
 from __future__ import annotations
 
-import json
 import struct
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from actors import safe_json
 from actors.protocols.base import (
-    Action, Audio, HistoryRequest, Hello, Interrupt, Listen, Outgoing, ProtocolAdapter, ProtocolError, parse_json_message, Reply, Text,
+    MAX_TEXT_CHARS, SESSION_ID_PATTERN, Action, Audio, HistoryRequest, Hello, Interrupt, Listen, Outgoing,
+    ProtocolAdapter, ProtocolError, Reply, Text, echo_id, parse_json_message, short_repr,
 )
 
 PROTOCOL_VERSION = 1
@@ -39,13 +40,13 @@ class HelloMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     type: Literal["hello"]
     version: int = PROTOCOL_VERSION
-    session_id: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+    session_id: str | None = Field(None, max_length=64, pattern=SESSION_ID_PATTERN)
     audio: AudioFormat = AudioFormat()
     output: OutputFormat = OutputFormat()
 
 
 def _json(msg: dict[str, Any]) -> str:
-    return json.dumps(msg, ensure_ascii=False, separators=(",", ":"))
+    return safe_json.dumps(msg, compact=True)
 
 
 def pack_audio(codec: int, turn_id: int, seq: int, payload: bytes) -> bytes:
@@ -77,8 +78,9 @@ class NativeProtocol(ProtocolAdapter):
             return [self._on_hello(msg)]
         if kind == "text":
             text = msg.get("text")
-            if not isinstance(text, str):
-                raise ProtocolError("protocol.bad_message", "'text' needs a string field 'text'")
+            if not isinstance(text, str) or len(text) > MAX_TEXT_CHARS:
+                raise ProtocolError("protocol.bad_message",
+                                    f"'text' needs a string field 'text' of at most {MAX_TEXT_CHARS} characters")
             return [Text(text)]
         if kind == "interrupt":
             return [Interrupt("client")]
@@ -89,12 +91,12 @@ class NativeProtocol(ProtocolAdapter):
                                     "'listen' needs state start|stop and mode auto|manual|realtime")
             return [Listen(state, mode)]
         if kind == "ping":
-            return [Reply(_json({"type": "pong", "id": msg.get("id")}))]
+            return [Reply(_json({"type": "pong", "id": echo_id(msg.get("id"))}))]
         if kind == "history":
             return [HistoryRequest()]
         if kind == "hello":
             raise ProtocolError("protocol.bad_message", "'hello' was already received")
-        raise ProtocolError("protocol.unknown_type", f"unknown message type {kind!r}")
+        raise ProtocolError("protocol.unknown_type", f"unknown message type {short_repr(kind)}")
 
     def _on_hello(self, msg: dict[str, Any]) -> Hello:
         try:

@@ -9,18 +9,23 @@ type, u8 reserved, big-endian u16 payload size). Type 0 is Opus audio.
 
 from __future__ import annotations
 
-import json
+import math
 import struct
 from typing import Any
 
+from actors import safe_json
 from actors.protocols.base import (
-    Action, Audio, DeviceMessage, Hello, Interrupt, Listen, Outgoing, ProtocolAdapter, ProtocolError, parse_json_message,
+    Action, Audio, DeviceMessage, Hello, Interrupt, Listen, Outgoing, ProtocolAdapter, ProtocolError,
+    parse_json_message, short_repr,
 )
 from actors.protocols.opus import OpusDecodeError, OpusDecoder, OpusEncoder
 
 V2_HEADER = struct.Struct(">HHIII")
 V3_HEADER = struct.Struct(">BBH")
 TYPE_OPUS = 0
+LISTEN_MODES = ("auto", "manual", "realtime")
+MAX_REASON_CHARS = 64
+MAX_WAKE_WORD_CHARS = 200
 
 EMOTION_EMOJI = {
     "neutral": "😶", "happy": "🙂", "laughing": "😆", "funny": "😂", "sad": "😔", "angry": "😠",
@@ -55,6 +60,41 @@ def unpack_frame(version: int, frame: bytes) -> tuple[int, bytes]:
     return kind, payload
 
 
+def _abort_reason(reason: object) -> str:
+    """A short string as sent by the firmware ("wake_word_detected"), else the
+    default: the reason is logged and shown, so no client payload goes there."""
+    if isinstance(reason, str) and 0 < len(reason) <= MAX_REASON_CHARS:
+        return reason
+    return "abort"
+
+
+def _check_audio_params(params: object) -> None:
+    """The uplink the device announces must be what we decode: Opus, 16 kHz,
+    mono. Wrong types are a bad hello, not a crash in int()."""
+    if params is None:
+        return
+    if not isinstance(params, dict):
+        raise ProtocolError("protocol.bad_hello", "audio_params must be an object", fatal=True)
+    fmt = params.get("format", "opus")
+    if not isinstance(fmt, str):
+        raise ProtocolError("protocol.bad_hello", "audio_params.format must be a string", fatal=True)
+    rate = _int_param(params, "sample_rate", 16000)
+    channels = _int_param(params, "channels", 1)
+    if fmt != "opus" or rate != 16000 or channels != 1:
+        raise ProtocolError("audio.unsupported_format", "xiaozhi uplink must be Opus, 16000 Hz, mono", fatal=True)
+
+
+def _int_param(params: dict[str, Any], key: str, default: int) -> int:
+    """An integer field (16000 or 16000.0; bool is no number here) or a fatal bad_hello."""
+    value = params.get(key, default)
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise ProtocolError("protocol.bad_hello", f"audio_params.{key} must be an integer, got {short_repr(value)}",
+                        fatal=True)
+
+
 class XiaozhiProtocol(ProtocolAdapter):
     name = "xiaozhi"
 
@@ -80,7 +120,7 @@ class XiaozhiProtocol(ProtocolAdapter):
         if kind == "listen":
             return self._on_listen(msg)
         if kind == "abort":
-            return [Interrupt(str(msg.get("reason") or "abort"))]
+            return [Interrupt(_abort_reason(msg.get("reason")))]
         if kind == "mcp":
             if not isinstance(msg.get("payload"), dict):
                 raise ProtocolError("protocol.bad_message", "'mcp' needs a JSON-RPC object in 'payload'")
@@ -89,16 +129,10 @@ class XiaozhiProtocol(ProtocolAdapter):
             return [DeviceMessage("iot", {k: v for k, v in msg.items() if k in ("descriptors", "states", "update")})]
         if kind == "hello":
             raise ProtocolError("protocol.bad_message", "'hello' was already received")
-        raise ProtocolError("protocol.unknown_type", f"unknown message type {kind!r}")
+        raise ProtocolError("protocol.unknown_type", f"unknown message type {short_repr(kind)}")
 
     def _on_hello(self, msg: dict[str, Any]) -> Hello:
-        params = msg.get("audio_params") or {}
-        if not isinstance(params, dict):
-            raise ProtocolError("protocol.bad_hello", "audio_params must be an object", fatal=True)
-        if params.get("format", "opus") != "opus" or int(params.get("sample_rate", 16000)) != 16000 \
-                or int(params.get("channels", 1)) != 1:
-            raise ProtocolError("audio.unsupported_format",
-                                "xiaozhi uplink must be Opus, 16000 Hz, mono", fatal=True)
+        _check_audio_params(msg.get("audio_params"))
         if msg.get("transport", "websocket") != "websocket":
             raise ProtocolError("protocol.bad_hello", "only transport 'websocket' is served here", fatal=True)
         self._hello = msg
@@ -108,13 +142,17 @@ class XiaozhiProtocol(ProtocolAdapter):
 
     def _on_listen(self, msg: dict[str, Any]) -> list[Action]:
         state, mode = msg.get("state"), msg.get("mode", "auto")
-        if mode not in ("auto", "manual", "realtime"):
-            raise ProtocolError("protocol.bad_message", f"unknown listen mode {mode!r}")
+        if not isinstance(mode, str) or mode not in LISTEN_MODES:
+            raise ProtocolError("protocol.bad_message", f"unknown listen mode {short_repr(mode)}")
+        if not isinstance(state, str):
+            raise ProtocolError("protocol.bad_message", f"listen state must be a string, got {short_repr(state)}")
         if state in ("start", "stop"):
             return [Listen(state, mode)]
         if state == "detect":  # the wake word was heard: stop talking and listen
-            return [Interrupt("wake_word_detected"), DeviceMessage("wake_word", str(msg.get("text") or ""))]
-        raise ProtocolError("protocol.bad_message", f"unknown listen state {state!r}")
+            text = msg.get("text")
+            word = text if isinstance(text, str) and len(text) <= MAX_WAKE_WORD_CHARS else ""
+            return [Interrupt("wake_word_detected"), DeviceMessage("wake_word", word)]
+        raise ProtocolError("protocol.bad_message", f"unknown listen state {short_repr(state)}")
 
     def on_binary(self, data: bytes) -> list[Action]:
         if self._hello is None:
@@ -183,4 +221,4 @@ class XiaozhiProtocol(ProtocolAdapter):
         return pack_frame(self.version, packet, self._sent_ms)
 
     def _json(self, msg: dict[str, Any]) -> str:
-        return json.dumps({"session_id": self._session_id, **msg}, ensure_ascii=False)
+        return safe_json.dumps({"session_id": self._session_id, **msg})
