@@ -7,6 +7,8 @@ dialogue or vendor API lives here.
 
 import asyncio
 import base64
+import contextlib
+import json
 import logging
 import secrets
 import time
@@ -17,10 +19,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from actors.auth import Authenticator, AuthError, Principal
 from actors.config import AppConfig, load_config
-from actors.limits import LimitError, RateLimiter, SessionSlots, check_size
+from actors.ingress.auth import Authenticator, AuthError, Principal, check_device_ids
+from actors.ingress.http_guard import BodyGuard
+from actors.ingress.limits import FailureLimiter, LimitError, RateLimiter, SessionSlots
+from actors.protocols.base import SESSION_ID_PATTERN, valid_session_id as _valid_session_id
 
 log = logging.getLogger("voice_actors.ingress")
 
@@ -36,6 +41,15 @@ class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
+        self.ws_close_code = 4000 + status if 400 <= status < 500 else 1011
+
+
+class SessionNotFound(ApiError):
+    """Unknown and someone else's session ids get this same answer, so ids
+    cannot be probed for existence."""
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(404, "session.not_found", "no session with this id belongs to you")
 
 
 def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -65,6 +79,17 @@ async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
     return _error(422, "request.invalid", f"{where}: {first['msg']}")
 
 
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+    """The framework's own refusals (unknown path, wrong method, a body it
+    could not parse) in the same envelope as ours, never `{"detail": ...}`."""
+    return _error(e.status_code, f"http.{e.status_code}", str(e.detail), dict(e.headers or {}) or None)
+
+
+UPLOAD_ROUTES = ("/api/audio/stt", "/api/audio/process")
+api.add_middleware(BodyGuard)
+
+
 # ------------------------------------------------------------------ bodies
 class LoginBody(BaseModel):
     username: str = Field(min_length=1, max_length=128)
@@ -73,12 +98,12 @@ class LoginBody(BaseModel):
 
 class TextBody(BaseModel):
     text: str = Field(min_length=1, max_length=4000)
-    session_id: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+    session_id: str | None = Field(None, max_length=64, pattern=SESSION_ID_PATTERN)
 
 
 class BatchBody(BaseModel):
     texts: list[str] = Field(min_length=1, max_length=32)
-    session_id: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+    session_id: str | None = Field(None, max_length=64, pattern=SESSION_ID_PATTERN)
 
 
 class TTSBody(BaseModel):
@@ -87,35 +112,63 @@ class TTSBody(BaseModel):
 
 
 class VoiceStartBody(BaseModel):
-    session_id: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+    session_id: str | None = Field(None, max_length=64, pattern=SESSION_ID_PATTERN)
 
 
 class VoiceEndBody(BaseModel):
-    session_id: str = Field(max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+    session_id: str = Field(max_length=64, pattern=SESSION_ID_PATTERN)
+
+
+class ActivateBody(BaseModel):
+    code: str = Field(pattern=r"^[0-9]{6}$")
 
 
 @serve.deployment(max_ongoing_requests=1000, graceful_shutdown_timeout_s=120)
 @serve.ingress(api)
 class VoiceIngress:
     def __init__(self, config: AppConfig) -> None:
-        from actors.ingress_metrics import IngressMetrics
+        from actors.history_store import HistoryStore
+        from actors.ingress.admission import DeviceAdmission
+        from actors.ingress.devices import DeviceRegistry
+        from actors.ingress.metrics import IngressMetrics
         from actors.pools import ensure_pools
         from actors.sessions import SessionManager
 
+        from actors.ingress import http_guard  # imported here: a module global would be a pickled copy
+
+        http_guard.body_limits.set(config.limits.max_json_bytes, config.limits.max_request_bytes, UPLOAD_ROUTES)
         self.config = config
         ensure_pools(config)
         self.sessions = SessionManager(config)
         self.auth = Authenticator(config.auth)
         self.rate = RateLimiter(config.limits.requests_per_minute, config.limits.burst)
+        a = config.auth
+        self.login_failures = FailureLimiter(a.login_max_failures, a.failure_window_s, a.failure_lock_s,
+                                             a.failure_max_lock_s)
+        self.ip_failures = FailureLimiter(a.ip_max_failures, a.failure_window_s, a.failure_lock_s,
+                                          a.failure_max_lock_s)
         self.slots = SessionSlots(config.limits.max_sessions, config.limits.max_sessions_per_client)
+        db = config.resolve_path(config.session.history_db or "data/history.sqlite3")
+        self.store = HistoryStore(db) if config.session.history_db else None
+        self.admission = DeviceAdmission(config.auth, DeviceRegistry(db))
         self.metrics = IngressMetrics()
 
     # ------------------------------------------------------------ helpers
+    COUNTED_FAILURES = ("auth.bad_token", "auth.bad_device_token", "auth.bad_credentials")
+    """Refusals that cost the caller's address a failure: guesses, not a stale token."""
+
     def _principal(self, request: Request | WebSocket, client_id: str | None = None,
                    device_id: str | None = None) -> Principal:
+        ip_key = "ip:" + self._client_ip(request)
+        self.ip_failures.check(ip_key)
         token = Authenticator.token_from(request.headers, request.query_params)
-        principal = self.auth.authenticate(token, client_id, device_id)
-        self.rate.check(principal.subject if principal.kind != "anonymous" else self._client_ip(request))
+        try:
+            principal = self.auth.authenticate(token, client_id, device_id)
+        except AuthError as e:
+            if e.code in self.COUNTED_FAILURES:
+                self.ip_failures.failed(ip_key)
+            raise
+        self.rate.check(principal.key if principal.kind != "anonymous" else ip_key)
         return principal
 
     @staticmethod
@@ -123,34 +176,64 @@ class VoiceIngress:
         return request.client.host if request.client else "unknown"
 
     async def _body_bytes(self, request: Request) -> bytes:
-        declared = int(request.headers.get("content-length") or 0)
-        check_size(declared, self.config.limits.max_request_bytes, "request body")
-        data = await request.body()
-        check_size(len(data), self.config.limits.max_request_bytes, "request body")
-        return data
+        return await request.body()  # the size was checked by BodyGuard, from the declared length
 
-    async def _open(self, session_id: str | None, owner: str, alias: str | None = None) -> tuple[str, Any, bool]:
-        """Open or resume a session (by id, or by a stable alias such as a
-        device id); refuses one that belongs to someone else."""
-        from actors.sessions import find_session
-
-        if alias is not None:
-            sid, actor, resumed = await self.sessions.open_alias(alias)
-        else:
-            resumed = bool(session_id) and find_session(self.config, session_id) is not None
-            sid, actor = await asyncio.to_thread(self.sessions.open, session_id)
-        if not await actor.claim.remote(owner):
-            raise AuthError("auth.forbidden_session", "this session belongs to another client")
-        return sid, actor, resumed
-
-    async def _existing(self, session_id: str, owner: str) -> Any:
+    async def _owned(self, session_id: str, principal: Principal) -> bool:
+        """Does `principal` own this session? Asked of the store, which keeps
+        the owner as long as the conversation; a session someone else owns and
+        one that never existed look the same to the caller."""
+        if self.store is not None:
+            return await asyncio.to_thread(self.store.owner_of, session_id) == principal.key
         from actors.sessions import find_session
 
         actor = find_session(self.config, session_id)
+        return actor is not None and await actor.claim.remote(principal.key)
+
+    async def _open(self, session_id: str | None, principal: Principal,
+                    alias: str | None = None) -> tuple[str, Any, bool]:
+        """Open or resume a session (by id, or by a stable alias such as a
+        device id). Resuming needs the id to be the caller's; a new session
+        needs a place under the caller's and the cluster's session caps."""
+        import ray
+
+        owner = principal.key
+        if alias is not None:
+            sid, actor, resumed = await self.sessions.open_alias(alias)
+        elif session_id:
+            if not await self._owned(session_id, principal):
+                raise SessionNotFound(session_id)
+            sid, actor = await asyncio.to_thread(self.sessions.open, session_id)
+            resumed = True
+        else:
+            sid, actor = await asyncio.to_thread(self.sessions.open, None)
+            resumed = False
+        limits = self.config.limits
+        refused = await self.sessions.directory.admit.remote(
+            sid, owner, limits.max_live_sessions_per_principal, limits.max_live_sessions_per_node)
+        if refused is not None:
+            if not resumed and alias is None:
+                ray.kill(actor)  # a fresh warm actor nobody may have: the pool makes another
+            raise LimitError(refused)
+        try:
+            claimed = await actor.claim.remote(owner)
+        except ray.exceptions.RayActorError:  # it died since it was handed out: once more, cold
+            await self.sessions.directory.release.remote(sid)
+            if alias is not None or session_id:
+                sid, actor = await asyncio.to_thread(self.sessions.open, sid)
+            else:
+                return await self._open(None, principal)
+            claimed = await actor.claim.remote(owner)
+        if not claimed:
+            raise SessionNotFound(sid)
+        return sid, actor, resumed
+
+    async def _live_owned(self, session_id: str, principal: Principal) -> Any:
+        """The live actor of a session the caller owns, else session.not_found."""
+        from actors.sessions import find_session
+
+        actor = find_session(self.config, session_id) if await self._owned(session_id, principal) else None
         if actor is None:
-            raise ApiError(404, "session.not_found", f"no live session {session_id}")
-        if not await actor.claim.remote(owner):
-            raise AuthError("auth.forbidden_session", "this session belongs to another client")
+            raise SessionNotFound(session_id)
         return actor
 
     async def _turn(self, actor: Any, send: Any) -> Any:
@@ -181,8 +264,20 @@ class VoiceIngress:
     # ------------------------------------------------------------ auth
     @api.post("/api/auth/login")
     async def login(self, body: LoginBody, request: Request) -> dict[str, Any]:
-        self.rate.check("login:" + self._client_ip(request))
-        token = await asyncio.to_thread(self.auth.login, body.username, body.password)
+        """Failed attempts lock the user name and the address with growing
+        back-off, checked before any hashing, so guessing costs the guesser
+        time and the server nothing."""
+        ip_key, user_key = "ip:" + self._client_ip(request), "login:" + body.username
+        self.rate.check("login:" + ip_key)
+        self.ip_failures.check(ip_key)
+        self.login_failures.check(user_key)
+        try:
+            token = await asyncio.to_thread(self.auth.login, body.username, body.password)
+        except AuthError:
+            self.ip_failures.failed(ip_key)
+            self.login_failures.failed(user_key)
+            raise
+        self.login_failures.succeeded(user_key)
         return {"access_token": token, "token_type": "bearer", "expires_in": self.config.auth.token_ttl_s}
 
     @api.get("/api/auth/me")
@@ -194,7 +289,7 @@ class VoiceIngress:
     @api.post("/api/text/process")
     async def text_process(self, body: TextBody, request: Request) -> dict[str, Any]:
         p = self._principal(request)
-        sid, actor, _ = await self._open(body.session_id, p.subject)
+        sid, actor, _ = await self._open(body.session_id, p)
         await actor.configure_output.remote(speak=False)
 
         async def send() -> bool:
@@ -206,7 +301,7 @@ class VoiceIngress:
     async def text_batch(self, body: BatchBody, request: Request) -> dict[str, Any]:
         """Texts answered in order in one session, so later ones see earlier ones."""
         p = self._principal(request)
-        sid, actor, _ = await self._open(body.session_id, p.subject)
+        sid, actor, _ = await self._open(body.session_id, p)
         await actor.configure_output.remote(speak=False)
         results = []
         for text in body.texts:
@@ -252,7 +347,7 @@ class VoiceIngress:
 
         p = self._principal(request)
         pcm = await self._decode_upload(request)
-        sid, actor, _ = await self._open(request.query_params.get("session_id"), p.subject)
+        sid, actor, _ = await self._open(self._query_session_id(request), p)
         await actor.configure_output.remote(speak=True, pace=False)
         frames = split_frames(pcm + silence(1500), 60)
         try:
@@ -281,42 +376,68 @@ class VoiceIngress:
         else:
             filename = None
         rate = request.query_params.get("sample_rate")
+        if rate is not None and not (rate.isascii() and rate.isdigit() and len(rate) <= 6):
+            raise ApiError(422, "request.invalid", "sample_rate must be a whole number of Hz")
         try:
             return await asyncio.to_thread(decode_upload, data, content_type, filename,
-                                           int(rate) if rate and rate.isdigit() else None)
+                                           int(rate) if rate else None, self.config.limits.max_upload_seconds)
         except AudioFormatError as e:
             raise ApiError(415, "audio.unsupported_format", str(e)) from None
+
+    @staticmethod
+    def _query_session_id(request: Request) -> str | None:
+        import re
+
+        sid = request.query_params.get("session_id")
+        if sid is not None and not re.fullmatch(SESSION_ID_PATTERN, sid):
+            raise ApiError(422, "request.invalid", "session_id: not a session id")
+        return sid
 
     # ------------------------------------------------------------ sessions
     @api.post("/api/voice/start")
     async def voice_start(self, request: Request, body: VoiceStartBody = Body(default=VoiceStartBody())) -> dict:
         p = self._principal(request)
-        sid, _, resumed = await self._open(body.session_id, p.subject)
+        sid, _, resumed = await self._open(body.session_id, p)
         return {"session_id": sid, "resumed": resumed, "websocket": {"url": self._ws_url(request, "/ws/voice"),
                                                                      "protocol": "voice-actors/1"}}
 
     @api.post("/api/voice/end")
     async def voice_end(self, body: VoiceEndBody, request: Request) -> dict[str, Any]:
         p = self._principal(request)
-        await self._end(await self._existing(body.session_id, p.subject))
+        await self._end(await self._live_owned(body.session_id, p))
         return {"session_id": body.session_id, "ended": True}
 
     @api.get("/api/session/validate/{session_id}")
     async def session_validate(self, session_id: str, request: Request) -> dict[str, Any]:
+        """Valid means yours and resumable (live, or stored and brought back on
+        the next connect). Unknown ids and other people's answer alike."""
+        from actors.sessions import find_session
+
         p = self._principal(request)
-        try:
-            actor = await self._existing(session_id, p.subject)
-        except ApiError:
+        if not _valid_session_id(session_id) or not await self._owned(session_id, p):
             return {"session_id": session_id, "valid": False}
+        actor = find_session(self.config, session_id)
+        if actor is None:
+            assert self.store is not None  # without a store, owned implies live
+            history, _ = await asyncio.to_thread(self.store.load, session_id)
+            return {"session_id": session_id, "valid": True, "live": False, "history_messages": len(history)}
         stats = await actor.stats.remote()
-        return {"session_id": session_id, "valid": True, "turns": stats["turn_id"],
+        return {"session_id": session_id, "valid": True, "live": True, "turns": stats["turn_id"],
                 "history_messages": stats["history_messages"]}
 
     @api.delete("/api/session/{session_id}")
     async def session_delete(self, session_id: str, request: Request) -> dict[str, Any]:
-        """Ends the session and deletes its stored conversation."""
+        """Ends the session if it is live and deletes its stored conversation."""
+        from actors.sessions import find_session
+
         p = self._principal(request)
-        await self._end(await self._existing(session_id, p.subject), forget=True)
+        if not _valid_session_id(session_id) or not await self._owned(session_id, p):
+            raise SessionNotFound(session_id)
+        actor = find_session(self.config, session_id)
+        if actor is not None:
+            await self._end(actor, forget=True)
+        if self.store is not None:
+            await asyncio.to_thread(self.store.forget, session_id)
         return {"session_id": session_id, "ended": True, "history_deleted": True}
 
     @staticmethod
@@ -340,9 +461,9 @@ class VoiceIngress:
         from actors.protocols.base import ProtocolError
         from actors.protocols.xiaozhi import XiaozhiProtocol
 
-        version = ws.headers.get("protocol-version") or ws.query_params.get("protocol-version") or "1"
+        version = self._header_or_query(ws, "protocol-version") or "1"
         try:
-            adapter = XiaozhiProtocol(int(version) if version.isdigit() else -1,
+            adapter = XiaozhiProtocol(int(version) if version in ("1", "2", "3") else -1,
                                       self.config.ingress.xiaozhi_output_sample_rate,
                                       self.config.session.max_frame_bytes)
         except ProtocolError as e:
@@ -358,56 +479,140 @@ class VoiceIngress:
         await self._socket(ws, adapter, owner_from=(client_id, device_id))
 
     async def _socket(self, ws: WebSocket, adapter: Any, owner_from: tuple[str | None, str] | None) -> None:
-        from actors.connection import VoiceConnection
+        from actors.ingress.connection import VoiceConnection
 
         await ws.accept()
         client_id, device_id = owner_from if owner_from else (None, None)
         try:
             principal = self._principal(ws, client_id, device_id)
-            slot = self.slots.acquire(principal.subject)
+            if principal.device_id is not None and principal.kind == "device":
+                await asyncio.to_thread(self.admission.check_socket, principal.device_id)
+            slot = self.slots.acquire(principal.key)
         except (AuthError, LimitError) as e:
             self.metrics.refused(e.code)
             await ws.close(e.ws_close_code, e.code)
             return
-        # a device keeps one session across reconnects; others resume by id in hello
-        alias = f"device:{device_id.lower()}" if device_id else None
+        # a device keeps one session across reconnects, and one socket on it;
+        # others resume by id in hello
+        alias = principal.key if principal.device_id else None
 
         async def open_session(session_id: str | None) -> tuple[str, Any, bool]:
-            return await self._open(session_id, principal.subject, alias)
+            return await self._open(session_id, principal, alias)
 
         self.metrics.connected(adapter.name)
         try:
-            await VoiceConnection(ws, adapter, open_session, self.config, self.metrics.observe).serve()
-        except AuthError as e:
-            await ws.close(e.ws_close_code, e.code)
+            await VoiceConnection(ws, adapter, open_session, self.config, self.metrics.observe,
+                                  exclusive=alias is not None).serve()
+        except (AuthError, LimitError, ApiError) as e:
+            self.metrics.refused(e.code)
+            with contextlib.suppress(Exception):  # the client may already be gone
+                await ws.send_text(json.dumps({"type": "error", "code": e.code, "message": e.message}))
+                await ws.close(e.ws_close_code, e.code)
         finally:
             slot.release()
             self.metrics.disconnected(adapter.name)
 
-    # ------------------------------------------------------------ xiaozhi OTA
+    # ------------------------------------------------------------ xiaozhi OTA and device admission
     @api.post("/xiaozhi/ota/")
     async def xiaozhi_ota(self, request: Request) -> dict[str, Any]:
-        device_id = request.headers.get("device-id") or request.query_params.get("device-id")
-        client_id = request.headers.get("client-id") or request.query_params.get("client-id") or ""
-        if not device_id:
-            raise ApiError(400, "xiaozhi.missing_device_id", "the Device-Id header is required")
-        allow = self.config.auth.device_allowlist
-        if allow is not None and device_id.lower() not in {d.lower() for d in allow}:
-            raise AuthError("auth.forbidden_device")
+        """The firmware's version check. An admitted device gets its WebSocket
+        URL and token; any other gets an activation code to show or speak
+        (docs/security.md), and no token until its owner confirms the code."""
+        device_id, client_id = self._device_headers(request)
+        ip = self._client_ip(request)
+        self.rate.check("ota:ip:" + ip)
         self.rate.check("ota:" + device_id)
-        try:
-            body = await request.json()
-        except ValueError:
-            body = {}
-        version = (body.get("application") or {}).get("version", "0.0.0") if isinstance(body, dict) else "0.0.0"
+        body = await self._json_body(request)
+        application = body.get("application") if isinstance(body, dict) else None
+        version = application.get("version") if isinstance(application, dict) else None
+        decision = await asyncio.to_thread(self.admission.on_ota, device_id, client_id, ip)
+        answer: dict[str, Any] = {
+            "server_time": {"timestamp": int(time.time() * 1000), "timezone_offset": 0},
+            "firmware": {"version": version if isinstance(version, str) and len(version) <= 32 else "0.0.0",
+                         "url": ""},
+        }
+        if decision.activation is not None:
+            code = decision.activation.code
+            answer["activation"] = {"code": code, "message": f"{self._public_host(request)}\n{code}",
+                                    "challenge": decision.activation.challenge, "timeout_ms": 30000}
+            return answer
         token = ""
         if self.config.auth.enabled and self.config.auth.device_secret is not None:
             token = self.auth.issue_device_token(client_id, device_id)
-        return {
-            "server_time": {"timestamp": int(time.time() * 1000), "timezone_offset": 0},
-            "firmware": {"version": version, "url": ""},
-            "websocket": {"url": self._ws_url(request, "/xiaozhi/v1/"), "token": token},
-        }
+        answer["websocket"] = {"url": self._ws_url(request, "/xiaozhi/v1/"), "token": token}
+        return answer
+
+    @api.post("/xiaozhi/ota/activate")
+    async def xiaozhi_activate_poll(self, request: Request) -> Response:
+        """The firmware polls here while it shows its code: 202 while it
+        waits, 200 once its owner confirmed it (then it asks OTA again)."""
+        device_id, _ = self._device_headers(request)
+        self.rate.check("ota:" + device_id)
+        admitted = await asyncio.to_thread(self.admission.registry.is_admitted, device_id)
+        if admitted:
+            return JSONResponse({"status": "activated"}, status_code=200)
+        return JSONResponse({"status": "waiting"}, status_code=202)
+
+    @api.post("/api/devices/activate")
+    async def devices_activate(self, body: ActivateBody, request: Request) -> dict[str, Any]:
+        """A user confirms the code their device shows; the device becomes theirs."""
+        p = self._principal(request)
+        if p.kind != "user":
+            raise AuthError("auth.forbidden", "only a user can activate a device")
+        ip_key = "ip:" + self._client_ip(request)
+        self.login_failures.check("activate:" + p.key)
+        device_id = await asyncio.to_thread(self.admission.registry.confirm, body.code, p.key)
+        if device_id is None:  # a wrong guess costs like a wrong password
+            self.login_failures.failed("activate:" + p.key)
+            self.ip_failures.failed(ip_key)
+            raise ApiError(404, "device.unknown_code", "no device is waiting with this code")
+        return {"device_id": device_id, "owner": p.key, "activated": True}
+
+    @api.get("/api/devices")
+    async def devices_list(self, request: Request) -> dict[str, Any]:
+        """Your devices (an admin sees every device)."""
+        p = self._principal(request)
+        owner = None if p.is_admin else p.key
+        return {"devices": await asyncio.to_thread(self.admission.registry.list, owner)}
+
+    @api.delete("/api/devices/{device_id}")
+    async def devices_revoke(self, device_id: str, request: Request) -> dict[str, Any]:
+        """Revoke a device: its token stops opening sockets at once."""
+        p = self._principal(request)
+        device_id, _ = check_device_ids(device_id, None)
+        registry = self.admission.registry
+        owner = await asyncio.to_thread(registry.owner_of, device_id)
+        if owner != p.key and not p.is_admin:
+            raise ApiError(404, "device.not_found", "no device with this id belongs to you")
+        if not await asyncio.to_thread(registry.revoke, device_id):
+            raise ApiError(404, "device.not_found", "no device with this id belongs to you")
+        return {"device_id": device_id, "revoked": True}
+
+    def _device_headers(self, request: Request) -> tuple[str, str]:
+        device_id = request.headers.get("device-id") or request.query_params.get("device-id")
+        client_id = request.headers.get("client-id") or request.query_params.get("client-id")
+        if not device_id:
+            raise ApiError(400, "xiaozhi.missing_device_id", "the Device-Id header is required")
+        device, client = check_device_ids(device_id, client_id or device_id)
+        assert device is not None and client is not None
+        return device, client
+
+    @staticmethod
+    async def _json_body(request: Request) -> Any:
+        """The body as JSON, or None: BodyGuard has already refused JSON it
+        could not parse safely, so this never sees deep nesting."""
+        from actors import safe_json
+
+        data = await request.body()
+        if not data:
+            return None
+        try:
+            return safe_json.loads(data)
+        except safe_json.JSONLimitError:
+            return None
+
+    def _public_host(self, request: Request) -> str:
+        return self.config.ingress.public_url or f"{request.url.scheme}://{request.url.netloc}"
 
     @api.get("/xiaozhi/ota/")
     async def xiaozhi_ota_info(self, request: Request) -> dict[str, Any]:

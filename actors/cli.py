@@ -91,12 +91,27 @@ def _client(args: argparse.Namespace) -> int:
         elif kind == "error":
             print(f"  [error {msg.get('code')}] {msg.get('message')}")
 
+    async def _device_websocket(base: str, device_id: str) -> dict:
+        """OTA as the firmware does it: if the server asks for activation,
+        show the code and wait (polling /activate) until its owner confirms it."""
+        headers = {"Device-Id": device_id, "Client-Id": device_id}
+        async with httpx.AsyncClient(timeout=30) as http:
+            while True:
+                ota = await http.post(f"{base}/xiaozhi/ota/", headers=headers, json={})
+                ota.raise_for_status()
+                answer = ota.json()
+                if "websocket" in answer:
+                    return answer["websocket"]
+                code = answer["activation"]["code"]
+                print(f"this device waits for activation: code {code}. As its owner, confirm it with\n"
+                      f"  curl -H 'Authorization: Bearer <your token>' -H 'content-type: application/json' "
+                      f"-d '{{\"code\": \"{code}\"}}' {base}/api/devices/activate", file=sys.stderr)
+                while (await http.post(f"{base}/xiaozhi/ota/activate", headers=headers, json={})).status_code != 200:
+                    await asyncio.sleep(3)
+
     async def run() -> object:
         if args.xiaozhi:
-            ota = httpx.post(f"{base}/xiaozhi/ota/", headers={"Device-Id": args.device_id,
-                                                             "Client-Id": args.device_id}, json={}, timeout=30)
-            ota.raise_for_status()
-            ws_info = ota.json()["websocket"]
+            ws_info = await _device_websocket(base, args.device_id)
             async with await XiaozhiClient.connect(ws_info["url"], ws_info["token"] or token, args.device_id,
                                                    client_id=args.device_id, version=args.protocol_version) as c:
                 return await c.ask_audio(pcm, on_event=show)
@@ -125,7 +140,7 @@ def _client(args: argparse.Namespace) -> int:
 def _hash_password(args: argparse.Namespace) -> int:
     import getpass
 
-    from actors.auth import hash_password
+    from actors.ingress.auth import hash_password
 
     password = args.password or getpass.getpass("password: ")
     print(hash_password(password))
@@ -148,7 +163,7 @@ def _say(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from ray import serve
 
-    from actors.auth import Authenticator
+    from actors.ingress.auth import Authenticator
     from actors.pools import ensure_pools
     from actors.runtime import connect_ray
     from serve_app import build_app, with_secrets

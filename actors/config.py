@@ -11,7 +11,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
@@ -61,7 +61,11 @@ class ServerConfig(_Section):
 
 class SessionConfig(_Section):
     idle_timeout_s: float = Field(900.0, gt=0)
-    """A detached session actor ends itself after this long without use."""
+    """A detached session actor ends itself after this long without use
+    (a warm one is kept alive by its pool for as long as the pool lives)."""
+    orphan_timeout_s: float = Field(120.0, gt=0)
+    """A session whose every client has gone ends after this long; its
+    conversation is in the store, so its owner resumes it later by id."""
     max_frame_bytes: int = Field(32000, gt=0)
     """Largest single audio frame accepted (1 s of PCM16 at 16 kHz)."""
     max_batch_frames: int = Field(100, gt=0)
@@ -151,8 +155,23 @@ class AuthConfig(_Section):
     """Signs xiaozhi device tokens (HMAC over client id, device id, expiry)."""
     device_token_ttl_s: int = Field(30 * 24 * 3600, gt=0)
     device_allowlist: list[str] | None = None
-    """Device ids (MAC addresses) allowed to connect; None allows any device
-    holding a valid token."""
+    """Device ids (MAC addresses) admitted without activation."""
+    device_admission: Literal["auto", "activation", "allowlist", "open"] = "auto"
+    """How a device becomes one (docs/security.md): `auto` admits devices
+    asking from this machine's loopback address and asks everyone else for
+    activation; `activation` always asks; `allowlist` admits only the list;
+    `open` admits every device (closed networks only)."""
+    activation_ttl_s: float = Field(600, gt=0)
+    """How long a device's activation code stays valid."""
+    max_pending_activations: int = Field(256, ge=1)
+    login_max_failures: int = Field(5, ge=1)
+    """Failed logins per user name before it is locked (then back-off doubling)."""
+    ip_max_failures: int = Field(20, ge=1)
+    """Failed logins and refused tokens per client address before it is locked."""
+    failure_window_s: float = Field(300, gt=0)
+    failure_lock_s: float = Field(2, gt=0)
+    """First lock-out; each further failure doubles it, up to failure_max_lock_s."""
+    failure_max_lock_s: float = Field(900, gt=0)
     users: dict[str, UserConfig] = {}
 
 
@@ -164,6 +183,18 @@ class LimitsConfig(_Section):
     """Concurrent voice sockets per ingress replica."""
     max_sessions_per_client: int = Field(8, ge=1)
     max_request_bytes: int = Field(10 * 1024 * 1024, gt=0)
+    """Audio uploads; refused from the declared length before it is read."""
+    max_json_bytes: int = Field(64 * 1024, gt=0)
+    """Every JSON body (login, text, sessions, OTA)."""
+    max_upload_seconds: float = Field(300, gt=0)
+    """Longest audio an upload may decode to (checked before decoding)."""
+    max_live_sessions_per_principal: int = Field(8, ge=1)
+    """Live session actors one user or device may hold, cluster-wide."""
+    max_live_sessions_per_node: int = Field(64, ge=1)
+    """Live session actors per alive Ray node (~80 MB each)."""
+    socket_idle_timeout_s: float = Field(300, gt=0)
+    """A socket with no message either way for this long is closed (a
+    listening device streams audio, so it is never idle)."""
     max_ws_message_bytes: int = Field(64 * 1024, gt=0)
     ws_messages_per_second: float = Field(100, gt=0)
     """Per socket; a 60 ms audio stream needs ~17."""

@@ -30,6 +30,7 @@ class ErrorCode(StrEnum):
     TOOL_FAILED = "tool.failed"
     TTS_FAILED = "tts.failed"
     SESSION_CLOSED = "session.closed"
+    SESSION_REPLACED = "session.replaced"
     INTERNAL = "internal"
 
 

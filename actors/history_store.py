@@ -1,42 +1,31 @@
-"""Conversation history and remembered facts outside the actor (DESIGN §6),
-so a session actor that crashed or was restarted resumes without losing a
-turn or what the user asked it to remember.
+"""Conversation history, remembered facts and the session's owner, outside
+the actor (DESIGN §6), so a session actor that crashed, was reaped or was
+restarted resumes without losing a turn, and only for the principal that
+owns it.
 
-SQLite by default: one row per session holding its messages and memory as
-JSON, written after each turn. A file on one node; a cluster needs a shared
-database (PostgreSQL) behind the same two methods.
+SQLite by default: one row per session holding its owner and its messages and
+memory as JSON, written after each turn. A file on one node; a cluster needs a
+shared database (PostgreSQL) behind the same methods.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
-import threading
 import time
-from pathlib import Path
 
 from actors.providers.base import ChatMessage
-
-_SCHEMA = """CREATE TABLE IF NOT EXISTS history (
-    session_id TEXT PRIMARY KEY,
-    messages   TEXT NOT NULL,
-    memory     TEXT NOT NULL DEFAULT '{}',
-    updated    REAL NOT NULL)"""
+from actors.sqlite_store import SqliteStore
 
 
-class HistoryStore:
-    def __init__(self, path: str | Path) -> None:
-        self._path = Path(path)
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        with self._connect() as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute(_SCHEMA)
-
-    def _connect(self) -> sqlite3.Connection:
-        # one short-lived connection per call: several session actors (processes) share the file
-        return sqlite3.connect(self._path, timeout=10.0)
+class HistoryStore(SqliteStore):
+    schema = ("""CREATE TABLE IF NOT EXISTS history (
+        session_id TEXT PRIMARY KEY,
+        messages   TEXT NOT NULL,
+        memory     TEXT NOT NULL DEFAULT '{}',
+        updated    REAL NOT NULL,
+        owner      TEXT)""",)
+    migrations = (("history", "owner", "TEXT"),)
 
     def load(self, session_id: str) -> tuple[list[ChatMessage], dict[str, str]]:
         """→ (messages, remembered facts); empty for a session never saved."""
@@ -46,6 +35,28 @@ class HistoryStore:
         if row is None:
             return [], {}
         return [ChatMessage.model_validate(m) for m in json.loads(row[0])], json.loads(row[1])
+
+    def owner_of(self, session_id: str) -> str | None:
+        """The principal key that owns this session, or None if nobody has claimed it."""
+        with self._connect() as db:
+            row = db.execute("SELECT owner FROM history WHERE session_id = ?", (session_id,)).fetchone()
+        return row[0] if row else None
+
+    def known(self, session_id: str) -> bool:
+        with self._connect() as db:
+            return db.execute("SELECT 1 FROM history WHERE session_id = ?", (session_id,)).fetchone() is not None
+
+    def claim(self, session_id: str, owner: str) -> bool:
+        """Make `owner` the session's owner unless someone already is; True
+        when `owner` owns it now. One statement, so two processes claiming
+        the same id at once cannot both win."""
+        with self._lock, self._connect() as db:
+            db.execute("INSERT INTO history (session_id, messages, memory, updated, owner) "
+                       "VALUES (?, '[]', '{}', ?, ?) "
+                       "ON CONFLICT(session_id) DO UPDATE SET owner = COALESCE(history.owner, excluded.owner)",
+                       (session_id, time.time(), owner))
+            row = db.execute("SELECT owner FROM history WHERE session_id = ?", (session_id,)).fetchone()
+        return row is not None and row[0] == owner
 
     def save_sync(self, session_id: str, messages: list[ChatMessage], memory: dict[str, str]) -> None:
         payload = json.dumps([m.model_dump() for m in messages], ensure_ascii=False)

@@ -18,7 +18,7 @@ import ray
 
 from actors.config import AppConfig
 from actors.history_store import HistoryStore
-from actors.events import Event
+from actors.events import ErrorCode, ErrorEvent, Event
 from actors.pools import FallbackTTS, PooledSTT, PooledTTS, get_pool
 from actors.providers import build_llm, build_vad
 from actors.providers.base import SAMPLE_RATE, TTS
@@ -33,8 +33,8 @@ EVENT_BATCH_MAX = 64
 class EventStream:
     """One subscriber's view of a session's events, one event at a time."""
 
-    def __init__(self, actor: ray.actor.ActorHandle) -> None:
-        self._gen = actor.events.remote()
+    def __init__(self, actor: ray.actor.ActorHandle, exclusive: str | None = None) -> None:
+        self._gen = actor.events.remote(exclusive)
         self._buffer: deque[Event] = deque()
 
     def __aiter__(self) -> EventStream:
@@ -52,6 +52,10 @@ class EventStream:
 
 def session_actor_name(session_id: str) -> str:
     return f"session:{session_id}"
+
+
+def directory_name() -> str:
+    return "sessions:directory"
 
 
 def build_core(session_id: str, config: AppConfig) -> SessionCore:
@@ -79,7 +83,9 @@ class SessionActor:
         self._core = build_core(session_id, self._config)
         self._started = False
         self._created = time.time()
-        self._owner: str | None = None
+        store = self._core.store
+        self._owner: str | None = store.owner_of(session_id) if store else None
+        self._exclusive: asyncio.Queue[Event] | None = None
 
     def _ensure_started(self) -> SessionCore:
         if not self._started:  # needs the actor's event loop, absent in __init__
@@ -121,31 +127,63 @@ class SessionActor:
 
     async def claim(self, owner: str) -> bool:
         """First caller becomes the owner; later callers must be the same
-        principal, so a guessed session id does not open someone's session."""
+        principal, so a guessed session id does not open someone's session.
+        The owner is kept in the store with the conversation, so it outlives
+        this actor: whoever names the id after the actor ended is checked
+        against the same owner."""
         if self._owner is None:
-            self._owner = owner
+            store = self._core.store
+            if store is None:
+                self._owner = owner
+            else:
+                sid = self._core.session_id
+                won = await asyncio.to_thread(store.claim, sid, owner)
+                self._owner = owner if won else await asyncio.to_thread(store.owner_of, sid)
         return self._owner == owner
+
+    async def touch(self) -> None:
+        """The warm pool's keep-alive: an unclaimed actor in a live pool is
+        not idle; once the pool is gone, it reaps itself after idle_timeout_s."""
+        self._core.last_activity = time.monotonic()
 
     async def device_message(self, kind: str, payload: Any) -> None:
         self._ensure_started().device_message(kind, payload)
 
-    async def events(self) -> AsyncIterator[list[Event]]:
+    async def events(self, exclusive: str | None = None) -> AsyncIterator[list[Event]]:
         """The session's event stream (a Ray streaming generator) in batches:
         each item is every event queued at that moment (up to 64), because
         each item crossing processes costs ~1 ms while a reply's words arrive
         in bursts. Read it through `EventStream`. The first event is always
         `session.started`: wait for it before sending input, because Ray may
-        start this call after a later one."""
+        start this call after a later one.
+
+        `exclusive` (a device's connection) makes this the session's only
+        exclusive listener: the one it replaces gets `session.replaced` and
+        its stream ends, so a second socket with the same device credentials
+        takes over the device's session and never listens in beside it."""
         core = self._ensure_started()
         q = core.subscribe()
+        if exclusive is not None:
+            previous, self._exclusive = self._exclusive, q
+            if previous is not None and previous is not q:
+                if previous.full():  # a stalled reader still learns it was replaced
+                    previous.get_nowait()
+                previous.put_nowait(ErrorEvent(session_id=core.session_id, turn_id=core.turn_id,
+                                               code=ErrorCode.SESSION_REPLACED,
+                                               message="another connection with this device's credentials "
+                                                       "took over the session"))
         try:
             while not core.closed:
                 batch = [await q.get()]
                 while not q.empty() and len(batch) < EVENT_BATCH_MAX:
                     batch.append(q.get_nowait())
                 yield batch
+                if any(isinstance(e, ErrorEvent) and e.code == ErrorCode.SESSION_REPLACED for e in batch):
+                    return
         finally:
             core.unsubscribe(q)
+            if self._exclusive is q:
+                self._exclusive = None
 
     async def history(self) -> list[dict[str, Any]]:
         return [m.model_dump() for m in self._core.history()]
@@ -158,17 +196,34 @@ class SessionActor:
 
     async def close(self, forget: bool = False) -> None:
         """End the session; `forget` also deletes its stored conversation."""
-        await self._core.close()
+        await self._end()
         if forget:
             self._core.forget_history()
         ray.actor.exit_actor()
 
+    async def _end(self) -> None:
+        await self._core.close()
+        try:  # free its place in the caller's session cap at once
+            ray.get_actor(directory_name(), namespace=self._config.server.namespace).release.remote(
+                self._core.session_id)
+        except Exception:  # no directory (a notebook's cluster): nothing holds a place
+            pass
+
+    def _idle_limit(self) -> float:
+        """A claimed session with no client left ends after orphan_timeout_s
+        (its conversation is in the store); otherwise after idle_timeout_s."""
+        cfg = self._config.session
+        if self._owner is not None and self._core.subscribers == 0:
+            return min(cfg.orphan_timeout_s, cfg.idle_timeout_s)
+        return cfg.idle_timeout_s
+
     async def _reap_when_idle(self) -> None:
-        limit = self._config.session.idle_timeout_s
+        cfg = self._config.session
+        period = max(0.2, min(cfg.idle_timeout_s, cfg.orphan_timeout_s, 120.0) / 4)
         while not self._core.closed:
-            await asyncio.sleep(min(limit, 30.0))
+            await asyncio.sleep(period)
             idle = time.monotonic() - self._core.last_activity
-            if idle >= limit and self._core.subscribers == 0 and self._core.reply_turn is None:
+            if idle >= self._idle_limit() and self._core.subscribers == 0 and self._core.reply_turn is None:
                 log.info("session %s idle for %.0f s; ending", self._core.session_id, idle)
-                await self._core.close()
+                await self._end()
                 ray.actor.exit_actor()

@@ -103,6 +103,7 @@ class SessionCore:
     def unsubscribe(self, q: asyncio.Queue[Event]) -> None:
         if q in self._subscribers:
             self._subscribers.remove(q)
+            self.last_activity = time.monotonic()  # the orphan clock starts when the last client leaves
 
     @property
     def subscribers(self) -> int:
@@ -283,6 +284,10 @@ class SessionCore:
             except Exception as e:  # a full disk must not end the conversation
                 log.error("session %s: could not save history: %s", self.session_id, e)
                 self.emit_error(ErrorCode.INTERNAL, "the conversation could not be saved")
+
+    @property
+    def store(self) -> HistoryStore | None:
+        return self._store
 
     def forget_history(self) -> None:
         if self._store is not None:

@@ -23,11 +23,15 @@ import ray
 from actors.audio import read_wav, silence, split_frames, write_wav
 from actors.config import AppConfig, load_config
 from actors.events import AudioChunk, ErrorEvent, Event, LLMDelta, STTFinal, TurnMetrics
-from actors.session import EventStream, SessionActor, session_actor_name
+from actors.session import EventStream, SessionActor, directory_name, session_actor_name
 
 
 STARTS_AT_ONCE = 1
 REFILL_PERIOD_S = 0.5
+KEEPALIVE_SHARE = 0.25
+"""Warm actors are touched every idle_timeout_s × this, so they never reap
+themselves while their pool holds them (else the pool would hand out dead
+actors after a quiet spell)."""
 
 
 def new_session_id() -> str:
@@ -50,16 +54,26 @@ def find_session(config: AppConfig, session_id: str) -> ray.actor.ActorHandle | 
 
 @ray.remote(num_cpus=0, max_restarts=-1)
 class SessionDirectory:
-    """Stable names (a device's id) → session ids, shared by every replica.
+    """Shared by every replica: stable names (a device's id) → session ids,
+    and which live session actors each principal holds.
 
     A device must get its own session back on every connection, yet a session
     named after the device would always start cold (~1 s for a new Ray worker),
     while warm sessions are named before anyone asks for them. The directory
     maps the device to whichever warm session it was given first.
+
+    Live sessions are counted here, not per replica, because each costs a
+    process (~80 MB) wherever it was opened: a caller may hold
+    `per_principal` of them and the cluster `per_node` × alive nodes. A session
+    actor releases its place when it ends; places of actors that died without
+    saying so are found and freed when a cap is reached.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, namespace: str = "") -> None:
+        self._namespace = namespace
         self._ids: dict[str, str] = {}
+        self._live: dict[str, str] = {}  # session id -> owner
+        self._nodes = (0.0, 1)  # (when counted, alive nodes)
 
     def lookup(self, alias: str) -> str | None:
         return self._ids.get(alias)
@@ -68,8 +82,40 @@ class SessionDirectory:
         """Bind unless another replica was first; returns the winner."""
         return self._ids.setdefault(alias, session_id)
 
-    def rebind(self, alias: str, session_id: str) -> None:
-        self._ids[alias] = session_id
+    def admit(self, session_id: str, owner: str, per_principal: int, per_node: int) -> str | None:
+        """Count `session_id` as live for `owner`; → None, or the limit code that refuses it."""
+        if self._live.get(session_id) == owner:
+            return None
+        if sum(1 for o in self._live.values() if o == owner) >= per_principal:
+            self._prune(owner)
+            if sum(1 for o in self._live.values() if o == owner) >= per_principal:
+                return "limit.live_sessions"
+        if len(self._live) >= per_node * self._alive_nodes():
+            self._prune(None)
+            if len(self._live) >= per_node * self._alive_nodes():
+                return "limit.cluster_sessions"
+        self._live[session_id] = owner
+        return None
+
+    def release(self, session_id: str) -> None:
+        self._live.pop(session_id, None)
+
+    def live(self) -> dict[str, str]:
+        return dict(self._live)
+
+    def _prune(self, owner: str | None) -> None:
+        for sid in [s for s, o in self._live.items() if owner is None or o == owner]:
+            try:
+                ray.get_actor(session_actor_name(sid), namespace=self._namespace)
+            except ValueError:
+                del self._live[sid]
+
+    def _alive_nodes(self) -> int:
+        counted_at, n = self._nodes
+        if time.monotonic() - counted_at > 10:
+            n = max(1, sum(1 for node in ray.nodes() if node.get("Alive")))
+            self._nodes = (time.monotonic(), n)
+        return n
 
 
 class SessionManager:
@@ -83,8 +129,8 @@ class SessionManager:
         self._stopped = threading.Event()
         threading.Thread(target=self._keep_warm, name="warm-pool", daemon=True).start()
         self._directory = SessionDirectory.options(
-            name="sessions:directory", namespace=config.server.namespace, lifetime="detached",
-            get_if_exists=True).remote()  # started now, so a device's first connect does not wait for it
+            name=directory_name(), namespace=config.server.namespace, lifetime="detached",
+            get_if_exists=True).remote(config.server.namespace)  # started now: a device's first connect won't wait
         self.refill()
 
     def refill(self) -> None:
@@ -103,11 +149,22 @@ class SessionManager:
                 in_flight += 1
 
     def _keep_warm(self) -> None:
-        while not self._stopped.wait(REFILL_PERIOD_S):
+        keepalive_every = self.config.session.idle_timeout_s * KEEPALIVE_SHARE
+        touched = time.monotonic()
+        while not self._stopped.wait(min(REFILL_PERIOD_S, keepalive_every)):
             try:
                 self.refill()
+                if time.monotonic() - touched >= keepalive_every:
+                    touched = time.monotonic()
+                    with self._lock:
+                        for _, actor, _ in self._warm:
+                            actor.touch.remote()
             except Exception:  # Ray shutting down: the thread ends with the process
                 return
+
+    @property
+    def directory(self) -> ray.actor.ActorHandle:
+        return self._directory
 
     @property
     def warm_target(self) -> int:
@@ -142,17 +199,16 @@ class SessionManager:
         return taken
 
     async def open_alias(self, alias: str) -> tuple[str, ray.actor.ActorHandle, bool]:
-        """The live session bound to `alias`, else a warm one bound to it now."""
+        """The session bound to `alias` (live, or brought back from the store
+        if it was reaped), else a warm one bound to it now."""
         directory = self._directory
         sid = await directory.lookup.remote(alias)
         if sid is not None:
             actor = find_session(self.config, sid)
-            if actor is not None:
-                return sid, actor, True
+            if actor is None:  # reaped or ended: it comes back with its conversation from the store
+                actor = await asyncio.to_thread(create_session_actor, self.config, sid)
+            return sid, actor, True
         new_sid, actor = await asyncio.to_thread(self.open)
-        if sid is not None:  # the old session ended: the device starts afresh
-            await directory.rebind.remote(alias, new_sid)
-            return new_sid, actor, False
         winner = await directory.bind.remote(alias, new_sid)
         if winner != new_sid:  # another replica bound this device a moment ago
             return await self.open_alias(alias)

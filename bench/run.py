@@ -328,6 +328,8 @@ def build_config(opts: argparse.Namespace) -> Any:
     env = {"VOICE_ACTORS__SERVER__NAMESPACE": "voice-actors-bench",
            "VOICE_ACTORS__SERVER__WARM_SESSIONS": str(min(8, max(opts.sessions))),
            "VOICE_ACTORS__LIMITS__MAX_SESSIONS_PER_CLIENT": "10000",
+           # every bench socket is one principal ("bench"): lift the per-principal session cap
+           "VOICE_ACTORS__LIMITS__MAX_LIVE_SESSIONS_PER_PRINCIPAL": "10000",
            "VOICE_ACTORS__LIMITS__REQUESTS_PER_MINUTE": "100000", "VOICE_ACTORS__LIMITS__BURST": "10000",
            "VOICE_ACTORS__INGRESS__UPLINK_BATCH_MS": str(opts.uplink_batch_ms)}
     if opts.mode == "fake":
@@ -346,7 +348,7 @@ async def run_all(opts: argparse.Namespace) -> dict[str, Any]:
     import ray
     from ray import serve
 
-    from actors.auth import Authenticator
+    from actors.ingress.auth import Authenticator
     from actors.pools import ensure_pools
     from bench.echo_app import echo_app
     from bench.fakes import known_delay_ms

@@ -10,9 +10,11 @@ import jwt
 import pytest
 from pydantic import SecretStr
 
-from actors.auth import AuthError, Authenticator, Principal, hash_password, verify_password
+from actors.ingress.admission import DeviceAdmission
+from actors.ingress.auth import AuthError, Authenticator, Principal, check_device_ids, hash_password, verify_password
+from actors.ingress.devices import DeviceRegistry
 from actors.config import AuthConfig, UserConfig
-from actors.limits import LimitError, RateLimiter, SessionSlots, check_size
+from actors.ingress.limits import FailureLimiter, LimitError, RateLimiter, SessionSlots, check_size
 
 JWT_SECRET = "test-jwt-secret-0123456789abcdef0123456789"
 DEVICE_SECRET = "test-device-secret-0123456789abcdef012345"
@@ -170,7 +172,8 @@ def test_device_token_round_trip():
     assert token.startswith("dv1.") and len(token.split(".")[2]) == 64
     principal = auth.verify_device_token(token, "client-1", MAC)
     assert (principal.kind, principal.subject, principal.client_id, principal.device_id) == (
-        "device", MAC, "client-1", MAC)
+        "device", MAC.lower(), "client-1", MAC.lower())  # MACs arrive in either case: one principal
+    assert principal.key == f"device:{MAC.lower()}"
     assert principal.expires_at == FakeClock().now + 100
 
 
@@ -225,9 +228,43 @@ def test_unconfigured_device_secret_disables_device_tokens():
 def test_authenticate_routes_device_and_user_tokens():
     auth = make_auth()
     device = auth.authenticate(auth.issue_device_token("c", MAC), "c", MAC)
-    user = auth.authenticate(auth.issue_token("ada"), "c", MAC)
-    assert device.kind == "device" and device.subject == MAC
-    assert user.kind == "user" and user.subject == "ada" and user.device_id == MAC
+    user = auth.authenticate(auth.issue_token("ada"))
+    assert device.kind == "device" and device.subject == MAC.lower()
+    assert user.kind == "user" and user.subject == "ada" and user.device_id is None
+
+
+def test_a_user_token_never_speaks_for_a_device():
+    """Finding 3: a user JWT naming a Device-Id used to become that device's
+    session owner and lock the real device out."""
+    auth = make_auth()
+    with pytest.raises(AuthError) as err:
+        auth.authenticate(auth.issue_token("ada"), "c", MAC)
+    assert err.value.code == "auth.device_token_required" and err.value.ws_close_code == 4403
+
+
+def test_devices_and_users_are_different_principals_even_with_the_same_name():
+    """Finding 3: Device-Id `local-dev` was the same principal as user `local-dev`."""
+    auth = make_auth()
+    device = auth.authenticate(auth.issue_device_token("c", "local-dev"), "c", "local-dev")
+    user = auth.authenticate(auth.issue_token("local-dev"))
+    assert device.subject == user.subject == "local-dev"
+    assert device.key == "device:local-dev" and user.key == "user:local-dev" and device.key != user.key
+
+
+@pytest.mark.parametrize("device_id", ["../../etc/passwd", "a\x00b", "x" * 4000, "", " ", "é", "a b", "\ud800"])
+def test_device_ids_outside_the_format_are_refused(device_id):
+    """Finding 1: OTA handed tokens to ids like ../../etc/passwd, NUL bytes, 4,000 characters."""
+    with pytest.raises(AuthError) as err:
+        check_device_ids(device_id, "client")
+    assert err.value.code == "auth.bad_device_id" and err.value.http_status == 400
+    with pytest.raises(AuthError) as err:
+        check_device_ids("aa:bb:cc:dd:ee:ff", device_id)
+    assert err.value.code == "auth.bad_client_id"
+
+
+def test_device_and_client_ids_in_the_firmware_formats_pass():
+    assert check_device_ids("AA:BB:CC:DD:EE:FF", "9f1c2a7e-0b7e-4c55-9d1a-0c8f3c6f2b11") == (
+        "aa:bb:cc:dd:ee:ff", "9f1c2a7e-0b7e-4c55-9d1a-0c8f3c6f2b11")
 
 
 def test_device_token_without_ids_is_refused():
@@ -244,25 +281,71 @@ def test_missing_token_is_refused(token):
     assert err.value.code == "auth.missing_token" and err.value.ws_close_code == 4401
 
 
-def test_allowlist_accepts_listed_device_in_any_case():
-    auth = make_auth(device_allowlist=["aa:bb:cc:dd:ee:ff"])
-    principal = auth.authenticate(auth.issue_device_token("c", MAC), "c", MAC)
-    assert principal.device_id == MAC
+def admission(tmp_path, **overrides) -> DeviceAdmission:
+    return DeviceAdmission(AuthConfig(**overrides), DeviceRegistry(tmp_path / "devices.sqlite3"))
 
 
-def test_allowlist_refuses_unlisted_device_even_with_valid_token():
-    auth = make_auth(device_allowlist=["11:22:33:44:55:66"])
-    for token in (auth.issue_device_token("c", MAC), auth.issue_token("ada")):
-        with pytest.raises(AuthError) as err:
-            auth.authenticate(token, "c", MAC)
-        assert err.value.code == "auth.forbidden_device"
-        assert err.value.http_status == 403 and err.value.ws_close_code == 4403
+def test_allowlisted_device_is_admitted_in_any_case(tmp_path):
+    adm = admission(tmp_path, device_allowlist=["AA:BB:CC:DD:EE:FF"], device_admission="activation")
+    assert adm.on_ota(MAC.lower(), "c", "192.168.1.20").admitted
+    adm.check_socket(MAC.lower())
+
+
+def test_allowlist_mode_refuses_unlisted_devices(tmp_path):
+    adm = admission(tmp_path, device_allowlist=["11:22:33:44:55:66"], device_admission="allowlist")
+    with pytest.raises(AuthError) as err:
+        adm.on_ota(MAC.lower(), "c", "127.0.0.1")
+    assert err.value.code == "auth.forbidden_device" and err.value.ws_close_code == 4403
+    with pytest.raises(AuthError):
+        adm.check_socket(MAC.lower())
+
+
+def test_activation_hands_out_a_code_and_admits_only_after_confirmation(tmp_path):
+    """Finding 1: anyone could become any device; now an unknown device gets a
+    code, no token, until a user confirms the code."""
+    adm = admission(tmp_path, device_admission="activation")
+    first = adm.on_ota("aa:bb:cc:dd:ee:01", "c", "192.168.1.20")
+    assert not first.admitted and first.activation is not None and len(first.activation.code) == 6
+    again = adm.on_ota("aa:bb:cc:dd:ee:01", "c", "192.168.1.20")
+    assert again.activation is not None and again.activation.code == first.activation.code
+    with pytest.raises(AuthError):
+        adm.check_socket("aa:bb:cc:dd:ee:01")
+    wrong = "000000" if first.activation.code != "000000" else "000001"
+    assert adm.registry.confirm(wrong, "user:ada") is None
+    assert adm.registry.confirm(first.activation.code, "user:ada") == "aa:bb:cc:dd:ee:01"
+    assert adm.registry.confirm(first.activation.code, "user:eve") is None  # used up
+    assert adm.on_ota("aa:bb:cc:dd:ee:01", "c", "192.168.1.20").admitted
+    adm.check_socket("aa:bb:cc:dd:ee:01")
+    assert [d["owner"] for d in adm.registry.list("user:ada")] == ["user:ada"]
+    assert adm.registry.list("user:eve") == []
+    assert adm.registry.revoke("aa:bb:cc:dd:ee:01")
+    with pytest.raises(AuthError):  # revoked: its unexpired token no longer opens a socket
+        adm.check_socket("aa:bb:cc:dd:ee:01")
+
+
+def test_auto_admission_is_open_on_loopback_only(tmp_path):
+    adm = admission(tmp_path)
+    assert adm.mode_for("127.0.0.1") == "open" and adm.mode_for("::1") == "open"
+    assert adm.mode_for("192.168.1.20") == "activation" and adm.mode_for("10.0.0.5") == "activation"
+    assert adm.mode_for(None) == "activation" and adm.mode_for("not-an-ip") == "activation"
+    assert adm.on_ota("aa:bb:cc:dd:ee:02", "c", "127.0.0.1").admitted
+    assert not adm.on_ota("aa:bb:cc:dd:ee:03", "c", "192.168.1.20").admitted
+
+
+def test_pending_activations_are_capped(tmp_path):
+    """Finding 1/6: 36 made-up ids gave 36 tokens; now they give codes, at most max_pending_activations."""
+    adm = admission(tmp_path, device_admission="activation", max_pending_activations=3)
+    for i in range(3):
+        assert adm.on_ota(f"aa:bb:cc:dd:ee:{i:02x}", "c", "192.168.1.20").activation is not None
+    with pytest.raises(LimitError) as err:
+        adm.on_ota("aa:bb:cc:dd:ee:ff", "c", "192.168.1.20")
+    assert err.value.code == "limit.pending_activations" and err.value.http_status == 429
 
 
 def test_disabled_auth_makes_everyone_anonymous():
     auth = make_auth(enabled=False, jwt_secret=None, device_secret=None)
     assert auth.authenticate(None, "c", MAC) == Principal(
-        subject=MAC, kind="anonymous", roles=(), client_id="c", device_id=MAC)
+        subject=MAC.lower(), kind="anonymous", roles=(), client_id="c", device_id=MAC.lower())
     assert auth.authenticate("junk").subject == "anonymous"
 
 
@@ -410,3 +493,46 @@ def test_check_size_refuses_only_above_the_limit():
 def test_limit_error_survives_pickling():
     err = pickle.loads(pickle.dumps(LimitError("limit.rate", retry_after_s=2.5)))
     assert (err.code, err.retry_after_s, err.http_status) == ("limit.rate", 2.5, 429)
+
+
+# --------------------------------------------------------------------------- failed attempts
+
+
+def test_failures_lock_a_key_with_doubling_back_off():
+    """Finding 10: 40 wrong passwords in 9 s all got 401, never 429."""
+    clock = FakeClock()
+    limiter = FailureLimiter(max_failures=3, window_s=60, base_lock_s=2, max_lock_s=10, clock=clock)
+    for _ in range(2):
+        limiter.check("user:ada")
+        limiter.failed("user:ada", "ip:10.0.0.9")
+    limiter.check("user:ada")  # two failures: not yet locked
+    limiter.failed("user:ada", "ip:10.0.0.9")
+    with pytest.raises(LimitError) as err:
+        limiter.check("user:ada")
+    assert err.value.code == "limit.auth_failures" and err.value.retry_after_s == pytest.approx(2)
+    with pytest.raises(LimitError):
+        limiter.check("user:bob", "ip:10.0.0.9")  # the address is locked for every name
+    limiter.check("user:bob", "ip:10.0.0.10")
+    clock.now += 2.1
+    limiter.check("user:ada")
+    limiter.failed("user:ada")  # fourth failure: 4 s
+    with pytest.raises(LimitError) as err:
+        limiter.check("user:ada")
+    assert err.value.retry_after_s == pytest.approx(4)
+    for _ in range(5):
+        limiter.failed("user:ada")
+    with pytest.raises(LimitError) as err:
+        limiter.check("user:ada")
+    assert err.value.retry_after_s == pytest.approx(10)  # 2 s × 2^6, capped at max_lock_s
+
+
+def test_success_clears_failures_and_old_failures_are_forgiven():
+    clock = FakeClock()
+    limiter = FailureLimiter(max_failures=2, window_s=60, base_lock_s=1, max_lock_s=10, clock=clock)
+    limiter.failed("k")
+    limiter.succeeded("k")
+    limiter.failed("k")
+    limiter.check("k")
+    clock.now += 61
+    limiter.failed("k")  # the first failure's window passed: this is the first again
+    limiter.check("k")

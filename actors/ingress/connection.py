@@ -17,7 +17,7 @@ import uuid
 from typing import Any, Protocol
 
 from actors.config import AppConfig
-from actors.limits import LimitError, RateLimiter
+from actors.ingress.limits import LimitError, RateLimiter
 from actors.session import EventStream
 from actors.protocols.base import (
     Audio, DeviceMessage, HistoryRequest, Hello, Interrupt, Listen, Outgoing, ProtocolAdapter, ProtocolError, Reply,
@@ -49,8 +49,10 @@ class ConnectionClosed(Exception):
 
 class VoiceConnection:
     def __init__(self, ws: ClientSocket, adapter: ProtocolAdapter, open_session: SessionOpener,
-                 config: AppConfig, observe: Any = None) -> None:
+                 config: AppConfig, observe: Any = None, exclusive: bool = False) -> None:
         self._ws = ws
+        self._exclusive = exclusive
+        self._last_traffic = time.monotonic()
         self._adapter = adapter
         self._open_session = open_session
         self._config = config
@@ -68,6 +70,7 @@ class VoiceConnection:
 
     # ------------------------------------------------------------ plumbing
     async def _send(self, frames: list[Outgoing]) -> None:
+        self._last_traffic = time.monotonic()
         async with self._send_lock:
             for f in frames:
                 if isinstance(f, bytes):
@@ -77,6 +80,7 @@ class VoiceConnection:
 
     async def _receive(self) -> str | bytes:
         msg = await self._ws.receive()
+        self._last_traffic = time.monotonic()
         if msg["type"] == "websocket.disconnect":
             raise ConnectionClosed()
         if msg.get("bytes") is not None:
@@ -105,7 +109,7 @@ class VoiceConnection:
         self.session_id, self.actor = sid, actor
         rate = self._adapter.wants_output_rate or self._config.session.output_sample_rate
         await actor.configure_output.remote(rate, self._adapter.speaks)
-        events = EventStream(actor)
+        events = EventStream(actor, exclusive=self._stream if self._exclusive else None)
         await events.__anext__()  # session.started: subscribed, nothing said from here on is lost
         await self._send(self._adapter.hello_reply(sid, resumed, rate))
         await self._send(self._adapter.after_hello())
@@ -113,14 +117,14 @@ class VoiceConnection:
             await self._dispatch(action)
         caller = asyncio.create_task(self._caller())
         tasks = [asyncio.create_task(self._downlink(events)), asyncio.create_task(self._uplink()),
-                 asyncio.create_task(self._flusher()), caller]
+                 asyncio.create_task(self._flusher()), asyncio.create_task(self._idle_watch()), caller]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for t in done:
                 if t.exception() and not isinstance(t.exception(), ConnectionClosed):
                     log.warning("connection %s ended: %r", sid, t.exception())
         finally:
-            for t in tasks[:3]:
+            for t in tasks[:-1]:
                 t.cancel()
             # what the client sent before leaving still reaches the session
             self._flush()
@@ -219,3 +223,21 @@ class VoiceConnection:
             frames = self._adapter.encode(event)
             if frames:
                 await self._send(frames)
+            if getattr(event, "code", None) == "session.replaced":
+                await self._ws.close(4409, "session.replaced")
+                raise ConnectionClosed()
+
+    async def _idle_watch(self) -> None:
+        """Close a socket on which nothing has passed either way for
+        `limits.socket_idle_timeout_s`: a listening device streams audio and
+        a speaking session streams replies, so only an abandoned or hostile
+        socket is ever idle this long."""
+        limit = self._config.limits.socket_idle_timeout_s
+        while True:
+            left = self._last_traffic + limit - time.monotonic()
+            if left <= 0:
+                await self._send(self._adapter.error("protocol.idle_timeout",
+                                                     f"nothing sent or received for {limit:.0f} s"))
+                await self._ws.close(4408, "protocol.idle_timeout")
+                raise ConnectionClosed()
+            await asyncio.sleep(min(left + 0.05, 30.0))

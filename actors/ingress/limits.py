@@ -19,6 +19,10 @@ _LIMIT_ERRORS: dict[str, tuple[int, int, str]] = {
     "limit.sessions": (429, 4429, "server is at its session limit"),
     "limit.client_sessions": (429, 4429, "too many sessions for this client"),
     "limit.too_large": (413, 1009, "message too large"),
+    "limit.auth_failures": (429, 4429, "too many failed attempts; wait before trying again"),
+    "limit.live_sessions": (429, 4429, "this caller holds as many live sessions as it may"),
+    "limit.cluster_sessions": (503, 4503, "the server holds as many live sessions as its nodes allow"),
+    "limit.pending_activations": (429, 4429, "too many devices are waiting for activation"),
 }
 
 
@@ -91,6 +95,60 @@ class RateLimiter:
         self._buckets.move_to_end(key)
         while len(self._buckets) > self._max_keys:
             self._buckets.popitem(last=False)
+
+
+class FailureLimiter:
+    """Failed attempts per key (a user name, an IP) with exponential back-off.
+
+    A request-rate limit does not stop password guessing: each guess is slow
+    (PBKDF2), so a guesser stays under any sane request rate. This counts
+    failures only, and is checked *before* the expensive work, so a locked-out
+    key costs the server nothing. After `max_failures` failures within
+    `window_s` the key is locked for `base_lock_s`, doubling with each further
+    failure up to `max_lock_s`; a success clears the key.
+    """
+
+    def __init__(self, max_failures: int, window_s: float, base_lock_s: float, max_lock_s: float,
+                 clock: Callable[[], float] = time.monotonic, max_keys: int = 100_000) -> None:
+        if max_failures < 1 or window_s <= 0 or base_lock_s <= 0 or max_lock_s < base_lock_s:
+            raise ValueError("max_failures >= 1, window_s > 0, 0 < base_lock_s <= max_lock_s")
+        self._max = max_failures
+        self._window = window_s
+        self._base = base_lock_s
+        self._cap = max_lock_s
+        self._clock = clock
+        self._max_keys = max_keys
+        # key -> (failures in the window, window start, locked until)
+        self._state: OrderedDict[str, tuple[int, float, float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def check(self, *keys: str) -> None:
+        """Raise `LimitError("limit.auth_failures")` if any key is locked now."""
+        now = self._clock()
+        with self._lock:
+            waits = [until - now for k in keys if (st := self._state.get(k)) and (until := st[2]) > now]
+        if waits:
+            raise LimitError("limit.auth_failures", retry_after_s=max(waits))
+
+    def failed(self, *keys: str) -> None:
+        now = self._clock()
+        with self._lock:
+            for key in keys:
+                count, start, until = self._state.get(key, (0, now, 0.0))
+                if now - start > self._window and until <= now:
+                    count, start = 0, now  # the window passed: old failures are forgiven
+                count += 1
+                if count >= self._max:
+                    until = now + min(self._cap, self._base * 2 ** (count - self._max))
+                self._state[key] = (count, start, until)
+                self._state.move_to_end(key)
+                while len(self._state) > self._max_keys:
+                    self._state.popitem(last=False)
+
+    def succeeded(self, *keys: str) -> None:
+        with self._lock:
+            for key in keys:
+                self._state.pop(key, None)
 
 
 class SessionSlot:

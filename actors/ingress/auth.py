@@ -12,6 +12,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import re
 import secrets
 import time
 from collections.abc import Callable, Mapping
@@ -107,6 +108,10 @@ _AUTH_ERRORS: dict[str, tuple[int, str]] = {
     "auth.forbidden_session": (403, "this session belongs to another client"),
     "auth.bad_device_token": (401, "invalid device token"),
     "auth.disabled_secret": (401, "this kind of token is not enabled on the server"),
+    "auth.device_token_required": (403, "this socket is for devices: present the token the OTA endpoint issued"),
+    "auth.bad_device_id": (400, "Device-Id must be 1-64 characters of letters, digits and : _ . -"),
+    "auth.bad_client_id": (400, "Client-Id must be 1-64 characters of letters, digits and : _ . -"),
+    "auth.forbidden": (403, "this needs the admin role"),
 }
 
 
@@ -122,7 +127,7 @@ class AuthError(Exception):
         self.code = code
         self.message = message or default_message
         self.http_status = status
-        self.ws_close_code = 4403 if status == 403 else 4401
+        self.ws_close_code = {403: 4403, 400: 4400}.get(status, 4401)
         super().__init__(self.message)
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -130,16 +135,48 @@ class AuthError(Exception):
         return (type(self), (self.code, self.message))
 
 
+PrincipalKind = Literal["user", "device", "anonymous"]
+
+
 @dataclass(frozen=True)
 class Principal:
     """The authenticated caller, as handed to the rest of the server."""
 
     subject: str
-    kind: Literal["user", "device", "anonymous"]
+    kind: PrincipalKind
     roles: tuple[str, ...]
     client_id: str | None = None
     device_id: str | None = None
     expires_at: float | None = None
+
+    @property
+    def key(self) -> str:
+        """`user:alice`, `device:aa:bb:...`: the one name under which this caller
+        owns sessions and spends limits. Typed, so a device whose id is
+        `alice` is never the user `alice`."""
+        return principal_key(self.kind, self.subject)
+
+    @property
+    def is_admin(self) -> bool:
+        return self.kind == "user" and "admin" in self.roles
+
+
+def principal_key(kind: PrincipalKind, subject: str) -> str:
+    return f"{kind}:{subject}"
+
+
+_ID_PATTERN = re.compile(r"[A-Za-z0-9:_.\-]{1,64}")
+
+
+def check_device_ids(device_id: str | None, client_id: str | None) -> tuple[str | None, str | None]:
+    """Device-Id / Client-Id as xiaozhi firmware sends them (a MAC address and a
+    UUID; browser clients make up similar ones), normalised; anything else is
+    refused before it reaches a token check, a store key or a log line."""
+    if device_id is not None and not _ID_PATTERN.fullmatch(device_id):
+        raise AuthError("auth.bad_device_id")
+    if client_id is not None and not _ID_PATTERN.fullmatch(client_id):
+        raise AuthError("auth.bad_client_id")
+    return (normalize_device_id(device_id) if device_id is not None else None), client_id
 
 
 # --------------------------------------------------------------------------- authenticator
@@ -155,9 +192,6 @@ class Authenticator:
     def __init__(self, config: AuthConfig, clock: Callable[[], float] = time.time) -> None:
         self._config = config
         self._clock = clock
-        self._allowlist: frozenset[str] | None = (
-            None if config.device_allowlist is None
-            else frozenset(_norm_device(d) for d in config.device_allowlist))
 
     # ---- users
 
@@ -253,11 +287,12 @@ class Authenticator:
             raise AuthError("auth.bad_device_token")
         if expiry <= self._clock():
             raise AuthError("auth.expired", "device token expired")
+        device_id = normalize_device_id(device_id)
         return Principal(subject=device_id, kind="device", roles=("device",),
                          client_id=client_id, device_id=device_id, expires_at=float(expiry))
 
     def _device_mac(self, client_id: str, device_id: str, expiry: int) -> str:
-        message = f"{client_id}|{device_id}|{expiry}".encode("utf-8")
+        message = f"{client_id}|{normalize_device_id(device_id)}|{expiry}".encode("utf-8")
         return hmac.new(self._device_key(), message, hashlib.sha256).hexdigest()
 
     def _device_key(self) -> bytes:
@@ -272,9 +307,12 @@ class Authenticator:
                      device_id: str | None = None) -> Principal:
         """Turn whatever the caller presented into a Principal, or raise AuthError.
 
-        With auth disabled everyone is anonymous (local development); the
-        device allow-list is applied after the token, whichever kind it was.
+        With auth disabled everyone is anonymous (local development). A caller
+        that names a device must hold that device's token: a user token never
+        speaks for a device. Whether the device is admitted at all is the
+        admission's question (actors/ingress/admission.py), asked after this.
         """
+        device_id, client_id = check_device_ids(device_id, client_id)
         if not self._config.enabled:
             return Principal(subject=device_id or "anonymous", kind="anonymous", roles=(),
                              client_id=client_id, device_id=device_id)
@@ -284,16 +322,10 @@ class Authenticator:
             if not client_id or not device_id:
                 raise AuthError("auth.bad_device_token",
                                 "device token needs a client id and a device id")
-            principal = self.verify_device_token(token, client_id, device_id)
-        else:
-            principal = replace(self.verify_token(token), client_id=client_id, device_id=device_id)
-        self._check_allowlist(device_id)
-        return principal
-
-    def _check_allowlist(self, device_id: str | None) -> None:
-        if device_id is not None and self._allowlist is not None:
-            if _norm_device(device_id) not in self._allowlist:
-                raise AuthError("auth.forbidden_device")
+            return self.verify_device_token(token, client_id, device_id)
+        if device_id is not None:
+            raise AuthError("auth.device_token_required")
+        return replace(self.verify_token(token), client_id=client_id)
 
     @staticmethod
     def token_from(headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
@@ -314,7 +346,7 @@ class Authenticator:
         return None
 
 
-def _norm_device(device_id: str) -> str:
+def normalize_device_id(device_id: str) -> str:
     """MAC addresses arrive in either case; compare them lower-cased."""
     return device_id.strip().lower()
 
