@@ -17,6 +17,8 @@ os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
 os.environ.setdefault("no_proxy", "127.0.0.1,localhost")
 
 TEST_NAMESPACE = "voice-actors-test"
+INGRESS_PORT = 18765
+"""One Serve proxy for the session; each ingress test module runs its own app on it."""
 
 
 @pytest.fixture(scope="session")
@@ -140,3 +142,16 @@ async def send_frames(actor: Any, frames: list[tuple[int, bytes]], stream: str =
         if realtime:
             await asyncio.sleep(batch * frame_ms / 1000)
     return accepted
+
+
+def run_ingress(config: Any, name: str) -> Iterator[str]:
+    """Serve the ingress built from `config` at / on INGRESS_PORT for one
+    module (use with `yield from` in a module fixture); → its base URL."""
+    from ray import serve
+
+    from serve_app import build_app
+
+    serve.start(http_options={"host": "127.0.0.1", "port": INGRESS_PORT})
+    serve.run(build_app(config), name=name, route_prefix="/")
+    yield f"http://127.0.0.1:{INGRESS_PORT}"
+    serve.delete(name)

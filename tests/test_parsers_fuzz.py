@@ -44,6 +44,7 @@ from actors.protocols.base import (
 )
 from actors.protocols.native import NativeProtocol
 from actors.protocols.text_stream import TextStreamProtocol
+from tests.test_opus_and_formats import write_container
 from actors.protocols.xiaozhi import XiaozhiProtocol, _check_audio_params, pack_frame, unpack_frame
 
 FUZZ = settings(deadline=None, database=None, max_examples=150,
@@ -335,20 +336,8 @@ def test_decode_upload_with_random_bytes(data: bytes, content_type: str | None, 
 @functools.cache
 def container(fmt: str, codec: str, rate: int) -> bytes:
     """0.3 s of tone in a real Ogg/WebM/MP3 file, to be corrupted below."""
-    import av
-
-    buf = io.BytesIO()
-    tone = (8000 * np.sin(np.arange(int(0.3 * rate)) * 2 * np.pi * 220 / rate)).astype("<i2")
-    with av.open(buf, "w", format=fmt) as out:
-        stream = out.add_stream(codec, rate=rate, layout="mono")
-        for i in range(0, len(tone), 960):
-            frame = av.AudioFrame.from_ndarray(tone[i:i + 960].reshape(1, -1), format="s16", layout="mono")
-            frame.sample_rate, frame.pts = rate, i
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode(None):
-            out.mux(packet)
-    return buf.getvalue()
+    t = np.arange(int(0.3 * rate)) / rate
+    return write_container(fmt, codec, (0.25 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), rate)
 
 
 @SLOW_FUZZ

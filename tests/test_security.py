@@ -21,12 +21,13 @@ from pydantic import SecretStr
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from tests.conftest import INGRESS_PORT, run_ingress
 from actors.audio import wav_bytes
 from actors.client import NativeClient, XiaozhiClient
 from actors.config import UserConfig
 from actors.ingress.auth import Authenticator, hash_password
 
-PORT = 18765  # the Serve proxy the other ingress module started; each module runs its own app on it
+PORT = INGRESS_PORT
 BASE = f"http://127.0.0.1:{PORT}"
 WS = f"ws://127.0.0.1:{PORT}"
 NS = "voice-actors-test"
@@ -55,14 +56,7 @@ def sec_config(config):
 
 @pytest.fixture(scope="module")
 def server(ray_cluster, sec_config):
-    from ray import serve
-
-    from serve_app import build_app
-
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    serve.run(build_app(sec_config), name="voice-actors-security", route_prefix="/")
-    yield BASE
-    serve.delete("voice-actors-security")
+    yield from run_ingress(sec_config, "voice-actors-security")
 
 
 @pytest.fixture(scope="module")

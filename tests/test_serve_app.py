@@ -15,6 +15,7 @@ from pydantic import SecretStr
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from tests.conftest import INGRESS_PORT, run_ingress
 from actors.audio import read_wav, rms_dbfs, silence, wav_bytes
 from actors.ingress.auth import Authenticator, hash_password
 from actors.client import NativeClient, XiaozhiClient
@@ -22,7 +23,7 @@ from actors.config import UserConfig
 from actors.protocols.native import unpack_audio
 from actors.protocols.xiaozhi import pack_frame
 
-PORT = 18765
+PORT = INGRESS_PORT
 BASE = f"http://127.0.0.1:{PORT}"
 WS = f"ws://127.0.0.1:{PORT}"
 ALLOWED_DEVICES = ["02:00:00:00:00:01", "02:00:00:00:00:02", "02:00:00:00:00:03", "02:00:00:00:00:04"]
@@ -45,14 +46,7 @@ def server_config(config):
 
 @pytest.fixture(scope="module")
 def server(ray_cluster, server_config):
-    from ray import serve
-
-    from serve_app import build_app
-
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    serve.run(build_app(server_config), name="voice-actors-test", route_prefix="/")
-    yield BASE
-    serve.delete("voice-actors-test")
+    yield from run_ingress(server_config, "voice-actors-test")
 
 
 @pytest.fixture(scope="module")

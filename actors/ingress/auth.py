@@ -105,7 +105,6 @@ _AUTH_ERRORS: dict[str, tuple[int, str]] = {
     "auth.expired": (401, "authentication token expired"),
     "auth.bad_credentials": (401, "invalid username or password"),
     "auth.forbidden_device": (403, "device not allowed"),
-    "auth.forbidden_session": (403, "this session belongs to another client"),
     "auth.bad_device_token": (401, "invalid device token"),
     "auth.disabled_secret": (401, "this kind of token is not enabled on the server"),
     "auth.device_token_required": (403, "this socket is for devices: present the token the OTA endpoint issued"),

@@ -17,7 +17,7 @@ import uuid
 from typing import Any, Protocol
 
 from actors.config import AppConfig
-from actors.ingress.limits import LimitError, RateLimiter
+from actors.ingress.limits import LimitError, RateLimiter, check_size
 from actors.session import EventStream
 from actors.protocols.base import (
     Audio, DeviceMessage, HistoryRequest, Hello, Interrupt, Listen, Outgoing, ProtocolAdapter, ProtocolError, Reply,
@@ -88,9 +88,7 @@ class VoiceConnection:
         return msg.get("text") or ""
 
     def _check_size(self, data: str | bytes) -> None:
-        if len(data) > self._config.limits.max_ws_message_bytes:
-            raise ProtocolError("limit.too_large", f"message of {len(data)} bytes; the limit is "
-                                f"{self._config.limits.max_ws_message_bytes}")
+        check_size(len(data), self._config.limits.max_ws_message_bytes, "message")
 
     # ------------------------------------------------------------ lifecycle
     async def serve(self) -> None:
@@ -101,9 +99,9 @@ class VoiceConnection:
             return
         except ConnectionClosed:
             return
-        except ProtocolError as e:
+        except (ProtocolError, LimitError) as e:
             await self._send(self._adapter.error(e.code, e.message))
-            await self._ws.close(e.close_code, e.code)
+            await self._ws.close(e.close_code if isinstance(e, ProtocolError) else e.ws_close_code, e.code)
             return
         sid, actor, resumed = await self._open_session(hello.session_id)
         self.session_id, self.actor = sid, actor
