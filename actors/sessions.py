@@ -2,8 +2,9 @@
 
 A cold Ray actor takes ~0.4 s to start (DESIGN §2), so `SessionManager`
 keeps `server.warm_sessions` idle session actors started ahead, each already
-named with the id it will be handed out under. `SessionHandle` wraps one
-actor with blocking calls (`ask_text`, `ask_wav`) for notebooks and the CLI.
+named with the id it will be handed out under. `collect_turns` gathers the
+turns an input started from a session's events, for the ingress and for
+`SessionHandle` (actors/notebook.py: notebooks, scripts and the CLI).
 """
 
 from __future__ import annotations
@@ -14,14 +15,15 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import ray
 
-from actors.audio import read_wav, silence, split_frames, write_wav
-from actors.config import AppConfig, load_config
+from actors.audio import write_wav
+from actors.config import AppConfig
 from actors.events import AudioChunk, ErrorEvent, Event, LLMDelta, STTFinal, TurnMetrics
 from actors.session import EventStream, SessionActor, directory_name, session_actor_name
 
@@ -224,69 +226,181 @@ class SessionManager:
 
 @dataclass
 class TurnResult:
+    """One turn as a caller saw it: what was heard, what was answered, how fast."""
+
     turn_id: int
     transcript: str | None = None
     reply: str = ""
-    audio: bytes = b""
+    audio: bytes = field(default=b"", repr=False)  # seconds of PCM would flood a notebook's output
     sample_rate: int = 16000
     metrics: dict[str, Any] = field(default_factory=dict)
     errors: list[ErrorEvent] = field(default_factory=list)
-    events: list[Event] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list, repr=False)
+
+    @property
+    def interrupted(self) -> bool:
+        """True when something cut the reply short, e.g. the next utterance of
+        the same recording (barge-in); `reply` and `audio` then hold what the
+        turn produced before the cut."""
+        return bool(self.metrics.get("interrupted"))
 
     def save_audio(self, path: str | Path) -> Path:
         write_wav(path, self.audio, self.sample_rate)
         return Path(path)
 
 
-async def collect_turn(actor: ray.actor.ActorHandle, send: Any, timeout_s: float = 60.0) -> TurnResult:
-    """Subscribe, run `send()` (which starts a turn and returns False if the
-    input was refused), and gather events until that turn's `metrics` event."""
-    events = EventStream(actor)
-    deadline = time.monotonic() + timeout_s
+class TurnResults(list[TurnResult]):
+    """Every turn that one input started, in order; empty when it held no speech.
 
-    async def next_event() -> Event:
-        return await asyncio.wait_for(events.__anext__(), max(0.001, deadline - time.monotonic()))
+    `errors` holds what belongs to no turn, such as frames the session refused;
+    `since_turn` is the session's turn id when the input was sent (every turn
+    here comes after it).
+    """
 
-    try:
-        started = await next_event()  # session.started: from here on we are subscribed
-        accepted = await send()
-        if not accepted:  # no turn will come: report what the input got instead
-            errors: list[ErrorEvent] = []
-            with contextlib.suppress(asyncio.TimeoutError):
-                deadline = min(deadline, time.monotonic() + 0.3)
-                while True:
-                    ev = await next_event()
-                    if isinstance(ev, ErrorEvent):
-                        errors.append(ev)
-            return TurnResult(turn_id=started.turn_id, errors=errors, events=list(errors))
-        result: TurnResult | None = None
-        while True:
+    def __init__(self, turns: Iterable[TurnResult] = (), errors: Iterable[ErrorEvent] = (),
+                 since_turn: int = 0) -> None:
+        super().__init__(turns)
+        self.errors = list(errors)
+        self.since_turn = since_turn
+
+
+class _TurnReader:
+    """Folds one subscriber's events into the turns started after `after`.
+
+    The pending read survives between calls, so waiting on something else
+    (the sender) never cancels a read halfway and loses an event."""
+
+    def __init__(self, events: EventStream) -> None:
+        self._events = events
+        self._next: asyncio.Future[Event] | None = None
+        self.after = 0
+        self.turns: dict[int, TurnResult] = {}
+        self.stray_errors: list[ErrorEvent] = []
+
+    async def subscribe(self, timeout_s: float) -> int:
+        """Wait for `session.started`: from then on every event reaches us.
+        → the session's turn id at that moment."""
+        started = await asyncio.wait_for(self._events.__anext__(), timeout_s)
+        self.after = started.turn_id
+        return self.after
+
+    async def read_one(self, deadline: float, also: asyncio.Future[Any] | None = None) -> None:
+        """Fold the next event in, or return early when `also` finishes;
+        TimeoutError once `deadline` (monotonic) passes."""
+        if self._next is None:
+            self._next = asyncio.ensure_future(self._events.__anext__())
+        waiting = {self._next} if also is None else {self._next, also}
+        done, _ = await asyncio.wait(waiting, timeout=max(0.0, deadline - time.monotonic()),
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if not done:
+            raise TimeoutError
+        if self._next in done:
+            read, self._next = self._next, None
             try:
-                ev = await next_event()
-            except asyncio.TimeoutError:
-                raise TimeoutError(f"no complete turn within {timeout_s:.0f} s") from None
-            if ev.turn_id <= started.turn_id:
-                continue
-            if result is None:
-                result = TurnResult(turn_id=ev.turn_id)
-            if ev.turn_id == result.turn_id:
-                result.events.append(ev)
-                _fold(result, ev)
-                if isinstance(ev, TurnMetrics):
-                    return result
+                self._fold(read.result())
+            except StopAsyncIteration:
+                raise RuntimeError("the session's event stream ended before its turns did "
+                                   "(the session closed)") from None
+
+    async def read_until(self, deadline: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            while True:
+                await self.read_one(deadline)
+
+    def _fold(self, ev: Event) -> None:
+        if ev.turn_id <= self.after:
+            if isinstance(ev, ErrorEvent):
+                self.stray_errors.append(ev)
+            return
+        result = self.turns.setdefault(ev.turn_id, TurnResult(turn_id=ev.turn_id))
+        result.events.append(ev)
+        _fold(result, ev)
+
+    def first(self, n: int) -> list[TurnResult]:
+        return [self.turns[t] for t in sorted(self.turns)[:n]]
+
+    def complete(self, n: int) -> bool:
+        """A session ends every turn with exactly one `metrics` event, also a
+        turn cut short, so n turns with metrics means the input is answered."""
+        first = self.first(n)
+        return len(first) == n and all(t.metrics for t in first)
+
+    def all_errors(self) -> list[ErrorEvent]:
+        return [*self.stray_errors, *(e for t in self.turns.values() for e in t.errors)]
+
+    def close(self) -> None:
+        if self._next is not None:
+            self._next.cancel()
+        self._events.close()
+
+
+REFUSAL_GRACE_S = 0.3
+"""After input that started no turn, how long to gather the errors it got."""
+
+
+async def collect_turns(actor: ray.actor.ActorHandle, send: Callable[[], Awaitable[int]],
+                        timeout_s: float = 60.0) -> TurnResults:
+    """Subscribe, run `send()` (which sends input and returns how many turns it
+    started: 0 if it was refused or held no speech), and gather those turns'
+    events until each has ended with its `metrics` event.
+
+    Events are read while `send()` runs, so a long recording cannot fill the
+    session's event queue before anyone reads it. Turns are taken in order
+    after the moment of subscribing: another client starting turns in this
+    session at the same time would be counted among them."""
+    reader = _TurnReader(EventStream(actor))
+    deadline = time.monotonic() + timeout_s
+    sending: asyncio.Future[int] | None = None
+    try:
+        since = await reader.subscribe(timeout_s)
+        sending = asyncio.ensure_future(send())
+        while not sending.done():
+            await reader.read_one(deadline, also=sending)
+        expected = sending.result()
+        if expected == 0:  # no turn will come: report what the input got instead
+            await reader.read_until(min(deadline, time.monotonic() + REFUSAL_GRACE_S))
+            return TurnResults(errors=reader.all_errors(), since_turn=since)
+        while not reader.complete(expected):
+            await reader.read_one(deadline)
+        return TurnResults(reader.first(expected), reader.stray_errors, since_turn=since)
+    except TimeoutError:
+        raise TimeoutError(f"no complete turn within {timeout_s:.0f} s") from None
     finally:
-        events.close()
+        if sending is not None and not sending.done():
+            sending.cancel()
+        reader.close()
 
 
-async def send_utterance(actor: ray.actor.ActorHandle, frames: list[bytes], per_batch: int = 10) -> bool:
-    """Send a recording in batches as a new audio stream; True if the VAD
-    found speech in it (so a turn is coming), False if it held none."""
+async def collect_turn(actor: ray.actor.ActorHandle, send: Callable[[], Awaitable[bool]],
+                       timeout_s: float = 60.0) -> TurnResult:
+    """Like `collect_turns` for one turn: `send()` returns False if the input
+    was refused. → the first turn the input started (the ingress answers one
+    request with one turn), else a result holding the errors it got."""
+
+    async def send_one() -> int:
+        return 1 if await send() else 0
+
+    turns = await collect_turns(actor, send_one, timeout_s)
+    if turns:
+        return turns[0]
+    return TurnResult(turn_id=turns.since_turn, errors=turns.errors, events=list(turns.errors))
+
+
+async def send_recording(actor: ray.actor.ActorHandle, frames: list[bytes], per_batch: int = 10) -> int:
+    """Send a recording in batches as a new audio stream; → how many
+    utterances the VAD found in it (each becomes a turn), counted once the
+    session has run all of it through the VAD."""
     stream = uuid.uuid4().hex
     before = await actor.utterances.remote()
     for i in range(0, len(frames), per_batch):
         batch = [(i + j, f) for j, f in enumerate(frames[i:i + per_batch])]
         await actor.send_audio.remote(batch, 16000, stream)
-    return await actor.utterances.remote(settle=True) > before
+    return await actor.utterances.remote(settle=True) - before
+
+
+async def send_utterance(actor: ray.actor.ActorHandle, frames: list[bytes], per_batch: int = 10) -> bool:
+    """`send_recording`, for callers that only ask: is a turn coming?"""
+    return await send_recording(actor, frames, per_batch) > 0
 
 
 def _fold(result: TurnResult, ev: Event) -> None:
@@ -303,46 +417,12 @@ def _fold(result: TurnResult, ev: Event) -> None:
         result.metrics = ev.model_dump(exclude={"type", "session_id", "ts"})
 
 
-class SessionHandle:
-    """Blocking, notebook-friendly access to one session actor."""
+def __getattr__(name: str) -> Any:
+    """`SessionHandle` lives in actors/notebook.py (which imports this
+    module, hence the lazy import); `from actors.sessions import
+    SessionHandle` keeps working."""
+    if name == "SessionHandle":
+        from actors.notebook import SessionHandle
 
-    def __init__(self, session_id: str, actor: ray.actor.ActorHandle) -> None:
-        self.session_id = session_id
-        self.actor = actor
-
-    @classmethod
-    def open(cls, session_id: str | None = None, config: AppConfig | None = None) -> SessionHandle:
-        config = config or load_config()
-        sid = session_id or new_session_id()
-        actor = create_session_actor(config, sid)  # get_if_exists: resumes a live one
-        ray.get(actor.ready.remote())
-        return cls(sid, actor)
-
-    def ask_text(self, text: str, timeout_s: float = 60.0) -> TurnResult:
-        async def send() -> bool:
-            return await self.actor.send_text.remote(text) is not None
-
-        return asyncio.run(collect_turn(self.actor, send, timeout_s))
-
-    def ask_audio(self, pcm16: bytes, timeout_s: float = 60.0, batch_ms: int = 600) -> TurnResult:
-        """PCM16 mono 16 kHz; trailing silence is added so the VAD sees the end."""
-        frames = split_frames(pcm16 + silence(1500), 60)
-        per_batch = max(1, batch_ms // 60)
-
-        return asyncio.run(collect_turn(self.actor, lambda: send_utterance(self.actor, frames, per_batch),
-                                        timeout_s))
-
-    def ask_wav(self, path: str | Path, timeout_s: float = 60.0) -> TurnResult:
-        return self.ask_audio(read_wav(path), timeout_s)
-
-    def history(self) -> list[dict[str, Any]]:
-        return ray.get(self.actor.history.remote())
-
-    def interrupt(self) -> bool:
-        return ray.get(self.actor.interrupt.remote())
-
-    def close(self) -> None:
-        try:
-            ray.get(self.actor.close.remote())
-        except ray.exceptions.RayActorError:
-            pass  # it exits while answering: that is the point
+        return SessionHandle
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
