@@ -11,7 +11,9 @@ import contextlib
 import json
 import logging
 import secrets
+import threading
 import time
+import uuid
 from typing import Any
 
 from fastapi import Body, FastAPI, Request, WebSocket
@@ -23,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from actors.config import AppConfig, load_config
 from actors.ingress.auth import Authenticator, AuthError, Principal, check_device_ids
-from actors.ingress.http_guard import BodyGuard
+from actors.ingress.http_guard import BodyGuard, Cors
 from actors.ingress.limits import FailureLimiter, LimitError, RateLimiter, SessionSlots
 from actors.protocols.base import SESSION_ID_PATTERN, valid_session_id as _valid_session_id
 
@@ -87,7 +89,9 @@ async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
 
 
 UPLOAD_ROUTES = ("/api/audio/stt", "/api/audio/process")
+METRICS_PUSH_S = 5.0
 api.add_middleware(BodyGuard)
+api.add_middleware(Cors)  # outermost: refusals from BodyGuard carry CORS headers too
 
 
 # ------------------------------------------------------------------ bodies
@@ -130,13 +134,14 @@ class VoiceIngress:
         from actors.history_store import HistoryStore
         from actors.ingress.admission import DeviceAdmission
         from actors.ingress.devices import DeviceRegistry
-        from actors.ingress.metrics import IngressMetrics
+        from actors.ingress.metrics import HUB_NAME, IngressMetrics, MetricsHub
         from actors.pools import ensure_pools
         from actors.sessions import SessionManager
 
         from actors.ingress import http_guard  # imported here: a module global would be a pickled copy
 
         http_guard.body_limits.set(config.limits.max_json_bytes, config.limits.max_request_bytes, UPLOAD_ROUTES)
+        http_guard.cors_origins[:] = config.ingress.cors_allowed_origins
         self.config = config
         ensure_pools(config)
         self.sessions = SessionManager(config)
@@ -152,6 +157,10 @@ class VoiceIngress:
         self.store = HistoryStore(db) if config.session.history_db else None
         self.admission = DeviceAdmission(config.auth, DeviceRegistry(db))
         self.metrics = IngressMetrics()
+        self._replica_id = uuid.uuid4().hex[:12]
+        self._metrics_hub = MetricsHub.options(name=HUB_NAME, namespace=config.server.namespace, lifetime="detached",
+                                               get_if_exists=True).remote()
+        threading.Thread(target=self._report_metrics, name="metrics-push", daemon=True).start()
 
     # ------------------------------------------------------------ helpers
     COUNTED_FAILURES = ("auth.bad_token", "auth.bad_device_token", "auth.bad_credentials")
@@ -252,14 +261,47 @@ class VoiceIngress:
 
     # ------------------------------------------------------------ operations
     @api.get("/health")
-    async def health(self) -> dict[str, Any]:
-        return {"status": "ok", "sockets": self.slots.in_use, "warm_sessions_ready": self.sessions.warm_ready(),
-                "warm_sessions_target": self.sessions.warm_target}
+    async def health(self) -> JSONResponse:
+        """Real state, for load balancers and operators: each provider pool
+        answers and has its model loaded, the store takes writes, the warm
+        pool. 503 with the failing checks when degraded."""
+        from actors.pools import get_pool
+
+        checks: dict[str, Any] = {}
+        for kind, provider in (("stt", self.config.stt.provider), ("tts", self.config.tts.provider)):
+            try:
+                stats = await asyncio.wait_for(get_pool(kind, provider, self.config).stats.remote(), 5.0)
+                checks[f"pool:{kind}"] = {"ok": True, "provider": provider, "calls": stats["calls"],
+                                          "failures": stats["failures"], "in_flight": stats["in_flight"]}
+            except Exception as e:  # unreachable, still loading, or its model failed to load
+                checks[f"pool:{kind}"] = {"ok": False, "provider": provider, "error": type(e).__name__}
+        try:
+            await asyncio.wait_for(asyncio.to_thread(self.admission.registry.check_writable), 5.0)
+            checks["store"] = {"ok": True}
+        except Exception as e:
+            checks["store"] = {"ok": False, "error": type(e).__name__}
+        ok = all(c["ok"] for c in checks.values())
+        body = {"status": "ok" if ok else "degraded", "checks": checks, "sockets": self.slots.in_use,
+                "warm_sessions_ready": self.sessions.warm_ready(), "warm_sessions_target": self.sessions.warm_target}
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     @api.get("/metrics")
     async def prometheus(self) -> Response:
-        body, content_type = self.metrics.render()
-        return Response(body, media_type=content_type)
+        """The whole deployment's metrics (every replica's, summed by the hub)."""
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        await self._metrics_hub.put.remote(self._replica_id, self.metrics.snapshot())
+        return Response(await self._metrics_hub.render.remote(), media_type=CONTENT_TYPE_LATEST)
+
+    def _report_metrics(self) -> None:
+        """Every few seconds, this replica's snapshot to the hub (a thread:
+        the replica's own loop does not exist yet in __init__)."""
+        while True:
+            time.sleep(METRICS_PUSH_S)
+            try:
+                self._metrics_hub.put.remote(self._replica_id, self.metrics.snapshot())
+            except Exception:  # Ray shutting down: the thread ends with the process
+                return
 
     # ------------------------------------------------------------ auth
     @api.post("/api/auth/login")
@@ -288,27 +330,31 @@ class VoiceIngress:
     # ------------------------------------------------------------ text
     @api.post("/api/text/process")
     async def text_process(self, body: TextBody, request: Request) -> dict[str, Any]:
+        from actors.session import subscribing_as
+
         p = self._principal(request)
         sid, actor, _ = await self._open(body.session_id, p)
-        await actor.configure_output.remote(speak=False)
 
         async def send() -> bool:
             return await actor.send_text.remote(body.text) is not None
 
-        return self._turn_json(sid, await self._turn(actor, send))
+        with subscribing_as(speak=False):  # this request wants text; a device on the session still hears the reply
+            return self._turn_json(sid, await self._turn(actor, send))
 
     @api.post("/api/text/batch")
     async def text_batch(self, body: BatchBody, request: Request) -> dict[str, Any]:
         """Texts answered in order in one session, so later ones see earlier ones."""
+        from actors.session import subscribing_as
+
         p = self._principal(request)
         sid, actor, _ = await self._open(body.session_id, p)
-        await actor.configure_output.remote(speak=False)
         results = []
         for text in body.texts:
             async def send(text: str = text) -> bool:
                 return await actor.send_text.remote(text) is not None
 
-            results.append(self._turn_json(sid, await self._turn(actor, send)))
+            with subscribing_as(speak=False):
+                results.append(self._turn_json(sid, await self._turn(actor, send)))
         return {"session_id": sid, "results": results}
 
     @api.websocket("/ws/text/stream")
@@ -343,17 +389,16 @@ class VoiceIngress:
     async def audio_process(self, request: Request) -> dict[str, Any]:
         """One spoken turn over HTTP: audio file in, transcript + reply + reply WAV (base64) out."""
         from actors.audio import silence, split_frames, wav_bytes
+        from actors.session import subscribing_as
         from actors.sessions import send_utterance
 
         p = self._principal(request)
         pcm = await self._decode_upload(request)
         sid, actor, _ = await self._open(self._query_session_id(request), p)
-        await actor.configure_output.remote(speak=True, pace=False)
         frames = split_frames(pcm + silence(1500), 60)
-        try:
+        # the whole reply at once, unless a device on this session listens in real time
+        with subscribing_as(speak=True, pace=False):
             result = await self._turn(actor, lambda: send_utterance(actor, frames))
-        finally:
-            await actor.configure_output.remote(pace=self.config.tts.pace)
         if result.transcript is None and not result.errors:
             raise ApiError(422, "audio.no_speech", "no speech was found in the audio")
         out = self._turn_json(sid, result)
@@ -465,7 +510,7 @@ class VoiceIngress:
         try:
             adapter = XiaozhiProtocol(int(version) if version in ("1", "2", "3") else -1,
                                       self.config.ingress.xiaozhi_output_sample_rate,
-                                      self.config.session.max_frame_bytes)
+                                      self.config.session.max_frame_bytes, tuple(self.config.session.wake_words))
         except ProtocolError as e:
             await ws.accept()
             await ws.close(e.close_code, e.code)
@@ -636,18 +681,23 @@ class VoiceIngress:
 
 
 def with_secrets(config: AppConfig) -> AppConfig:
-    """Fill unset signing secrets with random ones for this deployment, so a
-    fresh clone runs with auth on; every replica gets the same values."""
+    """Fill unset signing secrets, so a fresh clone runs with auth on: from
+    `auth.secrets_file` (made there once, mode 600, so tokens survive a
+    restart), or random for this run when that is None. Every replica gets
+    the same values through the bound config."""
     from pydantic import SecretStr
 
+    from actors.ingress.secrets_file import load_or_create
+
     auth = config.auth
-    updates: dict[str, Any] = {}
-    if auth.jwt_secret is None:
-        updates["jwt_secret"] = SecretStr(secrets.token_urlsafe(32))
-    if auth.device_secret is None:
-        updates["device_secret"] = SecretStr(secrets.token_urlsafe(32))
-    if not updates:
+    missing = [name for name in ("jwt_secret", "device_secret") if getattr(auth, name) is None]
+    if not missing:
         return config
+    if auth.secrets_file is None:
+        values = {name: secrets.token_urlsafe(32) for name in missing}
+    else:
+        values = load_or_create(config.resolve_path(auth.secrets_file), missing)
+    updates = {name: SecretStr(value) for name, value in values.items()}
     return config.model_copy(update={"auth": auth.model_copy(update=updates)})
 
 

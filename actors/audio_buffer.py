@@ -5,6 +5,12 @@ frame carries a sequence number: this child restores the order, drops
 duplicates, skips a gap once `reorder_window` later frames have arrived,
 cuts the stream into VAD frames and runs the speech state machine with a
 pre-roll so the first syllable reaches STT.
+
+Speech opens an utterance after `vad.start_ms`; while a reply is in flight
+it must last `vad.min_interruption_ms` first (counting speech frames, with
+pauses shorter than `vad.end_silence_ms` allowed), so a cough, a door or a
+short noise does not cut the reply. Shorter bursts are dropped: no turn, no
+event, only the `ignored` count.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from actors.config import AppConfig
+from actors.events import ErrorCode
 from actors.mailbox import Child, Message
 from actors.providers.base import SAMPLE_RATE, VAD
 from actors.stt_stream import SpeechAudio, SpeechBegan, SpeechEnded
@@ -26,9 +33,11 @@ if TYPE_CHECKING:
 class ListenControl(Message):
     """Client listening state, ordered with the audio around it.
 
-    `manual` (push to talk): everything between start and stop is one
-    utterance, whatever the VAD says. `auto` / `realtime`: the VAD cuts
-    utterances; stop ends the one in progress and ignores audio until start.
+    `manual` (push to talk): the recording between start and stop is one
+    utterance, checked for speech and trimmed of its leading and trailing
+    silence at stop (a silent one is `audio.no_speech`, not a turn). `auto` /
+    `realtime`: the VAD cuts utterances; stop ends the one in progress and
+    ignores audio until start.
     """
 
     state: str = "start"
@@ -54,6 +63,7 @@ class AudioBuffer(Child):
         self._frame_bytes = SAMPLE_RATE * self._frame_ms // 1000 * 2
         cfg = config.vad
         self._start_frames = max(1, cfg.start_ms // self._frame_ms)
+        self._interrupt_frames = max(self._start_frames, -(-cfg.min_interruption_ms // self._frame_ms))
         self._end_frames = max(1, cfg.end_silence_ms // self._frame_ms)
         self._max_frames = int(config.stt.max_utterance_s * 1000 // self._frame_ms)
         self._reorder_window = config.session.reorder_window
@@ -68,12 +78,24 @@ class AudioBuffer(Child):
         self._pcm = bytearray()
         self._stream_ms = 0
         self._candidate: list[bytes] = []
+        """Speech not yet an utterance: up to start_ms, or, while a reply is
+        in flight, everything since it was confirmed (then `_held_speech` is True)."""
+        self._held_speech = False
+        self._held_speech_frames = 0
+        self._held_gap = 0
         self._turn: int | None = None
         self._silent = 0
         self._speech_frames = 0
         self._manual = False
+        self._recording: list[bytes] = []
+        """Push to talk: the frames since listen start (manual mode)."""
+        self._speech_at: list[int] = []
+        self.trimmed_ms = 0
+        """Silence cut from push-to-talk recordings (for stats and tests)."""
         self._listening = True
         self.utterances = 0
+        self.ignored = 0
+        """Speech bursts during a reply too short to interrupt it."""
 
     @property
     def in_speech(self) -> bool:
@@ -101,11 +123,17 @@ class AudioBuffer(Child):
             self._listening = True
             self._manual = msg.mode == "manual"
             if self._manual and self._turn is None:
-                self._begin()
+                self._recording, self._speech_at = [], []
+                self._core.interrupt(self._stream_ms)  # the button cuts the reply at once
         elif msg.state == "stop":
             self._listen_stop()
 
     def _listen_stop(self) -> None:
+        if self._manual:
+            if len(self._pcm) >= 2:  # the last partial frame belongs to the recording too
+                self._recording.append(bytes(self._pcm[: len(self._pcm) // 2 * 2]))
+            self._pcm.clear()
+            self._finish_recording()
         tail = bytes(self._pcm) if self._turn is not None else b""
         self._pcm.clear()
         if self._turn is not None:
@@ -115,6 +143,7 @@ class AudioBuffer(Child):
         self._manual = False
         self._listening = False
         self._candidate.clear()
+        self._held_speech = False
 
     def _new_stream(self, stream: str) -> None:
         for seq in sorted(self._held):  # what the old stream left behind, in order
@@ -153,20 +182,20 @@ class AudioBuffer(Child):
         if not self._listening:
             return outgoing
         if self._manual:
-            outgoing.extend(frame)
-            self._speech_frames += 1
-            if self._speech_frames >= self._max_frames:
-                self._core.stt.post(SpeechAudio(self._turn, bytes(outgoing)))
-                self._end()
-                self._begin()
-                return bytearray()
+            if self._vad.is_speech(frame):
+                self._speech_at.append(len(self._recording))
+            self._recording.append(frame)
+            if len(self._recording) >= self._max_frames:  # held too long: answer what is there
+                self._finish_recording()
             return outgoing
         speech = self._vad.is_speech(frame)
         if self._turn is None:
-            if speech:
+            if self._held_speech:
+                self._on_held_frame(frame, speech)
+            elif speech:
                 self._candidate.append(frame)
                 if len(self._candidate) >= self._start_frames:
-                    self._begin()
+                    self._on_confirmed()
             else:
                 self._preroll.extend(self._candidate)
                 self._candidate.clear()
@@ -181,7 +210,56 @@ class AudioBuffer(Child):
             return bytearray()
         return outgoing
 
+    def _on_confirmed(self) -> None:
+        """start_ms of speech: an utterance, at once unless a reply is in
+        flight, where it must last min_interruption_ms before it may cut
+        the reply (no added latency for an ordinary turn)."""
+        if self._core.replying and len(self._candidate) < self._interrupt_frames:
+            self._held_speech = True
+            self._held_speech_frames = len(self._candidate)
+            self._held_gap = 0
+        else:
+            self._begin()
+
+    def _on_held_frame(self, frame: bytes, speech: bool) -> None:
+        """Speech held back during a reply: interrupt once it has lasted long
+        enough (or on its next speech frame if the reply has ended meanwhile);
+        drop it as noise if it stops first."""
+        self._candidate.append(frame)
+        if speech:
+            self._held_speech_frames += 1
+            self._held_gap = 0
+        else:
+            self._held_gap += 1
+        if self._held_speech_frames >= self._interrupt_frames or (speech and not self._core.replying):
+            self._begin()
+        elif self._held_gap >= self._end_frames or len(self._candidate) >= self._max_frames:
+            self.ignored += 1
+            self._held_speech = False
+            self._preroll.extend(self._candidate)
+            self._candidate.clear()
+
+    def _finish_recording(self) -> None:
+        """A push-to-talk recording → one utterance of its speech only. Whisper
+        hears words in silence ("you", "Thank you."), so a recording without
+        speech is no turn, and the silence around speech is cut away, keeping
+        `preroll_ms` on each side so no syllable is lost."""
+        recording, speech_at = self._recording, self._speech_at
+        self._recording, self._speech_at = [], []
+        if len(speech_at) < self._start_frames:
+            if recording:
+                self._core.emit_error(ErrorCode.AUDIO_NO_SPEECH, "no speech was found in the recording")
+            return
+        pad = self._preroll.maxlen or 1
+        first, last = max(0, speech_at[0] - pad), min(len(recording), speech_at[-1] + 1 + pad)
+        self.trimmed_ms += (len(recording) - (last - first)) * self._frame_ms
+        self._preroll.clear()
+        self._candidate = recording[first:last]
+        self._begin()
+        self._end()
+
     def _begin(self) -> None:
+        self._held_speech = False
         self.utterances += 1
         self._turn = self._core.on_speech_start(self._stream_ms)
         audio = b"".join(self._preroll) + b"".join(self._candidate)

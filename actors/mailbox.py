@@ -95,9 +95,8 @@ class Child:
             except asyncio.CancelledError:
                 if self._loop_task is not None and self._loop_task.cancelling():
                     raise
-            except Exception as e:  # a child's bug must not end the session
-                log.exception("%s failed on %s", self.name, type(message).__name__)
-                self._on_crash(self.name, e)
+            except Exception as e:  # a child's bug must not end the session; the owner logs it
+                self._on_crash(f"{self.name} (on {type(message).__name__})", e)
             finally:
                 self._work = None
                 self._mailbox.task_done()

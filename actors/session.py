@@ -8,10 +8,12 @@ ends itself after `session.idle_timeout_s` without input or listeners.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import ray
@@ -23,6 +25,7 @@ from actors.pools import FallbackTTS, PooledSTT, PooledTTS, get_pool
 from actors.providers import build_llm, build_vad
 from actors.providers.base import SAMPLE_RATE, TTS
 from actors.session_core import SessionCore
+from actors.tts import OutputPrefs
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +33,35 @@ log = logging.getLogger(__name__)
 EVENT_BATCH_MAX = 64
 
 
-class EventStream:
-    """One subscriber's view of a session's events, one event at a time."""
+_default_output: contextvars.ContextVar[OutputPrefs | None] = contextvars.ContextVar(
+    "default_output", default=None)
 
-    def __init__(self, actor: ray.actor.ActorHandle, exclusive: str | None = None) -> None:
-        self._gen = actor.events.remote(exclusive)
+
+@contextlib.contextmanager
+def subscribing_as(*, sample_rate: int | None = None, speak: bool | None = None,
+                   pace: bool | None = None) -> Iterator[None]:
+    """Event streams opened in this block (in this task) take these output
+    settings unless they set their own: lets an HTTP route ask for text-only
+    or unpaced output from helpers that open the stream (`collect_turn`)."""
+    token = _default_output.set(OutputPrefs(sample_rate, speak, pace).over(_default_output.get()))
+    try:
+        yield
+    finally:
+        _default_output.reset(token)
+
+
+class EventStream:
+    """One subscriber's view of a session's events, one event at a time.
+
+    Output belongs to the subscriber, not the session: `sample_rate` (its
+    audio's rate), `speak` (False: text only, no audio) and `pace` (False:
+    the whole reply at once, when no other listener wants real time). Unset
+    ones come from an enclosing `subscribing_as`, then the session's config."""
+
+    def __init__(self, actor: ray.actor.ActorHandle, exclusive: str | None = None, *,
+                 sample_rate: int | None = None, speak: bool | None = None, pace: bool | None = None) -> None:
+        output = OutputPrefs(sample_rate, speak, pace).over(_default_output.get())
+        self._gen = actor.events.remote(exclusive, output)
         self._buffer: deque[Event] = deque()
 
     def __aiter__(self) -> EventStream:
@@ -106,6 +133,10 @@ class SessionActor:
     async def send_text(self, text: str) -> int | None:
         return self._ensure_started().send_text(text)
 
+    async def greet(self) -> int:
+        """A device woke up: say the persona's greeting, as a turn of its own."""
+        return self._ensure_started().say(self._config.persona().greeting_text())
+
     async def utterances(self, settle: bool = False) -> int:
         """How many utterances the VAD has opened; with `settle`, after all
         audio sent so far has been through it (so a caller can tell that a
@@ -120,10 +151,6 @@ class SessionActor:
 
     async def listen(self, state: str, mode: str = "auto") -> None:
         self._ensure_started().listen(state, mode)
-
-    async def configure_output(self, sample_rate: int | None = None, speak: bool | None = None,
-                               pace: bool | None = None) -> None:
-        self._ensure_started().configure_output(sample_rate, speak, pace)
 
     async def claim(self, owner: str) -> bool:
         """First caller becomes the owner; later callers must be the same
@@ -149,7 +176,8 @@ class SessionActor:
     async def device_message(self, kind: str, payload: Any) -> None:
         self._ensure_started().device_message(kind, payload)
 
-    async def events(self, exclusive: str | None = None) -> AsyncIterator[list[Event]]:
+    async def events(self, exclusive: str | None = None,
+                     output: OutputPrefs | None = None) -> AsyncIterator[list[Event]]:
         """The session's event stream (a Ray streaming generator) in batches:
         each item is every event queued at that moment (up to 64), because
         each item crossing processes costs ~1 ms while a reply's words arrive
@@ -160,9 +188,13 @@ class SessionActor:
         `exclusive` (a device's connection) makes this the session's only
         exclusive listener: the one it replaces gets `session.replaced` and
         its stream ends, so a second socket with the same device credentials
-        takes over the device's session and never listens in beside it."""
+        takes over the device's session and never listens in beside it.
+
+        `output` is this subscriber's own output (rate, speech, pacing;
+        `OutputPrefs`): a text-only listener never mutes a device listening
+        to the same session."""
         core = self._ensure_started()
-        q = core.subscribe()
+        q = core.subscribe(output)
         if exclusive is not None:
             previous, self._exclusive = self._exclusive, q
             if previous is not None and previous is not q:

@@ -24,11 +24,20 @@ from actors.events import (
 from actors.providers.base import LLM, SAMPLE_RATE, STT, TTS, VAD, ChatMessage
 from actors.stt_stream import STTStream
 from actors.tools import ToolContext, ToolRegistry, default_registry
-from actors.tts import TTSChild
+from actors.tts import OutputPrefs, TTSChild
 
 log = logging.getLogger(__name__)
 
 MAX_TEXT_CHARS = 4000
+
+
+@dataclass(frozen=True)
+class _Output:
+    """A subscriber's output preferences with the session's defaults filled in."""
+
+    sample_rate: int
+    speak: bool
+    pace: bool
 
 
 @dataclass
@@ -64,7 +73,7 @@ class SessionCore:
         self.session_id = session_id
         self.config = config
         self.provider_names = provider_names or {}
-        self._subscribers: list[asyncio.Queue[Event]] = []
+        self._subscribers: dict[asyncio.Queue[Event], _Output] = {}
         self.dropped_events = 0
         self.turn_id = 0
         self.reply_turn: int | None = None
@@ -77,7 +86,7 @@ class SessionCore:
         self.stt = STTStream(self, stt, config.stt.partial_interval_ms)
         self.dialogue = DialogueState(self, llm, tools or default_registry(), self.tool_context,
                                       config.persona(), config.session.max_history_messages, history)
-        self.tts = TTSChild(self, tts, config.tts, config.session.output_sample_rate)
+        self.tts = TTSChild(self, tts, config.tts)
         self._children = [self.audio, self.stt, self.dialogue, self.tts]
         self.last_activity = time.monotonic()
         self.closed = False
@@ -91,36 +100,84 @@ class SessionCore:
             child.start()
 
     # ------------------------------------------------------------ events
-    def subscribe(self) -> asyncio.Queue[Event]:
+    def subscribe(self, output: OutputPrefs | None = None) -> asyncio.Queue[Event]:
+        """A new event queue. `output` is this subscriber's own output
+        (rate, speech, pacing); unset fields take the session's defaults."""
+        out = self._resolve(output or OutputPrefs())
         q: asyncio.Queue[Event] = asyncio.Queue(maxsize=self.config.session.event_queue_size)
         q.put_nowait(SessionStarted(
             session_id=self.session_id, turn_id=self.turn_id, input_sample_rate=SAMPLE_RATE,
-            output_sample_rate=self.tts.output_rate,
+            output_sample_rate=out.sample_rate,
             persona=self.config.persona().name, providers=self.provider_names))
-        self._subscribers.append(q)
+        self._subscribers[q] = out
         return q
 
+    def _resolve(self, prefs: OutputPrefs) -> _Output:
+        return _Output(
+            sample_rate=prefs.sample_rate or self.config.session.output_sample_rate,
+            speak=True if prefs.speak is None else prefs.speak,
+            pace=self.config.tts.pace if prefs.pace is None else prefs.pace,
+        )
+
     def unsubscribe(self, q: asyncio.Queue[Event]) -> None:
-        if q in self._subscribers:
-            self._subscribers.remove(q)
+        if self._subscribers.pop(q, None) is not None:
             self.last_activity = time.monotonic()  # the orphan clock starts when the last client leaves
 
     @property
     def subscribers(self) -> int:
         return len(self._subscribers)
 
+    @property
+    def wants_speech(self) -> bool:
+        """Some subscriber wants to hear replies: only then is speech synthesised."""
+        return any(out.speak for out in self._subscribers.values())
+
+    @property
+    def paced(self) -> bool:
+        """Audio goes out in real time while any speaking subscriber wants it
+        (barge-in must cut what a listener has not heard); an unpaced
+        subscriber (HTTP) gets the reply at once only when it is alone."""
+        return any(out.speak and out.pace for out in self._subscribers.values())
+
+    @property
+    def replying(self) -> bool:
+        """A reply is being thought of or spoken (barge-in must then last
+        `vad.min_interruption_ms`)."""
+        return self.reply_turn is not None
+
     def emit(self, event: Any) -> None:
         event.session_id = self.session_id
         for q in self._subscribers:
-            if q.full():  # a stalled reader must not stall the session
-                self.dropped_events += 1
-            else:
-                q.put_nowait(event)
+            self._put(q, event)
+
+    def emit_per_rate(self, make: Callable[[int], Any], speakers_only: bool = False) -> None:
+        """An event that depends on the output rate (audio, `tts.start`):
+        made once per distinct rate and shared by every subscriber at that
+        rate, so audio is resampled once per rate, not once per subscriber.
+        `speakers_only` leaves out text-only subscribers."""
+        made: dict[int, Any] = {}
+        for q, out in self._subscribers.items():
+            if speakers_only and not out.speak:
+                continue
+            event = made.get(out.sample_rate)
+            if event is None:
+                event = made[out.sample_rate] = make(out.sample_rate)
+                event.session_id = self.session_id
+            self._put(q, event)
+
+    def _put(self, q: asyncio.Queue[Event], event: Any) -> None:
+        if q.full():  # a stalled reader must not stall the session
+            self.dropped_events += 1
+        else:
+            q.put_nowait(event)
 
     def emit_error(self, code: ErrorCode, message: str, turn: int | None = None) -> None:
         self.emit(ErrorEvent(turn_id=self.turn_id if turn is None else turn, code=code, message=message))
 
     def child_crashed(self, child: str, error: BaseException) -> None:
+        """A child's bug: logged with its traceback and this session's id for
+        the operator; the client gets the stable `internal` code, no details."""
+        log.error("session %s: %s failed", self.session_id, child, exc_info=(type(error), error, error.__traceback__))
         self.emit_error(ErrorCode.INTERNAL, f"{child} failed: {type(error).__name__}")
 
     def timer(self, turn: int) -> TurnTimer:
@@ -177,19 +234,6 @@ class SessionCore:
         if state == "start" and mode == "manual":
             self.interrupt()  # push-to-talk cuts the reply short at once
         self.audio.post(ListenControl(None, state, mode))
-
-    def configure_output(self, sample_rate: int | None = None, speak: bool | None = None,
-                         pace: bool | None = None) -> None:
-        """Per-client output: protocols that play at another rate (xiaozhi:
-        24 kHz) ask for it so audio is resampled once, from the voice's own
-        rate; text-only clients turn speech off; HTTP clients that want the
-        whole reply file at once turn real-time pacing off."""
-        if sample_rate is not None:
-            self.tts.output_rate = sample_rate
-        if speak is not None:
-            self.tts.speak = speak
-        if pace is not None:
-            self.tts.pace = pace
 
     def device_message(self, kind: str, payload: Any) -> None:
         """MCP / IoT messages from a device, kept for tools and inspection."""
@@ -302,6 +346,7 @@ class SessionCore:
             "subscribers": len(self._subscribers), "dropped_events": self.dropped_events,
             "duplicate_frames": self.audio.duplicates, "lost_frames": self.audio.lost,
             "history_messages": len(self.dialogue.history),
+            "sentences_synthesized": self.tts.synthesized, "short_speech_ignored": self.audio.ignored,
         }
 
     async def close(self) -> None:

@@ -33,5 +33,15 @@ class SqliteStore:
     def path(self) -> Path:
         return self._path
 
+    def check_writable(self) -> None:
+        """Raise unless a write transaction can start now (disk full, file
+        read-only or locked for too long all raise): for /health."""
+        db = self._connect()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            db.rollback()
+        finally:
+            db.close()
+
     def _connect(self) -> sqlite3.Connection:
         return sqlite3.connect(self._path, timeout=10.0)

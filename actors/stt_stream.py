@@ -4,6 +4,7 @@ reports partial and final transcripts."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -14,6 +15,8 @@ from actors.providers.base import STT, ProviderError, STTStreamSession
 
 if TYPE_CHECKING:
     from actors.session_core import SessionCore
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -61,6 +64,8 @@ class STTStream(Child):
             try:
                 text = await stream.finish()
             except ProviderError as e:
+                log.warning("session %s turn %d: speech recognition failed: %s", self._core.session_id, turn,
+                            e.message, exc_info=True)
                 self._core.emit_error(ErrorCode.STT_FAILED, e.message, turn)
                 text = ""
             self._core.on_transcript(turn, text)

@@ -56,6 +56,13 @@ def ray_cluster(config: Any) -> Iterator[Any]:
 
 
 @pytest.fixture(scope="session")
+def cluster_address(ray_cluster: Any) -> str:
+    """This test session's Ray (GCS) address, for subprocesses that join it:
+    `address="auto"` joins whichever cluster started last on the machine."""
+    return ray_cluster.get_runtime_context().gcs_address
+
+
+@pytest.fixture(scope="session")
 def speech(ray_cluster: Any, config: Any) -> Callable[[str], bytes]:
     """Text → PCM16 16 kHz speech, synthesised by the embedded piper voice."""
     from actors.audio import resample_pcm16

@@ -361,6 +361,13 @@ def test_token_from_header_is_case_insensitive():
     assert Authenticator.token_from({"AUTHORIZATION": "BEARER xyz"}, {}) == "xyz"
 
 
+def test_token_from_reads_the_browser_clients_authorization_query():
+    """Issue 8: browser xiaozhi clients send ?authorization=Bearer%20<token> (decoded by then)."""
+    assert Authenticator.token_from({}, {"authorization": "Bearer dv1.9.abc"}) == "dv1.9.abc"
+    assert Authenticator.token_from({}, {"authorization": "dv1.9.abc"}) == "dv1.9.abc"
+    assert Authenticator.token_from({"Authorization": "Bearer h"}, {"authorization": "Bearer q"}) == "h"
+
+
 def test_token_from_falls_back_to_query():
     assert Authenticator.token_from({}, {"token": "t1"}) == "t1"
     assert Authenticator.token_from({}, {"access_token": "t2"}) == "t2"

@@ -31,6 +31,7 @@ from actors.protocols.base import (
     Action,
     Audio,
     DeviceMessage,
+    Greet,
     Hello,
     HistoryRequest,
     Interrupt,
@@ -44,8 +45,8 @@ from actors.protocols.base import (
 )
 from actors.protocols.native import NativeProtocol
 from actors.protocols.text_stream import TextStreamProtocol
-from tests.test_opus_and_formats import write_container
 from actors.protocols.xiaozhi import XiaozhiProtocol, _check_audio_params, pack_frame, unpack_frame
+from tests.test_opus_and_formats import write_container
 
 FUZZ = settings(deadline=None, database=None, max_examples=150,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -59,7 +60,7 @@ KNOWN_CODES = {
 }
 JSON_CODES = {"json.too_large", "json.too_deep", "json.bad_number", "json.bad_constant", "json.bad_string",
               "json.invalid"}
-ACTIONS = (Hello, Audio, Text, Interrupt, Listen, DeviceMessage, Reply, HistoryRequest)
+ACTIONS = (Hello, Audio, Text, Interrupt, Listen, Greet, DeviceMessage, Reply, HistoryRequest)
 MAX_FRAME = 32_000
 
 # ------------------------------------------------------------------ strategies
@@ -510,7 +511,13 @@ def test_xiaozhi_listen_and_abort_field_types() -> None:
         assert err.value.code == "protocol.bad_message" and not err.value.fatal
     assert proto.on_text('{"type": "listen", "state": "start", "mode": "manual"}') == [Listen("start", "manual")]
     detect = proto.on_text(json.dumps({"type": "listen", "state": "detect", "text": {"x": 1}}))
-    assert detect == [Interrupt("wake_word_detected"), DeviceMessage("wake_word", "")]
+    assert detect == [Interrupt("wake_word_detected"), DeviceMessage("wake_word", ""), Greet()]
+    typed = proto.on_text(json.dumps({"type": "listen", "state": "detect", "text": "  What time is it? "}))
+    assert typed == [Text("What time is it?")]  # typed chat is a turn (issue 8, item 3)
+    with pytest.raises(ProtocolError) as err:
+        proto.on_text(json.dumps({"type": "listen", "state": "detect", "text": "x" * 4001}))
+    assert err.value.code == "protocol.bad_message"
+    assert proto.on_binary(b"") == [] and proto.on_binary(pack_frame(3, b"")) == []  # end-of-recording markers
     assert proto.on_text('{"type": "abort", "reason": "wake_word_detected"}') == [Interrupt("wake_word_detected")]
     for reason in ("r" * 65, 5, [], {"a": "b"}, None, ""):
         assert proto.on_text(json.dumps({"type": "abort", "reason": reason})) == [Interrupt("abort")]

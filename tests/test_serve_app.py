@@ -123,8 +123,10 @@ async def test_xiaozhi_spoken_turn(server, speech, version):
     assert kinds[-1] == ("tts", "stop")
     assert "12" in turn.transcript and "84" in turn.reply
     assert turn.sample_rate == 24000 and len(turn.audio) / 48000 > 0.8 and rms_dbfs(turn.audio) > -35
-    # tts stop comes only after the audio: nothing arrived after it, and it took real time to play
-    assert turn.audio_done_at >= turn.first_audio_at + 0.8 * (len(turn.audio) / 48000) - 0.5
+    # tts stop comes only once the whole reply has had time to play at the client, which starts
+    # playing when its first audio arrives (issue 8 item 4: it came ~0.1 s early, cutting the last word)
+    assert turn.audio_done_at >= turn.first_audio_at + len(turn.audio) / 48000, (
+        turn.audio_done_at - turn.first_audio_at, len(turn.audio) / 48000)
 
 
 async def test_xiaozhi_query_string_fallback_and_mcp(server):
@@ -390,7 +392,7 @@ async def test_xiaozhi_bad_opus_packet_is_reported_and_skipped(server, speech):
     async with await XiaozhiClient.connect(info["websocket"]["url"], info["websocket"]["token"], device,
                                            client_id=device, version=3) as c:
         await c.listen("start", "auto")
-        await c.ws.send(pack_frame(3, b""))
+        await c.ws.send(pack_frame(3, b"\xff\xfe\xfd"))
         err = await _next_json(c.ws, "error")
         assert err["code"] == "audio.bad_opus"
         await c.ws.send(b"\x00\x00\x00\x09abc")  # header says 9 bytes, 3 follow
@@ -511,3 +513,137 @@ async def test_concurrent_socket_cap_per_client(server, auth, server_config):
     await asyncio.sleep(0.3)
     async with await NativeClient.connect(f"{WS}/ws/voice", token) as again:  # slots came back
         assert again.session_id
+
+
+# ------------------------------------------------------------------ clients people already have (issue 8)
+XIAOZHI_HELLO = json.dumps({"type": "hello", "version": 1, "transport": "websocket",
+                            "audio_params": {"format": "opus", "sample_rate": 16000, "channels": 1,
+                                             "frame_duration": 60}})
+
+
+async def _until(ws, pred, timeout: float = 30) -> dict:
+    while True:
+        data = await asyncio.wait_for(ws.recv(), timeout)
+        if isinstance(data, str) and pred(msg := json.loads(data)):
+            return msg
+
+
+async def test_browser_pages_get_cors_answers(server):
+    """Item 1: the reference server's browser page could not even start (OPTIONS /xiaozhi/ota/ was 405)."""
+    origin = {"Origin": "http://192.168.1.7:8006"}
+    async with httpx.AsyncClient() as http:
+        pre = await http.options(f"{BASE}/xiaozhi/ota/", headers={
+            **origin, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "device-id,client-id,content-type"})
+        assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] in ("*", origin["Origin"])
+        assert "POST" in pre.headers["access-control-allow-methods"]
+        assert "device-id" in pre.headers["access-control-allow-headers"].lower()
+        r = await http.post(f"{BASE}/xiaozhi/ota/", headers={**origin, "Device-Id": ALLOWED_DEVICES[0]}, json={})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] in ("*", origin["Origin"])
+        r = await http.get(f"{BASE}/api/auth/me", headers=origin)  # a refusal still carries the header
+        assert r.status_code == 401 and "access-control-allow-origin" in r.headers
+
+
+async def test_browser_xiaozhi_clients_authenticate_in_the_query_string(server):
+    """Item 2: `?authorization=Bearer%20<token>&device-id=...&client-id=...` was closed with 4401."""
+    device = ALLOWED_DEVICES[0]
+    info = await ota(device)
+    from urllib.parse import quote
+
+    url = (f"{WS}/xiaozhi/v1/?device-id={quote(device)}&client-id={quote(device)}"
+           f"&authorization={quote('Bearer ' + info['websocket']['token'])}")
+    async with connect(url, proxy=None) as ws:
+        await ws.send(XIAOZHI_HELLO)
+        hello = json.loads(await asyncio.wait_for(ws.recv(), 15))
+        assert hello["type"] == "hello" and hello["session_id"]
+
+
+async def test_typed_chat_and_wake_words_over_listen_detect(server):
+    """Items 3 and 5: typed chat from py-xiaozhi and the browser page got no reply; an empty
+    binary frame (end of a recording) got audio.bad_opus."""
+    device = ALLOWED_DEVICES[2]
+    info = await ota(device)
+    async with await XiaozhiClient.connect(info["websocket"]["url"], info["websocket"]["token"], device,
+                                           client_id=device, version=3) as c:
+        await c.ws.send(pack_frame(3, b""))
+        await c.ws.send(b"")
+        await c.send_json({"type": "listen", "state": "detect", "text": "What is twelve times seven?"})
+        first = await _until(c.ws, lambda m: True)
+        assert first["type"] != "error", first  # the empty frames were ignored, not refused
+        said = await _until(c.ws, lambda m: m["type"] == "tts" and m.get("state") == "sentence_start")
+        assert "84" in said["text"]
+        await _until(c.ws, lambda m: m["type"] == "tts" and m.get("state") == "stop")
+        await c.send_json({"type": "listen", "state": "detect", "text": "你好小智"})
+        greeting = await _until(c.ws, lambda m: m["type"] == "tts" and m.get("state") == "sentence_start")
+        assert "Ava" in greeting["text"]
+
+
+async def test_ota_websocket_url_uses_the_address_the_device_used(server):
+    """Item 7: a device on the LAN must be told the address it reached, not loopback."""
+    async with httpx.AsyncClient() as http:
+        r = await http.post(f"{BASE}/xiaozhi/ota/", json={},
+                            headers={"Device-Id": ALLOWED_DEVICES[0], "Host": "192.168.1.50:8000"})
+    assert r.json()["websocket"]["url"] == "ws://192.168.1.50:8000/xiaozhi/v1/"
+
+
+async def test_health_reports_real_state_and_503_when_degraded(server, server_config):
+    """Item 13: /health said ok whatever the state."""
+    import sqlite3
+
+    async with httpx.AsyncClient(timeout=30) as http:
+        r = await http.get(f"{BASE}/health")
+        body = r.json()
+        assert r.status_code == 200 and body["status"] == "ok"
+        assert body["checks"]["pool:stt"]["ok"] and body["checks"]["pool:tts"]["ok"] and body["checks"]["store"]["ok"]
+        lock = sqlite3.connect(server_config.resolve_path(server_config.session.history_db), timeout=1)
+        lock.execute("BEGIN EXCLUSIVE")  # the store cannot take a write while this is held
+        try:
+            r = await http.get(f"{BASE}/health")
+        finally:
+            lock.rollback()
+            lock.close()
+        assert r.status_code == 503 and r.json()["status"] == "degraded" and not r.json()["checks"]["store"]["ok"]
+
+
+async def test_metrics_are_the_deployments_not_one_replicas(ray_cluster):
+    """Item 13: every replica's snapshot is summed by the hub, whichever replica answers."""
+    from actors.ingress.metrics import IngressMetrics, MetricsHub
+
+    a, b = IngressMetrics(), IngressMetrics()
+    for m, n in ((a, 2), (b, 3)):
+        for _ in range(n):
+            m.connected("xiaozhi")
+    b.refused("auth.bad_token")
+    hub = MetricsHub.remote()
+    await hub.put.remote("replica-a", a.snapshot())
+    await hub.put.remote("replica-b", b.snapshot())
+    await hub.put.remote("replica-a", a.snapshot())  # a newer snapshot replaces, never adds
+    text = await hub.render.remote()
+    assert 'voice_connections_total{protocol="xiaozhi"} 5' in text
+    assert 'voice_active_sockets{protocol="xiaozhi"} 5' in text
+    assert 'voice_refused_total{code="auth.bad_token"} 1' in text
+    assert "# TYPE voice_first_audio_seconds histogram" in text and "replicas reporting: 2" in text
+    ray.kill(hub)
+
+
+async def test_push_to_talk_is_checked_for_speech_and_trimmed(server, speech):
+    """Item 6: a silent push-to-talk recording got a reply to a hallucinated "you"; silence
+    around the words is cut before recognition."""
+    device = ALLOWED_DEVICES[1]
+    info = await ota(device)
+    async with await XiaozhiClient.connect(info["websocket"]["url"], info["websocket"]["token"], device,
+                                           client_id=device) as c:
+        await c.listen("start", "manual")
+        await c.stream_pcm(silence(2000), realtime=False, trailing_silence_ms=0)
+        await c.listen("stop", "manual")
+        err = await _until(c.ws, lambda m: m["type"] in ("error", "stt"))
+        assert err["type"] == "error" and err["code"] == "audio.no_speech", err
+        await asyncio.sleep(1.0)  # sent faster than real time: let the socket's message budget refill
+
+        await c.listen("start", "manual")
+        await c.stream_pcm(silence(1500) + speech(QUESTION) + silence(1500), realtime=False, trailing_silence_ms=0)
+        await c.listen("stop", "manual")
+        stt = await _until(c.ws, lambda m: m["type"] in ("error", "stt"))
+        assert stt["type"] == "stt" and "12" in stt["text"] and "7" in stt["text"], stt
+        said = await _until(c.ws, lambda m: m["type"] == "tts" and m.get("state") == "sentence_start")
+        assert "84" in said["text"]

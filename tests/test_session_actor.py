@@ -219,7 +219,7 @@ async def test_warm_pool_hands_out_started_actors(ray_cluster, config):
     ray.kill(actor)
 
 
-def test_second_driver_sees_the_same_session(ray_cluster, config):
+def test_second_driver_sees_the_same_session(ray_cluster, config, cluster_address):
     handle = SessionHandle.open(config=config)
     first = handle.ask_text("My name is Ana.")
     assert "Ana" in first.reply
@@ -227,7 +227,7 @@ def test_second_driver_sees_the_same_session(ray_cluster, config):
         import json, ray
         from actors.config import load_config
         from actors.sessions import SessionHandle
-        ray.init(address="auto", namespace="{TEST_NAMESPACE}", log_to_driver=False)
+        ray.init(address="{cluster_address}", namespace="{TEST_NAMESPACE}", log_to_driver=False)
         cfg = load_config(env={{"VOICE_ACTORS__SERVER__NAMESPACE": "{TEST_NAMESPACE}"}})
         h = SessionHandle.open("{handle.session_id}", cfg)
         seen = h.history()

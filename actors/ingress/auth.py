@@ -328,21 +328,33 @@ class Authenticator:
 
     @staticmethod
     def token_from(headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
-        """Find the token: `Authorization: Bearer` first, then `?token=` / `?access_token=`.
+        """Find the token: `Authorization: Bearer` first, then the query string.
 
-        The query fallback exists because some xiaozhi firmware cannot set
-        headers on the WebSocket upgrade.
+        Browsers cannot set headers on a WebSocket upgrade, so browser
+        xiaozhi clients (the reference server's test page) send
+        `?authorization=Bearer%20<token>`; some firmware sends `?token=` or
+        `?access_token=`. All are accepted.
         """
         for name, value in headers.items():
             if name.lower() == "authorization" and isinstance(value, str):
-                scheme, _, rest = value.strip().partition(" ")
-                if scheme.lower() == "bearer" and rest.strip():
-                    return rest.strip()
+                token = _bearer(value)
+                if token:
+                    return token
+        value = query.get("authorization")
+        if value:
+            token = _bearer(value) or value.strip()
+            if token:
+                return token
         for name in ("token", "access_token"):
             value = query.get(name)
             if value and value.strip():
                 return value.strip()
         return None
+
+
+def _bearer(value: str) -> str | None:
+    scheme, _, rest = value.strip().partition(" ")
+    return rest.strip() or None if scheme.lower() == "bearer" else None
 
 
 def normalize_device_id(device_id: str) -> str:

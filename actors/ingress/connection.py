@@ -20,7 +20,7 @@ from actors.config import AppConfig
 from actors.ingress.limits import LimitError, RateLimiter, check_size
 from actors.session import EventStream
 from actors.protocols.base import (
-    Audio, DeviceMessage, HistoryRequest, Hello, Interrupt, Listen, Outgoing, ProtocolAdapter, ProtocolError, Reply,
+    Audio, DeviceMessage, Greet, HistoryRequest, Hello, Interrupt, Listen, Outgoing, ProtocolAdapter, ProtocolError, Reply,
     Text,
 )
 
@@ -106,8 +106,8 @@ class VoiceConnection:
         sid, actor, resumed = await self._open_session(hello.session_id)
         self.session_id, self.actor = sid, actor
         rate = self._adapter.wants_output_rate or self._config.session.output_sample_rate
-        await actor.configure_output.remote(rate, self._adapter.speaks)
-        events = EventStream(actor, exclusive=self._stream if self._exclusive else None)
+        events = EventStream(actor, exclusive=self._stream if self._exclusive else None,
+                             sample_rate=rate, speak=self._adapter.speaks)  # this socket's output only
         await events.__anext__()  # session.started: subscribed, nothing said from here on is lost
         await self._send(self._adapter.hello_reply(sid, resumed, rate))
         await self._send(self._adapter.after_hello())
@@ -177,6 +177,8 @@ class VoiceConnection:
             self._calls.put_nowait(("interrupt", ()))
         elif isinstance(action, Listen):
             self._calls.put_nowait(("listen", (action.state, action.mode)))
+        elif isinstance(action, Greet):
+            self._calls.put_nowait(("greet", ()))
         elif isinstance(action, DeviceMessage):
             self._calls.put_nowait(("device_message", (action.kind, action.payload)))
         elif isinstance(action, HistoryRequest):

@@ -59,6 +59,29 @@ class BodyLimits:
 body_limits = BodyLimits()
 
 
+class Cors:
+    """CORS for browser pages (the xiaozhi test page calls OTA from another
+    origin; without an answer to its preflight `OPTIONS` it cannot start).
+    Starlette's middleware, built on the first request from the origins the
+    replica set (same reason as BodyLimits: no config exists at import)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self._cors: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._cors is None:
+            from starlette.middleware.cors import CORSMiddleware
+
+            self._cors = CORSMiddleware(self.app, allow_origins=list(cors_origins), allow_methods=["*"],
+                                        allow_headers=["*"], allow_credentials=False, max_age=600)
+        await self._cors(scope, receive, send)
+
+
+cors_origins: list[str] = ["*"]
+"""Set by the replica from `ingress.cors_allowed_origins` before the first request."""
+
+
 class BodyGuard:
     """ASGI middleware: each request's byte limit comes from `body_limits`;
     JSON bodies are checked by `safe_json` before FastAPI's own parser (which

@@ -1,14 +1,21 @@
-"""Prometheus metrics of one ingress replica, fed by the events it relays.
+"""Prometheus metrics of the whole deployment, fed by the events each
+ingress replica relays.
 
 Latency histograms come from each turn's `metrics` event, so they measure
 what the session measured: end of speech → first reply audio, and each
-stage's share.
+stage's share. Each replica keeps its own registry and sends a snapshot to
+the `MetricsHub` actor every few seconds (and when asked for /metrics); the
+hub sums the snapshots, so whichever replica answers /metrics, the figures
+are the deployment's, not one replica's. Every sample here (counters,
+gauges, histogram buckets, sums and counts) adds up across replicas.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
+import ray
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
@@ -55,3 +62,58 @@ class IngressMetrics:
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    def snapshot(self) -> list[Family]:
+        """This replica's samples, as plain data for the hub."""
+        families = []
+        for metric in self.registry.collect():
+            samples = [(s.name, tuple(sorted(s.labels.items())), float(s.value)) for s in metric.samples
+                       if not s.name.endswith("_created")]
+            families.append((metric.name, metric.type, metric.documentation, samples))
+        return families
+
+
+Family = tuple[str, str, str, list[tuple[str, tuple[tuple[str, str], ...], float]]]
+HUB_NAME = "metrics:hub"
+SNAPSHOT_MAX_AGE_S = 300.0
+"""A replica that stopped reporting (gone, or scaled down) is dropped after this."""
+
+
+@ray.remote(num_cpus=0, max_restarts=-1)
+class MetricsHub:
+    """The latest snapshot of every ingress replica, summed into one exposition."""
+
+    def __init__(self) -> None:
+        self._snapshots: dict[str, tuple[float, list[Family]]] = {}
+
+    def put(self, replica: str, families: list[Family]) -> None:
+        self._snapshots[replica] = (time.monotonic(), families)
+
+    def render(self) -> str:
+        now = time.monotonic()
+        self._snapshots = {k: v for k, v in self._snapshots.items() if now - v[0] < SNAPSHOT_MAX_AGE_S}
+        meta: dict[str, tuple[str, str]] = {}
+        totals: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+        for _, families in self._snapshots.values():
+            for name, kind, doc, samples in families:
+                meta.setdefault(name, (kind, doc))
+                family = totals.setdefault(name, {})
+                for sample, labels, value in samples:
+                    family[(sample, labels)] = family.get((sample, labels), 0.0) + value
+        lines = [f"# voice-actors ingress replicas reporting: {len(self._snapshots)}"]
+        for name in sorted(totals):
+            kind, doc = meta[name]
+            lines += [f"# HELP {name} {doc}", f"# TYPE {name} {kind}"]
+            lines += [f"{sample}{_labels(labels)} {_number(value)}" for (sample, labels), value in totals[name].items()]
+        return "\n".join(lines) + "\n"
+
+
+def _labels(labels: tuple[tuple[str, str], ...]) -> str:
+    if not labels:
+        return ""
+    escaped = (v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") for _, v in labels)
+    return "{" + ",".join(f'{k}="{v}"' for (k, _), v in zip(labels, escaped)) + "}"
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if value.is_integer() else repr(value)

@@ -117,6 +117,11 @@ class Listen:
 
 
 @dataclass
+class Greet:
+    """A wake word was heard: the session greets the person (persona greeting)."""
+
+
+@dataclass
 class DeviceMessage:
     kind: str
     payload: Any
@@ -134,7 +139,7 @@ class HistoryRequest:
     pass
 
 
-Action = Union[Hello, Audio, Text, Interrupt, Listen, DeviceMessage, Reply, HistoryRequest]
+Action = Union[Hello, Audio, Text, Interrupt, Listen, Greet, DeviceMessage, Reply, HistoryRequest]
 Outgoing = Union[str, bytes]
 
 

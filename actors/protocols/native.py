@@ -158,9 +158,9 @@ class NativeProtocol(ProtocolAdapter):
                 return [pack_audio(CODEC_PCM16, event.turn_id, event.seq, event.pcm16)]
             return self._opus(event.turn_id, self._encoder.encode(event.pcm16))
         out: list[Outgoing] = []
-        if event.type == "tts.stop" and self._encoder is not None:
-            if event.reason == "done":
-                out.extend(self._opus(event.turn_id, self._encoder.flush()))
+        if event.type in ("tts.audio_end", "tts.stop") and self._encoder is not None:
+            if event.type == "tts.audio_end" or event.reason == "done":
+                out.extend(self._opus(event.turn_id, self._encoder.flush()))  # the tail, while it can still play
             else:  # drop the cut turn's buffered tail
                 self._encoder.reset()
         out.append(_json(event.model_dump(mode="json")))

@@ -15,8 +15,8 @@ from typing import Any
 
 from actors import safe_json
 from actors.protocols.base import (
-    Action, Audio, DeviceMessage, Hello, Interrupt, Listen, Outgoing, ProtocolAdapter, ProtocolError,
-    parse_json_message, short_repr,
+    Action, Audio, DeviceMessage, Greet, Hello, Interrupt, Listen, Outgoing, ProtocolAdapter, ProtocolError,
+    MAX_TEXT_CHARS, Text, parse_json_message, short_repr,
 )
 from actors.protocols.opus import OpusDecodeError, OpusDecoder, OpusEncoder
 
@@ -60,6 +60,11 @@ def unpack_frame(version: int, frame: bytes) -> tuple[int, bytes]:
     return kind, payload
 
 
+def _normalise_phrase(text: str) -> str:
+    """Wake words compare without case, blanks or punctuation ("Hi, ESP!" = "hi esp")."""
+    return "".join(ch for ch in text.casefold() if ch.isalnum())
+
+
 def _abort_reason(reason: object) -> str:
     """A short string as sent by the firmware ("wake_word_detected"), else the
     default: the reason is logged and shown, so no client payload goes there."""
@@ -98,7 +103,8 @@ def _int_param(params: dict[str, Any], key: str, default: int) -> int:
 class XiaozhiProtocol(ProtocolAdapter):
     name = "xiaozhi"
 
-    def __init__(self, protocol_version: int, output_sample_rate: int, max_frame_bytes: int) -> None:
+    def __init__(self, protocol_version: int, output_sample_rate: int, max_frame_bytes: int,
+                 wake_words: tuple[str, ...] = ()) -> None:
         if protocol_version not in (1, 2, 3):
             raise ProtocolError("xiaozhi.bad_version", f"Protocol-Version {protocol_version} is not 1, 2 or 3",
                                 fatal=True)
@@ -111,6 +117,7 @@ class XiaozhiProtocol(ProtocolAdapter):
         self._encoder = OpusEncoder(output_sample_rate, frame_ms=60)
         self._mcp = False
         self._sent_ms = 0
+        self._wake_words = frozenset(_normalise_phrase(w) for w in wake_words)
 
     # ----------------------------------------------------------- inbound
     def on_text(self, data: str) -> list[Action]:
@@ -148,23 +155,38 @@ class XiaozhiProtocol(ProtocolAdapter):
             raise ProtocolError("protocol.bad_message", f"listen state must be a string, got {short_repr(state)}")
         if state in ("start", "stop"):
             return [Listen(state, mode)]
-        if state == "detect":  # the wake word was heard: stop talking and listen
-            text = msg.get("text")
-            word = text if isinstance(text, str) and len(text) <= MAX_WAKE_WORD_CHARS else ""
-            return [Interrupt("wake_word_detected"), DeviceMessage("wake_word", word)]
+        if state == "detect":
+            return self._on_detect(msg.get("text"))
         raise ProtocolError("protocol.bad_message", f"unknown listen state {short_repr(state)}")
+
+    def _on_detect(self, text: object) -> list[Action]:
+        """`listen detect` carries what the device heard or the person typed:
+        a wake word (or nothing) is answered with the persona's greeting,
+        anything else is a typed message, answered as a turn (py-xiaozhi and
+        the reference server's browser page send typed chat this way)."""
+        phrase = text.strip() if isinstance(text, str) else ""
+        if len(phrase) > MAX_TEXT_CHARS:
+            raise ProtocolError("protocol.bad_message", "'listen detect' text is too long")
+        if not phrase or _normalise_phrase(phrase) in self._wake_words:
+            return [Interrupt("wake_word_detected"), DeviceMessage("wake_word", phrase[:MAX_WAKE_WORD_CHARS]),
+                    Greet()]
+        return [Text(phrase)]
 
     def on_binary(self, data: bytes) -> list[Action]:
         if self._hello is None:
             raise ProtocolError("protocol.hello_required", "send 'hello' before audio", fatal=True)
         if len(data) > self._max_frame:
             raise ProtocolError("audio.frame_too_large", f"frame of {len(data)} bytes; the limit is {self._max_frame}")
+        if not data:  # some clients mark the end of a recording with an empty message
+            return []
         try:
             kind, payload = unpack_frame(self.version, data)
         except ValueError as e:
             raise ProtocolError("xiaozhi.bad_frame", str(e)) from None
         if kind != TYPE_OPUS:
             raise ProtocolError("xiaozhi.bad_frame", f"binary message type {kind} is not Opus audio")
+        if not payload:  # ... or with a frame that carries no audio
+            return []
         try:
             return [Audio(self._decoder.decode(payload))]
         except OpusDecodeError as e:
@@ -209,9 +231,12 @@ class XiaozhiProtocol(ProtocolAdapter):
             return [self._json({"type": "tts", "state": "sentence_start", "text": event.text})]
         if kind == "tts.audio":
             return [self._frame(p) for p in self._encoder.encode(event.pcm16)]
+        if kind == "tts.audio_end":  # the tail now, so it plays before `tts stop` arrives
+            return [self._frame(p) for p in self._encoder.flush()]
         if kind == "tts.stop":
-            tail = [self._frame(p) for p in self._encoder.flush()] if event.reason == "done" else []
-            return [*tail, self._json({"type": "tts", "state": "stop"})]
+            if event.reason != "done":
+                self._encoder.reset()  # the cut reply's buffered tail is never sent
+            return [self._json({"type": "tts", "state": "stop"})]
         if kind == "error":
             return self.error(str(event.code), event.message)
         return []

@@ -1,0 +1,83 @@
+"""`voice-actors serve` on a real network and for days (issue 8 items 7 and 8):
+where it listens and says so, secrets that survive a restart, a development
+token that is renewed while the server runs. No Ray needed."""
+
+from __future__ import annotations
+
+import stat
+import time
+
+import pytest
+from pydantic import SecretStr
+
+from actors.cli import main, reachability_message, refresh_dev_token
+from actors.config import load_config
+from actors.ingress.auth import Authenticator
+from serve_app import with_secrets
+
+
+def config_with(tmp_path, **auth):
+    config = load_config(env={})
+    return config.model_copy(update={"auth": config.auth.model_copy(update={
+        "secrets_file": str(tmp_path / "secrets.json"), **auth})})
+
+
+def test_generated_secrets_are_kept_with_mode_600_and_reused(tmp_path):
+    first = with_secrets(config_with(tmp_path))
+    path = tmp_path / "secrets.json"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    second = with_secrets(config_with(tmp_path))  # a restart
+    for name in ("jwt_secret", "device_secret"):
+        value = getattr(first.auth, name).get_secret_value()
+        assert len(value) >= 32 and value == getattr(second.auth, name).get_secret_value()
+    # a device token from before the restart still verifies after it
+    token = Authenticator(first.auth).issue_device_token("c", "aa:bb:cc:dd:ee:ff")
+    assert Authenticator(second.auth).verify_device_token(token, "c", "aa:bb:cc:dd:ee:ff").kind == "device"
+    path.chmod(0o644)
+    with_secrets(config_with(tmp_path))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_given_secrets_win_and_nothing_is_written(tmp_path):
+    given = with_secrets(config_with(tmp_path, jwt_secret=SecretStr("j" * 40), device_secret=SecretStr("d" * 40)))
+    assert given.auth.jwt_secret.get_secret_value() == "j" * 40
+    assert not (tmp_path / "secrets.json").exists()
+
+
+def test_without_a_secrets_file_each_start_gets_new_secrets(tmp_path):
+    a = with_secrets(config_with(tmp_path, secrets_file=None)).auth.jwt_secret.get_secret_value()
+    b = with_secrets(config_with(tmp_path, secrets_file=None)).auth.jwt_secret.get_secret_value()
+    assert a != b and not (tmp_path / "secrets.json").exists()
+
+
+def test_the_development_token_is_renewed_before_it_expires(tmp_path):
+    config = with_secrets(config_with(tmp_path, token_ttl_s=4))
+    path = tmp_path / "token"
+    assert refresh_dev_token(config, path) is True
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    token = path.read_text()
+    assert refresh_dev_token(config, path) is False and path.read_text() == token  # still fresh
+    time.sleep(2.2)  # past half its life
+    assert refresh_dev_token(config, path) is True and path.read_text() != token
+    principal = Authenticator(config.auth).verify_token(path.read_text())
+    assert principal.subject == "local-dev" and principal.expires_at > time.time() + 3
+    path.write_text("garbage")
+    assert refresh_dev_token(config, path) is True
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1"])
+def test_a_loopback_server_says_how_devices_reach_it(host):
+    message = reachability_message(host, 8000)
+    assert "--host 0.0.0.0" in message and "/xiaozhi/ota/" in message
+
+
+def test_a_server_on_all_interfaces_names_the_ota_url():
+    message = reachability_message("0.0.0.0", 8123)
+    assert ":8123/xiaozhi/ota/" in message and "activate" in message
+
+
+def test_serve_help_lists_host(capsys):
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    out = capsys.readouterr().out
+    assert "--host" in out and "--port" in out and "0.0.0.0" in out
