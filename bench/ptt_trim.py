@@ -78,7 +78,9 @@ async def through_session(config, stt, tts, pcm: bytes) -> tuple[str | None, flo
     core.start()
     q = core.subscribe()
     core.listen("start", "manual")
-    core.send_audio([(i, f) for i, f in enumerate(split_frames(pcm, 60))], 16000, "s")
+    frames = [(i, f) for i, f in enumerate(split_frames(pcm, 60))]
+    for i in range(0, len(frames), 10):  # as the ingress sends them: batches, not one call per recording
+        core.send_audio(frames[i:i + 10], 16000, "s")
     started = time.perf_counter()
     core.listen("stop", "manual")
     result: str | None = None
@@ -115,8 +117,11 @@ async def main() -> None:
         seg = await tts.synthesize(sentence)
         speech = resample_pcm16(seg.pcm16, seg.sample_rate, 16000)
         speech_arr = np.frombuffer(speech, "<i2").astype(np.int32)
-        pad = lambda ms: np.frombuffer(noise(ms, opts.noise_db, rng), "<i2").astype(np.int32)  # noqa: E731
-        rec = np.concatenate([pad(opts.lead_ms), speech_arr + pad(len(speech) // 32), pad(opts.tail_ms)])
+        def room(n: int) -> np.ndarray:
+            return np.frombuffer(noise(n * 1000 // 16000 + 1, opts.noise_db, rng), "<i2")[:n].astype(np.int32)
+
+        lead, tail = 16 * opts.lead_ms, 16 * opts.tail_ms
+        rec = np.concatenate([room(lead), speech_arr + room(len(speech_arr)), room(tail)])
         pcm = np.clip(rec, -32768, 32767).astype("<i2").tobytes()
         t = time.perf_counter()
         base = await stt.transcribe(pcm)
