@@ -30,7 +30,9 @@ def test_bench_smoke_run_writes_results_and_plot(tmp_path: Path):
         assert e2e > report["known_provider_delay_ms"]
         assert run["connect_to_hello_ms"]["p50"] > 0 and run["uplink_frame_lag_ms"]["n"] > 10
         assert run["cpu_pct_of_core_per_session"] > 0 and run["ray_uss_mb_added_per_session"] is not None
-    assert native["stt_final_ms"]["p50"] >= 300 and native["llm_first_token_ms"]["p50"] >= 400
+    # the fakes' fixed delays show through (stage stamps are wall-clock time.time() while the fakes
+    # sleep on the monotonic clock, so a stage can read a fraction of a millisecond short: 399.9 seen)
+    assert native["stt_final_ms"]["p50"] >= 299 and native["llm_first_token_ms"]["p50"] >= 399
     assert native["barge_in_reaction_ms"]["n"] == 1 and native["session_actor_uss_mb"] > 10
     baselines = report["baselines"]
     assert baselines["no_ray_end_of_speech_to_first_audio_ms"]["n"] >= 3
