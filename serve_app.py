@@ -135,7 +135,7 @@ class VoiceIngress:
         from actors.ingress.admission import DeviceAdmission
         from actors.ingress.devices import DeviceRegistry
         from actors.ingress.metrics import HUB_NAME, IngressMetrics, MetricsHub
-        from actors.pools import ensure_pools
+        from actors.pools import ensure_pools, stt_provider, tts_provider
         from actors.sessions import SessionManager
 
         from actors.ingress import http_guard  # imported here: a module global would be a pickled copy
@@ -157,6 +157,8 @@ class VoiceIngress:
         self.store = HistoryStore(db) if config.session.history_db else None
         self.admission = DeviceAdmission(config.auth, DeviceRegistry(db))
         self.metrics = IngressMetrics()
+        self._stt = stt_provider(config.stt.provider, config)  # for the HTTP audio routes
+        self._tts = tts_provider(config.tts.provider, config)
         self._replica_id = uuid.uuid4().hex[:12]
         self._metrics_hub = MetricsHub.options(name=HUB_NAME, namespace=config.server.namespace, lifetime="detached",
                                                get_if_exists=True).remote()
@@ -265,10 +267,10 @@ class VoiceIngress:
         """Real state, for load balancers and operators: each provider pool
         answers and has its model loaded, the store takes writes, the warm
         pool. 503 with the failing checks when degraded."""
-        from actors.pools import get_pool
+        from actors.pools import get_pool, pooled_providers
 
         checks: dict[str, Any] = {}
-        for kind, provider in (("stt", self.config.stt.provider), ("tts", self.config.tts.provider)):
+        for kind, provider in pooled_providers(self.config):
             try:
                 stats = await asyncio.wait_for(get_pool(kind, provider, self.config).stats.remote(), 5.0)
                 checks[f"pool:{kind}"] = {"ok": True, "provider": provider, "calls": stats["calls"],
@@ -366,22 +368,20 @@ class VoiceIngress:
     # ------------------------------------------------------------ audio
     @api.post("/api/audio/stt")
     async def audio_stt(self, request: Request) -> dict[str, Any]:
-        from actors.pools import get_pool
 
         self._principal(request)
         pcm = await self._decode_upload(request)
         started = time.perf_counter()
-        text = await get_pool("stt", self.config.stt.provider, self.config).transcribe.remote(pcm)
+        text = await self._stt.transcribe(pcm)
         return {"text": text, "duration_s": round(len(pcm) / 32000, 3),
                 "latency_ms": round((time.perf_counter() - started) * 1000, 1)}
 
     @api.post("/api/audio/tts")
     async def audio_tts(self, body: TTSBody, request: Request) -> Response:
         from actors.audio import resample_pcm16, wav_bytes
-        from actors.pools import get_pool
 
         self._principal(request)
-        seg = await get_pool("tts", self.config.tts.provider, self.config).synthesize.remote(body.text)
+        seg = await self._tts.synthesize(body.text)
         pcm = resample_pcm16(seg.pcm16, seg.sample_rate, body.sample_rate)
         return Response(wav_bytes(pcm, body.sample_rate), media_type="audio/wav")
 

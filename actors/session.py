@@ -21,7 +21,7 @@ import ray
 from actors.config import AppConfig
 from actors.history_store import HistoryStore
 from actors.events import ErrorCode, ErrorEvent, Event
-from actors.pools import FallbackTTS, PooledSTT, PooledTTS, get_pool
+from actors.pools import FallbackTTS, stt_provider, tts_provider
 from actors.providers import build_llm, build_vad
 from actors.providers.base import SAMPLE_RATE, TTS
 from actors.session_core import SessionCore
@@ -90,11 +90,10 @@ def build_core(session_id: str, config: AppConfig) -> SessionCore:
     TTS) and to its stored history, if it had one."""
     store = HistoryStore(config.resolve_path(config.session.history_db)) if config.session.history_db else None
     history, memory = store.load(session_id) if store else ([], {})
-    stt = PooledSTT(get_pool("stt", config.stt.provider, config))
-    primary: TTS = PooledTTS(get_pool("tts", config.tts.provider, config))
+    stt = stt_provider(config.stt.provider, config)
+    primary = tts_provider(config.tts.provider, config)
     fallback = config.tts.fallback
-    tts: TTS = primary if fallback == "none" else FallbackTTS(
-        primary, lambda: PooledTTS(get_pool("tts", fallback, config)))
+    tts: TTS = primary if fallback == "none" else FallbackTTS(primary, lambda: tts_provider(fallback, config))
     return SessionCore(
         session_id, config, vad=build_vad(config), stt=stt, llm=build_llm(config.llm.provider, config), tts=tts,
         provider_names={"vad": config.vad.provider, "stt": config.stt.provider,

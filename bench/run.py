@@ -88,7 +88,7 @@ def uss_by_kind() -> dict[str, list[int]]:
 def speech_fixture(text: str) -> bytes:
     """Real speech from the embedded voice, 16 kHz PCM16, no padding."""
     from actors.audio import resample_pcm16
-    from actors.providers.local_tts import PiperTTS
+    from actors.providers.local.tts import PiperTTS
 
     voice = getattr(speech_fixture, "_voice", None) or PiperTTS()
     speech_fixture._voice = voice  # type: ignore[attr-defined]

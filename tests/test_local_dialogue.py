@@ -16,7 +16,7 @@ import pytest
 
 from actors.knowledge import KnowledgeBase, KnowledgeEntry, tokenize
 from actors.providers.base import ChatMessage, LLMChunk, ToolCall
-from actors.providers.local_dialogue import LocalDialogueEngine, find_expression, parse_timer, words_to_digits
+from actors.providers.local.dialogue import LocalDialogueEngine, find_expression, parse_timer, words_to_digits
 from actors.tools import ToolContext, ToolError, default_registry, evaluate
 
 MUSEUM = Path(__file__).resolve().parents[1] / "config" / "knowledge" / "museum.yaml"

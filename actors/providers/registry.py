@@ -1,0 +1,117 @@
+"""Which provider names exist, where each is built, and whether it holds a
+model.
+
+Vendors own their names and their configuration: each vendor package
+(`actors.providers.local`, `.dashscope`, `.openai_compat`) declares
+`PROVIDERS`, a map of (kind, name) to a `ProviderSpec`, and importing the
+package costs nothing (specs name their factory by import path, loaded only
+when that provider is built). A vendor's settings live in a section of its
+own under the stage (`stt.dashscope`, `llm.openai_compat`), validated by the
+vendor's model when the configuration loads. Any `package.module:Class`
+works too: a plug-in built as `Class(config)` (the bench's fixed-delay fakes).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Kind = Literal["vad", "stt", "llm", "tts"]
+VENDOR_PACKAGES = ("actors.providers.local", "actors.providers.dashscope", "actors.providers.openai_compat")
+
+
+@dataclass(frozen=True)
+class ProviderSpec:
+    factory: str
+    """`module:callable`, called with the AppConfig."""
+    pooled: bool = False
+    """True for a local model: loaded once in a pool actor and shared. A cloud
+    client is opened by the session itself, so audio takes no extra hop."""
+    section: str | None = None
+    """The vendor's settings under the stage, e.g. `dashscope` for `stt.dashscope`."""
+    config_model: str | None = None
+    """`module:Model` validating that section."""
+
+
+def _load(path: str) -> Any:
+    module, _, attr = path.partition(":")
+    target: Any = importlib.import_module(module)
+    for part in attr.split("."):
+        target = getattr(target, part)
+    return target
+
+
+def specs() -> dict[tuple[str, str], ProviderSpec]:
+    found: dict[tuple[str, str], ProviderSpec] = {}
+    for package in VENDOR_PACKAGES:
+        found.update(getattr(importlib.import_module(package), "PROVIDERS", {}))
+    return found
+
+
+def is_plugin(name: str) -> bool:
+    return ":" in name
+
+
+def spec(kind: Kind, name: str) -> ProviderSpec:
+    if is_plugin(name):  # pooled, as a plug-in may load a model; the bench's fakes ran that way too
+        return ProviderSpec(factory=name, pooled=True)
+    try:
+        return specs()[(kind, name)]
+    except KeyError:
+        raise ValueError(f"unknown {kind} provider {name!r}; known: {', '.join(known(kind))}, "
+                         "or an import path 'package.module:Class'") from None
+
+
+def known(kind: Kind) -> list[str]:
+    return sorted(name for k, name in specs() if k == kind)
+
+
+def build(kind: Kind, name: str, config: Any) -> Any:
+    return _load(spec(kind, name).factory)(config)
+
+
+def section(config: Any, kind: Kind, name: str) -> Any:
+    """The vendor's validated settings for `name` (its own model's defaults
+    when the section is absent)."""
+    s = spec(kind, name)
+    if s.section is None or s.config_model is None:
+        return None
+    raw = (getattr(getattr(config, kind), "model_extra", None) or {}).get(s.section) or {}
+    return _load(s.config_model).model_validate(raw)
+
+
+def check(config: Any) -> list[str]:
+    """Every configured provider exists and its section is valid: problems as
+    `stage.field: message` lines, so a bad config fails at start, named."""
+    from pydantic import ValidationError
+
+    problems: list[str] = []
+    chosen: list[tuple[Kind, str, str]] = [("vad", config.vad.provider, "vad.provider"),
+                                           ("stt", config.stt.provider, "stt.provider"),
+                                           ("llm", config.llm.provider, "llm.provider"),
+                                           ("tts", config.tts.provider, "tts.provider")]
+    if config.tts.fallback != "none":
+        chosen.append(("tts", config.tts.fallback, "tts.fallback"))
+    for kind in ("stt", "llm", "tts"):
+        sections = {s.section for (k, _), s in specs().items() if k == kind and s.section}
+        for extra in getattr(getattr(config, kind), "model_extra", None) or {}:
+            if extra not in sections:
+                problems.append(f"{kind}.{extra}: not a field of {kind} nor a vendor section "
+                                f"({', '.join(sorted(sections)) or 'none'})")
+    for kind, name, where in chosen:
+        if is_plugin(name):
+            continue
+        try:
+            s = spec(kind, name)
+        except ValueError as e:
+            problems.append(f"{where}: {e}")
+            continue
+        if s.section is not None:
+            try:
+                section(config, kind, name)
+            except ValidationError as e:
+                for err in e.errors():
+                    loc = ".".join(str(p) for p in err["loc"])
+                    problems.append(f"{kind}.{s.section}.{loc}: {err['msg']} (got {err.get('input')!r})")
+    return problems
