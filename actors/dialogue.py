@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from actors.config import Persona
 from actors.events import ErrorCode, LLMDelta, LLMEmotion, ToolCallEvent, ToolResultEvent
 from actors.mailbox import Child, Message
-from actors.providers.base import LLM, ChatMessage, ProviderError
+from actors.providers.base import LLM, ChatMessage, LLMChunk, ProviderError, ToolCall
 from actors.tools import ToolContext, ToolRegistry
 from actors.tts import TextDelta, TextEnd
 
@@ -23,6 +25,14 @@ if TYPE_CHECKING:
     from actors.session_core import SessionCore
 
 log = logging.getLogger(__name__)
+
+
+def _llm_code(code: str) -> ErrorCode:
+    """A provider's own stable code where the protocol knows it, else llm.failed."""
+    try:
+        return ErrorCode(code)
+    except ValueError:
+        return ErrorCode.LLM_FAILED
 
 MAX_TOOL_ROUNDS = 3
 
@@ -73,7 +83,7 @@ class DialogueState(Child):
         except ProviderError as e:
             log.warning("session %s turn %d: the language model failed: %s", self._core.session_id, turn,
                         e.message, exc_info=True)
-            self._core.emit_error(ErrorCode.LLM_FAILED, e.message, turn)
+            self._core.emit_error(_llm_code(e.code), e.message, turn)
         except Exception as e:  # a vendor SDK raising its own types
             log.exception("session %s turn %d: the language model raised", self._core.session_id, turn)
             self._core.emit_error(ErrorCode.LLM_FAILED, f"the language model failed: {type(e).__name__}", turn)
@@ -87,19 +97,9 @@ class DialogueState(Child):
         timer.llm_start = time.time()
         reply_parts: list[str] = []
         for _ in range(MAX_TOOL_ROUNDS + 1):
-            calls = []
             round_text: list[str] = []
-            async for chunk in self._llm.stream(self._prompt(), self._tools.specs()):
-                if chunk.emotion:
-                    self._core.emit(LLMEmotion(turn_id=turn, emotion=chunk.emotion))
-                if chunk.text:
-                    if timer.llm_first is None:
-                        timer.llm_first = time.time()
-                    round_text.append(chunk.text)
-                    self._core.emit(LLMDelta(turn_id=turn, text=chunk.text))
-                    self._core.tts.post(TextDelta(turn, chunk.text))
-                if chunk.tool_call:
-                    calls.append(chunk.tool_call)
+            async with aclosing(self._llm.stream(self._prompt(), self._tools.specs())) as chunks:
+                calls = await self._consume(turn, chunks, round_text)
             reply_parts.extend(round_text)
             if not calls:
                 break
@@ -110,6 +110,27 @@ class DialogueState(Child):
                 self._core.emit(ToolResultEvent(turn_id=turn, name=call.name, result=result))
                 self.history.append(ChatMessage(role="tool", content=result, tool_call_id=call.id))
         return "".join(reply_parts).strip()
+
+    async def _consume(self, turn: int, chunks: AsyncIterator[LLMChunk], round_text: list[str]) -> list[ToolCall]:
+        """One LLM round: text to the client and TTS as it streams, tool calls
+        and usage kept. `aclosing` around it closes the stream (the HTTP
+        connection of a cloud LLM) when the turn is interrupted."""
+        timer = self._core.timer(turn)
+        calls: list[ToolCall] = []
+        async for chunk in chunks:
+            if chunk.emotion:
+                self._core.emit(LLMEmotion(turn_id=turn, emotion=chunk.emotion))
+            if chunk.text:
+                if timer.llm_first is None:
+                    timer.llm_first = time.time()
+                round_text.append(chunk.text)
+                self._core.emit(LLMDelta(turn_id=turn, text=chunk.text))
+                self._core.tts.post(TextDelta(turn, chunk.text))
+            if chunk.tool_call:
+                calls.append(chunk.tool_call)
+            if chunk.usage:
+                timer.add_usage(chunk.usage)
+        return calls
 
     def _prompt(self) -> list[ChatMessage]:
         return [ChatMessage(role="system", content=self._persona.system_prompt), *self.history]

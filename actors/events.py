@@ -28,6 +28,13 @@ class ErrorCode(StrEnum):
     TEXT_TOO_LONG = "text.too_long"
     STT_FAILED = "stt.failed"
     LLM_FAILED = "llm.failed"
+    LLM_AUTH = "llm.auth"
+    LLM_RATE_LIMITED = "llm.rate_limited"
+    LLM_UNAVAILABLE = "llm.unavailable"
+    LLM_TIMEOUT = "llm.timeout"
+    LLM_UNREACHABLE = "llm.unreachable"
+    LLM_BAD_REQUEST = "llm.bad_request"
+    LLM_STREAM_ERROR = "llm.stream_error"
     TOOL_FAILED = "tool.failed"
     TTS_FAILED = "tts.failed"
     SESSION_CLOSED = "session.closed"
@@ -140,6 +147,8 @@ class TurnMetrics(_Event):
     """First sentence ready → its first audio chunk."""
     first_audio_ms: float | None = None
     """End of speech (or text input) → first reply audio chunk sent."""
+    llm_usage: dict[str, int] | None = None
+    """Tokens the LLM spent on this turn (prompt, completion, total), summed over tool rounds."""
     interrupted: bool = False
 
 

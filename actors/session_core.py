@@ -51,6 +51,11 @@ class TurnTimer:
     llm_first: float | None = None
     first_sentence: float | None = None
     first_audio: float | None = None
+    llm_usage: dict[str, int] | None = None
+
+    def add_usage(self, usage: dict[str, int]) -> None:
+        total = self.llm_usage or {}
+        self.llm_usage = {k: total.get(k, 0) + v for k, v in usage.items() if isinstance(v, int)}
 
     def to_event(self, turn: int, interrupted: bool) -> TurnMetrics:
         def ms(a: float | None, b: float | None) -> float | None:
@@ -62,6 +67,7 @@ class TurnTimer:
             llm_first_token_ms=ms(self.llm_start, self.llm_first),
             tts_first_audio_ms=ms(self.first_sentence, self.first_audio),
             first_audio_ms=ms(self.speech_end or self.text_in, self.first_audio),
+            llm_usage=self.llm_usage,
         )
 
 

@@ -26,6 +26,10 @@ class ProviderError(Exception):
         self.code = code
         self.message = message
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # keeps the code when it crosses a process boundary (a pool actor's call)
+        return (type(self), (self.code, self.message))
+
 
 # --------------------------------------------------------------------- VAD
 class VAD(abc.ABC):
@@ -121,6 +125,8 @@ class LLMChunk:
     text: str = ""
     tool_call: ToolCall | None = None
     emotion: str | None = None
+    usage: dict[str, int] | None = None
+    """Token usage of the reply (prompt, completion, total); only on the last chunk."""
 
 
 @dataclass
