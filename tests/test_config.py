@@ -55,3 +55,27 @@ def test_config_path_from_environment(tmp_path: Path):
     other = tmp_path / "other.yaml"
     other.write_text(DEFAULT_CONFIG_PATH.read_text().replace("port: 8000", "port: 8111"))
     assert load_config(env={"VOICE_ACTORS_CONFIG": str(other)}).server.port == 8111
+
+
+def test_the_shipped_cloud_configuration_loads_with_every_vendor_section():
+    from actors.config import PROJECT_ROOT
+    from actors.providers import registry
+
+    cfg = load_config(PROJECT_ROOT / "config" / "cloud-zh.yaml", env={})
+    assert (cfg.stt.provider, cfg.llm.provider, cfg.tts.provider) == ("dashscope", "openai-compatible", "dashscope")
+    assert registry.section(cfg, "stt", "dashscope").language_hints == ["zh", "en"]
+    assert registry.section(cfg, "llm", "openai-compatible").model == "qwen-plus"
+    assert registry.section(cfg, "tts", "dashscope").voice == "longxiaochun_v2"
+    assert not registry.spec("stt", "dashscope").pooled and registry.spec("stt", "local-whisper").pooled
+
+
+@pytest.mark.parametrize("env, field", [
+    ({"VOICE_ACTORS__STT__PROVIDER": "dashscope", "VOICE_ACTORS__STT__DASHSCOPE__MODLE": "x"}, "stt.dashscope.modle"),
+    ({"VOICE_ACTORS__LLM__PROVIDER": "openai-compatible", "VOICE_ACTORS__LLM__OPENAI_COMPAT__TEMPERATURE": "hot"},
+     "llm.openai_compat.temperature"),
+    ({"VOICE_ACTORS__TTS__DASHSCOPE_TYPO__VOICE": "x"}, "tts.dashscope_typo"),
+])
+def test_vendor_sections_are_validated_by_the_vendor_at_load(env, field):
+    with pytest.raises(ConfigError) as err:
+        load_config(env=env)
+    assert field in str(err.value)
