@@ -56,9 +56,22 @@ def stem(word: str) -> str:
     return word
 
 
+_TOKEN_RUNS = re.compile(r"[a-z0-9]+|[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+")
+"""Latin words and runs of CJK ideographs; everything else separates tokens."""
+
+
 def tokenize(text: str) -> list[str]:
+    """Words for English; character bigrams for Chinese, which has no spaces
+    between words (a bigram index finds 兵马俑 in 兵马俑在哪里 without a
+    segmenter), and single characters for runs of one."""
     text = re.sub(r"['’]s\b", "", _fold(text))
-    return [stem(w) for w in re.findall(r"[a-z0-9]+", text) if w not in STOPWORDS and len(w) > 1]
+    tokens: list[str] = []
+    for run in _TOKEN_RUNS.findall(text):
+        if run[0] >= "\u3400":
+            tokens.extend([run] if len(run) == 1 else [run[i:i + 2] for i in range(len(run) - 1)])
+        elif run not in STOPWORDS and len(run) > 1:
+            tokens.append(stem(run))
+    return tokens
 
 
 @dataclass
