@@ -215,7 +215,9 @@ async def test_question_during_a_reply_cuts_it_once_long_enough_and_is_answered(
         stop = await t.wait_for(lambda e: e.type == "tts.stop" and e.turn_id == turn)
         await t.wait_for(turn_done(start.turn_id))
     min_ms = config.vad.min_interruption_ms
-    assert idle_start.stream_ms < lead_ms + min_ms - 100, idle_start.stream_ms  # no added latency when idle
+    # no added latency when idle: the utterance opens exactly where the VAD alone confirms start_ms of
+    # speech (the embedded voice varies from run to run, so the onset is measured, not assumed)
+    assert abs(idle_start.stream_ms - _vad_onset_ms(config, question)) <= 60, idle_start.stream_ms
     # during the reply the decision waits for min_interruption_ms of speech after its onset
     assert start.stream_ms >= idle_start.stream_ms - config.vad.start_ms + min_ms - 30, (start, idle_start)
     assert stop.reason == "interrupted" and stop.stream_ms == start.stream_ms
@@ -224,3 +226,17 @@ async def test_question_during_a_reply_cuts_it_once_long_enough_and_is_answered(
     assert (await busy.stats.remote())["short_speech_ignored"] == 0
     for actor in (idle, busy):
         ray.kill(actor)
+
+
+def _vad_onset_ms(config, pcm: bytes) -> int:
+    """Where a fresh VAD first sees start_ms of consecutive speech in `pcm`, as the session counts it."""
+    from actors.audio import split_frames
+    from actors.providers import build_vad
+
+    vad = build_vad(config)
+    needed, run = max(1, config.vad.start_ms // vad.frame_ms), 0
+    for i, frame in enumerate(split_frames(pcm, vad.frame_ms)):
+        run = run + 1 if len(frame) == vad.frame_ms * 32 and vad.is_speech(frame) else 0
+        if run >= needed:
+            return (i + 1) * vad.frame_ms
+    raise AssertionError("the VAD found no speech")
