@@ -702,7 +702,14 @@ def with_secrets(config: AppConfig) -> AppConfig:
 
 
 def build_app(config: AppConfig | None = None) -> serve.Application:
+    """The application `serve deploy` / `serve run` import; refuses, naming the
+    variable, a configured cloud provider whose key is missing."""
+    from actors.config import ConfigError
+    from actors.providers.registry import missing_keys
+
     config = with_secrets(config or load_config())
+    if problems := missing_keys(config):
+        raise ConfigError("; ".join(problems))
     ing = config.ingress
     options: dict[str, Any] = {"max_ongoing_requests": ing.max_ongoing_requests,
                                "graceful_shutdown_timeout_s": ing.graceful_shutdown_timeout_s}

@@ -81,3 +81,35 @@ def test_serve_help_lists_host(capsys):
         main(["serve", "--help"])
     out = capsys.readouterr().out
     assert "--host" in out and "--port" in out and "0.0.0.0" in out
+
+
+def test_serve_refuses_a_cloud_provider_without_its_key_before_starting_anything(tmp_path, monkeypatch, capsys):
+    """Issue 9 item 8: a configured provider without its key fails at start, naming the variable."""
+    from actors.config import PROJECT_ROOT
+
+    monkeypatch.delenv("DASHSCOPE_API_KEY", raising=False)
+    monkeypatch.setenv("VOICE_ACTORS__AUTH__SECRETS_FILE", str(tmp_path / "secrets.json"))
+    code = main(["--config", str(PROJECT_ROOT / "config" / "cloud-zh.yaml"), "serve"])
+    err = capsys.readouterr().err
+    assert code == 2 and "$DASHSCOPE_API_KEY" in err and "stt provider 'dashscope'" in err
+    assert "llm provider 'openai-compatible'" in err and "ray:" not in err  # refused before Ray started
+
+
+def test_a_key_in_the_environment_or_the_config_satisfies_the_check():
+    from actors.config import PROJECT_ROOT
+    from actors.providers.registry import missing_keys
+
+    config = load_config(PROJECT_ROOT / "config" / "cloud-zh.yaml", env={})
+    assert len(missing_keys(config, env={})) == 3
+    assert missing_keys(config, env={"DASHSCOPE_API_KEY": "sk-x"}) == []
+    assert missing_keys(load_config(env={}), env={}) == []  # the embedded default needs no key
+
+
+def test_serve_deploy_refuses_it_too(monkeypatch):
+    """`serve deploy` imports serve_app:app, built by build_app: the same check, the same words."""
+    from actors.config import PROJECT_ROOT, ConfigError
+    from serve_app import build_app
+
+    monkeypatch.delenv("DASHSCOPE_API_KEY", raising=False)
+    with pytest.raises(ConfigError, match=r"\$DASHSCOPE_API_KEY"):
+        build_app(load_config(PROJECT_ROOT / "config" / "cloud-zh.yaml", env={}))

@@ -115,3 +115,26 @@ def check(config: Any) -> list[str]:
                     loc = ".".join(str(p) for p in err["loc"])
                     problems.append(f"{kind}.{s.section}.{loc}: {err['msg']} (got {err.get('input')!r})")
     return problems
+
+
+def missing_keys(config: Any, env: Any = None) -> list[str]:
+    """Configured cloud providers whose key is neither in the config nor in
+    its environment variable: said at start, naming the variable (never a
+    value), instead of failing at the first call of the first session."""
+    import os
+
+    env = os.environ if env is None else env
+    chosen = [("stt", config.stt.provider), ("llm", config.llm.provider), ("tts", config.tts.provider)]
+    problems = []
+    for kind, name in chosen:
+        if is_plugin(name):
+            continue
+        settings = section(config, kind, name)
+        variable = getattr(settings, "api_key_env", None)
+        if settings is None or getattr(settings, "api_key", None) is not None or not variable:
+            continue
+        if not env.get(variable):
+            where = spec(kind, name).section
+            problems.append(f"{kind} provider {name!r} needs an API key: set ${variable} "
+                            f"(or {kind}.{where}.api_key in a config file outside git)")
+    return problems
