@@ -351,10 +351,11 @@ async def test_socket_auth_refusals(server, auth, server_config):
 async def test_rate_limit_trips_per_client(server, auth):
     flooder, bystander = token_for(auth, "flooder"), token_for(auth, "bystander")
     async with httpx.AsyncClient() as http:
-        codes = [(await http.get(f"{BASE}/api/auth/me", headers=bearer(flooder))).status_code for _ in range(60)]
-        assert 429 in codes and codes[0] == 200
-        limited = await http.get(f"{BASE}/api/auth/me", headers=bearer(flooder))
-        assert limited.status_code == 429 and limited.json()["error"]["code"] == "limit.rate"
+        answers = [await http.get(f"{BASE}/api/auth/me", headers=bearer(flooder)) for _ in range(60)]
+        assert answers[0].status_code == 200
+        # the refusal itself is checked (a later request may find a token refilled on a slow machine)
+        limited = next(r for r in answers if r.status_code == 429)
+        assert limited.json()["error"]["code"] == "limit.rate"
         assert int(limited.headers["Retry-After"]) >= 1
         assert (await http.get(f"{BASE}/api/auth/me", headers=bearer(bystander))).status_code == 200
 
