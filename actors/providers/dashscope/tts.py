@@ -343,6 +343,8 @@ def _error_from_exception(e: Exception) -> ProviderError:
         return ProviderError("tts.task_failed", f"DashScope speech synthesis failed: {e.name}: {e.message}")
     if isinstance(e, TimeoutError):
         return ProviderError("tts.timeout", f"DashScope speech synthesis timed out: {e}")
-    if isinstance(e, ConnectionError):
+    from websocket import WebSocketException
+
+    if isinstance(e, (ConnectionError, WebSocketException)):  # the SDK's socket library raises its own types
         return ProviderError("tts.connection", f"DashScope speech synthesis connection failed: {e}")
     return ProviderError("tts.failed", f"DashScope speech synthesis failed: {type(e).__name__}: {e}")
