@@ -19,11 +19,11 @@ from typing import Any
 import ray
 
 from actors.config import AppConfig
-from actors.history_store import HistoryStore
 from actors.events import ErrorCode, ErrorEvent, Event
+from actors.history_store import HistoryStore
 from actors.pools import stt_provider, tts_provider
-from actors.providers.adapters.fallback import FallbackTTS
 from actors.providers import build_llm, build_vad
+from actors.providers.adapters.fallback import FallbackTTS
 from actors.providers.base import SAMPLE_RATE, TTS
 from actors.session_core import SessionCore
 from actors.tts import OutputPrefs
