@@ -1,10 +1,13 @@
-"""Provider pools: one named Ray actor per configured model provider.
+"""Provider pools: one named Ray actor per configured model provider per node.
 
-A model is loaded once per pool actor and shared by every session that
-calls it; the pool caps concurrent calls so a burst of sessions queues
-instead of thrashing the CPU. Sessions reach pools through `PooledSTT` /
-`PooledTTS`, which implement the plain provider interfaces, so a session
-cannot tell a pooled local model from an in-process one.
+A model is loaded once per pool actor and shared by every session on that
+node; the pool caps concurrent calls so a burst of sessions queues instead
+of thrashing the CPU. There is one pool per (kind, provider, node), pinned
+to its node and found by name, so adding nodes adds STT/TTS capacity and a
+caller never pays a cross-node hop when its own node has a pool (DESIGN §3).
+Sessions reach pools through `PooledSTT` / `PooledTTS`, which implement the
+plain provider interfaces, so a session cannot tell a pooled local model
+from an in-process one.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import time
 from typing import Any, Literal
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.config import AppConfig
 from actors.providers.base import STT, TTS, AudioSegment, ProviderError
@@ -25,8 +29,15 @@ log = logging.getLogger(__name__)
 PoolKind = Literal["stt", "tts"]
 
 
-def pool_name(kind: PoolKind, provider: str) -> str:
-    return f"pool:{kind}:{provider}"
+def pool_name(kind: PoolKind, provider: str, node_id: str) -> str:
+    """The one place pool names are made: `pool:{kind}:{provider}:{node_id}`.
+    The node id goes last because it is hex (no colons), whereas a plug-in
+    provider name (`package.module:Class`) may hold a colon."""
+    return f"pool:{kind}:{provider}:{node_id}"
+
+
+def _this_node() -> str:
+    return ray.get_runtime_context().get_node_id()
 
 
 @ray.remote(max_restarts=-1)
@@ -73,17 +84,43 @@ class ProviderPool:
             "models_loaded_in_process": getattr(module, "MODELS_LOADED", None),
             "load_s": round(self._load_s, 3), "calls": self._calls, "failures": self._failures,
             "in_flight": self._in_flight, "max_concurrency": self._limit,
+            "node_id": _this_node(),  # where it really runs: soft affinity may have placed it elsewhere
         }
 
 
-def get_pool(kind: PoolKind, provider: str, config: AppConfig) -> ray.actor.ActorHandle:
-    """The pool for (kind, provider), created on first use by whoever asks."""
+def get_pool(kind: PoolKind, provider: str, config: AppConfig,
+             node_id: str | None = None) -> ray.actor.ActorHandle:
+    """The pool for (kind, provider) on `node_id` (default: the caller's
+    node), created on first use by whoever asks. Affinity is soft, so a node
+    too small for `num_cpus` still gets its pool served elsewhere instead of
+    waiting forever."""
+    node_id = node_id or _this_node()
     pool_cfg = config.pools.stt if kind == "stt" else config.pools.tts
     return ProviderPool.options(
-        name=pool_name(kind, provider), namespace=config.server.namespace, lifetime="detached",
+        name=pool_name(kind, provider, node_id), namespace=config.server.namespace, lifetime="detached",
         get_if_exists=True, num_cpus=pool_cfg.num_cpus,
         max_concurrency=max(100, pool_cfg.max_concurrency * 4),
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=True),
     ).remote(kind, provider, config)
+
+
+def pool_handles(kind: PoolKind, provider: str, config: AppConfig) -> dict[str, ray.actor.ActorHandle]:
+    """Every existing pool for (kind, provider) across the cluster, by the
+    node id it was made for (for /health and operators; creates nothing).
+    Looks in `config.server.namespace` from any namespace, since Serve
+    replicas run in their own."""
+    prefix = pool_name(kind, provider, "")
+    found: dict[str, ray.actor.ActorHandle] = {}
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        name, namespace = actor["name"], actor["namespace"]
+        node_id = name[len(prefix):]
+        if namespace != config.server.namespace or not name.startswith(prefix) or not node_id or ":" in node_id:
+            continue  # another namespace, another pool, or a plug-in whose name extends this one
+        try:
+            found[node_id] = ray.get_actor(name, namespace=namespace)
+        except ValueError:  # gone between listing and lookup
+            pass
+    return found
 
 
 def pooled_providers(config: AppConfig) -> list[tuple[PoolKind, str]]:
@@ -94,9 +131,11 @@ def pooled_providers(config: AppConfig) -> list[tuple[PoolKind, str]]:
     return [(kind, name) for kind, name in chosen if registry.spec(kind, name).pooled]
 
 
-def ensure_pools(config: AppConfig, timeout_s: float = 120.0) -> list[dict[str, Any]]:
-    """Create the configured pools and wait until their models are loaded."""
-    handles = [get_pool(kind, name, config) for kind, name in pooled_providers(config)]
+def ensure_pools(config: AppConfig, timeout_s: float = 120.0, node_id: str | None = None) -> list[dict[str, Any]]:
+    """Create the configured pools on `node_id` (default: the caller's node)
+    and wait until their models are loaded, so the first session there does
+    not pay the load."""
+    handles = [get_pool(kind, name, config, node_id) for kind, name in pooled_providers(config)]
     return ray.get([h.stats.remote() for h in handles], timeout=timeout_s)
 
 
@@ -123,9 +162,9 @@ class PooledTTS(TTS):
 
 
 def stt_provider(name: str, config: AppConfig) -> STT:
-    """A local model through its pool actor; a cloud client opened by the
-    caller itself (a session, an ingress replica), so audio takes no extra
-    hop (DESIGN §3)."""
+    """A local model through the pool actor on the caller's own node; a cloud
+    client opened by the caller itself (a session, an ingress replica), so
+    audio takes no extra hop (DESIGN §3)."""
     from actors.providers import build_stt, registry
 
     return PooledSTT(get_pool("stt", name, config)) if registry.spec("stt", name).pooled else build_stt(name, config)
