@@ -16,6 +16,7 @@ import time
 import uuid
 from typing import Any
 
+import ray
 from fastapi import Body, FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -27,7 +28,8 @@ from actors.config import AppConfig, load_config
 from actors.ingress.auth import Authenticator, AuthError, Principal, check_device_ids
 from actors.ingress.http_guard import BodyGuard, Cors
 from actors.ingress.limits import FailureLimiter, LimitError, RateLimiter, SessionSlots
-from actors.protocols.base import SESSION_ID_PATTERN, valid_session_id as _valid_session_id
+from actors.protocols.base import SESSION_ID_PATTERN
+from actors.protocols.base import valid_session_id as _valid_session_id
 
 log = logging.getLogger("voice_actors.ingress")
 
@@ -132,13 +134,13 @@ class ActivateBody(BaseModel):
 class VoiceIngress:
     def __init__(self, config: AppConfig) -> None:
         from actors.history_store import HistoryStore
+        from actors.ingress import http_guard  # imported here: a module global would be a pickled copy
         from actors.ingress.admission import DeviceAdmission
         from actors.ingress.devices import DeviceRegistry
         from actors.ingress.metrics import HUB_NAME, IngressMetrics, MetricsHub
-        from actors.pools import ensure_pools, stt_provider, tts_provider
+        from actors.pools import ensure_pools
+        from actors.providers.stages import chained_stt, chained_tts
         from actors.sessions import SessionManager
-
-        from actors.ingress import http_guard  # imported here: a module global would be a pickled copy
 
         http_guard.body_limits.set(config.limits.max_json_bytes, config.limits.max_request_bytes, UPLOAD_ROUTES)
         http_guard.cors_origins[:] = config.ingress.cors_allowed_origins
@@ -157,8 +159,8 @@ class VoiceIngress:
         self.store = HistoryStore(db) if config.session.history_db else None
         self.admission = DeviceAdmission(config.auth, DeviceRegistry(db))
         self.metrics = IngressMetrics()
-        self._stt = stt_provider(config.stt.provider, config)  # for the HTTP audio routes
-        self._tts = tts_provider(config.tts.provider, config)
+        self._stt = chained_stt(config)  # for the HTTP audio routes, with the sessions' failover
+        self._tts = chained_tts(config)
         self._replica_id = uuid.uuid4().hex[:12]
         self._metrics_hub = MetricsHub.options(name=HUB_NAME, namespace=config.server.namespace, lifetime="detached",
                                                get_if_exists=True).remote()
@@ -264,26 +266,44 @@ class VoiceIngress:
     # ------------------------------------------------------------ operations
     @api.get("/health")
     async def health(self) -> JSONResponse:
-        """Real state, for load balancers and operators: each provider pool
-        answers and has its model loaded, the store takes writes, the warm
-        pool. 503 with the failing checks when degraded."""
-        from actors.pools import get_pool, pooled_providers
+        """Real state, for load balancers and operators: each node's provider
+        pool answers and has its model loaded, the store takes writes, the
+        warm pool. 503 with the failing checks when degraded."""
+        from actors.pools import get_pool, pool_handles, pooled_providers
+
+        async def pool_check(node_id: str, handle: Any) -> dict[str, Any]:
+            try:
+                stats = await asyncio.wait_for(handle.stats.remote(), 5.0)
+                return {"ok": True, "node": node_id[:8], "runs_on": stats["node_id"][:8], "calls": stats["calls"],
+                        "failures": stats["failures"], "in_flight": stats["in_flight"]}
+            except Exception as e:  # unreachable, still loading, or its model failed to load
+                return {"ok": False, "node": node_id[:8], "error": type(e).__name__}
 
         checks: dict[str, Any] = {}
         for kind, provider in pooled_providers(self.config):
+            # One pool per node (DESIGN §3): all of them, summed, with each node's own line;
+            # none at all (never made, or all gone) → this replica's node's, made now as before.
             try:
-                stats = await asyncio.wait_for(get_pool(kind, provider, self.config).stats.remote(), 5.0)
-                checks[f"pool:{kind}"] = {"ok": True, "provider": provider, "calls": stats["calls"],
-                                          "failures": stats["failures"], "in_flight": stats["in_flight"]}
-            except Exception as e:  # unreachable, still loading, or its model failed to load
-                checks[f"pool:{kind}"] = {"ok": False, "provider": provider, "error": type(e).__name__}
+                pools = await asyncio.wait_for(asyncio.to_thread(pool_handles, kind, provider, self.config), 5.0)
+            except Exception:
+                pools = {}
+            if not pools:
+                here = ray.get_runtime_context().get_node_id()
+                pools = {here: get_pool(kind, provider, self.config, here)}
+            nodes = list(await asyncio.gather(*(pool_check(n, h) for n, h in pools.items())))
+            checks[f"pool:{kind}"] = {"ok": all(n["ok"] for n in nodes), "provider": provider,
+                                      **{k: sum(n.get(k, 0) for n in nodes) for k in ("calls", "failures", "in_flight")},
+                                      "nodes": nodes}
         try:
             await asyncio.wait_for(asyncio.to_thread(self.admission.registry.check_writable), 5.0)
             checks["store"] = {"ok": True}
         except Exception as e:
             checks["store"] = {"ok": False, "error": type(e).__name__}
         ok = all(c["ok"] for c in checks.values())
+        from actors.providers.adapters.breaker import breaker_states
+
         body = {"status": "ok" if ok else "degraded", "checks": checks, "sockets": self.slots.in_use,
+                "breakers": breaker_states(),  # this replica's (HTTP audio routes); sessions' are per session
                 "warm_sessions_ready": self.sessions.warm_ready(), "warm_sessions_target": self.sessions.warm_target}
         return JSONResponse(body, status_code=200 if ok else 503)
 
@@ -705,11 +725,13 @@ def build_app(config: AppConfig | None = None) -> serve.Application:
     """The application `serve deploy` / `serve run` import; refuses, naming the
     variable, a configured cloud provider whose key is missing."""
     from actors.config import ConfigError
-    from actors.providers.registry import missing_keys
+    from actors.providers.registry import missing_keys, skipped_for_keys
 
     config = with_secrets(config or load_config())
     if problems := missing_keys(config):
         raise ConfigError("; ".join(problems))
+    for skipped in skipped_for_keys(config):
+        log.warning("%s", skipped)
     ing = config.ingress
     options: dict[str, Any] = {"max_ongoing_requests": ing.max_ongoing_requests,
                                "graceful_shutdown_timeout_s": ing.graceful_shutdown_timeout_s}

@@ -165,16 +165,17 @@ def _serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     from actors.pools import ensure_pools
+    from actors.providers.registry import missing_keys, skipped_for_keys
     from actors.runtime import connect_ray
     from serve_app import build_app, with_secrets
-
-    from actors.providers.registry import missing_keys
 
     config = with_secrets(load_config(args.config))
     if problems := missing_keys(config):
         for problem in problems:
             print(f"error: {problem}", file=sys.stderr)
         return 2
+    for skipped in skipped_for_keys(config):
+        print(f"warning: {skipped}", file=sys.stderr)
     server = config.server.model_copy(update={k: v for k, v in (("host", args.host), ("port", args.port)) if v})
     config = config.model_copy(update={"server": server})
     print(f"ray: {connect_ray(config, args.address)}", file=sys.stderr)

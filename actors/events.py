@@ -37,6 +37,8 @@ class ErrorCode(StrEnum):
     LLM_STREAM_ERROR = "llm.stream_error"
     TOOL_FAILED = "tool.failed"
     TTS_FAILED = "tts.failed"
+    PROVIDER_FAILOVER = "provider.failover"
+    """Not fatal: a provider failed and the next of its chain took over."""
     SESSION_CLOSED = "session.closed"
     SESSION_REPLACED = "session.replaced"
     INTERNAL = "internal"
@@ -149,6 +151,8 @@ class TurnMetrics(_Event):
     """End of speech (or text input) → first reply audio chunk sent."""
     llm_usage: dict[str, int] | None = None
     """Tokens the LLM spent on this turn (prompt, completion, total), summed over tool rounds."""
+    served_by: dict[str, str] | None = None
+    """The provider of each stage's failover chain that last answered (stt, llm, tts)."""
     interrupted: bool = False
 
 

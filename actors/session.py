@@ -21,10 +21,9 @@ import ray
 from actors.config import AppConfig
 from actors.events import ErrorCode, ErrorEvent, Event
 from actors.history_store import HistoryStore
-from actors.pools import stt_provider, tts_provider
-from actors.providers import build_llm, build_vad
-from actors.providers.adapters.fallback import FallbackTTS
-from actors.providers.base import SAMPLE_RATE, TTS
+from actors.providers import build_vad
+from actors.providers.base import SAMPLE_RATE
+from actors.providers.stages import chained_llm, chained_stt, chained_tts
 from actors.session_core import SessionCore
 from actors.tts import OutputPrefs
 
@@ -91,16 +90,16 @@ def build_core(session_id: str, config: AppConfig) -> SessionCore:
     TTS) and to its stored history, if it had one."""
     store = HistoryStore(config.resolve_path(config.session.history_db)) if config.session.history_db else None
     history, memory = store.load(session_id) if store else ([], {})
-    stt = stt_provider(config.stt.provider, config)
-    primary = tts_provider(config.tts.provider, config)
-    fallback = config.tts.fallback
-    tts: TTS = primary if fallback == "none" else FallbackTTS(primary, lambda: tts_provider(fallback, config))
-    return SessionCore(
-        session_id, config, vad=build_vad(config), stt=stt, llm=build_llm(config.llm.provider, config), tts=tts,
+    stt, llm, tts = chained_stt(config), chained_llm(config), chained_tts(config)
+    core = SessionCore(
+        session_id, config, vad=build_vad(config), stt=stt, llm=llm, tts=tts,
         provider_names={"vad": config.vad.provider, "stt": config.stt.provider,
                         "llm": config.llm.provider, "tts": config.tts.provider},
         history=history, memory=memory, store=store,
     )
+    for chain in (stt.chain, llm.chain, tts.chain):
+        chain.notify = core.provider_failover
+    return core
 
 
 @ray.remote(num_cpus=0, max_restarts=0)

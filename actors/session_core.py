@@ -16,11 +16,18 @@ from typing import Any
 from actors.audio_buffer import AudioBatch, AudioBuffer, ListenControl
 from actors.config import AppConfig
 from actors.dialogue import AssistantSays, DialogueState, UserTurn
+from actors.events import (
+    ErrorCode,
+    ErrorEvent,
+    Event,
+    SessionStarted,
+    SpeechEnd,
+    SpeechStart,
+    STTFinal,
+    TurnMetrics,
+)
 from actors.history_store import HistoryStore
 from actors.mailbox import Message
-from actors.events import (
-    ErrorCode, ErrorEvent, Event, SessionStarted, SpeechEnd, SpeechStart, STTFinal, TurnMetrics,
-)
 from actors.providers.base import LLM, SAMPLE_RATE, STT, TTS, VAD, ChatMessage
 from actors.stt_stream import STTStream
 from actors.tools import ToolContext, ToolRegistry, default_registry
@@ -79,6 +86,7 @@ class SessionCore:
         self.session_id = session_id
         self.config = config
         self.provider_names = provider_names or {}
+        self._providers: dict[str, Any] = {"stt": stt, "llm": llm, "tts": tts}
         self._subscribers: dict[asyncio.Queue[Event], _Output] = {}
         self.dropped_events = 0
         self.turn_id = 0
@@ -179,6 +187,20 @@ class SessionCore:
 
     def emit_error(self, code: ErrorCode, message: str, turn: int | None = None) -> None:
         self.emit(ErrorEvent(turn_id=self.turn_id if turn is None else turn, code=code, message=message))
+
+    def provider_failover(self, message: str) -> None:
+        """A provider failed and its chain moved on: the client is told and the
+        reply goes on; the operator finds the cause in the log."""
+        self.emit_error(ErrorCode.PROVIDER_FAILOVER, message, self.reply_turn)
+
+    def served_by(self) -> dict[str, str]:
+        """Which provider of each failover chain answered last."""
+        served = {}
+        for stage, provider in self._providers.items():
+            name = getattr(getattr(provider, "chain", None), "served_by", None)
+            if name:
+                served[stage] = name
+        return served
 
     def child_crashed(self, child: str, error: BaseException) -> None:
         """A child's bug: logged with its traceback and this session's id for
@@ -308,7 +330,7 @@ class SessionCore:
     def _finish_turn(self, turn: int, interrupted: bool) -> None:
         timer = self._timers.pop(turn, None)
         if timer is not None:
-            self.emit(timer.to_event(turn, interrupted))
+            self.emit(timer.to_event(turn, interrupted).model_copy(update={"served_by": self.served_by() or None}))
 
     def _schedule_timer(self, seconds: float, label: str) -> None:
         loop = asyncio.get_running_loop()

@@ -71,14 +71,25 @@ class STTStream(Child):
             self._core.on_transcript(turn, text)
 
     def _maybe_partial(self, turn: int) -> None:
-        if self._partial_interval <= 0 or self._stream is None:
+        """A streaming recogniser's interim text goes out as soon as it is
+        there; a batch decoder re-decodes at most every `partial_interval`."""
+        if self._stream is None:
+            return
+        if self._stream.live:
+            self._run_partial(turn, self._stream)
+            return
+        if self._partial_interval <= 0:
             return
         if self._partial_task is not None and not self._partial_task.done():
             return
         if time.monotonic() - self._last_partial < self._partial_interval:
             return
         self._last_partial = time.monotonic()
-        stream = self._stream
+        self._run_partial(turn, self._stream)
+
+    def _run_partial(self, turn: int, stream: STTStreamSession) -> None:
+        if self._partial_task is not None and not self._partial_task.done():
+            return
 
         async def run() -> None:
             try:

@@ -14,10 +14,12 @@ real time while any speaking subscriber wants pacing (docs/architecture.md).
 from __future__ import annotations
 
 import asyncio
-import math
 import time
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from actors.audio import resample_pcm16
 from actors.config import TTSConfig
@@ -79,32 +81,101 @@ class TextEnd(Message):
 class _Spoken:
     text: str
     start_ms: float
-    duration_ms: float
+    audio: _SentenceAudio
+    """Still growing while the sentence streams in: its duration is read when asked."""
+
+    @property
+    def duration_ms(self) -> float:
+        return self.audio.duration_ms
 
 
 class _SentenceAudio:
-    """One synthesised sentence, resampled lazily once per output rate that a
-    subscriber asks for, and cut on one time grid: chunk k covers the same
-    milliseconds at every rate, so subscribers at different rates hear the
-    same audio under the same sequence numbers."""
+    """One sentence's audio, growing while its synthesis streams in.
 
-    def __init__(self, segment: AudioSegment, chunk_ms: int) -> None:
-        self._segment = segment
+    Chunks are cut on one time grid: chunk k covers the same milliseconds at
+    every output rate, so subscribers at different rates hear the same audio
+    under the same sequence numbers. Each chunk is resampled on its own from
+    the source samples around it, on the same sample positions a
+    whole-sentence resampling would use, so chunks join without seams.
+    """
+
+    def __init__(self, chunk_ms: int) -> None:
         self._chunk_ms = chunk_ms
-        self._by_rate: dict[int, bytes] = {}
-        self.duration_ms = len(segment.pcm16) / 2 / segment.sample_rate * 1000.0
-        self.chunks = math.ceil(self.duration_ms / chunk_ms) if segment.pcm16 else 0
+        self._pcm = bytearray()
+        self.sample_rate = 0
+        self.finished = False
+        self.error: BaseException | None = None
+        self._grown = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+        """The synthesis filling it (cancelled when nobody is left to listen)."""
+
+    # ---------------------------------------------------------- producer side
+    def append(self, segment: AudioSegment) -> None:
+        if not segment.pcm16:
+            return
+        if not self.sample_rate:
+            self.sample_rate = segment.sample_rate
+        pcm = segment.pcm16 if segment.sample_rate == self.sample_rate else resample_pcm16(
+            segment.pcm16, segment.sample_rate, self.sample_rate)
+        self._pcm.extend(pcm[: len(pcm) - len(pcm) % 2])
+        self._grown.set()
+
+    def finish(self, error: BaseException | None = None) -> None:
+        self.finished, self.error = True, error
+        self._grown.set()
+
+    # ---------------------------------------------------------- player side
+    @property
+    def samples(self) -> int:
+        return len(self._pcm) // 2
+
+    @property
+    def duration_ms(self) -> float:
+        return self.samples / self.sample_rate * 1000.0 if self.sample_rate else 0.0
+
+    def _edge(self, k: int) -> float:
+        """Source sample position where chunk k starts."""
+        return k * self._chunk_ms * self.sample_rate / 1000.0
+
+    def ready(self, k: int) -> bool:
+        """Chunk k can be cut: its source samples (and the one after, for
+        interpolation) are here, or the sentence is done and k is in it."""
+        if not self.sample_rate:
+            return False
+        if self.finished:
+            return self._edge(k) < self.samples
+        return self._edge(k + 1) + 1 < self.samples
+
+    async def wait_chunk(self, k: int) -> bool:
+        """Wait until chunk k can be cut; False when the sentence ended before it."""
+        while not self.ready(k):
+            if self.finished:
+                return False
+            self._grown.clear()
+            await self._grown.wait()
+        return True
 
     def chunk_duration_ms(self, k: int) -> float:
-        return min(float(self._chunk_ms), self.duration_ms - k * self._chunk_ms)
+        end = min(self._edge(k + 1), float(self.samples))
+        return max(0.0, (end - self._edge(k)) / self.sample_rate * 1000.0)
 
     def chunk(self, rate: int, k: int) -> bytes:
-        pcm = self._by_rate.get(rate)
-        if pcm is None:  # linear resampling of a whole sentence: no seams between chunks
-            pcm = self._by_rate[rate] = resample_pcm16(self._segment.pcm16, self._segment.sample_rate, rate)
-        start = round(k * self._chunk_ms * rate / 1000) * 2
-        end = len(pcm) if k == self.chunks - 1 else round((k + 1) * self._chunk_ms * rate / 1000) * 2
-        return pcm[start:end]
+        src_rate = self.sample_rate
+        last = self.finished and self._edge(k + 1) >= self.samples
+        if rate == src_rate:
+            start, end = round(self._edge(k)), (self.samples if last else round(self._edge(k + 1)))
+            return bytes(self._pcm[start * 2:end * 2])
+        out_start = round(k * self._chunk_ms * rate / 1000)
+        out_end = (round(self.samples * rate / src_rate) if last
+                   else round((k + 1) * self._chunk_ms * rate / 1000))
+        if out_end <= out_start:
+            return b""
+        positions = np.arange(out_start, out_end) * (src_rate / rate)
+        first = int(positions[0])
+        stop = min(self.samples, int(positions[-1]) + 2)
+        window = np.frombuffer(self._pcm, dtype=np.int16, count=stop - first, offset=first * 2).astype(np.float32)
+        out = np.interp(positions, np.arange(first, stop), window)
+        return np.clip(np.round(out), -32768, 32767).astype(np.int16).tobytes()
 
 
 @dataclass
@@ -113,10 +184,10 @@ class _Playback:
 
     turn: int
     splitter: SentenceSplitter = field(default_factory=SentenceSplitter)
-    queue: asyncio.Queue[tuple[str, asyncio.Task[AudioSegment] | None] | None] = field(
-        default_factory=asyncio.Queue)
+    queue: asyncio.Queue[tuple[str, _SentenceAudio | None] | None] = field(default_factory=asyncio.Queue)
     player: asyncio.Task[None] | None = None
-    last_synth: asyncio.Task[AudioSegment] | None = None
+    synths: list[asyncio.Task[None]] = field(default_factory=list)
+    """This turn's synthesis tasks, in sentence order; each waits for the one before."""
     started: bool = False
     clock_start: float | None = None
     paced: bool = True
@@ -184,32 +255,41 @@ class TTSChild(Child):
         timer = self._core.timer(pb.turn)
         if timer.first_sentence is None:
             timer.first_sentence = time.time()
-        task = asyncio.get_running_loop().create_task(self._synthesize_after(pb.last_synth, sentence))
-        pb.last_synth = task
-        pb.queue.put_nowait((sentence, task))
+        audio = _SentenceAudio(self._cfg.chunk_ms)
+        previous = pb.synths[-1] if pb.synths else None
+        audio.task = asyncio.get_running_loop().create_task(self._synthesize_after(previous, sentence, audio))
+        pb.synths.append(audio.task)
+        pb.queue.put_nowait((sentence, audio))
 
-    async def _synthesize_after(self, previous: asyncio.Task[AudioSegment] | None, sentence: str) -> AudioSegment:
+    async def _synthesize_after(self, previous: asyncio.Task[None] | None, sentence: str,
+                                audio: _SentenceAudio) -> None:
         """One sentence at a time, in order: run side by side they would all
         share the CPU and the first sentence (the one the listener waits for)
-        would come last."""
+        would come last. Audio streams into `audio` as the provider makes it;
+        cancelling this task (barge-in) closes the provider's stream, which
+        stops a cloud synthesis at once."""
         if previous is not None:
             await asyncio.wait([previous])
         self.synthesized += 1
-        return await self._tts.synthesize(sentence)
+        try:
+            async with aclosing(self._tts.stream(sentence)) as pieces:
+                async for piece in pieces:
+                    audio.append(piece)
+        except Exception as e:
+            audio.finish(e)
+        else:
+            audio.finish()
 
     async def _play(self, pb: _Playback) -> None:
         while (item := await pb.queue.get()) is not None:
-            sentence, synth = item
-            if synth is None or not self._core.wants_speech:  # nobody listens: skip, do not wait
-                if synth is not None:
-                    synth.cancel()
+            sentence, audio = item
+            if audio is None or not self._core.wants_speech:  # nobody listens: skip, do not wait
+                if audio is not None and audio.task is not None:
+                    audio.task.cancel()
                 continue
-            try:
-                segment = await synth
-            except Exception as e:
-                self._core.emit_error(ErrorCode.TTS_FAILED, f"could not speak a sentence: {e}", pb.turn)
-                continue
-            await self._play_sentence(pb, sentence, _SentenceAudio(segment, self._cfg.chunk_ms))
+            await self._play_sentence(pb, sentence, audio)
+            if audio.error is not None:
+                self._core.emit_error(ErrorCode.TTS_FAILED, f"could not speak a sentence: {audio.error}", pb.turn)
         if pb.started:
             self._core.emit(TTSAudioEnd(turn_id=pb.turn))
         if self._core.paced and pb.clock_start is not None:
@@ -222,20 +302,23 @@ class TTSChild(Child):
         self._core.on_reply_done(pb.turn)
 
     async def _play_sentence(self, pb: _Playback, sentence: str, audio: _SentenceAudio) -> None:
-        if not audio.chunks:
-            return
-        if not pb.started:
-            pb.started = True
-            self._core.emit_per_rate(lambda rate: TTSStart(turn_id=pb.turn, sample_rate=rate))
-        self._core.emit(TTSSentence(turn_id=pb.turn, text=sentence))
-        pb.spoken.append(_Spoken(sentence, pb.sent_ms, audio.duration_ms))
-        for k in range(audio.chunks):
+        """Chunks out as soon as each is synthesised and due; a sentence that
+        never produced audio is not announced."""
+        k = 0
+        while await audio.wait_chunk(k):
+            if k == 0:
+                if not pb.started:
+                    pb.started = True
+                    self._core.emit_per_rate(lambda rate: TTSStart(turn_id=pb.turn, sample_rate=rate))
+                self._core.emit(TTSSentence(turn_id=pb.turn, text=sentence))
+                pb.spoken.append(_Spoken(sentence, pb.sent_ms, audio))
             await self._pace(pb)
             if pb.seq == 0:
                 self._core.timer(pb.turn).first_audio = time.time()
             self._emit_chunk(pb, audio, k)
             pb.seq += 1
             pb.sent_ms += audio.chunk_duration_ms(k)
+            k += 1
 
     def _emit_chunk(self, pb: _Playback, audio: _SentenceAudio, k: int) -> None:
         """Chunk k to every speaking subscriber, made once per output rate."""
@@ -270,10 +353,8 @@ class TTSChild(Child):
             pb = self._turns.pop(turn)
             if pb.player is not None:
                 pb.player.cancel()
-            while not pb.queue.empty():
-                item = pb.queue.get_nowait()
-                if item is not None and item[1] is not None:
-                    item[1].cancel()
+            for synth in pb.synths:
+                synth.cancel()
             if pb.started:
                 self._core.emit(TTSStop(turn_id=turn, reason="interrupted",
                                         stream_ms=self._core.interrupt_stream_ms))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 import httpx
 import pytest
@@ -102,3 +103,32 @@ async def test_a_device_talks_in_chinese_and_reads_the_reply_as_it_streams(serve
     assert stt == ["今天天气怎么样"] and texts == ["今天是晴天。", "适合去博物馆。"], (stt, texts)
     assert json.dumps(turn.messages, ensure_ascii=False).count("error") == 0
     await asyncio.sleep(0)
+
+
+async def test_metrics_count_the_provider_that_served_each_stage(server, fakes, speech):
+    """Prometheus counts turns per (stage, provider) of the failover chains, and /health shows
+    this replica's circuit breakers."""
+    dashscope, llm = fakes
+    dashscope.asr = AsrScript(sentences=["what is twelve times seven"])
+    llm.enqueue(Script.text("Eighty-four."))
+    ws = await _device()
+    async with await XiaozhiClient.connect(ws["url"], ws["token"], DEVICE, client_id=DEVICE) as c:
+        await c.ask_audio(silence(300) + speech("What is twelve times seven?"), realtime=True)
+        await asyncio.sleep(1.0)  # the turn's metrics event follows tts stop
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(f"{BASE}/metrics")).text
+        health = (await http.get(f"{BASE}/health")).json()
+    served = _served(text)
+    for stage in ("stt", "llm", "tts"):
+        assert served.get(stage, {}).keys() == {"dashscope" if stage != "llm" else "openai-compatible"}, served
+    assert isinstance(health["breakers"], dict)
+
+
+def _served(prometheus_text: str) -> dict[str, dict[str, float]]:
+    """voice_stage_served_total samples as {stage: {provider: count}}, whatever the label order."""
+    served: dict[str, dict[str, float]] = {}
+    for line in prometheus_text.splitlines():
+        if line.startswith("voice_stage_served_total{"):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
+            served.setdefault(labels["stage"], {})[labels["provider"]] = float(line.rsplit(" ", 1)[1])
+    return served

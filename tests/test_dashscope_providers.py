@@ -237,7 +237,8 @@ async def test_tts_stream_yields_chunks_before_the_text_is_done(fake: FakeDashSc
             if not chunks:
                 task = fake.last_task("tts")
                 assert task is not None and not task.finished, "first audio arrives mid-synthesis"
-            chunks.append(chunk)
+            assert chunk.sample_rate == 22050
+            chunks.append(chunk.pcm16)
     assert len(chunks) == 21
     assert sum(map(len, chunks)) == expected_tts_bytes(text, 22050)
 

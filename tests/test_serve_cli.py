@@ -97,10 +97,15 @@ def test_serve_refuses_a_cloud_provider_without_its_key_before_starting_anything
 
 def test_a_key_in_the_environment_or_the_config_satisfies_the_check():
     from actors.config import PROJECT_ROOT
-    from actors.providers.registry import missing_keys
+    from actors.providers.registry import missing_keys, skipped_for_keys
 
     config = load_config(PROJECT_ROOT / "config" / "cloud-zh.yaml", env={})
-    assert len(missing_keys(config, env={})) == 3
+    problems = missing_keys(config, env={})
+    # stt and llm have no fallback; tts falls back to local-espeak, so it is only skipped
+    assert [p.split()[0] for p in problems] == ["stt", "llm"]
+    assert all("$DASHSCOPE_API_KEY" in p for p in problems)
+    skipped = skipped_for_keys(config, env={})
+    assert len(skipped) == 1 and skipped[0].startswith("tts provider 'dashscope'") and "fallback" in skipped[0]
     assert missing_keys(config, env={"DASHSCOPE_API_KEY": "sk-x"}) == []
     assert missing_keys(load_config(env={}), env={}) == []  # the embedded default needs no key
 

@@ -30,6 +30,8 @@ class IngressMetrics:
         self._refused = Counter("voice_refused", "Sockets or requests refused", ["code"], registry=r)
         self._errors = Counter("voice_session_errors", "Error events sent to clients", ["code"], registry=r)
         self._turns = Counter("voice_turns", "Turns finished", ["interrupted"], registry=r)
+        self._served = Counter("voice_stage_served", "Turns each provider of a failover chain answered",
+                               ["stage", "provider"], registry=r)
         self._latency = {
             name: Histogram(f"voice_{name}_seconds", help_, buckets=_BUCKETS, registry=r)
             for name, help_ in [
@@ -55,6 +57,8 @@ class IngressMetrics:
             self._errors.labels(str(event.code)).inc()
         elif event.type == "metrics":
             self._turns.labels(str(event.interrupted).lower()).inc()
+            for stage, provider in (event.served_by or {}).items():
+                self._served.labels(stage, provider).inc()
             for name, hist in self._latency.items():
                 value = getattr(event, f"{name}_ms", None)
                 if value is not None:

@@ -65,6 +65,12 @@ class STT(abc.ABC):
 class STTStreamSession(abc.ABC):
     """One utterance being recognised while it is spoken."""
 
+    live: bool = False
+    """True when the recogniser sends interim results on its own (a streaming
+    service): `partial()` then only reads the latest, costs nothing, and the
+    session asks after every push. False for a batch decoder, where a partial
+    is a whole re-decode the session rations (`stt.partial_interval_ms`)."""
+
     @abc.abstractmethod
     async def push(self, pcm16: bytes) -> None: ...
 
@@ -155,7 +161,18 @@ class AudioSegment:
 
 
 class TTS(abc.ABC):
-    """Text to speech for one sentence at a time."""
+    """Text to speech for one sentence at a time.
+
+    `synthesize` answers with the whole sentence; `stream` yields its audio
+    as it is made, so playback starts with the first piece. A one-shot
+    synthesiser (piper) gets `stream` for free as one piece; a streaming
+    service (CosyVoice) overrides it. Closing the stream (barge-in) must stop
+    the synthesis it started.
+    """
 
     @abc.abstractmethod
     async def synthesize(self, text: str) -> AudioSegment: ...
+
+    async def stream(self, text: str) -> AsyncIterator[AudioSegment]:
+        """Pieces of the sentence's audio in order, all at one sample rate."""
+        yield await self.synthesize(text)

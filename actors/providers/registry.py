@@ -91,8 +91,9 @@ def check(config: Any) -> list[str]:
                                            ("stt", config.stt.provider, "stt.provider"),
                                            ("llm", config.llm.provider, "llm.provider"),
                                            ("tts", config.tts.provider, "tts.provider")]
-    if config.tts.fallback != "none":
-        chosen.append(("tts", config.tts.fallback, "tts.fallback"))
+    for kind in ("stt", "llm", "tts"):
+        for i, name in enumerate(getattr(config, kind).fallback):
+            chosen.append((kind, name, f"{kind}.fallback[{i}]"))
     for kind in ("stt", "llm", "tts"):
         sections = {s.section for (k, _), s in specs().items() if k == kind and s.section}
         for extra in getattr(getattr(config, kind), "model_extra", None) or {}:
@@ -117,24 +118,59 @@ def check(config: Any) -> list[str]:
     return problems
 
 
-def missing_keys(config: Any, env: Any = None) -> list[str]:
-    """Configured cloud providers whose key is neither in the config nor in
-    its environment variable: said at start, naming the variable (never a
-    value), instead of failing at the first call of the first session."""
+def key_problem(config: Any, kind: Kind, name: str, env: Any = None) -> str | None:
+    """Why this cloud provider cannot run (its key is neither in the config
+    nor in its environment variable), naming the variable, never a value;
+    None when it can."""
     import os
 
     env = os.environ if env is None else env
-    chosen = [("stt", config.stt.provider), ("llm", config.llm.provider), ("tts", config.tts.provider)]
+    if is_plugin(name):
+        return None
+    settings = section(config, kind, name)
+    variable = getattr(settings, "api_key_env", None)
+    if settings is None or getattr(settings, "api_key", None) is not None or not variable:
+        return None
+    if env.get(variable):
+        return None
+    where = spec(kind, name).section
+    return (f"{kind} provider {name!r} needs an API key: set ${variable} "
+            f"(or {kind}.{where}.api_key in a config file outside git)")
+
+
+def chain(config: Any, kind: Kind) -> list[str]:
+    """The stage's provider followed by its fallbacks, without repeats."""
+    stage = getattr(config, kind)
+    return list(dict.fromkeys([stage.provider, *stage.fallback]))
+
+
+def usable_chain(config: Any, kind: Kind, env: Any = None) -> list[str]:
+    """The chain without the links that lack their key; the whole chain when
+    none has one (so the call fails with the key's own clear error)."""
+    names = chain(config, kind)
+    usable = [n for n in names if key_problem(config, kind, n, env) is None]
+    return usable or names
+
+
+def missing_keys(config: Any, env: Any = None) -> list[str]:
+    """Stages that cannot run at all because no provider of their chain has
+    its key: said at start instead of failing at the first call of the first
+    session. A primary without its key whose chain falls back to a provider
+    that needs none is not a problem (see `skipped_for_keys`)."""
     problems = []
-    for kind, name in chosen:
-        if is_plugin(name):
-            continue
-        settings = section(config, kind, name)
-        variable = getattr(settings, "api_key_env", None)
-        if settings is None or getattr(settings, "api_key", None) is not None or not variable:
-            continue
-        if not env.get(variable):
-            where = spec(kind, name).section
-            problems.append(f"{kind} provider {name!r} needs an API key: set ${variable} "
-                            f"(or {kind}.{where}.api_key in a config file outside git)")
+    for kind in ("stt", "llm", "tts"):
+        reasons = [key_problem(config, kind, n, env) for n in chain(config, kind)]
+        if all(reasons):
+            problems.append(str(reasons[0]))
     return problems
+
+
+def skipped_for_keys(config: Any, env: Any = None) -> list[str]:
+    """Providers left out of their chain for want of a key, while a later
+    link can serve: logged at start so the operator knows."""
+    skipped = []
+    for kind in ("stt", "llm", "tts"):
+        reasons = [key_problem(config, kind, n, env) for n in chain(config, kind)]
+        if not all(reasons):
+            skipped.extend(f"{r}; using the next provider of {kind}.fallback" for r in reasons if r)
+    return skipped

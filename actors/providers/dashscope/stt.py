@@ -122,6 +122,9 @@ class DashScopeSTTStream(STTStreamSession):
     expect it to): audio after a failure is dropped and `finish()` raises.
     """
 
+    live = True
+    """Interim sentences arrive from the service; `partial()` only reads them."""
+
     def __init__(self, config: DashScopeSTTConfig, api_key: str | None, failed: ProviderError | None = None) -> None:
         self._config = config
         self._loop = asyncio.get_running_loop()

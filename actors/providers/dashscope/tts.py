@@ -94,12 +94,12 @@ class DashScopeTTS(TTS):
         return self.config.sample_rate
 
     async def synthesize(self, text: str) -> AudioSegment:
-        async with aclosing(self.stream(text)) as chunks:
-            audio = b"".join([chunk async for chunk in chunks])
+        async with aclosing(self.stream(text)) as pieces:
+            audio = b"".join([piece.pcm16 async for piece in pieces])
         return AudioSegment(audio, self.config.sample_rate)
 
-    async def stream(self, text: str) -> AsyncIterator[bytes]:
-        """PCM16 chunks of `text` as the service sends them.
+    async def stream(self, text: str) -> AsyncIterator[AudioSegment]:
+        """PCM16 pieces of `text` as the service sends them.
 
         Close the iterator to stop (use `contextlib.aclosing`, or `break` and
         let the loop finalise it): nothing more is yielded, and the service is
@@ -111,7 +111,7 @@ class DashScopeTTS(TTS):
         job = _SynthesisJob(self.config, key, text)
         try:
             async for chunk in job.chunks():
-                yield chunk
+                yield AudioSegment(chunk, self.config.sample_rate)
         finally:
             job.cancel()
 

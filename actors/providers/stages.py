@@ -1,0 +1,34 @@
+"""A stage's provider as its users see it: the configured failover chain.
+
+Sessions and ingress replicas build their STT, LLM and TTS here, so both get
+the same chain (`<stage>.provider` then `<stage>.fallback`, minus links whose
+key is missing), each link behind this process's circuit breaker, local
+models reached through their pool and cloud clients opened in place.
+"""
+
+from __future__ import annotations
+
+from actors.config import AppConfig
+from actors.providers import build_llm, registry
+from actors.providers.adapters.fallback import FallbackLLM, FallbackSTT, FallbackTTS, build_chain
+from actors.providers.base import SAMPLE_RATE
+
+
+def chained_stt(config: AppConfig) -> FallbackSTT:
+    from actors.pools import stt_provider
+
+    chain = build_chain("stt", registry.usable_chain(config, "stt"), lambda n: stt_provider(n, config),
+                        config.resilience)
+    return FallbackSTT(chain, max_replay_bytes=int(config.stt.max_utterance_s * SAMPLE_RATE * 2))
+
+
+def chained_llm(config: AppConfig) -> FallbackLLM:
+    return FallbackLLM(build_chain("llm", registry.usable_chain(config, "llm"), lambda n: build_llm(n, config),
+                                   config.resilience))
+
+
+def chained_tts(config: AppConfig) -> FallbackTTS:
+    from actors.pools import tts_provider
+
+    return FallbackTTS(build_chain("tts", registry.usable_chain(config, "tts"), lambda n: tts_provider(n, config),
+                                   config.resilience))

@@ -1,0 +1,269 @@
+"""Failover chains and circuit breakers (providers/adapters), and the TTS
+child's streamed sentence audio, without Ray: the adapters see only the
+provider contracts, so small scripted providers drive them here. The same
+chains against the real SDKs and their loopback fakes, through session
+actors, are in test_cloud_faults.py."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from actors.providers.adapters.breaker import CircuitBreaker
+from actors.providers.adapters.fallback import Chain, FallbackLLM, FallbackSTT, FallbackTTS, Link
+from actors.providers.base import (
+    LLM,
+    STT,
+    TTS,
+    AudioSegment,
+    BufferedSTTStream,
+    ChatMessage,
+    LLMChunk,
+    ProviderError,
+    ToolSpec,
+)
+from actors.tts import _SentenceAudio
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# ------------------------------------------------------------------ breaker
+def test_breaker_opens_after_consecutive_failures_and_a_success_resets_the_count() -> None:
+    b = CircuitBreaker("llm:x", failures=3, reset_s=10, clock=Clock())
+    b.failure("a")
+    b.failure("b")
+    b.success()
+    assert not b.failure("c") and not b.failure("d") and b.state == "closed"
+    assert b.failure("e") and b.state == "open" and not b.allow()
+    assert b.snapshot() == {"state": "open", "consecutive_failures": 3, "opened": 1, "last_error": "e"}
+
+
+def test_breaker_lets_one_probe_through_after_the_reset_time() -> None:
+    clock = Clock()
+    b = CircuitBreaker("tts:x", failures=1, reset_s=10, clock=clock)
+    b.failure()
+    clock.now += 9.9
+    assert not b.allow()
+    clock.now += 0.2
+    assert b.state == "half_open"
+    assert b.allow() and not b.allow(), "one probe at a time"
+    assert b.failure() and b.state == "open", "a failed probe opens it again"
+    clock.now += 10
+    assert b.allow()
+    b.success()
+    assert b.state == "closed" and b.allow() and b.allow()
+
+
+# ------------------------------------------------------------------ scripted providers
+class ScriptedLLM(LLM):
+    """Answers with `text`, or raises `error` after sending `before` chunks."""
+
+    def __init__(self, text: str = "", error: Exception | None = None, before: int = 0) -> None:
+        self.text, self.error, self.before, self.calls = text, error, before, 0
+
+    async def stream(self, messages: list[ChatMessage], tools: list[ToolSpec]) -> AsyncIterator[LLMChunk]:
+        self.calls += 1
+        for word in self.text.split()[: self.before if self.error else None]:
+            yield LLMChunk(text=word + " ")
+        if self.error:
+            raise self.error
+
+
+def chain_of(kind: str, *providers: Any, failures: int = 2, clock: Clock | None = None) -> tuple[Chain[Any], list[str]]:
+    told: list[str] = []
+    links = [Link(f"p{i}", (lambda p=p: p), CircuitBreaker(f"{kind}:p{i}", failures, 30, clock or Clock()))
+             for i, p in enumerate(providers)]
+    return Chain(kind, links, told.append), told
+
+
+async def reply(llm: LLM) -> str:
+    return "".join([c.text async for c in llm.stream([], [])])
+
+
+async def test_llm_fails_over_before_any_text_and_says_so_once() -> None:
+    primary = ScriptedLLM(error=ProviderError("llm.unavailable", "HTTP 503"))
+    backup = ScriptedLLM("the backup answers")
+    chain, told = chain_of("llm", primary, backup)
+    assert await reply(FallbackLLM(chain)) == "the backup answers "
+    assert told == ["language model: p0 failed (llm.unavailable: HTTP 503); using p1"]
+    assert chain.served_by == "p1" and chain.links[0].breaker.snapshot()["consecutive_failures"] == 1
+
+
+async def test_llm_never_fails_over_once_text_was_sent() -> None:
+    primary = ScriptedLLM("one two three", error=ProviderError("llm.stream_error", "cut"), before=2)
+    backup = ScriptedLLM("never heard")
+    chain, told = chain_of("llm", primary, backup)
+    got: list[str] = []
+    with pytest.raises(ProviderError) as e:
+        async for chunk in FallbackLLM(chain).stream([], []):
+            got.append(chunk.text)
+    assert got == ["one ", "two "] and backup.calls == 0 and told == []
+    assert e.value.code == "llm.stream_error" and "every language model provider failed" in e.value.message
+
+
+async def test_open_breaker_skips_the_provider_until_its_probe() -> None:
+    clock = Clock()
+    primary = ScriptedLLM(error=ProviderError("llm.rate_limited", "429"))
+    backup = ScriptedLLM("local answer")
+    chain, told = chain_of("llm", primary, backup, failures=2, clock=clock)
+    llm = FallbackLLM(chain)
+    for _ in range(4):
+        assert await reply(llm) == "local answer "
+    assert primary.calls == 2, "after two failures the breaker keeps calls away from it"
+    assert told[:2] == ["language model: p0 failed (llm.rate_limited: 429); using p1"] * 2
+    assert told[2:] == ["language model: p0 unavailable (circuit open after repeated failures); using p1"]
+    primary.error, primary.text = None, "cloud is back"
+    clock.now += 31
+    assert await reply(llm) == "cloud is back " and primary.calls == 3
+    assert chain.links[0].breaker.state == "closed" and chain.served_by == "p0"
+
+
+async def test_a_one_link_chain_keeps_the_providers_own_error() -> None:
+    error = ProviderError("llm.auth", "rejected the key in $OPENAI_API_KEY")
+    chain, _ = chain_of("llm", ScriptedLLM(error=error), failures=1)
+    llm = FallbackLLM(chain)
+    for _ in range(2):  # an open breaker with nothing behind it is still tried
+        with pytest.raises(ProviderError) as e:
+            await reply(llm)
+        assert e.value is error
+
+
+async def test_unused_fallbacks_are_never_built() -> None:
+    built: list[str] = []
+
+    def make(name: str) -> LLM:
+        built.append(name)
+        return ScriptedLLM("hi")
+
+    links = [Link(n, (lambda n=n: make(n)), CircuitBreaker(n)) for n in ("a", "b")]
+    assert await reply(FallbackLLM(Chain("llm", links))) == "hi "
+    assert built == ["a"]
+
+
+class ScriptedSTT(STT):
+    def __init__(self, text: str = "", error: ProviderError | None = None) -> None:
+        self.text, self.error, self.heard = text, error, b""
+
+    async def transcribe(self, pcm16: bytes) -> str:
+        self.heard = pcm16
+        if self.error:
+            raise self.error
+        return self.text
+
+
+async def test_stt_stream_replays_the_whole_utterance_to_the_next_provider() -> None:
+    primary = ScriptedSTT(error=ProviderError("stt.connection", "dropped"))
+    backup = ScriptedSTT("what is twelve times seven")
+    chain, told = chain_of("stt", primary, backup)
+    stream = FallbackSTT(chain).open_stream()
+    for k in range(5):
+        await stream.push(bytes([k]) * 320)
+    assert await stream.finish() == "what is twelve times seven"
+    assert backup.heard == b"".join(bytes([k]) * 320 for k in range(5)), "the same audio, from the start"
+    assert told == ["speech recognition: p0 failed (stt.connection: dropped); using p1"]
+
+
+async def test_stt_stream_with_every_provider_failing_raises_the_last_error() -> None:
+    chain, _ = chain_of("stt", ScriptedSTT(error=ProviderError("stt.timeout", "t")),
+                        ScriptedSTT(error=ProviderError("stt.failed", "f")))
+    stream = FallbackSTT(chain).open_stream()
+    await stream.push(b"\0\0" * 160)
+    with pytest.raises(ProviderError) as e:
+        await stream.finish()
+    assert e.value.code == "stt.failed"
+
+
+def test_live_partials_follow_the_stream_in_use() -> None:
+    chain, _ = chain_of("stt", ScriptedSTT("x"))
+    assert BufferedSTTStream.live is False
+    assert FallbackSTT(chain).open_stream().live is False
+
+
+class ScriptedTTS(TTS):
+    def __init__(self, pieces: int = 3, error: ProviderError | None = None, after: int = 0) -> None:
+        self.pieces, self.error, self.after, self.closed = pieces, error, after, 0
+
+    async def synthesize(self, text: str) -> AudioSegment:
+        raise AssertionError("the chain streams")
+
+    async def stream(self, text: str) -> AsyncIterator[AudioSegment]:
+        try:
+            for k in range(self.pieces):
+                if self.error and k == self.after:
+                    raise self.error
+                yield AudioSegment(bytes([k + 1]) * 200, 16000)
+                await asyncio.sleep(0)
+        finally:
+            self.closed += 1
+
+
+async def test_tts_stream_fails_over_before_audio_but_not_after() -> None:
+    chain, told = chain_of("tts", ScriptedTTS(error=ProviderError("tts.timeout", "slow")), ScriptedTTS(pieces=2))
+    pieces = [p async for p in FallbackTTS(chain).stream("Hello.")]
+    assert len(pieces) == 2 and told and "tts.timeout" in told[0]
+
+    chain, told = chain_of("tts", ScriptedTTS(error=ProviderError("tts.connection", "drop"), after=1), ScriptedTTS())
+    got = []
+    with pytest.raises(ProviderError):
+        async for p in FallbackTTS(chain).stream("Hello."):
+            got.append(p)
+    assert len(got) == 1 and told == [], "half a sentence is not said again in another voice"
+
+
+async def test_closing_a_tts_chain_stream_closes_the_providers_stream() -> None:
+    tts = ScriptedTTS(pieces=10)
+    chain, _ = chain_of("tts", tts)
+    stream = FallbackTTS(chain).stream("Hello.")
+    await anext(stream)
+    await stream.aclose()
+    assert tts.closed == 1
+
+
+# ------------------------------------------------------------------ streamed sentence audio
+@pytest.mark.parametrize("src, dst", [(22050, 16000), (24000, 48000), (16000, 16000), (22050, 8000)])
+async def test_streamed_sentence_chunks_join_like_one_resampling(src: int, dst: int) -> None:
+    """Pieces of any size in, 120 ms chunks out: the chunks at any rate are
+    the whole sentence resampled on one grid (no seams), and every rate gets
+    the same number of chunks covering the same time."""
+    rng = np.random.default_rng(1)
+    pcm = (np.sin(np.arange(int(src * 1.37)) * 2 * np.pi * 220 / src) * 12000).astype(np.int16).tobytes()
+    audio = _SentenceAudio(chunk_ms=120)
+    cut = 0
+    chunks: list[bytes] = []
+    k = 0
+    while cut < len(pcm):
+        step = int(rng.integers(1, 4000)) * 2
+        audio.append(AudioSegment(pcm[cut:cut + step], src))
+        cut += step
+        while audio.ready(k):
+            chunks.append(audio.chunk(dst, k))
+            k += 1
+    audio.finish()
+    while await audio.wait_chunk(k):
+        chunks.append(audio.chunk(dst, k))
+        k += 1
+    assert k == int(np.ceil(1.37 * 1000 / 120))
+    joined = np.frombuffer(b"".join(chunks), dtype=np.int16).astype(np.float64)
+    source = np.frombuffer(pcm, dtype=np.int16).astype(np.float64)
+    expected = np.interp(np.arange(round(len(source) * dst / src)) * src / dst, np.arange(len(source)), source)
+    assert len(joined) == len(expected)
+    assert np.max(np.abs(joined - expected)) <= 1.0
+    assert sum(audio.chunk_duration_ms(i) for i in range(k)) == pytest.approx(audio.duration_ms)
+
+
+async def test_a_sentence_without_audio_has_no_chunks() -> None:
+    audio = _SentenceAudio(chunk_ms=120)
+    waiter = asyncio.get_running_loop().create_task(audio.wait_chunk(0))
+    await asyncio.sleep(0)
+    audio.finish(ProviderError("tts.failed", "x"))
+    assert await waiter is False and audio.error is not None
