@@ -1,5 +1,10 @@
 """Load generator and report: `python -m bench.run --mode fake --sessions 1,2,4,8`.
 
+Modes: `fake` (fixed-delay providers plugged in by config), `real` (the
+embedded models), `cloud-fake` (the cloud providers, DashScope paraformer +
+CosyVoice and an OpenAI-compatible LLM, through their real SDKs against
+loopback fakes with fixed latencies: bench/cloud_fakes.py).
+
 Starts its own Ray instance and Serve ingress (on 127.0.0.1 only), opens N
 concurrent real WebSocket sessions that stream speech in real time (60 ms
 frames), and measures per turn and per run. Every figure is also reported
@@ -26,6 +31,7 @@ import numpy as np
 
 PORT = 18900
 STAGGER_S = 2.0
+CLOUD_CONFIG = Path(__file__).resolve().parent.parent / "config" / "cloud-zh.yaml"
 FAKE = {"stt": "bench.fakes:FixedDelaySTT", "llm": "bench.fakes:FixedDelayLLM", "tts": "bench.fakes:FixedDelayTTS"}
 QUESTION = "What is twelve times seven?"
 LONG_QUESTION = "Tell me about the Rosetta Stone."
@@ -47,16 +53,18 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 # ------------------------------------------------------------------ process accounting
 def ray_processes() -> list[Any]:
+    """The Ray processes of this run: descendants of this process (`ray.init`
+    starts GCS and raylet, the raylet starts workers), so another Ray on the
+    same machine (a test suite) is not counted."""
     import psutil
 
-    me = os.getpid()
     procs = []
-    for p in psutil.process_iter(["pid", "name", "cmdline"]):
+    for p in psutil.Process().children(recursive=True):
         try:
-            cmd = " ".join(p.info["cmdline"] or [])
+            name, cmd = p.name() or "", " ".join(p.cmdline())
         except Exception:
             continue
-        if p.info["pid"] != me and ("ray" in (p.info["name"] or "") or "ray/" in cmd or "ray::" in cmd):
+        if "ray" in name or "ray/" in cmd or "ray::" in cmd:
             procs.append(p)
     return procs
 
@@ -128,19 +136,59 @@ class RunResult:
     session_uss_mb: list[float] = field(default_factory=list)
     ray_uss_mb: float = 0.0
     ray_uss_total_mb: float = 0.0
+    # the critical path, split (client clock from the end of speech, and the VAD's own decision)
+    vad_end_client_ms: list[float] = field(default_factory=list)
+    """End of speech → `vad.speech_end` received (native): VAD wait + uplink batch + transport."""
+    vad_wait_audio_ms: list[float] = field(default_factory=list)
+    """Audio the VAD heard after the last speech sample before it decided (its `stream_ms`)."""
+    transcript_client_ms: list[float] = field(default_factory=list)
+    """End of speech → final transcript received (native `stt.final`, xiaozhi `stt`)."""
+    eos_to_server_vad_end_ms: list[float] = field(default_factory=list)
+    """Client end of speech → first audio, minus the session's own VAD end → first audio sent."""
+    first_turn: list[bool] = field(default_factory=list)
+    """Parallel to e2e_ms: the session's first spoken turn (first use of each provider client)."""
+    llm_first_turn: list[bool] = field(default_factory=list)
+    """Parallel to llm_ms."""
+    delivered: dict[str, Any] = field(default_factory=dict)
+    """Cloud-fake mode: the latencies the fakes really delivered during this run."""
+
+
+TRAILING_SILENCE_MS = 1200  # what the client's stream_pcm sends after the speech
 
 
 async def spoken_turns(client: Any, speech: bytes, turns: int, r: RunResult) -> list[Any]:
-    """Ask `turns` spoken questions; record end of speech → first audio of each."""
+    """Ask `turns` spoken questions; record end of speech → first audio of each,
+    and when the end of speech was detected and transcribed."""
     from actors.audio import silence
 
     done = []
-    for _ in range(turns):
-        turn = await client.ask_audio(silence(500) + speech, lags_ms=r.lags_ms, timeout_s=60)
+    pcm = silence(500) + speech
+    turn_bytes = len(pcm) + len(silence(TRAILING_SILENCE_MS))
+    for k in range(turns):
+        seen: dict[str, tuple[float, dict[str, Any]]] = {}
+
+        def on_event(msg: dict[str, Any]) -> None:
+            kind = msg.get("type")
+            if kind == "vad.speech_end":
+                seen["vad_end"] = (time.monotonic(), msg)  # the last one before the reply
+            elif kind in ("stt.final", "stt") and "transcript" not in seen:
+                seen["transcript"] = (time.monotonic(), msg)
+
+        turn = await client.ask_audio(pcm, on_event=on_event, lags_ms=r.lags_ms, timeout_s=60)
         if turn.end_of_speech_to_first_audio_ms is None or not turn.audio:
             r.failures.append("no reply audio")
             continue
         r.e2e_ms.append(turn.end_of_speech_to_first_audio_ms)
+        r.first_turn.append(k == 0)
+        turn.bench_first = k == 0  # type: ignore[attr-defined]
+        sent = turn.speech_sent_at
+        if "vad_end" in seen:
+            at, msg = seen["vad_end"]
+            r.vad_end_client_ms.append((at - sent) * 1000)
+            # the session's stream clock counts every sample this socket sent, turn after turn
+            r.vad_wait_audio_ms.append(msg["stream_ms"] - (k * turn_bytes + len(pcm)) / 32)
+        if "transcript" in seen:
+            r.transcript_client_ms.append((seen["transcript"][0] - sent) * 1000)
         done.append(turn)
     return done
 
@@ -159,6 +207,10 @@ async def native_session(base: str, token: str, speech: bytes, turns: int, r: Ru
                                 ("tts_first_audio_ms", r.tts_ms), ("first_audio_ms", r.server_first_audio_ms)]:
                 if m.get(key) is not None:
                     bucket.append(m[key])
+            if m.get("llm_first_token_ms") is not None:
+                r.llm_first_turn.append(turn.bench_first)
+            if m.get("first_audio_ms") is not None and turn.end_of_speech_to_first_audio_ms is not None:
+                r.eos_to_server_vad_end_ms.append(turn.end_of_speech_to_first_audio_ms - m["first_audio_ms"])
         if barge is not None:
             r.barge_ms.append(await barge_in(c, barge))
 
@@ -338,7 +390,16 @@ def build_config(opts: argparse.Namespace) -> Any:
                     "VOICE_ACTORS__TTS__PROVIDER": FAKE["tts"], "VOICE_ACTORS__TTS__FALLBACK": "none",
                     "VOICE_ACTORS__POOLS__STT__MAX_CONCURRENCY": "64",
                     "VOICE_ACTORS__POOLS__TTS__MAX_CONCURRENCY": "64"})
-    config = load_config(env=env)
+    path = None
+    if opts.mode == "cloud-fake":
+        # the deployed cloud configuration (config/cloud-zh.yaml), its endpoints pointed at the loopback
+        # fakes; keys come from DASHSCOPE_API_KEY as in production. No TTS fallback: a failure must show.
+        path = CLOUD_CONFIG
+        env.update({"VOICE_ACTORS__STT__DASHSCOPE__WEBSOCKET_URL": opts.fakes.dashscope_url,
+                    "VOICE_ACTORS__TTS__DASHSCOPE__WEBSOCKET_URL": opts.fakes.dashscope_url,
+                    "VOICE_ACTORS__LLM__OPENAI_COMPAT__BASE_URL": opts.fakes.openai_base_url,
+                    "VOICE_ACTORS__TTS__FALLBACK": "none"})
+    config = load_config(path, env=env)
     auth = config.auth.model_copy(update={"jwt_secret": SecretStr("bench-secret-" + "x" * 32),
                                           "device_secret": SecretStr("bench-device-" + "x" * 32)})
     return config.model_copy(update={"auth": auth})
@@ -350,20 +411,25 @@ async def run_all(opts: argparse.Namespace) -> dict[str, Any]:
 
     from actors.ingress.auth import Authenticator
     from actors.pools import ensure_pools
+    from bench.cloud_fakes import API_KEY
     from bench.echo_app import echo_app
     from bench.fakes import known_delay_ms
     from serve_app import build_app
 
+    env_vars = {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    if opts.mode == "cloud-fake":
+        env_vars["DASHSCOPE_API_KEY"] = os.environ["DASHSCOPE_API_KEY"] = API_KEY  # the fakes' key, not a real one
     config = build_config(opts)
     started = time.monotonic()
     print(f"[bench] starting Ray and Serve ({opts.mode} providers)...", flush=True)
     ray.init(address="local", include_dashboard=False, namespace=config.server.namespace, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}})
+             runtime_env={"env_vars": env_vars})
     ensure_pools(config)
     serve.start(http_options={"host": "127.0.0.1", "port": opts.port})
     serve.run(build_app(config), name="voice-actors", route_prefix="/")
     serve.run(echo_app, name="echo", route_prefix="/echo")
     base = f"ws://127.0.0.1:{opts.port}"
+    print(f"[bench] {len(ray_processes())} Ray processes belong to this run", flush=True)
     token = Authenticator(config.auth).issue_token("bench")
     speech = speech_fixture(QUESTION)
     print(f"[bench] up in {time.monotonic() - started:.1f} s; fixture {len(speech) / 32000:.2f} s of speech",
@@ -389,6 +455,13 @@ async def run_all(opts: argparse.Namespace) -> dict[str, Any]:
             print(f"[bench]   end of speech -> first audio p50 {s['p50']} ms p99 {s['p99']} ms; "
                   f"cpu {100 * run.cpu_cores / n:.1f}% of a core per session; failures {len(run.failures)}",
                   flush=True)
+            if opts.mode == "cloud-fake":
+                run.delivered = opts.fakes.stats()
+                vad, tr = pct(run.vad_end_client_ms), pct(run.transcript_client_ms)
+                o = pct([x - opts.latencies.provider_time_ms for x in run.e2e_ms])
+                print(f"[bench]   provider time {opts.latencies.provider_time_ms:.0f} ms; overhead p50 {o['p50']} "
+                      f"p99 {o['p99']} ms; end of speech -> VAD end p50 {vad['p50']} ms, -> transcript p50 "
+                      f"{tr['p50']} ms", flush=True)
 
     print("[bench] baseline (a): session code without Ray...", flush=True)
     no_ray = await baseline_no_ray(config, speech, max(3, opts.turns))
@@ -399,8 +472,9 @@ async def run_all(opts: argparse.Namespace) -> dict[str, Any]:
                                     {"Authorization": f"Bearer {token}"}, hello, echo=False)
     echo_stream = await stream_only(f"{base}/echo/", stream_n, opts.stream_seconds, None, None, echo=True)
 
-    report = make_report(opts, config, runs, no_ray, ours_stream, echo_stream, known_delay_ms(config.vad.end_silence_ms)
-                         if opts.mode == "fake" else None)
+    known = {"fake": known_delay_ms(config.vad.end_silence_ms),
+             "cloud-fake": opts.latencies.provider_time_ms if opts.mode == "cloud-fake" else None}.get(opts.mode)
+    report = make_report(opts, config, runs, no_ray, ours_stream, echo_stream, known)
     serve.shutdown()
     ray.shutdown()
     return report
@@ -416,12 +490,34 @@ def make_report(opts: argparse.Namespace, config: Any, runs: list[RunResult], no
         if r.sessions == min(opts.sessions):
             single[r.protocol] = e2e["p99"]
         overhead = pct([x - known_ms for x in r.e2e_ms]) if known_ms is not None else None
+        cloud = {}
+        if opts.mode == "cloud-fake":
+            assert known_ms is not None
+            cloud = {
+                # what the server adds when its VAD wait is not counted (comparable to fake mode's overhead)
+                "server_overhead_excl_vad_wait_ms": pct([x - known_ms - config.vad.end_silence_ms for x in r.e2e_ms]),
+                "delivered_provider_latencies_ms": r.delivered,
+            }
         out_runs.append({
             "protocol": r.protocol, "sessions": r.sessions, "turns": len(r.e2e_ms), "failures": r.failures[:5],
             "end_of_speech_to_first_audio_ms": e2e,
             "server_first_audio_ms": pct(r.server_first_audio_ms), "stt_final_ms": pct(r.stt_ms),
             "llm_first_token_ms": pct(r.llm_ms), "tts_first_audio_ms": pct(r.tts_ms),
-            "server_overhead_ms": overhead, "barge_in_reaction_ms": pct(r.barge_ms),
+            "server_overhead_ms": overhead, **cloud,
+            "critical_path": {
+                "end_of_speech_to_vad_end_ms": pct(r.vad_end_client_ms),
+                "vad_wait_audio_ms": pct(r.vad_wait_audio_ms),
+                "end_of_speech_to_final_transcript_ms": pct(r.transcript_client_ms),
+                "end_of_speech_to_server_vad_end_ms": pct(r.eos_to_server_vad_end_ms),
+            },
+            "by_turn": {
+                "first_turn_end_of_speech_to_first_audio_ms": pct([x for x, f in zip(r.e2e_ms, r.first_turn) if f]),
+                "later_turns_end_of_speech_to_first_audio_ms": pct([x for x, f in zip(r.e2e_ms, r.first_turn)
+                                                                     if not f]),
+                "first_turn_llm_first_token_ms": pct([x for x, f in zip(r.llm_ms, r.llm_first_turn) if f]),
+                "later_turns_llm_first_token_ms": pct([x for x, f in zip(r.llm_ms, r.llm_first_turn) if not f]),
+            },
+            "barge_in_reaction_ms": pct(r.barge_ms),
             "connect_to_hello_ms": pct(r.connect_ms), "uplink_frame_lag_ms": pct(r.lags_ms),
             "cpu_pct_of_core_per_session": round(100 * r.cpu_cores / r.sessions, 2),
             "session_actor_uss_mb": round(statistics.mean(r.session_uss_mb), 1) if r.session_uss_mb else None,
@@ -442,8 +538,11 @@ def make_report(opts: argparse.Namespace, config: Any, runs: list[RunResult], no
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
         "mode": opts.mode,
         "known_provider_delay_ms": known_ms,
+        "provider_latencies_ms": opts.latencies.describe() if opts.mode == "cloud-fake" else None,
         "settings": {"uplink_batch_ms": config.ingress.uplink_batch_ms, "end_silence_ms": config.vad.end_silence_ms,
-                     "tts_prebuffer_ms": config.tts.prebuffer_ms, "frame_ms": 60},
+                     "min_interruption_ms": config.vad.min_interruption_ms,
+                     "tts_prebuffer_ms": config.tts.prebuffer_ms, "frame_ms": 60,
+                     "providers": {"stt": config.stt.provider, "llm": config.llm.provider, "tts": config.tts.provider}},
         "runs": out_runs,
         "baselines": {"no_ray_end_of_speech_to_first_audio_ms": base_no_ray,
                       "uplink_only_ours": ours_stream, "uplink_only_serve_echo": echo_stream},
@@ -481,8 +580,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
-    p.add_argument("--mode", choices=("fake", "real"), default="fake",
-                   help="fake: fixed-delay providers (overhead figures); real: the embedded models")
+    p.add_argument("--mode", choices=("fake", "real", "cloud-fake"), default="fake",
+                   help="fake: fixed-delay providers (overhead figures); real: the embedded models; cloud-fake: "
+                        "the DashScope and OpenAI-compatible providers through their SDKs against loopback fakes "
+                        "with fixed latencies (bench/cloud_fakes.py)")
     p.add_argument("--sessions", default="1,2,4,8", help="concurrent session counts, comma-separated")
     p.add_argument("--protocols", default="native,xiaozhi")
     p.add_argument("--turns", type=int, default=2, help="spoken turns per session")
@@ -492,12 +593,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stream-seconds", type=float, default=10.0)
     p.add_argument("--port", type=int, default=PORT)
     p.add_argument("--out", default="bench/results")
+    cloud = p.add_argument_group("cloud-fake latencies (ms)")
+    cloud.add_argument("--stt-final-ms", type=float, default=150.0, help="finish-task → final transcript")
+    cloud.add_argument("--llm-first-token-ms", type=float, default=300.0, help="request → first SSE event")
+    cloud.add_argument("--llm-token-ms", type=float, default=0.0, help="between text deltas")
+    cloud.add_argument("--tts-first-audio-ms", type=float, default=200.0, help="text → first audio chunk")
+    cloud.add_argument("--tts-chunk-ms", type=float, default=0.0,
+                       help="between 100 ms audio chunks (0: as fast as the socket takes them)")
     opts = p.parse_args(argv)
     opts.sessions = sorted(int(x) for x in opts.sessions.split(","))
     opts.protocols = [x for x in opts.protocols.split(",") if x]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
-    report = asyncio.run(run_all(opts))
+    from bench.cloud_fakes import CloudFakes, CloudLatencies
+
+    opts.latencies = CloudLatencies(opts.stt_final_ms, opts.llm_first_token_ms, opts.llm_token_ms,
+                                    opts.tts_first_audio_ms, opts.tts_chunk_ms)
+    opts.fakes = CloudFakes(opts.latencies).start() if opts.mode == "cloud-fake" else None
+    try:
+        report = asyncio.run(run_all(opts))
+    finally:
+        if opts.fakes is not None:
+            opts.fakes.stop()
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -39,3 +39,38 @@ def test_bench_smoke_run_writes_results_and_plot(tmp_path: Path):
     assert baselines["uplink_only_serve_echo"]["echo_rtt_ms"]["n"] > 10
     assert report["ratios"]["uplink_cpu_ours_vs_echo"] > 0
     assert native["vs_no_ray_p50"] > 0
+
+
+def test_bench_cloud_fake_mode_reports_provider_time_and_the_critical_path(tmp_path: Path):
+    """The cloud providers through their real SDKs against loopback fakes with fixed latencies."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--mode", "cloud-fake", "--sessions", "1", "--turns", "1",
+         "--protocols", "native", "--stream-sessions", "1", "--stream-seconds", "1", "--port", "18912",
+         "--stt-final-ms", "120", "--llm-first-token-ms", "250", "--tts-first-audio-ms", "180",
+         "--out", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    [result] = list(tmp_path.glob("bench-cloud-fake-*.json"))
+    report = json.loads(result.read_text())
+    assert report["settings"]["providers"] == {"stt": "dashscope", "llm": "openai-compatible", "tts": "dashscope"}
+    assert report["known_provider_delay_ms"] == report["provider_latencies_ms"]["provider_time_ms"] == 120 + 250 + 180
+    [run] = report["runs"]
+    assert run["failures"] == [] and run["turns"] == 1
+    e2e = run["end_of_speech_to_first_audio_ms"]["p50"]
+    overhead = run["server_overhead_ms"]["p50"]
+    assert e2e > 550 and abs(e2e - 550 - overhead) < 0.2 and overhead >= 0
+    # the VAD's end-of-speech wait is still on the critical path: it decides after end_silence_ms of silence
+    path = run["critical_path"]
+    wait = report["settings"]["end_silence_ms"]
+    assert wait <= path["vad_wait_audio_ms"]["p50"] < wait + 400
+    assert path["end_of_speech_to_vad_end_ms"]["p50"] >= wait
+    assert path["end_of_speech_to_vad_end_ms"]["p50"] < path["end_of_speech_to_final_transcript_ms"]["p50"] < e2e
+    assert abs(run["server_overhead_excl_vad_wait_ms"]["p50"] - (overhead - wait)) < 0.2
+    # the session's own stage stamps, and the fakes kept their fixed latencies
+    assert run["stt_final_ms"]["p50"] >= 119 and run["llm_first_token_ms"]["p50"] >= 249
+    delivered = run["delivered_provider_latencies_ms"]
+    for key, ms in [("stt_final_ms", 120), ("llm_first_token_ms", 250), ("tts_first_audio_ms", 180)]:
+        assert delivered[key]["n"] >= 1 and ms - 1 <= delivered[key]["p50"] < ms + 100, (key, delivered[key])
+    assert report["baselines"]["no_ray_end_of_speech_to_first_audio_ms"]["n"] >= 3
+    assert run["vs_no_ray_p50"] > 0

@@ -144,6 +144,10 @@ class TaskRecord:
     client_closed_early: bool = False
     """The client closed the socket before the task ended."""
     closed_at: float | None = None
+    finish_requested_at: float | None = None
+    """time.monotonic() when finish-task arrived (optional record; the bench's latency check)."""
+    finished_at: float | None = None
+    """time.monotonic() right before task-finished was sent (ASR: after the final results)."""
     chunks_sent: int = 0
     audio_sent: int = 0
     """Bytes of TTS audio sent."""
@@ -382,6 +386,8 @@ class _Task:
             self.record.cancelled = True
             self.record.cancelled_at = now
         self.record.finish_requested = True
+        if self.record.finish_requested_at is None:
+            self.record.finish_requested_at = now
         self.inbox.put_nowait((_FINISH, None))
 
     async def _guarded(self) -> None:
@@ -463,6 +469,7 @@ class _AsrTask(_Task):
         while self.sentence < len(script.sentences):
             await self._send_sentence(final=True)
         self.record.finished = True
+        self.record.finished_at = time.monotonic()
         await self.send_event("task-finished", {"output": {}, "usage": None})
 
     def _ms(self) -> int:
@@ -524,6 +531,7 @@ class _TtsTask(_Task):
             if not self.record.cancelled and not await self._speak(text):
                 return
         self.record.finished = True
+        self.record.finished_at = time.monotonic()
         await self.send_event("task-finished", {"usage": {"characters": self.characters}})
 
     async def _speak(self, text: str) -> bool:

@@ -204,6 +204,8 @@ class RecordedRequest:
     """The whole scripted reply was written."""
     disconnected_at: float | None = None
     """`time.monotonic()` when the client hung up before the reply ended."""
+    first_chunk_at: float | None = None
+    """`time.monotonic()` when the first SSE event of a streamed reply was written."""
 
     @property
     def disconnected(self) -> bool:
@@ -416,6 +418,8 @@ class FakeOpenAIServer:
             data = chunk.raw if chunk.raw is not None else json.dumps(
                 _chunk_json(chunk, chunk_id, created, record.model), ensure_ascii=False, separators=(",", ":"))
             await response.write(f"data: {data}\n\n".encode())
+            if record.first_chunk_at is None:
+                record.first_chunk_at = time.monotonic()
         if script.end == "abort":
             assert request.transport is not None
             request.transport.abort()
