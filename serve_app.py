@@ -102,9 +102,14 @@ class LoginBody(BaseModel):
     password: str = Field(min_length=1, max_length=1024)
 
 
+PERSONA_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,47}$"
+
+
 class TextBody(BaseModel):
     text: str = Field(min_length=1, max_length=4000)
     session_id: str | None = Field(None, max_length=64, pattern=SESSION_ID_PATTERN)
+    persona: str | None = Field(None, max_length=48, pattern=PERSONA_PATTERN)
+    """A persona id (GET /api/roles); None keeps the session's."""
 
 
 class BatchBody(BaseModel):
@@ -119,6 +124,13 @@ class TTSBody(BaseModel):
 
 class VoiceStartBody(BaseModel):
     session_id: str | None = Field(None, max_length=64, pattern=SESSION_ID_PATTERN)
+    persona: str | None = Field(None, max_length=48, pattern=PERSONA_PATTERN)
+    """A persona id (GET /api/roles); None keeps the session's."""
+
+
+class DevicePatchBody(BaseModel):
+    persona: str | None = Field(max_length=48, pattern=PERSONA_PATTERN)
+    """The persona the device speaks as; null = the server's default."""
 
 
 class VoiceEndBody(BaseModel):
@@ -203,10 +215,23 @@ class VoiceIngress:
         return actor is not None and await actor.claim.remote(principal.key)
 
     async def _open(self, session_id: str | None, principal: Principal,
-                    alias: str | None = None) -> tuple[str, Any, bool]:
+                    alias: str | None = None, persona: str | None = None) -> tuple[str, Any, bool]:
         """Open or resume a session (by id, or by a stable alias such as a
-        device id). Resuming needs the id to be the caller's; a new session
-        needs a place under the caller's and the cluster's session caps."""
+        device id) as `persona` when given. Resuming needs the id to be the
+        caller's; a new session needs a place under the caller's and the
+        cluster's session caps."""
+        sid, actor, resumed = await self._open_owned(session_id, principal, alias)
+        if persona is not None:
+            await actor.set_persona.remote(persona)
+        return sid, actor, resumed
+
+    def _check_persona(self, persona: str | None) -> str | None:
+        if persona is not None and not self.config.has_persona(persona):
+            raise ApiError(404, "persona.not_found", f"no persona {persona!r}; GET /api/roles lists them")
+        return persona
+
+    async def _open_owned(self, session_id: str | None, principal: Principal,
+                          alias: str | None = None) -> tuple[str, Any, bool]:
         import ray
 
         owner = principal.key
@@ -234,7 +259,7 @@ class VoiceIngress:
             if alias is not None or session_id:
                 sid, actor = await asyncio.to_thread(self.sessions.open, sid)
             else:
-                return await self._open(None, principal)
+                return await self._open_owned(None, principal)
             claimed = await actor.claim.remote(owner)
         if not claimed:
             raise SessionNotFound(sid)
@@ -355,7 +380,7 @@ class VoiceIngress:
         from actors.session import subscribing_as
 
         p = self._principal(request)
-        sid, actor, _ = await self._open(body.session_id, p)
+        sid, actor, _ = await self._open(body.session_id, p, persona=self._check_persona(body.persona))
 
         async def send() -> bool:
             return await actor.send_text.remote(body.text) is not None
@@ -462,9 +487,17 @@ class VoiceIngress:
     @api.post("/api/voice/start")
     async def voice_start(self, request: Request, body: VoiceStartBody = Body(default=VoiceStartBody())) -> dict:
         p = self._principal(request)
-        sid, _, resumed = await self._open(body.session_id, p)
+        sid, _, resumed = await self._open(body.session_id, p, persona=self._check_persona(body.persona))
         return {"session_id": sid, "resumed": resumed, "websocket": {"url": self._ws_url(request, "/ws/voice"),
                                                                      "protocol": "voice-actors/1"}}
+
+    @api.get("/api/roles")
+    async def roles(self, request: Request) -> dict[str, Any]:
+        """The personas a session may take (at hello, `persona` in /api/voice/start
+        or /api/text/process, or a device's setting)."""
+        self._principal(request)
+        return {"default": self.config.default_persona,
+                "roles": [p.summary() for p in self.config.personas.values()]}
 
     @api.post("/api/voice/end")
     async def voice_end(self, body: VoiceEndBody, request: Request) -> dict[str, Any]:
@@ -561,8 +594,12 @@ class VoiceIngress:
         # others resume by id in hello
         alias = principal.key if principal.device_id else None
 
-        async def open_session(session_id: str | None) -> tuple[str, Any, bool]:
-            return await self._open(session_id, principal, alias)
+        async def open_session(session_id: str | None, persona: str | None = None) -> tuple[str, Any, bool]:
+            if persona is None and principal.kind == "device" and principal.device_id is not None:
+                persona = await asyncio.to_thread(self.admission.registry.persona_of, principal.device_id)
+                if persona is not None and not self.config.has_persona(persona):
+                    persona = None  # removed from the config since: the default
+            return await self._open(session_id, principal, alias, self._check_persona(persona))
 
         self.metrics.connected(adapter.name)
         try:
@@ -639,6 +676,19 @@ class VoiceIngress:
         p = self._principal(request)
         owner = None if p.is_admin else p.key
         return {"devices": await asyncio.to_thread(self.admission.registry.list, owner)}
+
+    @api.patch("/api/devices/{device_id}")
+    async def devices_update(self, device_id: str, body: DevicePatchBody, request: Request) -> dict[str, Any]:
+        """Choose the persona a device speaks as (its owner or an admin); it
+        applies from the device's next connection."""
+        p = self._principal(request)
+        device_id, _ = check_device_ids(device_id, None)
+        registry = self.admission.registry
+        owner = await asyncio.to_thread(registry.owner_of, device_id)
+        if owner != p.key and not p.is_admin:
+            raise ApiError(404, "device.not_found", "no device with this id belongs to you")
+        await asyncio.to_thread(registry.set_persona, device_id, self._check_persona(body.persona))
+        return {"device_id": device_id, "persona": body.persona}
 
     @api.delete("/api/devices/{device_id}")
     async def devices_revoke(self, device_id: str, request: Request) -> dict[str, Any]:

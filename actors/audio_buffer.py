@@ -23,7 +23,7 @@ from actors.config import AppConfig
 from actors.events import ErrorCode
 from actors.mailbox import Child, Message
 from actors.providers.base import SAMPLE_RATE, VAD
-from actors.stt_stream import SpeechAudio, SpeechBegan, SpeechEnded
+from actors.stt_stream import SpeechAudio, SpeechBegan, SpeechEnded, SpeechPaused, SpeechResumed
 
 if TYPE_CHECKING:
     from actors.session_core import SessionCore
@@ -65,6 +65,8 @@ class AudioBuffer(Child):
         self._start_frames = max(1, cfg.start_ms // self._frame_ms)
         self._interrupt_frames = max(self._start_frames, -(-cfg.min_interruption_ms // self._frame_ms))
         self._end_frames = max(1, cfg.end_silence_ms // self._frame_ms)
+        self._pause_frames = max(1, cfg.pause_ms // self._frame_ms)
+        self._paused = False
         self._max_frames = int(config.stt.max_utterance_s * 1000 // self._frame_ms)
         self._reorder_window = config.session.reorder_window
         self._preroll: deque[bytes] = deque(maxlen=max(1, cfg.preroll_ms // self._frame_ms))
@@ -208,6 +210,14 @@ class AudioBuffer(Child):
             self._core.stt.post(SpeechAudio(self._turn, bytes(outgoing)))
             self._end()
             return bytearray()
+        if speech and self._paused:
+            self._paused = False
+            self._core.stt.post(SpeechResumed(self._turn))
+        elif self._silent == self._pause_frames < self._end_frames:
+            self._paused = True
+            self._core.stt.post(SpeechAudio(self._turn, bytes(outgoing)))
+            self._core.stt.post(SpeechPaused(self._turn))
+            return bytearray()
         return outgoing
 
     def _on_confirmed(self) -> None:
@@ -267,6 +277,7 @@ class AudioBuffer(Child):
         self._candidate.clear()
         self._silent = 0
         self._speech_frames = 0
+        self._paused = False
         self._core.stt.post(SpeechBegan(self._turn, audio))
 
     def _end(self) -> None:

@@ -99,7 +99,8 @@ class NativeClient(_Client):
 
     @classmethod
     async def connect(cls, url: str, token: str | None = None, session_id: str | None = None,
-                      opus: bool = False, output_opus: bool = False, output_rate: int | None = None) -> NativeClient:
+                      opus: bool = False, output_opus: bool = False, output_rate: int | None = None,
+                      persona: str | None = None) -> NativeClient:
         headers = {"Authorization": f"Bearer {token}"} if token else None
         ws = await connect(url, additional_headers=headers, max_size=2 ** 22, proxy=None)
         client = cls(ws, opus)
@@ -111,6 +112,8 @@ class NativeClient(_Client):
             hello["output"]["sample_rate"] = output_rate
         if session_id:
             hello["session_id"] = session_id
+        if persona:
+            hello["persona"] = persona
         await ws.send(json.dumps(hello))
         reply = json.loads(await ws.recv())
         if reply.get("type") != "hello":

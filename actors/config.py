@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
+from actors.agent.persona import Persona
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_PATH = PROJECT_ROOT / "config" / "default.yaml"
 ENV_PREFIX = "VOICE_ACTORS__"
@@ -76,6 +78,12 @@ class SessionConfig(_Section):
     wake_words: list[str] = ["你好小智", "你好小志", "嘿你好呀", "小爱同学", "hi esp", "hey ava", "hi ava", "hello ava"]
     """A device's `listen detect` with one of these (case, blanks and
     punctuation ignored) gets the persona's greeting; other text is a typed turn."""
+    preemptive_generation: bool = True
+    """With a streaming recogniser (one that sends interim results), start the
+    LLM at a pause in speech (`vad.pause_ms`) on the transcript so far, and
+    keep its reply only if the final transcript says the same words; speech
+    resuming or other words cancel it. Text and audio reach the client only
+    after the final transcript, so the cost is LLM tokens, never a wrong reply."""
     history_db: str | None = "data/history.sqlite3"
     """SQLite file keeping every session's conversation (relative to the
     project root); None keeps history only in the session actor."""
@@ -102,6 +110,10 @@ class VADConfig(_Section):
     Like LiveKit Agents' min_interruption_duration (0.5 s)."""
     end_silence_ms: int = Field(600, ge=90)
     """Silence this long closes it."""
+    pause_ms: int = Field(210, ge=60)
+    """Silence this long inside an utterance is a pause: with a streaming
+    recogniser the session starts the reply on the words heard so far
+    (`session.preemptive_generation`) while it waits out `end_silence_ms`."""
     preroll_ms: int = Field(300, ge=0)
 
 
@@ -124,6 +136,16 @@ class LLMConfig(_StageSection):
     `llm.openai_compat`), or `package.module:Class`."""
     knowledge_base: str | None = "config/knowledge/museum.yaml"
     chunk_delay_s: float = Field(0.0, ge=0)
+    context_tokens: int = Field(8192, ge=512)
+    """The model's context window; the prompt is built to fit it minus `reply_tokens`."""
+    reply_tokens: int = Field(1024, ge=16)
+    """Kept free for the reply (a persona's `max_tokens`, when larger, wins)."""
+    history_share: float = Field(0.5, gt=0, lt=1)
+    """Share of the budget recent history may fill before older turns are summarised."""
+    summary_tokens: int = Field(400, ge=50)
+    summarize: Literal["extractive", "llm"] = "extractive"
+    """How older turns are folded into the summary: their first sentences, or
+    a summary written by the LLM itself (after the turn, off the critical path)."""
 
 
 class TTSConfig(_StageSection):
@@ -255,16 +277,6 @@ class IngressConfig(_Section):
     bearer token. Name your page's origins to narrow it."""
 
 
-class Persona(_Section):
-    name: str = "Ava"
-    system_prompt: str = "You are Ava, a friendly museum guide. Answer briefly in spoken sentences."
-    greeting: str | None = None
-    """Spoken when a device wakes; None: "Hi, I'm <name>. How can I help?"."""
-
-    def greeting_text(self) -> str:
-        return self.greeting or f"Hi, I'm {self.name}. How can I help?"
-
-
 class AppConfig(_Section):
     server: ServerConfig = ServerConfig()
     session: SessionConfig = SessionConfig()
@@ -278,10 +290,18 @@ class AppConfig(_Section):
     limits: LimitsConfig = LimitsConfig()
     ingress: IngressConfig = IngressConfig()
     personas: dict[str, Persona] = {"default": Persona()}
+    """Inline personas; those in `personas_dir` are added (an inline one wins on the same id)."""
+    personas_dir: str | None = "config/personas"
+    """One YAML file per persona, named by its id (actors/agent/persona.py)."""
     default_persona: str = "default"
 
     def persona(self, name: str | None = None) -> Persona:
-        return self.personas.get(name or self.default_persona) or Persona()
+        """The named persona; the default one for None or an unknown id (callers
+        that take an id from a client check it with `has_persona` first)."""
+        return self.personas.get(name or self.default_persona) or self.personas.get(self.default_persona) or Persona()
+
+    def has_persona(self, name: str) -> bool:
+        return name in self.personas
 
     def resolve_path(self, path: str) -> Path:
         """Paths in config are relative to the project root, not the cwd."""
@@ -313,6 +333,26 @@ def _describe(err: ValidationError) -> str:
     return "invalid configuration: " + "; ".join(lines)
 
 
+def _with_persona_files(config: AppConfig) -> AppConfig:
+    """Personas from `personas_dir` plus the inline ones (which win on the
+    same id); the built-in default only when there are none at all."""
+    from actors.agent.persona import PersonaError, load_persona_dir
+
+    found: dict[str, Persona] = {}
+    if config.personas_dir:
+        try:
+            found = load_persona_dir(config.resolve_path(config.personas_dir))
+        except PersonaError as e:
+            raise ConfigError(str(e)) from None
+    inline = ({pid: p.model_copy(update={"id": pid}) for pid, p in config.personas.items()}
+              if "personas" in config.model_fields_set else {})
+    personas = {**found, **inline} or {"default": Persona()}
+    if config.default_persona not in personas:
+        raise ConfigError(f"default_persona: no persona {config.default_persona!r} "
+                          f"(known: {', '.join(sorted(personas))})")
+    return config.model_copy(update={"personas": personas})
+
+
 def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> AppConfig:
     """Load YAML (path, else $VOICE_ACTORS_CONFIG, else config/default.yaml) plus env overrides."""
     env = os.environ if env is None else env
@@ -330,6 +370,7 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
         config = AppConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_describe(e)) from None
+    config = _with_persona_files(config)
     from actors.providers import registry  # here: the registry imports this module
 
     problems = registry.check(config)

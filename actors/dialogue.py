@@ -7,17 +7,21 @@ history only what the user actually heard.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from actors.config import Persona
+from actors.agent.persona import Persona
+from actors.agent.prompt import PromptParts, build_prompt, estimate_tokens, fold_history, summary_request
+from actors.config import LLMConfig
 from actors.events import ErrorCode, LLMDelta, LLMEmotion, ToolCallEvent, ToolResultEvent
 from actors.mailbox import Child, Message
-from actors.providers.base import LLM, ChatMessage, LLMChunk, ProviderError, ToolCall
+from actors.providers.base import LLM, ChatMessage, LLMChunk, ProviderError, ToolCall, ToolSpec
 from actors.tools import ToolContext, ToolRegistry
 from actors.tts import TextDelta, TextEnd
 
@@ -49,21 +53,124 @@ class AssistantSays(Message):
     text: str = ""
 
 
+@dataclass
+class _Speculation:
+    """A reply started at a pause on the words heard so far; its chunks wait
+    here, unseen, until the final transcript confirms or discards them."""
+
+    turn: int
+    text: str
+    history_len: int
+    started: float = field(default_factory=time.time)
+    chunks: asyncio.Queue[LLMChunk | BaseException | None] = field(default_factory=asyncio.Queue)
+    task: asyncio.Task[None] | None = None
+    first_text_at: float | None = None
+
+
+def same_words(a: str, b: str) -> bool:
+    """Equal but for case, spaces and punctuation (a final transcript adds
+    punctuation its interims lacked)."""
+    def squash(s: str) -> str:
+        return re.sub(r"[\W_]+", "", s.lower())
+    return squash(a) == squash(b)
+
+
 class DialogueState(Child):
     name = "dialogue"
 
     def __init__(self, core: SessionCore, llm: LLM, tools: ToolRegistry, tool_context: ToolContext,
-                 persona: Persona, max_history: int, history: list[ChatMessage] | None = None) -> None:
+                 persona: Persona, max_history: int, history: list[ChatMessage] | None = None, *,
+                 llm_config: LLMConfig | None = None, summary: str = "") -> None:
         super().__init__(core.child_crashed)
         self._core = core
         self._llm = llm
         self._tools = tools
         self._tool_ctx = tool_context
-        self._persona = persona
+        self.persona = persona
         self._max_history = max_history
+        self._llm_cfg = llm_config or LLMConfig()
         self.history: list[ChatMessage] = list(history or [])
+        self.summary = summary
+        """Older turns, folded out of `history` (agent/prompt.py); stored with it."""
+        self.recall_memories: Callable[[str], Awaitable[list[str]]] | None = None
+        """Long-term memories relevant to the user's words, when the session has a store."""
+        self.retrieve_knowledge: Callable[[str], Awaitable[str]] | None = None
+        """Retrieved knowledge with its sources, formatted for the prompt."""
+        self._summarizing: asyncio.Task[None] | None = None
         self._assistant_at: dict[int, int] = {}
         """turn id → index of that turn's assistant reply in history."""
+        self._speculation: _Speculation | None = None
+        self.preemptive = {"started": 0, "used": 0, "discarded": 0}
+
+    def set_llm(self, llm: LLM) -> None:
+        self._llm = llm
+
+    # ------------------------------------------------------------ preemptive generation
+    @property
+    def idle(self) -> bool:
+        return (self._work is None or self._work.done()) and self._mailbox.empty()
+
+    def speculate(self, turn: int, text: str) -> None:
+        """Start the LLM on the words so far, at a pause, before the turn is
+        sure to have ended. Nothing is shown or spoken until `handle` sees the
+        final transcript; a busy dialogue (a reply still running) does not
+        speculate, since its history is about to change."""
+        self.cancel_speculation()
+        if not self.idle:
+            return
+        spec = _Speculation(turn, text, len(self.history))
+        spec.task = asyncio.get_running_loop().create_task(self._pump(spec, [*self.history,
+                                                                              ChatMessage(role="user", content=text)]))
+        self._speculation = spec
+        self.preemptive["started"] += 1
+
+    async def _pump(self, spec: _Speculation, history: list[ChatMessage]) -> None:
+        try:
+            prompt = await self._prompt(history)
+            async with aclosing(self._llm.stream(prompt, self._tool_specs())) as chunks:
+                async for chunk in chunks:
+                    if chunk.text and spec.first_text_at is None:
+                        spec.first_text_at = time.time()
+                    spec.chunks.put_nowait(chunk)
+        except Exception as e:  # handed to the turn, which reports it as a live stream's error
+            spec.chunks.put_nowait(e)
+        spec.chunks.put_nowait(None)
+
+    def cancel_speculation(self, turn: int | None = None) -> None:
+        """Speech resumed, a new utterance began, or the session ends: the
+        speculative reply is dropped and its LLM stream closed."""
+        spec = self._speculation
+        if spec is not None and (turn is None or spec.turn <= turn):
+            self._speculation = None
+            self.preemptive["discarded"] += 1
+            if spec.task is not None:
+                spec.task.cancel()
+
+    def _take_speculation(self, turn: int, text: str) -> _Speculation | None:
+        spec = self._speculation
+        if spec is None:
+            return None
+        if spec.turn == turn and spec.history_len == len(self.history) and same_words(spec.text, text):
+            self._speculation = None
+            self.preemptive["used"] += 1
+            return spec
+        log.debug("session %s turn %d: preemptive reply on %r discarded (final %r)",
+                  self._core.session_id, turn, spec.text, text)
+        self.cancel_speculation()
+        return None
+
+    @staticmethod
+    async def _drain(spec: _Speculation) -> AsyncIterator[LLMChunk]:
+        """The speculative stream's chunks, then the rest as they come; closing
+        this closes the LLM stream behind it."""
+        try:
+            while (item := await spec.chunks.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            if spec.task is not None:
+                spec.task.cancel()
 
     async def handle(self, message: Message) -> None:
         turn = message.turn_id
@@ -75,11 +182,12 @@ class DialogueState(Child):
             self._core.tts.post(TextEnd(turn))
             return
         assert isinstance(message, UserTurn)
+        spec = self._take_speculation(turn, message.text)
         self.history.append(ChatMessage(role="user", content=message.text))
         self._core.history_changed()
         reply = ""
         try:
-            reply = await self._run_llm(turn)
+            reply = await self._run_llm(turn, spec)
         except ProviderError as e:
             log.warning("session %s turn %d: the language model failed: %s", self._core.session_id, turn,
                         e.message, exc_info=True)
@@ -92,13 +200,20 @@ class DialogueState(Child):
         self._trim()
         self._core.history_changed()
 
-    async def _run_llm(self, turn: int) -> str:
+    async def _run_llm(self, turn: int, spec: _Speculation | None = None) -> str:
+        """The reply's LLM rounds (tool calls feed the next); the first round
+        is the speculative one when the final transcript confirmed it."""
         timer = self._core.timer(turn)
-        timer.llm_start = time.time()
+        timer.llm_start = time.time() if spec is None else spec.started
+        if spec is not None:
+            timer.preemptive, timer.llm_first = True, spec.first_text_at
         reply_parts: list[str] = []
         for _ in range(MAX_TOOL_ROUNDS + 1):
             round_text: list[str] = []
-            async with aclosing(self._llm.stream(self._prompt(), self._tools.specs())) as chunks:
+            source = (self._drain(spec) if spec is not None
+                      else self._llm.stream(await self._prompt(self.history), self._tool_specs()))
+            spec = None
+            async with aclosing(source) as chunks:
                 calls = await self._consume(turn, chunks, round_text)
             reply_parts.extend(round_text)
             if not calls:
@@ -132,8 +247,36 @@ class DialogueState(Child):
                 timer.add_usage(chunk.usage)
         return calls
 
-    def _prompt(self) -> list[ChatMessage]:
-        return [ChatMessage(role="system", content=self._persona.system_prompt), *self.history]
+    def _tool_specs(self) -> list[ToolSpec]:
+        """The tools this persona may use."""
+        return [s for s in self._tools.specs() if self.persona.allows_tool(s.name)]
+
+    @property
+    def budget_tokens(self) -> int:
+        """The model's context minus the reply's room."""
+        cfg = self._llm_cfg
+        return cfg.context_tokens - max(cfg.reply_tokens, self.persona.max_tokens or 0)
+
+    async def _prompt(self, history: list[ChatMessage]) -> list[ChatMessage]:
+        """System prompt, memories, knowledge and summary, then the newest turns
+        that fit the budget (agent/prompt.py). Memory and knowledge lookups
+        use the user's last words; a failing lookup leaves its part out."""
+        query = next((m.content for m in reversed(history) if m.role == "user"), "")
+        memories: list[str] = []
+        knowledge = ""
+        if query and self.recall_memories is not None and self.persona.memory != "off":
+            try:
+                memories = await self.recall_memories(query)
+            except Exception:
+                log.warning("session %s: memory recall failed", self._core.session_id, exc_info=True)
+        if query and self.retrieve_knowledge is not None and self.persona.knowledge:
+            try:
+                knowledge = await self.retrieve_knowledge(query)
+            except Exception:
+                log.warning("session %s: knowledge retrieval failed", self._core.session_id, exc_info=True)
+        parts = PromptParts(system=self.persona.system_prompt, history=history, memories=memories,
+                            knowledge=knowledge, summary=self.summary)
+        return build_prompt(parts, self.budget_tokens)
 
     def _record_reply(self, turn: int, text: str) -> None:
         if text:
@@ -152,10 +295,35 @@ class DialogueState(Child):
         self._core.history_changed()
 
     def _trim(self) -> None:
-        excess = len(self.history) - self._max_history
-        if excess > 0:
-            # never start history on a tool result whose call was trimmed away
-            while excess < len(self.history) and self.history[excess].role == "tool":
-                excess += 1
-            del self.history[:excess]
-            self._assistant_at = {t: i - excess for t, i in self._assistant_at.items() if i >= excess}
+        """Fold the oldest whole turns into the summary once recent history
+        outgrows its share of the budget or `max_history_messages`."""
+        cfg = self._llm_cfg
+        before = self.summary
+        kept, folded, summary = fold_history(self.history, self.summary, int(self.budget_tokens * cfg.history_share),
+                                             cfg.summary_tokens, self._max_history)
+        if not folded:
+            return
+        cut = len(folded)
+        self.history, self.summary = kept, summary
+        self._assistant_at = {t: i - cut for t, i in self._assistant_at.items() if i >= cut}
+        if cfg.summarize == "llm" and (self._summarizing is None or self._summarizing.done()):
+            self._summarizing = asyncio.get_running_loop().create_task(self._summarize(before, folded, summary))
+
+    async def _summarize(self, before: str, folded: list[ChatMessage], extractive: str) -> None:
+        """The LLM's own summary replaces the extractive one, unless more turns
+        were folded meanwhile (then the extractive lines stay: nothing lost)."""
+        try:
+            request = summary_request(before, folded, self._llm_cfg.summary_tokens)
+            async with aclosing(self._llm.stream(request, [])) as chunks:
+                text = "".join([c.text async for c in chunks]).strip()
+        except Exception:
+            log.warning("session %s: LLM summary failed; keeping the extractive one", self._core.session_id,
+                        exc_info=True)
+            return
+        if text and self.summary == extractive:
+            self.summary = _cut_summary(text, self._llm_cfg.summary_tokens)
+            self._core.history_changed()
+
+
+def _cut_summary(text: str, tokens: int) -> str:
+    return text if estimate_tokens(text) <= tokens else text[: tokens * 2]

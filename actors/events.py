@@ -55,7 +55,9 @@ class SessionStarted(_Event):
     input_sample_rate: int
     output_sample_rate: int
     persona: str
+    """The persona's display name."""
     providers: dict[str, str]
+    persona_id: str = ""
 
 
 class SpeechStart(_Event):
@@ -99,6 +101,16 @@ class ToolResultEvent(_Event):
     type: Literal["tool.result"] = "tool.result"
     name: str
     result: str
+
+
+class DeviceRequest(_Event):
+    """A JSON-RPC message for the device on this session's socket (MCP
+    `tools/list`, `tools/call`, notifications). The xiaozhi adapter sends it
+    as `{"type": "mcp", "payload": ...}`; adapters without device tools
+    ignore it or pass it on as an event."""
+
+    type: Literal["device.request"] = "device.request"
+    payload: dict[str, Any]
 
 
 class TTSStart(_Event):
@@ -151,6 +163,9 @@ class TurnMetrics(_Event):
     """End of speech (or text input) → first reply audio chunk sent."""
     llm_usage: dict[str, int] | None = None
     """Tokens the LLM spent on this turn (prompt, completion, total), summed over tool rounds."""
+    llm_preemptive: bool = False
+    """The reply was started at a pause in speech, before the final transcript
+    confirmed the words (session.preemptive_generation)."""
     served_by: dict[str, str] | None = None
     """The provider of each stage's failover chain that last answered (stt, llm, tts)."""
     interrupted: bool = False
@@ -159,7 +174,7 @@ class TurnMetrics(_Event):
 Event = Annotated[
     Union[
         SessionStarted, SpeechStart, SpeechEnd, STTPartial, STTFinal, LLMDelta, LLMEmotion,
-        ToolCallEvent, ToolResultEvent, TTSStart, TTSSentence, AudioChunk, TTSAudioEnd, TTSStop, ErrorEvent,
+        ToolCallEvent, ToolResultEvent, DeviceRequest, TTSStart, TTSSentence, AudioChunk, TTSAudioEnd, TTSStop, ErrorEvent,
         TurnMetrics,
     ],
     Field(discriminator="type"),

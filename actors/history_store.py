@@ -24,8 +24,11 @@ class HistoryStore(SqliteStore):
         messages   TEXT NOT NULL,
         memory     TEXT NOT NULL DEFAULT '{}',
         updated    REAL NOT NULL,
-        owner      TEXT)""",)
-    migrations = (("history", "owner", "TEXT"),)
+        owner      TEXT,
+        persona    TEXT,
+        summary    TEXT NOT NULL DEFAULT '')""",)
+    migrations = (("history", "owner", "TEXT"), ("history", "persona", "TEXT"),
+                  ("history", "summary", "TEXT NOT NULL DEFAULT ''"))
 
     def load(self, session_id: str) -> tuple[list[ChatMessage], dict[str, str]]:
         """→ (messages, remembered facts); empty for a session never saved."""
@@ -35,6 +38,23 @@ class HistoryStore(SqliteStore):
         if row is None:
             return [], {}
         return [ChatMessage.model_validate(m) for m in json.loads(row[0])], json.loads(row[1])
+
+    def persona_of(self, session_id: str) -> str | None:
+        with self._connect() as db:
+            row = db.execute("SELECT persona FROM history WHERE session_id = ?", (session_id,)).fetchone()
+        return row[0] if row else None
+
+    def set_persona(self, session_id: str, persona: str) -> None:
+        """Kept with the conversation, so a resumed session is the same persona."""
+        with self._lock, self._connect() as db:
+            db.execute("INSERT INTO history (session_id, messages, memory, updated, persona) "
+                       "VALUES (?, '[]', '{}', ?, ?) ON CONFLICT(session_id) DO UPDATE SET persona = excluded.persona",
+                       (session_id, time.time(), persona))
+
+    def summary_of(self, session_id: str) -> str:
+        with self._connect() as db:
+            row = db.execute("SELECT summary FROM history WHERE session_id = ?", (session_id,)).fetchone()
+        return row[0] if row else ""
 
     def owner_of(self, session_id: str) -> str | None:
         """The principal key that owns this session, or None if nobody has claimed it."""
@@ -58,17 +78,19 @@ class HistoryStore(SqliteStore):
             row = db.execute("SELECT owner FROM history WHERE session_id = ?", (session_id,)).fetchone()
         return row is not None and row[0] == owner
 
-    def save_sync(self, session_id: str, messages: list[ChatMessage], memory: dict[str, str]) -> None:
+    def save_sync(self, session_id: str, messages: list[ChatMessage], memory: dict[str, str],
+                  summary: str = "") -> None:
         payload = json.dumps([m.model_dump() for m in messages], ensure_ascii=False)
         facts = json.dumps(memory, ensure_ascii=False)
         with self._lock, self._connect() as db:
-            db.execute("INSERT INTO history (session_id, messages, memory, updated) VALUES (?, ?, ?, ?) "
+            db.execute("INSERT INTO history (session_id, messages, memory, updated, summary) VALUES (?, ?, ?, ?, ?) "
                        "ON CONFLICT(session_id) DO UPDATE SET messages = excluded.messages, "
-                       "memory = excluded.memory, updated = excluded.updated",
-                       (session_id, payload, facts, time.time()))
+                       "memory = excluded.memory, updated = excluded.updated, summary = excluded.summary",
+                       (session_id, payload, facts, time.time(), summary))
 
-    async def save(self, session_id: str, messages: list[ChatMessage], memory: dict[str, str]) -> None:
-        await asyncio.to_thread(self.save_sync, session_id, messages, dict(memory))
+    async def save(self, session_id: str, messages: list[ChatMessage], memory: dict[str, str],
+                   summary: str = "") -> None:
+        await asyncio.to_thread(self.save_sync, session_id, messages, dict(memory), summary)
 
     def forget(self, session_id: str) -> None:
         with self._lock, self._connect() as db:

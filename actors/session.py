@@ -18,6 +18,7 @@ from typing import Any
 
 import ray
 
+from actors.agent.persona import persona_config
 from actors.config import AppConfig
 from actors.events import ErrorCode, ErrorEvent, Event
 from actors.history_store import HistoryStore
@@ -90,12 +91,14 @@ def build_core(session_id: str, config: AppConfig) -> SessionCore:
     TTS) and to its stored history, if it had one."""
     store = HistoryStore(config.resolve_path(config.session.history_db)) if config.session.history_db else None
     history, memory = store.load(session_id) if store else ([], {})
+    stored_persona = store.persona_of(session_id) if store else None
+    config = persona_config(config, config.persona(stored_persona))  # resumed: the same persona as before
     stt, llm, tts = chained_stt(config), chained_llm(config), chained_tts(config)
     core = SessionCore(
         session_id, config, vad=build_vad(config), stt=stt, llm=llm, tts=tts,
         provider_names={"vad": config.vad.provider, "stt": config.stt.provider,
                         "llm": config.llm.provider, "tts": config.tts.provider},
-        history=history, memory=memory, store=store,
+        history=history, memory=memory, store=store, summary=store.summary_of(session_id) if store else "",
     )
     for chain in (stt.chain, llm.chain, tts.chain):
         chain.notify = core.provider_failover
@@ -134,7 +137,23 @@ class SessionActor:
 
     async def greet(self) -> int:
         """A device woke up: say the persona's greeting, as a turn of its own."""
-        return self._ensure_started().say(self._config.persona().greeting_text())
+        core = self._ensure_started()
+        return core.say(core.dialogue.persona.greeting_text())
+
+    async def set_persona(self, persona_id: str) -> str:
+        """Become the persona `persona_id` (checked by the caller against the
+        config) from the next turn on, and keep it with the conversation."""
+        if not self._config.has_persona(persona_id):
+            raise ValueError(f"no persona {persona_id!r}")
+        if self._core.dialogue.persona.id != persona_id:
+            config = persona_config(self._config, self._config.persona(persona_id))
+            llm, tts = chained_llm(config), chained_tts(config)
+            for chain in (llm.chain, tts.chain):
+                chain.notify = self._core.provider_failover
+            self._core.set_persona(config.persona(), llm, tts)
+        if self._core.store is not None:
+            await asyncio.to_thread(self._core.store.set_persona, self._core.session_id, persona_id)
+        return persona_id
 
     async def utterances(self, settle: bool = False) -> int:
         """How many utterances the VAD has opened; with `settle`, after all

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from actors.agent.persona import Persona
 from actors.audio_buffer import AudioBatch, AudioBuffer, ListenControl
 from actors.config import AppConfig
 from actors.dialogue import AssistantSays, DialogueState, UserTurn
@@ -59,6 +60,7 @@ class TurnTimer:
     first_sentence: float | None = None
     first_audio: float | None = None
     llm_usage: dict[str, int] | None = None
+    preemptive: bool = False
 
     def add_usage(self, usage: dict[str, int]) -> None:
         total = self.llm_usage or {}
@@ -74,7 +76,7 @@ class TurnTimer:
             llm_first_token_ms=ms(self.llm_start, self.llm_first),
             tts_first_audio_ms=ms(self.first_sentence, self.first_audio),
             first_audio_ms=ms(self.speech_end or self.text_in, self.first_audio),
-            llm_usage=self.llm_usage,
+            llm_usage=self.llm_usage, llm_preemptive=self.preemptive,
         )
 
 
@@ -82,7 +84,9 @@ class SessionCore:
     def __init__(self, session_id: str, config: AppConfig, *, vad: VAD, stt: STT, llm: LLM, tts: TTS,
                  tools: ToolRegistry | None = None, provider_names: dict[str, str] | None = None,
                  history: list[ChatMessage] | None = None, memory: dict[str, str] | None = None,
-                 store: HistoryStore | None = None) -> None:
+                 store: HistoryStore | None = None, summary: str = "") -> None:
+        """`config` is the session's own: its persona is `config.persona()`
+        (agent/persona.py `persona_config`)."""
         self.session_id = session_id
         self.config = config
         self.provider_names = provider_names or {}
@@ -99,7 +103,8 @@ class SessionCore:
         self.audio = AudioBuffer(self, vad, config)
         self.stt = STTStream(self, stt, config.stt.partial_interval_ms)
         self.dialogue = DialogueState(self, llm, tools or default_registry(), self.tool_context,
-                                      config.persona(), config.session.max_history_messages, history)
+                                      config.persona(), config.session.max_history_messages, history,
+                                      llm_config=config.llm, summary=summary)
         self.tts = TTSChild(self, tts, config.tts)
         self._children = [self.audio, self.stt, self.dialogue, self.tts]
         self.last_activity = time.monotonic()
@@ -122,7 +127,7 @@ class SessionCore:
         q.put_nowait(SessionStarted(
             session_id=self.session_id, turn_id=self.turn_id, input_sample_rate=SAMPLE_RATE,
             output_sample_rate=out.sample_rate,
-            persona=self.config.persona().name, providers=self.provider_names))
+            persona=self.dialogue.persona.name, persona_id=self.dialogue.persona.id, providers=self.provider_names))
         self._subscribers[q] = out
         return q
 
@@ -187,6 +192,16 @@ class SessionCore:
 
     def emit_error(self, code: ErrorCode, message: str, turn: int | None = None) -> None:
         self.emit(ErrorEvent(turn_id=self.turn_id if turn is None else turn, code=code, message=message))
+
+    def set_persona(self, persona: Persona, llm: LLM, tts: TTS) -> None:
+        """Become another persona: its prompt, tools and memory policy, and the
+        LLM and TTS built for it (voice, temperature). History stays."""
+        self.dialogue.cancel_speculation()
+        self.dialogue.persona = persona
+        self.dialogue.set_llm(llm)
+        self.tts.set_provider(tts)
+        self._providers.update(llm=llm, tts=tts)
+        self.config = self.config.model_copy(update={"default_persona": persona.id})
 
     def provider_failover(self, message: str) -> None:
         """A provider failed and its chain moved on: the client is told and the
@@ -291,7 +306,17 @@ class SessionCore:
         turn = self._new_turn()
         self.emit(SpeechStart(turn_id=turn, stream_ms=stream_ms))
         self.interrupt(stream_ms)
+        self.dialogue.cancel_speculation()
         return turn
+
+    def on_pause(self, turn: int, text: str) -> None:
+        """A pause in the user's speech, with a live recogniser's words so far:
+        the reply may start now (session.preemptive_generation)."""
+        if self.config.session.preemptive_generation and turn == self.turn_id and self.reply_turn is None:
+            self.dialogue.speculate(turn, text)
+
+    def on_resume(self, turn: int) -> None:
+        self.dialogue.cancel_speculation(turn)
 
     def on_speech_end(self, turn: int, stream_ms: int) -> None:
         self.timer(turn).speech_end = time.time()
@@ -352,7 +377,8 @@ class SessionCore:
         while self._history_dirty:
             self._history_dirty = False
             try:
-                await self._store.save(self.session_id, list(self.dialogue.history), self.tool_context.memory)
+                await self._store.save(self.session_id, list(self.dialogue.history), self.tool_context.memory,
+                                       self.dialogue.summary)
             except Exception as e:  # a full disk must not end the conversation
                 log.error("session %s: could not save history: %s", self.session_id, e)
                 self.emit_error(ErrorCode.INTERNAL, "the conversation could not be saved")
@@ -375,6 +401,7 @@ class SessionCore:
             "duplicate_frames": self.audio.duplicates, "lost_frames": self.audio.lost,
             "history_messages": len(self.dialogue.history),
             "sentences_synthesized": self.tts.synthesized, "short_speech_ignored": self.audio.ignored,
+            "preemptive_replies": dict(self.dialogue.preemptive),
         }
 
     async def close(self) -> None:
@@ -382,6 +409,7 @@ class SessionCore:
             return
         self.closed = True
         self.interrupt()
+        self.dialogue.cancel_speculation()
         for h in self._timer_tasks:
             h.cancel()
         for child in self._children:

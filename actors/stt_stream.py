@@ -34,6 +34,16 @@ class SpeechEnded(Message):
     pass
 
 
+@dataclass
+class SpeechPaused(Message):
+    """`vad.pause_ms` of silence inside the utterance: it may be ending."""
+
+
+@dataclass
+class SpeechResumed(Message):
+    """Speech again after a pause: the utterance goes on."""
+
+
 class STTStream(Child):
     name = "stt_stream"
 
@@ -57,6 +67,12 @@ class STTStream(Child):
         elif isinstance(message, SpeechAudio) and self._stream is not None:
             await self._stream.push(message.audio)
             self._maybe_partial(turn)
+        elif isinstance(message, SpeechPaused) and self._stream is not None and self._stream.live:
+            text = self._stream.transcript_so_far()
+            if text:
+                self._core.on_pause(turn, text)
+        elif isinstance(message, SpeechResumed):
+            self._core.on_resume(turn)
         elif isinstance(message, SpeechEnded) and self._stream is not None:
             stream, self._stream = self._stream, None
             if self._partial_task is not None:

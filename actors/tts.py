@@ -227,6 +227,10 @@ class TTSChild(Child):
         self.synthesized = 0
         """Sentences sent to the TTS provider (stats: text-only sessions send none)."""
 
+    def set_provider(self, tts: TTS) -> None:
+        """Sentences from now on go to this provider (a persona's voice)."""
+        self._tts = tts
+
     @property
     def speaking_turn(self) -> int | None:
         return next((t for t, p in self._turns.items() if p.started), None)

@@ -17,8 +17,9 @@ os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
 os.environ.setdefault("no_proxy", "127.0.0.1,localhost")
 
 TEST_NAMESPACE = "voice-actors-test"
-INGRESS_PORT = 18765
-"""One Serve proxy for the session; each ingress test module runs its own app on it."""
+INGRESS_PORT = int(os.environ.get("VA_TEST_INGRESS_PORT", "18765"))
+"""One Serve proxy for the session; each ingress test module runs its own app on it.
+Two test runs on one machine need two ports (VA_TEST_INGRESS_PORT)."""
 
 
 @pytest.fixture(scope="session")

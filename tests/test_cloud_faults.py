@@ -1,7 +1,8 @@
-"""Cloud provider faults through real session actors (issue 9): the official
-dashscope and openai SDKs against their loopback fakes, each fault leaving
-the session usable, failover chains falling back to the embedded models, the
-breaker opening and closing, and barge-in cancelling the cloud synthesis."""
+"""The cloud path through real session actors (issue 9): the official
+dashscope and openai SDKs against their loopback fakes. Faults, each leaving
+the session usable; failover chains falling back to the embedded models; the
+breaker opening and closing; barge-in cancelling the cloud synthesis; and the
+reply started at a pause in speech (preemptive generation)."""
 
 from __future__ import annotations
 
@@ -216,4 +217,50 @@ async def test_a_wrong_key_is_a_clear_error_and_the_session_stays_usable(ray_clu
         turn2 = await actor.send_text.remote("Hello?")
         assert turn2 == turn + 1
         await t.wait_for(lambda e: e.type == "metrics" and e.turn_id == turn2, 30)
+    await end(actor)
+
+
+# ------------------------------------------------------------------ preemptive generation
+async def test_the_reply_starts_at_a_pause_and_is_kept_when_the_final_transcript_agrees(
+        ray_cluster, config, clean, speech, tap):
+    dashscope, llm = clean
+    dashscope.asr = AsrScript(sentences=["What is twelve times seven?"], interims_reach_end=True, final_delay_s=0.2)
+    llm.default = Script.text("Twelve times seven is 84.", first_token_s=0.3)
+    actor = await open_session(cloud(config, clean))
+    async with tap(actor) as t:
+        await send_frames(actor, frames_of(silence(300) + speech(QUESTION) + silence(1000)), realtime=True)
+        final = await t.wait_for(lambda e: e.type == "stt.final", 60)
+        metrics = await t.wait_for(lambda e: e.type == "metrics" and e.turn_id == final.turn_id, 60)
+    asr = next(x for x in reversed(dashscope.tasks) if x.kind == "asr")
+    assert len(llm.requests) == 1, "one LLM request: the preemptive one was kept"
+    request = llm.requests[0]
+    assert request.received_at < asr.finish_requested_at, "the LLM was asked before the utterance ended"
+    assert request.messages[-1]["content"] == "What is twelve times seven"
+    assert final.text == "What is twelve times seven?" and metrics.llm_preemptive
+    assert reply_of(t, final.turn_id) == "Twelve times seven is 84."
+    deltas = t.of("llm.delta", final.turn_id)
+    assert deltas and all(d.ts >= final.ts for d in deltas), "nothing of the reply shows before the transcript"
+    stats = await actor.stats.remote()
+    assert stats["preemptive_replies"] == {"started": 1, "used": 1, "discarded": 0}
+    await end(actor)
+
+
+async def test_a_preemptive_reply_on_other_words_is_discarded_and_the_turn_answers_the_final_words(
+        ray_cluster, config, clean, speech, tap):
+    dashscope, llm = clean
+    dashscope.asr = AsrScript(sentences=["What is twelve times seven?"], interims_per_sentence=3)  # interims lag
+    llm.default = Script.text("An answer.", first_token_s=0.2)
+    actor = await open_session(cloud(config, clean))
+    async with tap(actor) as t:
+        await send_frames(actor, frames_of(silence(300) + speech(QUESTION) + silence(1000)), realtime=True)
+        final = await t.wait_for(lambda e: e.type == "stt.final", 60)
+        metrics = await t.wait_for(lambda e: e.type == "metrics" and e.turn_id == final.turn_id, 60)
+    assert [r.messages[-1]["content"] for r in llm.requests][-1] == "What is twelve times seven?"
+    assert len(llm.requests) == 2 and llm.requests[0].messages[-1]["content"] != final.text
+    assert await dashscope.until(lambda: llm.requests[0].disconnected or llm.requests[0].completed, 2)
+    assert not metrics.llm_preemptive and reply_of(t, final.turn_id) == "An answer."
+    stats = await actor.stats.remote()
+    assert stats["preemptive_replies"] == {"started": 1, "used": 0, "discarded": 1}
+    history = await actor.history.remote()
+    assert [m["content"] for m in history if m["role"] == "user"] == ["What is twelve times seven?"]
     await end(actor)

@@ -70,7 +70,7 @@ async def test_a_spoken_turn_through_all_three_cloud_providers(server, fakes, sp
     dashscope, llm = fakes
     dashscope.asr = AsrScript(sentences=[heard], interims_per_sentence=2)
     dashscope.tts = TtsScript(ms_per_char=60)
-    llm.enqueue(Script.text(list(reply)))
+    llm.default = Script.text(list(reply))  # not enqueue: a preemptive request at a pause may come first
     tasks_before = len(dashscope.tasks)
     ws = await _device()
     async with await XiaozhiClient.connect(ws["url"], ws["token"], DEVICE, client_id=DEVICE) as c:
@@ -94,7 +94,7 @@ async def test_a_device_talks_in_chinese_and_reads_the_reply_as_it_streams(serve
     """The xiaozhi messages a device shows: stt with the Chinese transcript, then each sentence."""
     dashscope, llm = fakes
     dashscope.asr = AsrScript(sentences=["今天天气怎么样"])
-    llm.enqueue(Script.text(list("今天是晴天。适合去博物馆。")))
+    llm.default = Script.text(list("今天是晴天。适合去博物馆。"))
     ws = await _device()
     async with await XiaozhiClient.connect(ws["url"], ws["token"], DEVICE, client_id=DEVICE) as c:
         turn = await c.ask_audio(silence(300) + speech("How is the weather today?"), realtime=True)
@@ -110,7 +110,7 @@ async def test_metrics_count_the_provider_that_served_each_stage(server, fakes, 
     this replica's circuit breakers."""
     dashscope, llm = fakes
     dashscope.asr = AsrScript(sentences=["what is twelve times seven"])
-    llm.enqueue(Script.text("Eighty-four."))
+    llm.default = Script.text("Eighty-four.")
     ws = await _device()
     async with await XiaozhiClient.connect(ws["url"], ws["token"], DEVICE, client_id=DEVICE) as c:
         await c.ask_audio(silence(300) + speech("What is twelve times seven?"), realtime=True)

@@ -26,7 +26,7 @@ def test_environment_overrides_nested_fields_with_yaml_values():
         "UNRELATED": "1",
     })
     assert cfg.server.port == 9123 and cfg.vad.end_silence_ms == 450 and cfg.tts.pace is False
-    assert cfg.personas["guide"].name == "Max" and cfg.personas["default"].name == "Ava"
+    assert cfg.personas["guide"].name == "Max" and cfg.personas["museum-guide"].name == "Ava"
 
 
 @pytest.mark.parametrize("env, field", [

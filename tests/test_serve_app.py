@@ -648,3 +648,54 @@ async def test_push_to_talk_is_checked_for_speech_and_trimmed(server, speech):
         assert stt["type"] == "stt" and "12" in stt["text"] and "7" in stt["text"], stt
         said = await _until(c.ws, lambda m: m["type"] == "tts" and m.get("state") == "sentence_start")
         assert "84" in said["text"]
+
+
+# ---------------------------------------------------------------- personas (issue 10, item 1)
+async def test_roles_lists_the_shipped_personas(server, auth):
+    async with httpx.AsyncClient() as http:
+        r = await http.get(f"{BASE}/api/roles", headers=bearer(token_for(auth)))
+        anonymous = await http.get(f"{BASE}/api/roles")
+    assert r.status_code == 200 and anonymous.status_code == 401
+    roles = {role["id"]: role for role in r.json()["roles"]}
+    assert {"museum-guide", "museum-guide-zh", "storyteller", "home-assistant"} <= roles.keys()
+    assert r.json()["default"] == "museum-guide" and roles["museum-guide-zh"]["language"] == "zh"
+    assert roles["storyteller"]["greeting"].startswith("Hello, I'm Luna")
+    assert "system_prompt" not in roles["storyteller"]
+
+
+async def test_a_session_takes_its_persona_at_hello_and_keeps_it_when_resumed(server, auth):
+    token = token_for(auth, "persona-user")
+    async with await NativeClient.connect(f"{WS}/ws/voice", token, persona="storyteller") as c:
+        started = c.hello
+        turn = await c.ask_text("Hello!")
+        sid = c.session_id
+    assert "Luna" in turn.reply, turn.reply
+    async with await NativeClient.connect(f"{WS}/ws/voice", token, session_id=sid) as c:
+        again = await c.ask_text("Hello again!")
+    assert "Luna" in again.reply, again.reply
+    async with httpx.AsyncClient() as http:
+        r = await http.post(f"{BASE}/api/text/process", headers=bearer(token),
+                            json={"text": "Hello!", "persona": "home-assistant", "session_id": sid})
+        unknown = await http.post(f"{BASE}/api/text/process", headers=bearer(token),
+                                  json={"text": "Hello!", "persona": "nonesuch"})
+    assert r.status_code == 200 and "Max" in r.json()["reply"], r.text
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "persona.not_found"
+    assert started["type"] == "hello"
+
+
+async def test_a_device_speaks_as_the_persona_its_owner_chose(server, auth):
+    device = ALLOWED_DEVICES[3]
+    admin = auth.issue_token("root", roles=("user", "admin"))  # allow-listed devices have no owner
+    async with httpx.AsyncClient() as http:
+        info = await ota(device)
+        r = await http.patch(f"{BASE}/api/devices/{device}", headers=bearer(admin), json={"persona": "home-assistant"})
+        stranger = await http.patch(f"{BASE}/api/devices/{device}", headers=bearer(token_for(auth, "mallory")),
+                                    json={"persona": "storyteller"})
+        listed = await http.get(f"{BASE}/api/devices", headers=bearer(admin))
+    assert r.status_code == 200 and stranger.status_code == 404, (r.text, stranger.text)
+    assert {d["device_id"]: d["persona"] for d in listed.json()["devices"]}[device] == "home-assistant"
+    async with await XiaozhiClient.connect(info["websocket"]["url"], info["websocket"]["token"], device,
+                                           client_id=device, version=3) as c:
+        await c.send_json({"type": "listen", "state": "detect", "text": "你好小智"})
+        greeting = await _until(c.ws, lambda m: m["type"] == "tts" and m.get("state") == "sentence_start")
+    assert greeting["text"].startswith("Hi, Max here"), greeting

@@ -39,7 +39,7 @@ class ClientSocket(Protocol):
 
 
 class SessionOpener(Protocol):
-    async def __call__(self, session_id: str | None) -> tuple[str, Any, bool]:
+    async def __call__(self, session_id: str | None, persona: str | None = None) -> tuple[str, Any, bool]:
         """→ (session id, actor handle, resumed)"""
 
 
@@ -103,7 +103,7 @@ class VoiceConnection:
             await self._send(self._adapter.error(e.code, e.message))
             await self._ws.close(e.close_code if isinstance(e, ProtocolError) else e.ws_close_code, e.code)
             return
-        sid, actor, resumed = await self._open_session(hello.session_id)
+        sid, actor, resumed = await self._open_session(hello.session_id, hello.persona)
         self.session_id, self.actor = sid, actor
         rate = self._adapter.wants_output_rate or self._config.session.output_sample_rate
         events = EventStream(actor, exclusive=self._stream if self._exclusive else None,
@@ -226,6 +226,20 @@ class VoiceConnection:
             if getattr(event, "code", None) == "session.replaced":
                 await self._ws.close(4409, "session.replaced")
                 raise ConnectionClosed()
+            if getattr(event, "code", None) == "session.closed":
+                await self._session_ended()
+                raise ConnectionClosed()
+
+    async def _session_ended(self) -> None:
+        """The session ended itself (`end_conversation`, after its goodbye was
+        spoken): a normal close tells the device the conversation is over, and
+        the actor, whose core has stopped, is ended so a later connection gets
+        a fresh one (its stored conversation stays)."""
+        await self._ws.close(1000, "session.closed")
+        try:
+            await self.actor.close.remote()
+        except Exception:  # the actor exits while answering, or is gone already
+            pass
 
     async def _idle_watch(self) -> None:
         """Close a socket on which nothing has passed either way for

@@ -34,7 +34,8 @@ class DeviceRegistry(SqliteStore):
             client_id TEXT NOT NULL,
             owner     TEXT,
             admitted  REAL NOT NULL,
-            how       TEXT NOT NULL)""",
+            how       TEXT NOT NULL,
+            persona   TEXT)""",
         """CREATE TABLE IF NOT EXISTS device_activations (
             device_id TEXT PRIMARY KEY,
             client_id TEXT NOT NULL,
@@ -42,6 +43,8 @@ class DeviceRegistry(SqliteStore):
             challenge TEXT NOT NULL,
             expires   REAL NOT NULL)""",
     )
+
+    migrations = (("devices", "persona", "TEXT"),)
 
     def is_admitted(self, device_id: str) -> bool:
         with self._connect() as db:
@@ -92,19 +95,30 @@ class DeviceRegistry(SqliteStore):
 
     def list(self, owner: str | None = None) -> list[dict[str, Any]]:
         """Admitted devices; only `owner`'s when given."""
-        query = "SELECT device_id, client_id, owner, admitted, how FROM devices"
+        query = "SELECT device_id, client_id, owner, admitted, how, persona FROM devices"
         args: tuple[Any, ...] = ()
         if owner is not None:
             query, args = query + " WHERE owner = ?", (owner,)
         with self._connect() as db:
             rows = db.execute(query + " ORDER BY admitted", args).fetchall()
-        return [{"device_id": r[0], "client_id": r[1], "owner": r[2], "admitted_at": r[3], "admitted_by": r[4]}
-                for r in rows]
+        return [{"device_id": r[0], "client_id": r[1], "owner": r[2], "admitted_at": r[3], "admitted_by": r[4],
+                 "persona": r[5]} for r in rows]
 
     def owner_of(self, device_id: str) -> str | None:
         with self._connect() as db:
             row = db.execute("SELECT owner FROM devices WHERE device_id = ?", (device_id,)).fetchone()
         return row[0] if row else None
+
+    def persona_of(self, device_id: str) -> str | None:
+        """The persona the device's owner chose for it, if any."""
+        with self._connect() as db:
+            row = db.execute("SELECT persona FROM devices WHERE device_id = ?", (device_id,)).fetchone()
+        return row[0] if row else None
+
+    def set_persona(self, device_id: str, persona: str | None) -> bool:
+        with self._lock, self._connect() as db:
+            return db.execute("UPDATE devices SET persona = ? WHERE device_id = ?",
+                              (persona, device_id)).rowcount > 0
 
     def revoke(self, device_id: str) -> bool:
         with self._lock, self._connect() as db:

@@ -92,6 +92,7 @@ def parse_json_message(data: str, expect_hello: bool = False) -> tuple[str, dict
 class Hello:
     session_id: str | None = None
     output_sample_rate: int | None = None
+    persona: str | None = None
     features: dict[str, Any] = field(default_factory=dict)
 
 

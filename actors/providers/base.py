@@ -85,6 +85,12 @@ class STTStreamSession(abc.ABC):
     async def cancel(self) -> None:
         """Abandon the utterance (the user was cut off or left)."""
 
+    def transcript_so_far(self) -> str | None:
+        """A live recogniser's words so far (finished sentences and the
+        current interim), whether or not `partial()` returned them already;
+        None when it cannot tell without work."""
+        return None
+
 
 class BufferedSTTStream(STTStreamSession):
     """Streaming on top of a batch decoder: partials re-decode the growing

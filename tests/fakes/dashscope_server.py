@@ -93,6 +93,9 @@ class AsrScript:
     """Fixed latency before the first result of a task."""
     final_delay_s: float = 0.0
     """Between finish-task and the final results."""
+    interims_reach_end: bool = False
+    """The last interim of a sentence has all its words (without the final's
+    closing punctuation), as paraformer's do once the speaker pauses."""
     fault: Fault | None = None
 
 
@@ -490,7 +493,9 @@ class _AsrTask(_Task):
     async def _send_sentence(self, final: bool) -> None:
         text = self.script.sentences[self.sentence]
         if not final:
-            text = interim_prefix(text, self.interims, self.script.interims_per_sentence)
+            whole = self.script.interims_reach_end and self.interims == self.script.interims_per_sentence
+            text = text.rstrip("?.!。？！") if whole else interim_prefix(text, self.interims,
+                                                                           self.script.interims_per_sentence)
         end = max(self._ms(), 1)
         sentence = {"sentence_id": self.sentence + 1, "begin_time": 0, "end_time": end if final else None,
                     "text": text, "heartbeat": False, "sentence_end": final,

@@ -248,6 +248,9 @@ class _FallbackSTTStream(STTStreamSession):
         if self._stream is not None:
             await self._stream.cancel()
 
+    def transcript_so_far(self) -> str | None:
+        return self._stream.transcript_so_far() if self._stream is not None else None
+
 
 # ------------------------------------------------------------------ LLM
 class FallbackLLM(LLM):

@@ -186,6 +186,9 @@ class DashScopeSTTStream(STTStreamSession):
         """Stop the task without waiting for its results (barge-in, hang-up)."""
         self._shutdown()
 
+    def transcript_so_far(self) -> str | None:
+        return None if self._error is not None else self._text()
+
     # ------------------------------------------------------------ SDK side
     def _new_recognition(self, api_key: str) -> Recognition:
         from dashscope.audio.asr import Recognition

@@ -1,0 +1,1 @@
+"""The dialogue brain: personas, prompt building, memory, knowledge, tools, moderation."""
