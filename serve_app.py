@@ -90,7 +90,7 @@ async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
     return _error(e.status_code, f"http.{e.status_code}", str(e.detail), dict(e.headers or {}) or None)
 
 
-UPLOAD_ROUTES = ("/api/audio/stt", "/api/audio/process")
+UPLOAD_ROUTES = ("/api/audio/stt", "/api/audio/process", "/api/knowledge/documents")
 METRICS_PUSH_S = 5.0
 api.add_middleware(BodyGuard)
 api.add_middleware(Cors)  # outermost: refusals from BodyGuard carry CORS headers too
@@ -170,6 +170,9 @@ class VoiceIngress:
         db = config.resolve_path(config.session.history_db or "data/history.sqlite3")
         self.store = HistoryStore(db) if config.session.history_db else None
         self.admission = DeviceAdmission(config.auth, DeviceRegistry(db))
+        from actors.agent.memory import MemoryStore
+
+        self._memory_store = MemoryStore(config.memory) if config.memory.enabled else None
         self.metrics = IngressMetrics()
         self._stt = chained_stt(config)  # for the HTTP audio routes, with the sessions' failover
         self._tts = chained_tts(config)
@@ -177,6 +180,7 @@ class VoiceIngress:
         self._metrics_hub = MetricsHub.options(name=HUB_NAME, namespace=config.server.namespace, lifetime="detached",
                                                get_if_exists=True).remote()
         threading.Thread(target=self._report_metrics, name="metrics-push", daemon=True).start()
+        self._init_control_panel()  # section "control panel" below
 
     # ------------------------------------------------------------ helpers
     COUNTED_FAILURES = ("auth.bad_token", "auth.bad_device_token", "auth.bad_credentials")
@@ -373,6 +377,111 @@ class VoiceIngress:
     async def me(self, request: Request) -> dict[str, Any]:
         p = self._principal(request)
         return {"subject": p.subject, "kind": p.kind, "roles": list(p.roles), "expires_at": p.expires_at}
+
+    # ------------------------------------------------------------ web pages (issue 11: the voice page)
+    # GET / serves web/index.html; GET /web/<name> serves a flat file of web/ (no sub-folders, no
+    # traversal, known types only). GET /api/auth/dev-token hands the page a token only on the
+    # development machine itself (see _dev_token_refusal). The page's logic: web/voice.js.
+    WEB_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+                 ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml", ".png": "image/png",
+                 ".ico": "image/x-icon", ".woff2": "font/woff2"}
+    WEB_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9]+)+$"
+    DEV_SUBJECT = "local-dev"
+    """The subject `voice-actors serve` gives its development token (actors/cli.py)."""
+    PROXY_HEADERS = ("forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-real-ip",
+                     "x-client-ip", "true-client-ip", "cf-connecting-ip", "x-cluster-client-ip", "via")
+
+    @api.get("/", include_in_schema=False)
+    async def web_index(self, request: Request) -> Response:
+        return self._web_file("index.html", request)
+
+    @api.get("/web/{name}", include_in_schema=False)
+    async def web_asset(self, name: str, request: Request) -> Response:
+        return self._web_file(name, request)
+
+    def _web_file(self, name: str, request: Request) -> Response:
+        import re
+        from pathlib import PurePosixPath
+
+        suffix = PurePosixPath(name).suffix.lower()
+        if not re.fullmatch(self.WEB_NAME, name) or suffix not in self.WEB_TYPES:
+            raise ApiError(404, "http.404", "Not Found")
+        root = self.config.resolve_path("web").resolve()
+        path = (root / name).resolve()
+        if path.parent != root or not path.is_file():
+            raise ApiError(404, "http.404", "Not Found")
+        host = request.headers.get("host", "")
+        ws_sources = f" ws://{host} wss://{host}" if re.fullmatch(r"[A-Za-z0-9.-]+(:\d{1,5})?|\[[0-9A-Fa-f:.]+\](:\d{1,5})?",
+                                                                  host) else ""
+        csp = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; font-src 'self'; "
+               f"connect-src 'self'{ws_sources}; media-src 'self' blob:; worker-src 'self'; "
+               "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+        return Response(path.read_bytes(), media_type=self.WEB_TYPES[suffix],
+                        headers={"Content-Security-Policy": csp, "X-Content-Type-Options": "nosniff",
+                                 "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY",
+                                 "Cache-Control": "no-cache"})
+
+    @api.get("/api/auth/dev-token", include_in_schema=False)
+    async def dev_token(self, request: Request) -> JSONResponse:
+        """The voice page's "use development token": answers only a request made on this machine to
+        this server directly (loopback peer, loopback Host, no proxy header, same-origin or no
+        Origin), and only when the server was started by `voice-actors serve`, i.e. a development
+        token that verifies with this server's secret is in ~/.voice-actors-token. The page gets a
+        fresh token for the same subject with the plain `user` role, never the file's admin one."""
+        from actors.cli import DEV_TOKEN_FILE
+
+        ip = self._client_ip(request)
+        self.rate.check("dev-token:ip:" + ip)
+        refusal = self._dev_token_refusal(ip, request.headers, request.url.scheme)
+        if refusal is not None:
+            raise ApiError(403, "auth.dev_token_forbidden", refusal)
+        token = await asyncio.to_thread(self._dev_token_from, self.auth, DEV_TOKEN_FILE, self.DEV_SUBJECT)
+        if token is None:
+            raise ApiError(404, "auth.no_dev_token", "this server was not started with a development token "
+                                                     "(`voice-actors serve` makes one); sign in instead")
+        return JSONResponse({"access_token": token, "token_type": "bearer",
+                             "expires_in": self.config.auth.token_ttl_s}, headers={"Cache-Control": "no-store"})
+
+    @classmethod
+    def _dev_token_refusal(cls, peer: str | None, headers: Any, scheme: str = "http") -> str | None:
+        """Why a dev-token request is refused, or None. A proxy on this machine makes every remote
+        caller look like loopback, so any forwarding header refuses; a loopback Host stops DNS
+        rebinding; Origin / Sec-Fetch-Site stop another site's page (CORS is open) reading it."""
+        import ipaddress
+
+        from actors.ingress.admission import is_loopback
+
+        try:
+            addr = ipaddress.ip_address(peer or "")
+            loopback = addr.is_loopback or bool(getattr(addr, "ipv4_mapped", None) and addr.ipv4_mapped.is_loopback)
+        except ValueError:
+            loopback = False
+        if not loopback:
+            return "the development token is only handed out on the server's own machine"
+        if any(name.lower() in cls.PROXY_HEADERS or name.lower().startswith("x-forwarded-") for name in headers):
+            return "the development token is never handed out through a proxy"
+        host = headers.get("host", "")
+        hostname = host.rsplit(":", 1)[0] if not host.startswith("[") else host[1:host.find("]")]
+        if hostname != "localhost" and not is_loopback(hostname):
+            return "the development token needs a localhost address in the URL"
+        origin = headers.get("origin")
+        if origin is not None and origin != f"{scheme}://{host}":
+            return "the development token is only for this server's own page"
+        if headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
+            return "the development token is only for this server's own page"
+        return None
+
+    @staticmethod
+    def _dev_token_from(auth: Authenticator, path: Any, subject: str) -> str | None:
+        """A fresh `user` token for `subject` when `path` holds a valid development token signed by
+        this server (so it was started by `voice-actors serve`), else None."""
+        try:
+            found = auth.verify_token(path.read_text().strip())
+        except (OSError, UnicodeDecodeError, AuthError):
+            return None
+        if found.subject != subject or found.kind != "user":
+            return None
+        return auth.issue_token(subject, roles=("user",))
 
     # ------------------------------------------------------------ text
     @api.post("/api/text/process")
@@ -677,6 +786,103 @@ class VoiceIngress:
         owner = None if p.is_admin else p.key
         return {"devices": await asyncio.to_thread(self.admission.registry.list, owner)}
 
+    # ------------------------------------------------------------ knowledge base
+    async def _knowledge(self, call: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        from actors.agent.knowledge_api import KnowledgeAPIError
+
+        try:
+            return await call(self.config.knowledge, self.config.server.namespace, *args, **kwargs)
+        except KnowledgeAPIError as e:
+            raise ApiError(e.status, e.code, e.message) from None
+
+    def _admin(self, request: Request) -> Principal:
+        p = self._principal(request)
+        if not p.is_admin:
+            raise AuthError("auth.forbidden", "changing the knowledge base needs the admin role")
+        return p
+
+    @api.post("/api/knowledge/documents", status_code=201)
+    async def knowledge_ingest(self, request: Request) -> dict[str, Any]:
+        """Add (or replace) a Markdown or text document: `?name=&source=`, the
+        document as the body. Admin only; every node's pool gets it."""
+        from actors.agent.knowledge_api import ingest
+
+        self._admin(request)
+        q = request.query_params
+        return await self._knowledge(ingest, q.get("name") or "", await request.body(),
+                                     request.headers.get("content-type"), q.get("source"))
+
+    @api.get("/api/knowledge/search")
+    async def knowledge_search(self, request: Request) -> dict[str, Any]:
+        """What a prompt would get for `q`: hits with scores and sources."""
+        from actors.agent.knowledge_api import search
+
+        p = self._principal(request)
+        self.rate.check("knowledge:" + p.key)
+        return await self._knowledge(search, request.query_params.get("q"), request.query_params.get("k"))
+
+    @api.delete("/api/knowledge/documents/{name}")
+    async def knowledge_remove(self, name: str, request: Request) -> dict[str, Any]:
+        from actors.agent.knowledge_api import remove
+
+        self._admin(request)
+        return await self._knowledge(remove, name)
+
+    @api.get("/api/knowledge/stats")
+    async def knowledge_stats(self, request: Request) -> dict[str, Any]:
+        from actors.agent.knowledge_api import stats
+
+        self._admin(request)
+        return await self._knowledge(stats)
+
+    # ------------------------------------------------------------ long-term memory (yours only)
+    async def _memories(self, request: Request, call: Any, *args: Any) -> dict[str, Any]:
+        """Run a memory_api handler for the caller; the owner is who
+        authenticated, never a request field."""
+        from actors.agent.memory import MemoryStoreError
+
+        p = self._principal(request)
+        self.rate.check("memory:" + p.key)
+        store = self._memory_store
+        try:
+            if store is not None:
+                await store.open()
+            return await call(store, p.key, *args)
+        except MemoryStoreError as e:
+            raise ApiError(e.http_status, e.code, e.message) from None
+
+    @api.get("/api/memories")
+    async def memories_list(self, request: Request) -> dict[str, Any]:
+        from actors.agent.memory_api import list_memories
+
+        q = request.query_params
+        return await self._memories(request, list_memories, q.get("limit"), q.get("offset"))
+
+    @api.get("/api/memories/export")
+    async def memories_export(self, request: Request) -> JSONResponse:
+        from actors.agent.memory_api import export_memories
+
+        body = await self._memories(request, export_memories)
+        return JSONResponse(body, headers={"Content-Disposition": "attachment; filename=memories.json"})
+
+    @api.post("/api/memories", status_code=201)
+    async def memories_add(self, request: Request) -> dict[str, Any]:
+        from actors.agent.memory_api import add_memory
+
+        return await self._memories(request, add_memory, await self._json_body(request))
+
+    @api.delete("/api/memories/{memory_id}")
+    async def memories_delete(self, memory_id: str, request: Request) -> dict[str, Any]:
+        from actors.agent.memory_api import delete_memory
+
+        return await self._memories(request, delete_memory, memory_id)
+
+    @api.delete("/api/memories")
+    async def memories_delete_all(self, request: Request) -> dict[str, Any]:
+        from actors.agent.memory_api import delete_all_memories
+
+        return await self._memories(request, delete_all_memories)
+
     @api.patch("/api/devices/{device_id}")
     async def devices_update(self, device_id: str, body: DevicePatchBody, request: Request) -> dict[str, Any]:
         """Choose the persona a device speaks as (its owner or an admin); it
@@ -748,6 +954,121 @@ class VoiceIngress:
             return base.rstrip("/") + path
         scheme = "wss" if request.url.scheme == "https" else "ws"
         return f"{scheme}://{request.url.netloc}{path}"
+
+    # ------------------------------------------------------------ control panel (issue 11)
+    # GET /admin serves web/admin.html (static, no data in it); every /api/admin/* route
+    # checks the admin role here on the server. Logic: actors/ingress/admin.py.
+    ADMIN_PAGE_FILES = {"": ("admin.html", "text/html; charset=utf-8"),
+                        "admin.js": ("admin.js", "text/javascript; charset=utf-8"),
+                        "admin.css": ("admin.css", "text/css; charset=utf-8")}
+    ADMIN_PAGE_HEADERS = {
+        "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY",
+        "Referrer-Policy": "no-referrer",
+        "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                                   "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    }
+
+    def _init_control_panel(self) -> None:
+        from actors.ingress.admin import AdminPanel
+
+        self._admin_panel = AdminPanel(self.config, self.sessions, self.store, self.metrics,
+                                       lambda: self.slots.in_use)
+
+    def _admin_only(self, request: Request) -> Principal:
+        """401 without a (valid) token, 403 `auth.forbidden` without the admin role."""
+        p = self._principal(request)
+        if not p.is_admin:
+            raise AuthError("auth.forbidden", "the control panel needs the admin role")
+        return p
+
+    @staticmethod
+    def _admin_session_id(session_id: str) -> str:
+        if not _valid_session_id(session_id):
+            raise ApiError(404, "session.not_found", "no live or stored session with this id")
+        return session_id
+
+    @api.get("/admin", include_in_schema=False)
+    async def admin_page(self) -> Response:
+        return self._admin_file("")
+
+    @api.get("/admin/{name}", include_in_schema=False)
+    async def admin_asset(self, name: str) -> Response:
+        return self._admin_file(name)
+
+    def _admin_file(self, name: str) -> Response:
+        found = self.ADMIN_PAGE_FILES.get(name)
+        if found is None:
+            raise ApiError(404, "http.404", "Not Found")
+        path = self.config.resolve_path("web") / found[0]
+        try:
+            body = path.read_bytes()
+        except OSError:
+            raise ApiError(404, "http.404", "Not Found") from None
+        return Response(body, media_type=found[1], headers=self.ADMIN_PAGE_HEADERS)
+
+    @api.get("/api/admin/overview")
+    async def admin_overview(self, request: Request) -> dict[str, Any]:
+        """Sessions, pools, breakers, warm pool, errors and series in one answer (the panel's refresh)."""
+        self._admin_only(request)
+        return await self._admin_panel.overview()
+
+    @api.get("/api/admin/sessions")
+    async def admin_sessions(self, request: Request) -> dict[str, Any]:
+        """Every live session in the cluster: owner, persona, state, turns, age, node."""
+        self._admin_only(request)
+        return await self._admin_panel.list_sessions()
+
+    @api.get("/api/admin/sessions/{session_id}")
+    async def admin_session_transcript(self, session_id: str, request: Request) -> dict[str, Any]:
+        """A session's transcript, from its live actor or the store."""
+        self._admin_only(request)
+        found = await self._admin_panel.transcript(self._admin_session_id(session_id))
+        if found is None:
+            raise ApiError(404, "session.not_found", "no live or stored session with this id")
+        return found
+
+    @api.post("/api/admin/sessions/{session_id}/end")
+    async def admin_session_end(self, session_id: str, request: Request) -> dict[str, Any]:
+        """End a live session (its sockets close); its stored conversation stays."""
+        self._admin_only(request)
+        done = await self._admin_panel.end(self._admin_session_id(session_id))
+        if done is None:
+            raise ApiError(404, "session.not_found", "no live session with this id")
+        return done
+
+    @api.delete("/api/admin/sessions/{session_id}")
+    async def admin_session_forget(self, session_id: str, request: Request) -> dict[str, Any]:
+        """End the session if it is live and delete its stored conversation."""
+        self._admin_only(request)
+        done = await self._admin_panel.end(self._admin_session_id(session_id), forget=True)
+        if done is None:
+            raise ApiError(404, "session.not_found", "no live or stored session with this id")
+        return done
+
+    @api.get("/api/admin/pools")
+    async def admin_pools(self, request: Request) -> dict[str, Any]:
+        """Provider pools on every node, this replica's breakers, the warm pool."""
+        self._admin_only(request)
+        panel = self._admin_panel
+        return {**await panel.pools(), "breakers": panel.breakers(), "warm_pool": await panel.warm_pool()}
+
+    @api.get("/api/admin/errors")
+    async def admin_errors(self, request: Request) -> dict[str, Any]:
+        """Recent error events and refusals this replica saw, newest first."""
+        self._admin_only(request)
+        return self._admin_panel.errors()
+
+    @api.get("/api/admin/series")
+    async def admin_series(self, request: Request) -> dict[str, Any]:
+        """Latency percentiles and live sessions over time (sampled every few seconds)."""
+        self._admin_only(request)
+        return self._admin_panel.series()
+
+    @api.get("/api/admin/config")
+    async def admin_config(self, request: Request) -> dict[str, Any]:
+        """The effective configuration, every secret masked."""
+        self._admin_only(request)
+        return self._admin_panel.config_masked()
 
 
 def with_secrets(config: AppConfig) -> AppConfig:

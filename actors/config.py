@@ -15,7 +15,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
+from actors.agent.knowledge import KnowledgeConfig
+from actors.agent.memory import MemoryConfig
+from actors.agent.moderation import ModerationConfig
 from actors.agent.persona import Persona
+from actors.agent.quick_replies import QuickRepliesConfig
+from actors.agent.tools import ToolsConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_PATH = PROJECT_ROOT / "config" / "default.yaml"
@@ -170,6 +175,19 @@ class TTSConfig(_StageSection):
     stop must not lose the last word."""
 
 
+class KeyLimit(_Section):
+    """One API key's cluster-wide limits (providers/adapters/key_limits.py)."""
+
+    max_concurrency: int = Field(0, ge=0)
+    """Calls in flight at once with this key; 0 = no limit."""
+    requests_per_second: float = Field(0.0, ge=0)
+    """New calls per second (a token bucket with a burst of one second); 0 = no limit."""
+    max_wait_s: float = Field(2.0, ge=0)
+    """How long a call waits for a lease before it fails over as `<stage>.rate_limited`."""
+    lease_ttl_s: float = Field(120.0, gt=0)
+    """A lease not given back (its session died) is freed after this long."""
+
+
 class ResilienceConfig(_Section):
     """Circuit breakers on every provider of a failover chain (DESIGN §3)."""
 
@@ -179,6 +197,10 @@ class ResilienceConfig(_Section):
     breaker_reset_s: float = Field(30.0, gt=0)
     """An open breaker lets one probe call through after this long; its
     success closes the breaker, its failure keeps it open as long again."""
+    key_limits: dict[str, KeyLimit] = {}
+    """Concurrency and rate limits per API key, cluster-wide, by the name of
+    the environment variable holding the key (providers/adapters/key_limits.py),
+    e.g. `{DASHSCOPE_API_KEY: {max_concurrency: 20, requests_per_second: 10}}`."""
 
 
 class PoolConfig(_Section):
@@ -286,6 +308,15 @@ class AppConfig(_Section):
     tts: TTSConfig = TTSConfig()
     pools: PoolsConfig = PoolsConfig()
     resilience: ResilienceConfig = ResilienceConfig()
+    memory: MemoryConfig = MemoryConfig()
+    """Long-term memory per user or device (actors/agent/memory.py)."""
+    knowledge: KnowledgeConfig = KnowledgeConfig()
+    """Retrieval for prompts and the search_knowledge tool (actors/agent/knowledge*.py)."""
+    tools: ToolsConfig = ToolsConfig()
+    """Time zone, per-call timeout, tool rounds and MCP servers (actors/agent/tools.py, mcp.py)."""
+    moderation: ModerationConfig = ModerationConfig()
+    quick_replies: QuickRepliesConfig = QuickRepliesConfig()
+    """Phrases synthesised once per voice and played from a cache (actors/agent/quick_replies.py)."""
     auth: AuthConfig = AuthConfig()
     limits: LimitsConfig = LimitsConfig()
     ingress: IngressConfig = IngressConfig()

@@ -8,21 +8,24 @@ history only what the user actually heard.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from actors.agent.moderation import Moderator
 from actors.agent.persona import Persona
 from actors.agent.prompt import PromptParts, build_prompt, estimate_tokens, fold_history, summary_request
+from actors.agent.tools import ToolContext, ToolRegistry
 from actors.config import LLMConfig
-from actors.events import ErrorCode, LLMDelta, LLMEmotion, ToolCallEvent, ToolResultEvent
+from actors.events import ErrorCode, LLMDelta, ToolCallEvent, ToolResultEvent
 from actors.mailbox import Child, Message
 from actors.providers.base import LLM, ChatMessage, LLMChunk, ProviderError, ToolCall, ToolSpec
-from actors.tools import ToolContext, ToolRegistry
+from actors.text import EmotionFilter
 from actors.tts import TextDelta, TextEnd
 
 if TYPE_CHECKING:
@@ -96,11 +99,47 @@ class DialogueState(Child):
         """Long-term memories relevant to the user's words, when the session has a store."""
         self.retrieve_knowledge: Callable[[str], Awaitable[str]] | None = None
         """Retrieved knowledge with its sources, formatted for the prompt."""
+        self.remember_from: Callable[[str, str], Awaitable[Any]] | None = None
+        """Keeps what the user asked to be remembered (or, by policy, said about
+        themselves) in long-term memory: (user text, persona memory policy)."""
+        self._remembering: set[asyncio.Task[Any]] = set()
+        self.moderator: Moderator | None = None
+        """Checks the user's words before the LLM sees them (agent/moderation.py)."""
         self._summarizing: asyncio.Task[None] | None = None
         self._assistant_at: dict[int, int] = {}
         """turn id → index of that turn's assistant reply in history."""
         self._speculation: _Speculation | None = None
         self.preemptive = {"started": 0, "used": 0, "discarded": 0}
+
+    async def _blocked(self, turn: int, text: str) -> bool:
+        """Moderation's pre-check: a blocked message never reaches the LLM or
+        the history; the persona's safe reply answers it."""
+        if self.moderator is None:
+            return False
+        verdict = await self.moderator.check_user(text)
+        if not verdict.blocked:
+            return False
+        self.cancel_speculation()
+        safe = self.persona.safe_reply_text()
+        self._core.emit(LLMDelta(turn_id=turn, text=safe))
+        self._core.tts.post(TextDelta(turn, safe))
+        self._core.tts.post(TextEnd(turn))
+        return True
+
+    def _remember(self, text: str) -> None:
+        """Long-term memory is written beside the reply, never before it."""
+        if self.remember_from is None or self.persona.memory == "off":
+            return
+
+        async def run() -> None:
+            try:
+                await self.remember_from(text, self.persona.memory)
+            except Exception as e:
+                log.warning("session %s: could not keep a memory: %s", self._core.session_id, type(e).__name__)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._remembering.add(task)
+        task.add_done_callback(self._remembering.discard)
 
     def set_llm(self, llm: LLM) -> None:
         self._llm = llm
@@ -182,7 +221,10 @@ class DialogueState(Child):
             self._core.tts.post(TextEnd(turn))
             return
         assert isinstance(message, UserTurn)
+        if await self._blocked(turn, message.text):
+            return
         spec = self._take_speculation(turn, message.text)
+        self._remember(message.text)
         self.history.append(ChatMessage(role="user", content=message.text))
         self._core.history_changed()
         reply = ""
@@ -208,23 +250,46 @@ class DialogueState(Child):
         if spec is not None:
             timer.preemptive, timer.llm_first = True, spec.first_text_at
         reply_parts: list[str] = []
-        for _ in range(MAX_TOOL_ROUNDS + 1):
+        await self._tools.prepare()  # MCP servers' tools: listed once per session, bounded wait
+        rounds = self._tools.max_rounds
+        for round_no in range(rounds + 1):
             round_text: list[str] = []
+            last = round_no == rounds  # the depth limit: no tools offered, the model must answer now
             source = (self._drain(spec) if spec is not None
-                      else self._llm.stream(await self._prompt(self.history), self._tool_specs()))
+                      else self._llm.stream(await self._prompt(self.history), [] if last else self._tool_specs()))
             spec = None
             async with aclosing(source) as chunks:
                 calls = await self._consume(turn, chunks, round_text)
             reply_parts.extend(round_text)
-            if not calls:
+            if not calls or last:
                 break
             self.history.append(ChatMessage(role="assistant", content="".join(round_text), tool_calls=calls))
-            for call in calls:
-                self._core.emit(ToolCallEvent(turn_id=turn, name=call.name, arguments=call.arguments))
-                result = await self._tools.run(call, self._tool_ctx)
-                self._core.emit(ToolResultEvent(turn_id=turn, name=call.name, result=result))
-                self.history.append(ChatMessage(role="tool", content=result, tool_call_id=call.id))
+            await self._run_tools(turn, calls)
         return "".join(reply_parts).strip()
+
+    async def _run_tools(self, turn: int, calls: list[ToolCall]) -> None:
+        """One round's calls, run concurrently; each is bounded by the
+        registry's per-call timeout and fails as an `{"error": ...}` result.
+        When the turn is interrupted the calls are cancelled (device and MCP
+        calls included) and each still gets a result in the history, since
+        an OpenAI-compatible API refuses a tool call left unanswered."""
+        results: list[str | None] = [None] * len(calls)
+
+        async def run(i: int, call: ToolCall) -> None:
+            if not self.persona.allows_tool(call.name):
+                results[i] = json.dumps({"error": f"the tool '{call.name[:64]}' is not available"})
+            else:
+                results[i] = await self._tools.run(call, self._tool_ctx)
+            self._core.emit(ToolResultEvent(turn_id=turn, name=call.name, result=results[i]))
+
+        for call in calls:
+            self._core.emit(ToolCallEvent(turn_id=turn, name=call.name, arguments=call.arguments))
+        try:
+            await asyncio.gather(*(run(i, c) for i, c in enumerate(calls)))
+        finally:
+            for call, result in zip(calls, results):
+                content = result if result is not None else '{"error": "cancelled: the user interrupted"}'
+                self.history.append(ChatMessage(role="tool", content=content, tool_call_id=call.id))
 
     async def _consume(self, turn: int, chunks: AsyncIterator[LLMChunk], round_text: list[str]) -> list[ToolCall]:
         """One LLM round: text to the client and TTS as it streams, tool calls
@@ -232,19 +297,28 @@ class DialogueState(Child):
         connection of a cloud LLM) when the turn is interrupted."""
         timer = self._core.timer(turn)
         calls: list[ToolCall] = []
+        emotions = EmotionFilter()  # `[happy]`-style tags leave the text; the first emotion goes out once
+
+        def show(text: str, emotion: str | None) -> None:
+            if emotion:
+                self._core.tts.note_emotion(turn, emotion)
+            if text:
+                round_text.append(text)
+                self._core.emit(LLMDelta(turn_id=turn, text=text))
+                self._core.tts.post(TextDelta(turn, text))
+
         async for chunk in chunks:
             if chunk.emotion:
-                self._core.emit(LLMEmotion(turn_id=turn, emotion=chunk.emotion))
+                self._core.tts.note_emotion(turn, chunk.emotion)
             if chunk.text:
                 if timer.llm_first is None:
                     timer.llm_first = time.time()
-                round_text.append(chunk.text)
-                self._core.emit(LLMDelta(turn_id=turn, text=chunk.text))
-                self._core.tts.post(TextDelta(turn, chunk.text))
+                show(*emotions.feed(chunk.text))
             if chunk.tool_call:
                 calls.append(chunk.tool_call)
             if chunk.usage:
                 timer.add_usage(chunk.usage)
+        show(*emotions.flush())
         return calls
 
     def _tool_specs(self) -> list[ToolSpec]:

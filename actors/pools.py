@@ -16,6 +16,7 @@ import asyncio
 import logging
 import os
 import time
+from collections import deque
 from typing import Any, Literal
 
 import ray
@@ -27,6 +28,8 @@ from actors.providers.base import STT, TTS, AudioSegment, ProviderError
 log = logging.getLogger(__name__)
 
 PoolKind = Literal["stt", "tts"]
+LATENCY_WINDOW = 256
+"""Calls whose durations a pool keeps for its latency percentiles."""
 
 
 def pool_name(kind: PoolKind, provider: str, node_id: str) -> str:
@@ -58,11 +61,16 @@ class ProviderPool:
         self._calls = 0
         self._failures = 0
         self._in_flight = 0
+        self._latency_ms: deque[float] = deque(maxlen=LATENCY_WINDOW)
+        """The latest calls' durations (ms), for the control panel's figures."""
+        self._latency_total_ms = 0.0
+        self._latency_count = 0
 
     async def _call(self, coro_fn: Any, *args: Any) -> Any:
         async with self._slots:
             self._in_flight += 1
             self._calls += 1
+            started = time.perf_counter()
             try:
                 return await coro_fn(*args)
             except Exception:
@@ -70,6 +78,10 @@ class ProviderPool:
                 raise
             finally:
                 self._in_flight -= 1
+                took_ms = (time.perf_counter() - started) * 1000.0
+                self._latency_ms.append(took_ms)
+                self._latency_total_ms += took_ms
+                self._latency_count += 1
 
     async def transcribe(self, pcm16: bytes) -> str:
         return await self._call(self._provider.transcribe, pcm16)  # type: ignore[union-attr]
@@ -85,7 +97,20 @@ class ProviderPool:
             "load_s": round(self._load_s, 3), "calls": self._calls, "failures": self._failures,
             "in_flight": self._in_flight, "max_concurrency": self._limit,
             "node_id": _this_node(),  # where it really runs: soft affinity may have placed it elsewhere
+            "latency_ms": self._latency_figures(),
         }
+
+    def _latency_figures(self) -> dict[str, float | int | None]:
+        """Call durations in ms (queueing for a slot excluded): the mean of
+        every call, and the median / p95 / last of the latest LATENCY_WINDOW."""
+        recent = sorted(self._latency_ms)
+
+        def pct(q: float) -> float | None:
+            return round(recent[min(len(recent) - 1, int(q * len(recent)))], 1) if recent else None
+
+        mean = self._latency_total_ms / self._latency_count if self._latency_count else None
+        return {"mean": round(mean, 1) if mean is not None else None, "p50": pct(0.5), "p95": pct(0.95),
+                "last": round(self._latency_ms[-1], 1) if self._latency_ms else None, "window": len(recent)}
 
 
 def get_pool(kind: PoolKind, provider: str, config: AppConfig,

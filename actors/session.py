@@ -102,6 +102,10 @@ def build_core(session_id: str, config: AppConfig) -> SessionCore:
     )
     for chain in (stt.chain, llm.chain, tts.chain):
         chain.notify = core.provider_failover
+    if config.llm.provider != "local-dialogue":  # the embedded engine has its own knowledge and reads no prompt
+        from actors.agent.knowledge_pool import get_knowledge_pool
+
+        core.use_knowledge(get_knowledge_pool(config.knowledge, config.server.namespace))
     return core
 
 
@@ -114,6 +118,7 @@ class SessionActor:
         self._created = time.time()
         store = self._core.store
         self._owner: str | None = store.owner_of(session_id) if store else None
+        self._memory: Any = None
         self._exclusive: asyncio.Queue[Event] | None = None
 
     def _ensure_started(self) -> SessionCore:
@@ -184,7 +189,25 @@ class SessionActor:
                 sid = self._core.session_id
                 won = await asyncio.to_thread(store.claim, sid, owner)
                 self._owner = owner if won else await asyncio.to_thread(store.owner_of, sid)
+        if self._owner == owner:
+            await self._attach_memory()
         return self._owner == owner
+
+    async def _attach_memory(self) -> None:
+        """The owner's long-term memory, once the owner is known (a claimed
+        session; a notebook's unclaimed session has none)."""
+        if self._memory is not None or self._owner is None or not self._config.memory.enabled:
+            return
+        from actors.agent.memory import MemoryStore
+
+        store = MemoryStore(self._config.memory)
+        try:
+            await store.open()
+        except Exception as e:  # a database that is down must not stop the conversation
+            log.warning("session %s: long-term memory unavailable: %s", self._core.session_id, type(e).__name__)
+            return
+        self._memory = store
+        self._core.use_memory(store, self._owner)
 
     async def touch(self) -> None:
         """The warm pool's keep-alive: an unclaimed actor in a live pool is
@@ -241,8 +264,19 @@ class SessionActor:
     async def stats(self) -> dict[str, Any]:
         import os
 
-        return {**self._core.stats(), "pid": os.getpid(), "created": self._created,
-                "device_state": self._core.device_state}
+        core = self._core
+        if core.reply_turn is not None:
+            state = "replying"
+        elif core.audio.in_speech:
+            state = "listening"
+        else:
+            state = "idle"
+        return {**core.stats(), "pid": os.getpid(), "created": self._created,
+                "device_state": core.device_state,
+                # for the control panel (actors/ingress/admin.py)
+                "owner": self._owner, "persona": core.dialogue.persona.id, "state": state,
+                "closed": core.closed, "idle_s": round(time.monotonic() - core.last_activity, 1),
+                "node_id": ray.get_runtime_context().get_node_id()}
 
     async def close(self, forget: bool = False) -> None:
         """End the session; `forget` also deletes its stored conversation."""
@@ -275,5 +309,7 @@ class SessionActor:
             idle = time.monotonic() - self._core.last_activity
             if idle >= self._idle_limit() and self._core.subscribers == 0 and self._core.reply_turn is None:
                 log.info("session %s idle for %.0f s; ending", self._core.session_id, idle)
-                await self._end()
-                ray.actor.exit_actor()
+                break
+        # idle, or ended from inside (the end_conversation tool): free the place and the process
+        await self._end()
+        ray.actor.exit_actor()

@@ -13,11 +13,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from actors.agent.knowledge import format_hits
+from actors.agent.mcp import DeviceTools, mcp_source
+from actors.agent.memory import MemoryStore
+from actors.agent.moderation import build_moderator
 from actors.agent.persona import Persona
+from actors.agent.quick_replies import build_quick_replies
+from actors.agent.tools import SessionTools, ToolContext, ToolRegistry, ToolsConfig, clock, default_registry
 from actors.audio_buffer import AudioBatch, AudioBuffer, ListenControl
 from actors.config import AppConfig
 from actors.dialogue import AssistantSays, DialogueState, UserTurn
 from actors.events import (
+    DeviceRequest,
     ErrorCode,
     ErrorEvent,
     Event,
@@ -31,7 +38,6 @@ from actors.history_store import HistoryStore
 from actors.mailbox import Message
 from actors.providers.base import LLM, SAMPLE_RATE, STT, TTS, VAD, ChatMessage
 from actors.stt_stream import STTStream
-from actors.tools import ToolContext, ToolRegistry, default_registry
 from actors.tts import OutputPrefs, TTSChild
 
 log = logging.getLogger(__name__)
@@ -99,13 +105,25 @@ class SessionCore:
         self.interrupt_stream_ms: int | None = None
         self._timers: dict[int, TurnTimer] = {}
         self._timer_tasks: set[asyncio.TimerHandle] = set()
-        self.tool_context = ToolContext(memory=dict(memory or {}), schedule_timer=self._schedule_timer)
+        tools_cfg: ToolsConfig = getattr(config, "tools", None) or ToolsConfig()
+        self.tool_context = ToolContext(memory=dict(memory or {}), schedule_timer=self._schedule_timer,
+                                        now=clock(tools_cfg.timezone), say=self._say_if_open,
+                                        end_conversation=self._end_after_reply)
+        self.tools = SessionTools(tools or default_registry(), self.tool_context, tools_cfg,
+                                  mcp_source(tools_cfg, config.server.namespace))
+        self.device_tools = DeviceTools(self.tools, self._device_request, timeout_s=tools_cfg.call_timeout_s,
+                                        max_tools=tools_cfg.max_device_tools)
+        self._ending: asyncio.Task[None] | None = None
         self.audio = AudioBuffer(self, vad, config)
         self.stt = STTStream(self, stt, config.stt.partial_interval_ms)
-        self.dialogue = DialogueState(self, llm, tools or default_registry(), self.tool_context,
+        self.dialogue = DialogueState(self, llm, self.tools, self.tool_context,
                                       config.persona(), config.session.max_history_messages, history,
                                       llm_config=config.llm, summary=summary)
-        self.tts = TTSChild(self, tts, config.tts)
+        persona = config.persona()
+        self.moderator = build_moderator(config)
+        self.tts = TTSChild(self, tts, config.tts, moderator=self.moderator,
+                            quick_replies=build_quick_replies(config, persona), safe_reply=persona.safe_reply_text())
+        self.dialogue.moderator = self.moderator
         self._children = [self.audio, self.stt, self.dialogue, self.tts]
         self.last_activity = time.monotonic()
         self.closed = False
@@ -193,6 +211,40 @@ class SessionCore:
     def emit_error(self, code: ErrorCode, message: str, turn: int | None = None) -> None:
         self.emit(ErrorEvent(turn_id=self.turn_id if turn is None else turn, code=code, message=message))
 
+    def use_knowledge(self, pool: Any) -> None:
+        """Retrieval from the knowledge pool on this node: numbered sources in
+        each prompt, and the search_knowledge tool."""
+        cfg = self.config.knowledge
+
+        async def retrieve(query: str) -> str:
+            return format_hits(await pool.search.remote(query, cfg.top_k), max_chars=cfg.context_chars)
+
+        async def search(query: str, n: int) -> list[dict[str, Any]]:
+            return [h.to_dict() for h in await pool.search.remote(query, n)]
+
+        self.dialogue.retrieve_knowledge = retrieve
+        self.tool_context.knowledge_search = search
+
+    def use_memory(self, store: MemoryStore, owner: str) -> None:
+        """Long-term memory of `owner` (a user or a device, never a session):
+        recalled into each prompt, written by policy and by the memory tools."""
+        self.owner = owner
+        k = self.config.memory.recall_k
+
+        async def recall(query: str, n: int = k) -> list[str]:
+            return [m.text for m in await store.recall(owner, query, n)]
+
+        async def save(text: str) -> None:
+            await store.remember(owner, text, "user")
+
+        async def remember_from(text: str, policy: str) -> None:
+            await store.remember_from(owner, text, policy)  # type: ignore[arg-type]
+
+        self.dialogue.recall_memories = recall
+        self.dialogue.remember_from = remember_from
+        self.tool_context.memory_save = save
+        self.tool_context.memory_recall = recall
+
     def set_persona(self, persona: Persona, llm: LLM, tts: TTS) -> None:
         """Become another persona: its prompt, tools and memory policy, and the
         LLM and TTS built for it (voice, temperature). History stays."""
@@ -202,6 +254,7 @@ class SessionCore:
         self.tts.set_provider(tts)
         self._providers.update(llm=llm, tts=tts)
         self.config = self.config.model_copy(update={"default_persona": persona.id})
+        self.tts.set_replies(build_quick_replies(self.config, persona), persona.safe_reply_text())
 
     def provider_failover(self, message: str) -> None:
         """A provider failed and its chain moved on: the client is told and the
@@ -279,8 +332,40 @@ class SessionCore:
         self.audio.post(ListenControl(None, state, mode))
 
     def device_message(self, kind: str, payload: Any) -> None:
-        """MCP / IoT messages from a device, kept for tools and inspection."""
+        """MCP / IoT messages from a device, kept for inspection; MCP replies
+        also feed the device's tools (listing, answers to calls)."""
         self.device_state[kind] = payload
+        if kind == "mcp":
+            self.device_tools.on_message(payload)
+
+    def _device_request(self, payload: dict[str, Any]) -> None:
+        """A JSON-RPC message down the device's socket (its adapter encodes it)."""
+        self.emit(DeviceRequest(turn_id=self.turn_id, payload=payload))
+
+    def _say_if_open(self, text: str) -> None:
+        """A timer or reminder firing: spoken unless the session has ended."""
+        if not self.closed:
+            self.say(text)
+
+    def _end_after_reply(self) -> None:
+        """`end_conversation`: the session ends once the reply in progress
+        (the goodbye the model says after the tool) has been spoken."""
+        if self._ending is None and not self.closed:
+            self._ending = asyncio.get_running_loop().create_task(self._end_when_spoken(self.reply_turn))
+
+    async def _end_when_spoken(self, turn: int | None, limit_s: float = 120.0) -> None:
+        """Waits for the turn's reply to finish playing (or be cut short),
+        then tells every listener `session.closed` (the ingress closes the
+        device's socket normally on it) and closes the session."""
+        deadline = time.monotonic() + limit_s
+        while turn is not None and self.reply_turn == turn and time.monotonic() < deadline and not self.closed:
+            await asyncio.sleep(0.05)
+        if self.closed:
+            return
+        self.tool_context.reminders.cancel_all()
+        self.device_tools.cancel_all()
+        self.emit_error(ErrorCode.SESSION_CLOSED, "the conversation has ended")
+        await self.close()
 
     def say(self, text: str) -> int:
         """Speak without being asked (timers); interrupts like any new turn."""
@@ -414,5 +499,7 @@ class SessionCore:
             h.cancel()
         for child in self._children:
             await child.stop()
+        if self.moderator is not None:
+            await self.moderator.aclose()
         if self._saver is not None:
             await self._saver

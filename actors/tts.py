@@ -9,11 +9,20 @@ Output settings belong to each subscriber (`OutputPrefs`), not to the
 session: a sentence is synthesised only while some subscriber wants speech,
 it is resampled once per distinct output rate, and the session paces audio in
 real time while any speaking subscriber wants pacing (docs/architecture.md).
+
+What is said is not always what the LLM wrote: emotion tags come out (the
+turn's emotion goes out once as `llm.emotion`), markdown, code, URLs and
+emoji are not read aloud (`speakable`), a sentence moderation blocks becomes
+the persona's safe reply (said once per turn; later blocked sentences are
+dropped), and a sentence that is a quick-reply phrase plays from the
+phrase cache without a TTS call. `tts.sentence` and the heard text follow
+what was actually said.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -23,13 +32,19 @@ import numpy as np
 
 from actors.audio import resample_pcm16
 from actors.config import TTSConfig
-from actors.events import AudioChunk, ErrorCode, TTSAudioEnd, TTSSentence, TTSStart, TTSStop
+from actors.events import AudioChunk, ErrorCode, LLMEmotion, TTSAudioEnd, TTSSentence, TTSStart, TTSStop
 from actors.mailbox import Child, Message
 from actors.providers.base import TTS, AudioSegment
-from actors.text import SentenceSplitter
+from actors.text import EmotionFilter, MarkdownLines, SentenceSplitter, has_words, speakable
 
 if TYPE_CHECKING:
+    from actors.agent.moderation import Moderator, Verdict
+    from actors.agent.quick_replies import QuickReplies
     from actors.session_core import SessionCore
+
+log = logging.getLogger(__name__)
+EMOTION_TURNS_KEPT = 64
+"""Turns remembered as having had their emotion sent (one per turn)."""
 
 MIN_OUTPUT_RATE, MAX_OUTPUT_RATE = 8000, 48000
 
@@ -108,6 +123,8 @@ class _SentenceAudio:
         self._grown = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         """The synthesis filling it (cancelled when nobody is left to listen)."""
+        self.text: str | None = None
+        """What is actually said (the safe reply when moderation blocked the sentence)."""
 
     # ---------------------------------------------------------- producer side
     def append(self, segment: AudioSegment) -> None:
@@ -184,6 +201,12 @@ class _Playback:
 
     turn: int
     splitter: SentenceSplitter = field(default_factory=SentenceSplitter)
+    emotions: EmotionFilter = field(default_factory=EmotionFilter)
+    lines: MarkdownLines = field(default_factory=MarkdownLines)
+    checks: list[asyncio.Task[Verdict]] = field(default_factory=list)
+    """Moderation post-checks, started as sentences arrive so their latency overlaps."""
+    safe_said: bool = False
+    """The safe reply was said this turn: later blocked sentences are dropped."""
     queue: asyncio.Queue[tuple[str, _SentenceAudio | None] | None] = field(default_factory=asyncio.Queue)
     player: asyncio.Task[None] | None = None
     synths: list[asyncio.Task[None]] = field(default_factory=list)
@@ -218,18 +241,38 @@ class _Playback:
 class TTSChild(Child):
     name = "tts"
 
-    def __init__(self, core: SessionCore, tts: TTS, config: TTSConfig) -> None:
+    def __init__(self, core: SessionCore, tts: TTS, config: TTSConfig, *, moderator: Moderator | None = None,
+                 quick_replies: QuickReplies | None = None, safe_reply: str | None = None) -> None:
         super().__init__(core.child_crashed)
         self._core = core
         self._tts = tts
         self._cfg = config
         self._turns: dict[int, _Playback] = {}
+        self._moderator = moderator if moderator is not None and moderator.active else None
+        self._quick = quick_replies
+        self._safe_reply = safe_reply or (moderator.safe_reply if moderator is not None else
+                                          "I'd rather not talk about that.")
+        if self._quick is not None:
+            self._quick.add(self._safe_reply)
+        self._emotion_turns: set[int] = set()
         self.synthesized = 0
         """Sentences sent to the TTS provider (stats: text-only sessions send none)."""
+        self.quick_hits = 0
+        """Sentences played from the quick-reply cache without a TTS call."""
+        self.moderated = 0
+        """Sentences moderation blocked (replaced by the safe reply or dropped)."""
 
     def set_provider(self, tts: TTS) -> None:
         """Sentences from now on go to this provider (a persona's voice)."""
         self._tts = tts
+
+    def set_replies(self, quick_replies: QuickReplies | None, safe_reply: str | None = None) -> None:
+        """A new persona's quick-reply phrases (keyed to its voice) and safe reply, from the next sentence on."""
+        self._quick = quick_replies
+        if safe_reply:
+            self._safe_reply = safe_reply
+        if self._quick is not None:
+            self._quick.add(self._safe_reply)
 
     @property
     def speaking_turn(self) -> int | None:
@@ -243,16 +286,36 @@ class TTSChild(Child):
             pb = self._turns[turn] = _Playback(turn)
             pb.player = asyncio.get_running_loop().create_task(self._play(pb))
         if isinstance(message, TextDelta):
-            for sentence in pb.splitter.feed(message.text):
+            text, emotion = pb.emotions.feed(message.text)
+            if emotion:
+                self.note_emotion(turn, emotion)
+            for sentence in pb.splitter.feed(pb.lines.feed(text)):
                 self._enqueue(pb, sentence)
         elif isinstance(message, TextEnd):
-            for sentence in pb.splitter.flush():
+            text, emotion = pb.emotions.flush()
+            if emotion:
+                self.note_emotion(turn, emotion)
+            for sentence in pb.splitter.feed(pb.lines.feed(text) + pb.lines.flush()) + pb.splitter.flush():
                 self._enqueue(pb, sentence)
             pb.queue.put_nowait(None)
 
+    def note_emotion(self, turn: int, emotion: str) -> None:
+        """The turn's emotion, sent once as `llm.emotion` whoever finds it
+        first (the LLM's own `emotion` field, a tag or an emoji in its text)."""
+        if turn in self._emotion_turns:
+            return
+        self._emotion_turns.add(turn)
+        if len(self._emotion_turns) > EMOTION_TURNS_KEPT:
+            self._emotion_turns.discard(min(self._emotion_turns))
+        self._core.emit(LLMEmotion(turn_id=turn, emotion=emotion))
+
     def _enqueue(self, pb: _Playback, sentence: str) -> None:
         """Queue a sentence to play; synthesise it only if a subscriber wants
-        speech now (a text-only turn must not spend TTS time)."""
+        speech now (a text-only turn must not spend TTS time). Only its
+        speakable words go on; a sentence with none (an emoji, a URL) is not said."""
+        sentence = speakable(sentence)
+        if not has_words(sentence):
+            return
         if not self._core.wants_speech:
             pb.queue.put_nowait((sentence, None))
             return
@@ -261,19 +324,40 @@ class TTSChild(Child):
             timer.first_sentence = time.time()
         audio = _SentenceAudio(self._cfg.chunk_ms)
         previous = pb.synths[-1] if pb.synths else None
-        audio.task = asyncio.get_running_loop().create_task(self._synthesize_after(previous, sentence, audio))
+        loop = asyncio.get_running_loop()
+        check = None
+        if self._moderator is not None:
+            check = loop.create_task(self._moderator.check_sentence(sentence))
+            pb.checks.append(check)
+        audio.task = loop.create_task(self._synthesize_after(previous, sentence, audio, pb, check))
         pb.synths.append(audio.task)
         pb.queue.put_nowait((sentence, audio))
 
     async def _synthesize_after(self, previous: asyncio.Task[None] | None, sentence: str,
-                                audio: _SentenceAudio) -> None:
+                                audio: _SentenceAudio, pb: _Playback | None = None,
+                                check: asyncio.Task[Verdict] | None = None) -> None:
         """One sentence at a time, in order: run side by side they would all
         share the CPU and the first sentence (the one the listener waits for)
         would come last. Audio streams into `audio` as the provider makes it;
         cancelling this task (barge-in) closes the provider's stream, which
-        stops a cloud synthesis at once."""
+        stops a cloud synthesis at once.
+
+        In order too, the moderation verdict (its check started when the
+        sentence arrived) decides what is said: the sentence, the safe reply
+        (first block of the turn) or nothing (later blocks)."""
         if previous is not None:
             await asyncio.wait([previous])
+        if check is not None and await self._blocked(check):
+            self.moderated += 1
+            if pb is None or pb.safe_said:
+                audio.finish()  # never announced: it made no audio
+                return
+            pb.safe_said = True
+            sentence = self._safe_reply
+        audio.text = sentence
+        if self._quick is not None and (phrase := self._quick.match(sentence)) is not None:
+            await self._play_quick(phrase, audio)
+            return
         self.synthesized += 1
         try:
             async with aclosing(self._tts.stream(sentence)) as pieces:
@@ -283,6 +367,31 @@ class TTSChild(Child):
             audio.finish(e)
         else:
             audio.finish()
+
+    async def _blocked(self, check: asyncio.Task[Verdict]) -> bool:
+        try:
+            return (await check).blocked
+        except Exception:  # a bug in a check must not silence the reply; the operator sees it
+            log.exception("session %s: a moderation check failed", self._core.session_id)
+            return False
+
+    async def _play_quick(self, phrase: str, audio: _SentenceAudio) -> None:
+        """A quick-reply phrase: its cached audio, synthesised on first use only."""
+        assert self._quick is not None
+        made = self._quick.cache.stats["synthesized"]
+        try:
+            segment = await self._quick.audio(self._tts, phrase)
+        except Exception as e:
+            audio.finish(e)
+            return
+        finally:
+            if self._quick.cache.stats["synthesized"] > made:
+                self.synthesized += 1
+        if self._quick.cache.stats["synthesized"] == made:
+            self.quick_hits += 1
+            self._quick.hits += 1
+        audio.append(segment)
+        audio.finish()
 
     async def _play(self, pb: _Playback) -> None:
         while (item := await pb.queue.get()) is not None:
@@ -314,8 +423,9 @@ class TTSChild(Child):
                 if not pb.started:
                     pb.started = True
                     self._core.emit_per_rate(lambda rate: TTSStart(turn_id=pb.turn, sample_rate=rate))
-                self._core.emit(TTSSentence(turn_id=pb.turn, text=sentence))
-                pb.spoken.append(_Spoken(sentence, pb.sent_ms, audio))
+                said = audio.text or sentence
+                self._core.emit(TTSSentence(turn_id=pb.turn, text=said))
+                pb.spoken.append(_Spoken(said, pb.sent_ms, audio))
             await self._pace(pb)
             if pb.seq == 0:
                 self._core.timer(pb.turn).first_audio = time.time()
@@ -357,8 +467,8 @@ class TTSChild(Child):
             pb = self._turns.pop(turn)
             if pb.player is not None:
                 pb.player.cancel()
-            for synth in pb.synths:
-                synth.cancel()
+            for task in (*pb.checks, *pb.synths):
+                task.cancel()
             if pb.started:
                 self._core.emit(TTSStop(turn_id=turn, reason="interrupted",
                                         stream_ms=self._core.interrupt_stream_ms))

@@ -156,9 +156,15 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for name, default in asdict(CloudLatencies()).items():
         p.add_argument("--" + name.replace("_", "-"), type=float, default=default)
-    lat = CloudLatencies(**vars(p.parse_args(argv)))
+    p.add_argument("--interims-reach-end", type=int, default=1,
+                   help="1: the last interim has every word, as paraformer's do once the speaker pauses "
+                        "(a preemptive reply is kept); 0: interims lag (it is discarded)")
+    args = vars(p.parse_args(argv))
+    whole_interims = bool(args.pop("interims_reach_end"))
+    lat = CloudLatencies(**args)
 
-    asr = AsrScript(sentences=[TRANSCRIPT], interims_per_sentence=2, final_delay_s=lat.stt_final_ms / 1000)
+    asr = AsrScript(sentences=[TRANSCRIPT], interims_per_sentence=2, final_delay_s=lat.stt_final_ms / 1000,
+                    interims_reach_end=whole_interims)
     tts = TtsScript(ms_per_char=TTS_MS_PER_CHAR, chunk_ms=TTS_CHUNK_MS, first_audio_delay_s=lat.tts_first_audio_ms / 1000,
                     chunk_delay_s=lat.tts_chunk_ms / 1000)
     short = Script.text(REPLY_DELTAS, first_token_s=lat.llm_first_token_ms / 1000, between_s=lat.llm_token_ms / 1000)

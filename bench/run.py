@@ -383,7 +383,8 @@ def build_config(opts: argparse.Namespace) -> Any:
            # every bench socket is one principal ("bench"): lift the per-principal session cap
            "VOICE_ACTORS__LIMITS__MAX_LIVE_SESSIONS_PER_PRINCIPAL": "10000",
            "VOICE_ACTORS__LIMITS__REQUESTS_PER_MINUTE": "100000", "VOICE_ACTORS__LIMITS__BURST": "10000",
-           "VOICE_ACTORS__INGRESS__UPLINK_BATCH_MS": str(opts.uplink_batch_ms)}
+           "VOICE_ACTORS__INGRESS__UPLINK_BATCH_MS": str(opts.uplink_batch_ms),
+           "VOICE_ACTORS__SESSION__PREEMPTIVE_GENERATION": "false" if opts.no_preemptive else "true"}
     if opts.mode == "fake":
         # fakes only sleep: no pool queueing, so the server's own overhead is all that is left
         env.update({"VOICE_ACTORS__STT__PROVIDER": FAKE["stt"], "VOICE_ACTORS__LLM__PROVIDER": FAKE["llm"],
@@ -591,6 +592,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--uplink-batch-ms", type=int, default=120)
     p.add_argument("--stream-sessions", type=int, default=8)
     p.add_argument("--stream-seconds", type=float, default=10.0)
+    p.add_argument("--no-preemptive", action="store_true",
+                   help="turn session.preemptive_generation off (the reply waits for the final transcript)")
     p.add_argument("--port", type=int, default=PORT)
     p.add_argument("--out", default="bench/results")
     cloud = p.add_argument_group("cloud-fake latencies (ms)")

@@ -31,6 +31,9 @@ def config() -> Any:
     history_db = Path(tempfile.mkdtemp(prefix="va-test-")) / "history.sqlite3"
     return load_config(env={
         "VOICE_ACTORS__SESSION__HISTORY_DB": str(history_db),
+        "VOICE_ACTORS__MEMORY__URL": f"sqlite:///{history_db.parent / 'memory.sqlite3'}",
+        "VOICE_ACTORS__QUICK_REPLIES__CACHE_DIR": str(history_db.parent / "tts-cache"),
+        "VOICE_ACTORS__KNOWLEDGE__STORE_DIR": str(history_db.parent / "knowledge"),
         "VOICE_ACTORS__SERVER__NAMESPACE": TEST_NAMESPACE,
         "VOICE_ACTORS__SERVER__WARM_SESSIONS": "1",
         "VOICE_ACTORS__SESSION__IDLE_TIMEOUT_S": "600",

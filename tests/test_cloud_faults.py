@@ -264,3 +264,37 @@ async def test_a_preemptive_reply_on_other_words_is_discarded_and_the_turn_answe
     history = await actor.history.remote()
     assert [m["content"] for m in history if m["role"] == "user"] == ["What is twelve times seven?"]
     await end(actor)
+
+
+# ------------------------------------------------------------------ per-key limits
+async def test_a_keys_concurrency_limit_is_cluster_wide_and_its_refusal_fails_over(ray_cluster, config, clean):
+    """Two calls with one key whose limit is one: the second waits, then fails over to the
+    local engine as llm.rate_limited; the lease comes back when the first ends."""
+    from actors.config import KeyLimit
+    from actors.providers.adapters.fallback import FallbackLLM, build_chain
+    from actors.providers.adapters.key_limits import limited
+    from actors.providers.base import ChatMessage
+    from actors.providers.local.factories import dialogue_engine
+    from actors.providers.openai_compat.llm import OpenAICompatConfig, OpenAICompatLLM
+
+    _, llm = clean
+    llm.default = Script.text("From the cloud.", first_token_s=1.0)
+    limit = {"FAULTS_TEST_KEY": KeyLimit(max_concurrency=1, max_wait_s=0.2)}
+    cloud_llm = OpenAICompatLLM(OpenAICompatConfig(base_url=llm.base_url, api_key=KEY, model="qwen-plus"))
+    made = {"openai-compatible": limited("llm", cloud_llm, "FAULTS_TEST_KEY", limit, config.server.namespace),
+            "local-dialogue": dialogue_engine(config)}
+    told: list[str] = []
+    chain = build_chain("llm", ["openai-compatible", "local-dialogue"], made.__getitem__, config.resilience)
+    chain.notify = told.append
+    question = [ChatMessage(role="user", content="Hello!")]
+
+    async def ask() -> str:
+        return "".join([c.text async for c in FallbackLLM(chain).stream(question, [])])
+
+    first = asyncio.create_task(ask())
+    await asyncio.sleep(0.3)
+    second = await ask()
+    assert "Ava" in second and told and "llm.rate_limited" in told[0] and "FAULTS_TEST_KEY" in told[0]
+    assert await first == "From the cloud."
+    third = await ask()  # the lease was given back
+    assert third == "From the cloud." and len(llm.requests) == 2

@@ -119,8 +119,8 @@ async def test_metrics_count_the_provider_that_served_each_stage(server, fakes, 
         text = (await http.get(f"{BASE}/metrics")).text
         health = (await http.get(f"{BASE}/health")).json()
     served = _served(text)
-    for stage in ("stt", "llm", "tts"):
-        assert served.get(stage, {}).keys() == {"dashscope" if stage != "llm" else "openai-compatible"}, served
+    for stage in ("stt", "llm", "tts"):  # the hub outlives apps: other modules' local turns are counted too
+        assert served.get(stage, {}).get("dashscope" if stage != "llm" else "openai-compatible", 0) >= 1, served
     assert isinstance(health["breakers"], dict)
 
 
@@ -132,3 +132,53 @@ def _served(prometheus_text: str) -> dict[str, dict[str, float]]:
             labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
             served.setdefault(labels["stage"], {})[labels["provider"]] = float(line.rsplit(" ", 1)[1])
     return served
+
+
+async def test_a_device_keeps_its_memories_across_reconnects_and_actor_restarts(server, fakes, cloud_config):
+    """Long-term memory belongs to the device (its principal), not to a session: told once, it is
+    in the prompt of a later conversation after the session actor was killed."""
+    import ray
+
+    from actors.sessions import find_session
+
+    _, llm = fakes
+    llm.default = Script.text("I will remember that.")
+
+    async def say(text: str) -> str:
+        ws = await _device()
+        async with await XiaozhiClient.connect(ws["url"], ws["token"], DEVICE, client_id=DEVICE, version=3) as c:
+            await c.send_json({"type": "listen", "state": "detect", "text": text})
+            hello = c.hello
+            while True:
+                data = await asyncio.wait_for(c.ws.recv(), 30)
+                if isinstance(data, bytes):
+                    continue  # the reply's audio
+                m = json.loads(data)
+                if m.get("type") == "tts" and m.get("state") == "stop":
+                    return hello["session_id"]
+
+    sid = await say("Remember that my favourite exhibit is the Rosetta Stone.")
+    actor = find_session(cloud_config, sid)
+    assert actor is not None
+    ray.kill(actor)  # the actor dies; the device's next connection gets a new one
+    await asyncio.sleep(0.5)
+    llm.default = Script.text("It is the Rosetta Stone.")
+    await say("Which exhibit do I like best?")
+    system = llm.requests[-1].messages[0]["content"]
+    assert "What you remember about this user" in system and "Rosetta Stone" in system, system
+
+
+async def test_museum_answers_get_the_right_chunk_with_its_source_and_other_questions_get_none(server, fakes):
+    _, llm = fakes
+    llm.default = Script.text("Noted.")
+    ws = await _device()
+    async with await XiaozhiClient.connect(ws["url"], ws["token"], DEVICE, client_id=DEVICE, version=3) as c:
+        for question in ("Tell me about the Rosetta Stone.", "What's the best pizza in Naples?"):
+            await c.send_json({"type": "listen", "state": "detect", "text": question})
+            while True:
+                data = await asyncio.wait_for(c.ws.recv(), 30)
+                if isinstance(data, str) and json.loads(data).get("state") == "stop":
+                    break
+    museum, pizza = (r.messages[0]["content"] for r in llm.requests[-2:])
+    assert "[1] museum.yaml › Rosetta Stone" in museum, museum
+    assert "nothing relevant was found" in pizza and "[1]" not in pizza

@@ -267,3 +267,23 @@ async def test_a_sentence_without_audio_has_no_chunks() -> None:
     await asyncio.sleep(0)
     audio.finish(ProviderError("tts.failed", "x"))
     assert await waiter is False and audio.error is not None
+
+
+# ------------------------------------------------------------------ per-key limits (bookkeeping)
+def test_key_leases_cap_concurrency_and_rate_and_expire() -> None:
+    from actors.config import KeyLimit
+    from actors.providers.adapters.key_limits import Leases
+
+    clock = Clock()
+    leases = Leases(KeyLimit(max_concurrency=2, lease_ttl_s=10), clock)
+    a, b = leases.try_acquire(), leases.try_acquire()
+    assert a and b and leases.try_acquire() is None
+    leases.release(a)
+    assert leases.try_acquire() is not None
+    clock.now += 11  # the holders died without releasing: their leases expire
+    assert leases.try_acquire() is not None and leases.stats()["in_flight"] == 1
+
+    rate = Leases(KeyLimit(requests_per_second=2), clock)
+    assert rate.try_acquire() and rate.try_acquire() and rate.try_acquire() is None
+    clock.now += 0.5
+    assert rate.try_acquire() and rate.try_acquire() is None

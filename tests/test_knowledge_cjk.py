@@ -3,7 +3,7 @@ only [a-z0-9], so a Chinese question matched nothing."""
 
 from __future__ import annotations
 
-from actors.knowledge import KnowledgeBase, KnowledgeEntry, tokenize
+from actors.agent.knowledge import KnowledgeBase, KnowledgeEntry, tokenize
 
 
 def test_chinese_is_tokenised_as_character_bigrams_and_english_as_words():

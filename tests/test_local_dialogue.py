@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from actors.knowledge import KnowledgeBase, KnowledgeEntry, tokenize
+from actors.agent.knowledge import KnowledgeBase, KnowledgeEntry, tokenize
+from actors.agent.tools import ToolContext, ToolError, default_registry, evaluate
 from actors.providers.base import ChatMessage, LLMChunk, ToolCall
 from actors.providers.local.dialogue import LocalDialogueEngine, find_expression, parse_timer, words_to_digits
-from actors.tools import ToolContext, ToolError, default_registry, evaluate
 
 MUSEUM = Path(__file__).resolve().parents[1] / "config" / "knowledge" / "museum.yaml"
 FIXED_NOW = datetime(2024, 5, 1, 15, 4, tzinfo=timezone(timedelta(hours=2)))

@@ -19,7 +19,6 @@ from typing import Any
 
 import pytest
 
-from actors.session_core import TurnTimer
 from actors.providers.base import ChatMessage, LLMChunk, ProviderError, ToolCall, ToolSpec
 from actors.providers.openai_compat.llm import (
     OpenAICompatConfig,
@@ -27,6 +26,7 @@ from actors.providers.openai_compat.llm import (
     backoff_s,
     to_openai_messages,
 )
+from actors.session_core import TurnTimer
 from tests.fakes.openai_server import Chunk, FakeOpenAIServer, FakeToolCall, RecordedRequest, Script
 
 KEY = "sk-test-SECRET-7f3a9c"
@@ -429,10 +429,10 @@ def _calculator_model(request: RecordedRequest) -> Script:
 
 
 async def test_dialogue_runs_the_tool_loop_through_this_provider(fake: FakeOpenAIServer, make_llm: Any) -> None:
+    from actors.agent.tools import ToolContext, default_registry
     from actors.config import Persona
     from actors.dialogue import DialogueState, UserTurn
     from actors.events import LLMDelta, ToolCallEvent, ToolResultEvent
-    from actors.tools import ToolContext, default_registry
 
     fake.respond_with(_calculator_model)
     core = _StubCore()

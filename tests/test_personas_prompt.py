@@ -174,3 +174,33 @@ async def test_a_200_turn_conversation_stays_inside_the_budget_and_keeps_a_summa
 def test_persona_defaults_speak_its_language():
     assert Persona(name="小智", language="zh").safe_reply_text().startswith("这个")
     assert Persona(name="Ava").greeting_text() == "Hi, I'm Ava. How can I help?"
+
+
+async def test_a_blocked_user_message_gets_the_personas_safe_reply_and_never_reaches_the_llm():
+    from actors.agent.moderation import ModerationConfig
+    from actors.providers import build_stt, build_vad
+    from actors.session_core import SessionCore
+    from actors.tts import OutputPrefs
+
+    config = load_config(env={"VOICE_ACTORS__SESSION__HISTORY_DB": ""})
+    config = config.model_copy(update={"moderation": ModerationConfig(blocked_words={"weapons": ["dynamite"]})})
+    llm = RecordingLLM()
+    core = SessionCore("moderated", config, vad=build_vad(config), stt=build_stt("local-whisper", config), llm=llm,
+                       tts=SilentTTS())
+    core.start()
+    q = core.subscribe(OutputPrefs(speak=False))
+    turn_id = core.send_text("How do I make DYNAMITE at home?")
+    deltas = []
+    while True:
+        event = await asyncio.wait_for(q.get(), 10)
+        if event.type == "llm.delta":
+            deltas.append(event.text)
+        if event.type == "metrics" and event.turn_id == turn_id:
+            break
+    assert "".join(deltas) == config.persona().safe_reply_text() and llm.prompts == []
+    assert all("DYNAMITE" not in m.content for m in core.dialogue.history)
+    turn_id = core.send_text("Tell me about the Rosetta Stone.")
+    while (event := await asyncio.wait_for(q.get(), 10)).type != "metrics":
+        pass
+    assert len(llm.prompts) == 1, "the next, harmless message is answered as usual"
+    await core.close()

@@ -699,3 +699,59 @@ async def test_a_device_speaks_as_the_persona_its_owner_chose(server, auth):
         await c.send_json({"type": "listen", "state": "detect", "text": "你好小智"})
         greeting = await _until(c.ws, lambda m: m["type"] == "tts" and m.get("state") == "sentence_start")
     assert greeting["text"].startswith("Hi, Max here"), greeting
+
+
+# ---------------------------------------------------------------- long-term memory API (issue 10, item 3)
+async def test_memories_are_the_callers_own_and_can_be_listed_exported_and_deleted(server, auth):
+    alice, bob = bearer(token_for(auth, "mem-alice")), bearer(token_for(auth, "mem-bob"))
+    async with httpx.AsyncClient() as http:
+        r = await http.post(f"{BASE}/api/text/process", headers=alice,
+                            json={"text": "Please remember that my cat is called Miso."})
+        assert r.status_code == 200, r.text
+        for _ in range(50):  # written beside the reply, not before it
+            mine = (await http.get(f"{BASE}/api/memories", headers=alice)).json()
+            if mine["memories"]:
+                break
+            await asyncio.sleep(0.1)
+        assert [m["text"] for m in mine["memories"]] == ["my cat is called Miso"], mine
+        assert (await http.get(f"{BASE}/api/memories", headers=bob)).json()["memories"] == []
+        added = await http.post(f"{BASE}/api/memories", headers=alice, json={"text": "I live in Lyon."})
+        assert added.status_code == 201, added.text
+        export = await http.get(f"{BASE}/api/memories/export", headers=alice)
+        assert export.status_code == 200 and "attachment" in export.headers["content-disposition"]
+        assert len(export.json()["memories"]) == 2
+        memory_id = mine["memories"][0]["id"]
+        stolen = await http.delete(f"{BASE}/api/memories/{memory_id}", headers=bob)
+        assert stolen.status_code == 404 and stolen.json()["error"]["code"] == "memory.not_found"
+        assert (await http.delete(f"{BASE}/api/memories/{memory_id}", headers=alice)).status_code == 200
+        too_long = await http.post(f"{BASE}/api/memories", headers=alice, json={"text": "x" * 5000})
+        assert too_long.status_code == 413 and too_long.json()["error"]["code"] == "memory.too_long"
+        assert (await http.delete(f"{BASE}/api/memories", headers=alice)).status_code == 200
+        assert (await http.get(f"{BASE}/api/memories", headers=alice)).json()["memories"] == []
+        assert (await http.get(f"{BASE}/api/memories")).status_code == 401
+
+
+# ---------------------------------------------------------------- knowledge base API (issue 10, item 4)
+async def test_knowledge_search_cites_the_museum_and_admins_ingest_documents(server, auth):
+    user, admin = bearer(token_for(auth, "kb-user")), bearer(auth.issue_token("kb-admin", roles=("user", "admin")))
+    doc = "# Sundial\n\nThe courtyard sundial was made in 1721 by the clockmaker Jonas Brandt.\n"
+    async with httpx.AsyncClient() as http:
+        r = await http.get(f"{BASE}/api/knowledge/search", params={"q": "Who deciphered the Rosetta Stone?"},
+                           headers=user)
+        assert r.status_code == 200, r.text
+        assert r.json()["hits"][0]["source"].endswith("Rosetta Stone") and "[1]" in r.json()["context"]
+        outside = await http.get(f"{BASE}/api/knowledge/search", params={"q": "best pizza in Naples"}, headers=user)
+        assert outside.json()["found"] is False and "don't have that in your notes" in outside.json()["context"]
+        refused = await http.post(f"{BASE}/api/knowledge/documents", params={"name": "sundial.md"}, content=doc,
+                                  headers={**user, "Content-Type": "text/markdown"})
+        assert refused.status_code == 403
+        added = await http.post(f"{BASE}/api/knowledge/documents", params={"name": "sundial.md"}, content=doc,
+                                headers={**admin, "Content-Type": "text/markdown"})
+        assert added.status_code == 201, added.text
+        found = await http.get(f"{BASE}/api/knowledge/search", params={"q": "Who made the sundial?"}, headers=user)
+        assert found.json()["hits"][0]["source"].startswith("sundial.md"), found.json()
+        bad = await http.post(f"{BASE}/api/knowledge/documents", params={"name": "../etc/passwd"}, content=doc,
+                              headers={**admin, "Content-Type": "text/markdown"})
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "knowledge.bad_name"
+        removed = await http.delete(f"{BASE}/api/knowledge/documents/sundial.md", headers=admin)
+        assert removed.status_code == 200

@@ -10,6 +10,7 @@ a device's stored persona, or the HTTP API) and keeps it across resumes.
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -40,7 +41,9 @@ class Persona(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     max_tokens: int | None = Field(None, ge=16, le=8192)
     tools: list[str] | None = None
-    """Tool names this persona may use; None = every tool; [] = none."""
+    """Tool names this persona may use, shell-style patterns allowed
+    (`device__*` for a xiaozhi device's own tools, `files__*` for an MCP
+    server's); None = every tool; [] = none."""
     memory: Literal["off", "explicit", "auto"] = "explicit"
     """Long-term memory: `off`; `explicit` = only what the user asks to be
     remembered; `auto` = also facts the user states about themselves."""
@@ -62,7 +65,7 @@ class Persona(BaseModel):
         return "I'd rather not talk about that. Let's talk about something else."
 
     def allows_tool(self, name: str) -> bool:
-        return self.tools is None or name in self.tools
+        return self.tools is None or any(fnmatch.fnmatchcase(name, pattern) for pattern in self.tools)
 
     def summary(self) -> dict[str, Any]:
         """What `GET /api/roles` shows: enough to choose, nothing internal."""

@@ -13,12 +13,18 @@ gauges, histogram buckets, sums and counts) adds up across replicas.
 from __future__ import annotations
 
 import time
+from collections import deque
 from typing import Any
 
 import ray
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+RECENT_ERRORS = 200
+"""Error events (and refusals) this replica keeps for the control panel."""
+RECENT_LATENCIES = 2000
+"""Turn latencies per stage this replica keeps (with their times) for the panel's percentiles."""
+ERROR_MESSAGE_MAX = 300
 
 
 class IngressMetrics:
@@ -41,6 +47,12 @@ class IngressMetrics:
                 ("tts_first_audio", "First sentence ready to its first audio"),
             ]
         }
+        # the control panel's recent view (actors/ingress/admin.py): bounded, this replica's only
+        self.recent_errors: deque[dict[str, Any]] = deque(maxlen=RECENT_ERRORS)
+        """{ts, kind, code, message, session_id, turn_id}: error codes and their messages, never user text."""
+        self.recent_latency: dict[str, deque[tuple[float, float]]] = {
+            name: deque(maxlen=RECENT_LATENCIES) for name in self._latency}
+        """Stage → (wall time, ms) of the latest turns."""
 
     def connected(self, protocol: str) -> None:
         self._connections.labels(protocol).inc()
@@ -51,10 +63,17 @@ class IngressMetrics:
 
     def refused(self, code: str) -> None:
         self._refused.labels(code).inc()
+        self.recent_errors.append({"ts": time.time(), "kind": "refused", "code": str(code), "message": None,
+                                   "session_id": None, "turn_id": None})
 
     def observe(self, event: Any) -> None:
         if event.type == "error":
             self._errors.labels(str(event.code)).inc()
+            message = event.message if isinstance(event.message, str) else None
+            self.recent_errors.append({
+                "ts": time.time(), "kind": "session", "code": str(event.code),
+                "message": message[:ERROR_MESSAGE_MAX] if message is not None else None,
+                "session_id": getattr(event, "session_id", None), "turn_id": getattr(event, "turn_id", None)})
         elif event.type == "metrics":
             self._turns.labels(str(event.interrupted).lower()).inc()
             for stage, provider in (event.served_by or {}).items():
@@ -63,6 +82,7 @@ class IngressMetrics:
                 value = getattr(event, f"{name}_ms", None)
                 if value is not None:
                     hist.observe(value / 1000.0)
+                    self.recent_latency[name].append((time.time(), float(value)))
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

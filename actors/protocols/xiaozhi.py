@@ -208,7 +208,8 @@ class XiaozhiProtocol(ProtocolAdapter):
         init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
             "protocolVersion": "2024-11-05", "capabilities": {},
             "clientInfo": {"name": "voice-actors", "version": "0.1.0"}}}
-        tools = {"jsonrpc": "2.0", "id": 2, "method": "tools/list", "params": {}}
+        # ids 1 and 2 are fixed: the session's DeviceTools knows them (its own start at 1000)
+        tools = {"jsonrpc": "2.0", "id": 2, "method": "tools/list", "params": {"cursor": ""}}
         return [self._json({"type": "mcp", "payload": init}), self._json({"type": "mcp", "payload": tools})]
 
     def mcp_request(self, payload: dict[str, Any]) -> list[Outgoing]:
@@ -237,7 +238,11 @@ class XiaozhiProtocol(ProtocolAdapter):
             if event.reason != "done":
                 self._encoder.reset()  # the cut reply's buffered tail is never sent
             return [self._json({"type": "tts", "state": "stop"})]
+        if kind == "device.request":  # the session's MCP client speaking to the device's tools
+            return self.mcp_request(event.payload) if self._mcp else []
         if kind == "error":
+            if event.code == "session.closed":
+                return []  # the device learns it from the socket's normal close that follows
             return self.error(str(event.code), event.message)
         return []
 

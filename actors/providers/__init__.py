@@ -3,9 +3,13 @@ Which names exist is the vendors' business (actors/providers/registry.py)."""
 
 from __future__ import annotations
 
-from actors.config import AppConfig
+from typing import TYPE_CHECKING
+
 from actors.providers import registry
 from actors.providers.base import LLM, STT, TTS, VAD
+
+if TYPE_CHECKING:  # the config imports provider-side models (tools): no cycle at run time
+    from actors.config import AppConfig
 
 
 def build_vad(config: AppConfig) -> VAD:

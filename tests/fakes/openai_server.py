@@ -257,6 +257,9 @@ class FakeOpenAIServer:
         self._serial = 0
         self._max_records = max_records
         """Oldest records are dropped past this (a long bench run)."""
+        self.embed: Callable[[str, int], list[float]] = hashed_embedding
+        """How `/v1/embeddings` turns one input text into a vector of the
+        requested `dimensions` (default 256); replace to script it."""
 
     # -- configuration -----------------------------------------------------
     @property
@@ -304,6 +307,8 @@ class FakeOpenAIServer:
         app = web.Application()
         app.router.add_post("/{prefix:.*}chat/completions", self._chat)
         app.router.add_get("/{prefix:.*}models", self._models)
+        app.router.add_post("/{prefix:.*}moderations", self._moderations)
+        app.router.add_post("/{prefix:.*}embeddings", self._embeddings)
         # handler_cancellation: a client hanging up cancels the handler at
         # once, even mid-stall, so disconnects are recorded when they happen.
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
@@ -362,6 +367,52 @@ class FakeOpenAIServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop_thread()
+
+    # -- moderations (POST .../moderations) -----------------------------------
+    # Kept apart from the chat scripts above: `moderation_requests` records
+    # these, `requests` stays chat-only. A text is flagged when it contains a
+    # word of `flag_words` (category `harassment`, or the word's own category
+    # from `flag_categories`); `moderation_status` answers every call with
+    # that HTTP error instead; `moderation_delay_s` delays the answer.
+
+    def moderation_setup(self, *, flag_words: Sequence[str] = (), flag_categories: dict[str, str] | None = None,
+                         status: int = 200, delay_s: float = 0.0) -> None:
+        self.flag_words = [w.lower() for w in flag_words]
+        self.flag_categories = dict(flag_categories or {})
+        self.moderation_status = status
+        self.moderation_delay_s = delay_s
+
+    async def _moderations(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error_response(Script.error(400, "We could not parse the JSON body of your request."))
+        record = RecordedRequest(path=request.path, headers={k.lower(): v for k, v in request.headers.items()},
+                                 body=body, received_at=time.monotonic())
+        records = self.__dict__.setdefault("moderation_requests", [])
+        records.append(record)
+        del records[:-self._max_records]
+        if self.api_key is not None and record.authorization != f"Bearer {self.api_key}":
+            return _error_response(Script.error(401, "Incorrect API key provided."))
+        delay = getattr(self, "moderation_delay_s", 0.0)
+        if delay:
+            await asyncio.sleep(delay)
+        status = getattr(self, "moderation_status", 200)
+        if status != 200:
+            return _error_response(Script.error(status))
+        inputs = body.get("input")
+        texts = inputs if isinstance(inputs, list) else [inputs]
+        record.completed = True
+        return web.json_response({"id": f"modr-fake{len(records):06d}", "model": body.get("model") or "fake-moderation",
+                                  "results": [self._moderate(str(t or "")) for t in texts]})
+
+    def _moderate(self, text: str) -> dict[str, Any]:
+        lowered = text.lower()
+        hits = [w for w in getattr(self, "flag_words", []) if w in lowered]
+        categories = {getattr(self, "flag_categories", {}).get(w, "harassment") for w in hits}
+        names = {"harassment", "hate", "self-harm", "sexual", "violence", *categories}
+        return {"flagged": bool(hits), "categories": {n: n in categories for n in sorted(names)},
+                "category_scores": {n: (0.99 if n in categories else 0.01) for n in sorted(names)}}
 
     # -- handlers --------------------------------------------------------------
     async def _models(self, request: web.Request) -> web.Response:
@@ -431,6 +482,35 @@ class FakeOpenAIServer:
         record.completed = True
         return response
 
+    async def _embeddings(self, request: web.Request) -> web.Response:
+        """`POST .../embeddings`: one vector per input from `self.embed`, in
+        the `encoding_format: float` shape. A queued error script (status !=
+        200) answers instead, so tests can inject 401/429/500 here too."""
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error_response(Script.error(400, "We could not parse the JSON body of your request."))
+        record = RecordedRequest(path=request.path, headers={k.lower(): v for k, v in request.headers.items()},
+                                 body=body, received_at=time.monotonic(), completed=True)
+        self.requests.append(record)
+        if len(self.requests) > self._max_records:
+            del self.requests[0]
+        if self.api_key is not None and record.authorization != f"Bearer {self.api_key}":
+            return _error_response(Script.error(401, "Incorrect API key provided."))
+        if self._queue and self._queue[0].status != 200:
+            return _error_response(self._queue.popleft())
+        inputs = body.get("input")
+        inputs = [inputs] if isinstance(inputs, str) else inputs
+        if not isinstance(inputs, list) or not inputs or not all(isinstance(t, str) for t in inputs):
+            return _error_response(Script.error(400, "'input' must be a string or a list of strings."))
+        dims = body.get("dimensions") or 256
+        if not isinstance(dims, int) or not 1 <= dims <= 8192:
+            return _error_response(Script.error(400, "'dimensions' must be an integer from 1 to 8192."))
+        data = [{"object": "embedding", "index": i, "embedding": self.embed(t, dims)} for i, t in enumerate(inputs)]
+        tokens = sum(len(t.split()) for t in inputs)
+        return web.json_response({"object": "list", "data": data, "model": body.get("model") or "fake-embedding",
+                                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
     def _next_id(self) -> str:
         self._serial += 1
         return f"chatcmpl-fake{self._serial:06d}"
@@ -471,6 +551,19 @@ def _completion(script: Script, model: str | None, completion_id: str) -> dict[s
             "model": model or "fake-model",
             "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
             "usage": usage}
+
+
+def hashed_embedding(text: str, dims: int = 256) -> list[float]:
+    """A deterministic bag-of-words vector (words and CJK characters hashed
+    into `dims` buckets): texts sharing words get a high cosine, unrelated
+    ones a low one, which is all a retrieval test needs from a model."""
+    import re
+    import zlib
+
+    vec = [0.0] * dims
+    for token in re.findall(r"[a-z0-9]{3,}|[\u3400-\u9fff]", text.lower()):
+        vec[zlib.crc32(token.encode()) % dims] += 1.0
+    return vec
 
 
 # -------------------------------------------------------------- bench mode

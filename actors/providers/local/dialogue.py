@@ -21,9 +21,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from actors.knowledge import KnowledgeBase
+from actors.agent.knowledge import KnowledgeBase
+from actors.agent.tools import normalize_key
 from actors.providers.base import LLM, ChatMessage, LLMChunk, ToolCall, ToolSpec
-from actors.tools import normalize_key
 
 # ------------------------------------------------------------ number words
 _SMALL = {
@@ -446,6 +446,10 @@ class LocalDialogueEngine(LLM):
         if name == "set_timer" and "seconds" in data:
             label = f", labelled {data['label']}" if data.get("label") else ""
             return f"Okay, I set a timer for {format_duration(float(data['seconds']))}{label}."
+        if name == "end_conversation":
+            return "Goodbye, and have a lovely day!"
+        if name == "set_reminder" and "message" in data:
+            return _sentence(f"Okay, I will remind you to {data['message']}") if "in_seconds" in data else "Done."
         if name == "remember" and "key" in data:
             return f"Got it, I will remember that {_fact_phrase(data['key'], data['value'])}."
         if name == "recall":
@@ -530,6 +534,8 @@ class LocalDialogueEngine(LLM):
         if _RE["thanks"].search(lower):
             return Reply(text="You're welcome! Is there anything else I can help with?", emotion="happy")
         if _RE["bye"].search(lower):
+            if "end_conversation" in tool_names:  # the session really ends once this goodbye is spoken
+                return call("end_conversation")
             return Reply(text="Goodbye, and have a lovely day!", emotion="happy")
         if self.knowledge is not None and _RE["list"].search(lower):
             titles = self.knowledge.titles()

@@ -40,7 +40,7 @@ def espeak(config: AppConfig) -> Any:
 
 
 def dialogue_engine(config: AppConfig) -> Any:
-    from actors.knowledge import KnowledgeBase
+    from actors.agent.knowledge import KnowledgeBase
     from actors.providers.local.dialogue import LocalDialogueEngine
 
     kb = KnowledgeBase.load(config.resolve_path(config.llm.knowledge_base)) if config.llm.knowledge_base else None

@@ -1,0 +1,375 @@
+"""The control panel's server side: what `GET /admin` (web/admin.html) shows
+and does, behind the admin routes of `VoiceIngress` (serve_app.py, section
+"control panel"), which check the admin role before calling anything here.
+
+- Sessions, cluster-wide: every named session actor in the namespace (the
+  `sessions:directory` actor's live places plus the actors themselves), each
+  with its own `stats()`: owner, persona, state, turns, age, node. A
+  session's transcript comes from its live actor, else the history store.
+- Provider pools on every node (`pool_handles`), this replica's circuit
+  breakers, the warm pool (this replica's figures, and the unclaimed session
+  actors cluster-wide).
+- Recent errors and turn latencies: bounded buffers in this replica's
+  `IngressMetrics`, fed by the events it relays (`observe`). Error codes and
+  their messages only, never what a user said.
+- A time series sampled every `SAMPLE_PERIOD_S` in a thread of the replica:
+  live sessions (cluster-wide), this replica's sockets, and latency
+  percentiles over the last `WINDOW_S`.
+- The effective configuration with every secret masked (`mask_config`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import ray
+from pydantic import BaseModel, SecretStr
+
+from actors.config import AppConfig
+
+log = logging.getLogger("voice_actors.admin")
+
+SAMPLE_PERIOD_S = 5.0
+"""How often the time series takes a point."""
+SERIES_POINTS = 720
+"""Points kept: an hour at SAMPLE_PERIOD_S."""
+WINDOW_S = 60.0
+"""Each point's latency percentiles are over the turns of this many seconds before it."""
+CALL_TIMEOUT_S = 3.0
+"""How long one actor may take to answer the panel before it is shown as unreachable."""
+LATENCY_STAGES = ("first_audio", "stt_final", "llm_first_token", "tts_first_audio")
+ERRORS_RETURNED = 100
+
+# ------------------------------------------------------------------ configuration, masked
+MASK = "********"
+SECRET_NAME = re.compile(r"key|secret|passw|token|dsn|credential|authorization|cookie|private", re.IGNORECASE)
+"""A field (or mapping key) named like this has its string values masked."""
+MASK_EVERY_VALUE_UNDER = frozenset({"headers", "env"})
+"""Mappings whose every string value is masked (an MCP server's HTTP headers and environment)."""
+ENV_VAR_NAME = re.compile(r"[A-Z_][A-Z0-9_]{0,127}")
+"""`api_key_env: DASHSCOPE_API_KEY` names a variable, it is not the key: shown."""
+URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)([^/@\s]+)@")
+
+
+def mask_config(config: AppConfig) -> dict[str, Any]:
+    """The effective configuration as JSON-ready data: every `SecretStr`, every
+    string under a field named like key / secret / password / token / dsn,
+    every HTTP header and environment value of an MCP server and the
+    credentials in any URL replaced by `MASK`. Vendor sections of stt, llm
+    and tts are shown as their providers validate them (defaults filled in)."""
+    data = _mask(config, "", False)
+    for kind in ("stt", "llm", "tts"):
+        stage = getattr(config, kind)
+        for name, raw in (getattr(stage, "model_extra", None) or {}).items():
+            data[kind][name] = _mask(_vendor_section(config, kind, name, raw), name, False)
+    return data
+
+
+def _vendor_section(config: AppConfig, kind: str, section: str, raw: Any) -> Any:
+    """A vendor section as its provider's model reads it; the raw value when
+    no provider owns it (load_config refuses those, so only a hand-built config)."""
+    from actors.providers import registry
+
+    try:
+        for (k, name), spec in registry.specs().items():
+            if k == kind and spec.section == section:
+                return registry.section(config, kind, name)
+    except Exception:  # a section that does not validate: shown as written, still masked
+        pass
+    return raw
+
+
+def _mask(value: Any, name: str, mask_all: bool) -> Any:
+    secret_name = bool(SECRET_NAME.search(name)) and not (
+        name.endswith("_env") and isinstance(value, str) and ENV_VAR_NAME.fullmatch(value))
+    if isinstance(value, SecretStr):
+        return MASK
+    if isinstance(value, BaseModel):
+        fields = {k: getattr(value, k) for k in type(value).model_fields}
+        fields.update(value.model_extra or {})
+        return {k: _mask(v, k, False) for k, v in fields.items()}
+    if isinstance(value, dict):
+        under = mask_all or secret_name or name.lower() in MASK_EVERY_VALUE_UNDER
+        return {str(k): _mask(v, str(k), under) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_mask(v, name, mask_all or secret_name) for v in value]
+    if isinstance(value, (str, bytes)):
+        if (mask_all or secret_name) and value:
+            return MASK
+        text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+        return URL_CREDENTIALS.sub(lambda m: f"{m.group(1)}{MASK}@", text)
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    if hasattr(value, "__fspath__"):
+        return str(value)
+    return _mask(str(value), name, mask_all)
+
+
+# ------------------------------------------------------------------ latency percentiles
+def percentile(sorted_values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile of already sorted values; None for none."""
+    if not sorted_values:
+        return None
+    rank = max(1, min(len(sorted_values), int(-(-q * len(sorted_values) // 1))))
+    return round(sorted_values[rank - 1], 1)
+
+
+def latency_figures(recent: dict[str, deque[tuple[float, float]]], now: float, window_s: float) -> dict[str, Any]:
+    """Per stage: p50 / p90 / p99 and the count of turns in the window before `now`."""
+    out: dict[str, Any] = {}
+    for stage in LATENCY_STAGES:
+        values = sorted(ms for ts, ms in list(recent.get(stage, ())) if now - window_s <= ts <= now + 1.0)
+        out[stage] = {"p50": percentile(values, 0.5), "p90": percentile(values, 0.9),
+                      "p99": percentile(values, 0.99), "n": len(values)}
+    return out
+
+
+class SeriesSampler:
+    """A bounded time series, one point every `period_s`, taken in a daemon
+    thread (the replica's loop does not exist yet when it starts)."""
+
+    def __init__(self, metrics: Any, live_sessions: Callable[[], int | None], sockets: Callable[[], int],
+                 period_s: float = SAMPLE_PERIOD_S, keep: int = SERIES_POINTS, window_s: float = WINDOW_S) -> None:
+        self._metrics = metrics
+        self._live_sessions = live_sessions
+        self._sockets = sockets
+        self.period_s = period_s
+        self.window_s = window_s
+        self._points: deque[dict[str, Any]] = deque(maxlen=keep)
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+
+    def start(self) -> SeriesSampler:
+        threading.Thread(target=self._run, name="admin-series", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self.period_s):
+            try:
+                self.sample()
+            except Exception:  # Ray shutting down: the thread ends with the process
+                log.debug("series sample failed", exc_info=True)
+
+    def sample(self) -> dict[str, Any]:
+        now = time.time()
+        try:
+            live = self._live_sessions()
+        except Exception:  # the directory is restarting: a gap in the plot, not an error
+            live = None
+        point = {"t": round(now, 3), "live_sessions": live, "sockets": self._sockets(),
+                 "latency_ms": latency_figures(self._metrics.recent_latency, now, self.window_s)}
+        with self._lock:
+            self._points.append(point)
+        return point
+
+    def series(self) -> dict[str, Any]:
+        """Every point kept, plus one taken now when the last is a period old
+        (so the panel sees a turn that just ended)."""
+        with self._lock:
+            last = self._points[-1]["t"] if self._points else 0.0
+        if time.time() - last >= min(1.0, self.period_s):
+            self.sample()
+        with self._lock:
+            points = list(self._points)
+        return {"period_s": self.period_s, "window_s": self.window_s, "stages": list(LATENCY_STAGES),
+                "percentiles": ["p50", "p90", "p99"], "points": points}
+
+
+# ------------------------------------------------------------------ the panel
+class AdminPanel:
+    """Everything the admin routes answer, for one ingress replica.
+
+    `sessions` is the replica's `SessionManager` (directory, warm pool),
+    `store` its `HistoryStore` (None without one), `metrics` its
+    `IngressMetrics`, `sockets` a callable counting its open sockets."""
+
+    def __init__(self, config: AppConfig, sessions: Any, store: Any, metrics: Any,
+                 sockets: Callable[[], int]) -> None:
+        self.config = config
+        self.sessions = sessions
+        self.store = store
+        self.metrics = metrics
+        self.sampler = SeriesSampler(metrics, self._live_count, sockets).start()
+
+    # ------------------------------------------------------------ sessions
+    def _live_count(self) -> int:
+        return len(ray.get(self.sessions.directory.live.remote(), timeout=CALL_TIMEOUT_S))
+
+    async def _session_ids(self) -> tuple[dict[str, str], set[str]]:
+        """(the directory's live places: id → owner, every named session actor's id)."""
+        from actors.session import session_actor_name
+
+        prefix = session_actor_name("")
+        namespace = self.config.server.namespace
+        try:
+            places = await asyncio.wait_for(self.sessions.directory.live.remote(), CALL_TIMEOUT_S)
+        except Exception:
+            places = {}
+        try:
+            named = await asyncio.to_thread(ray.util.list_named_actors, True)
+        except Exception:
+            named = []
+        actors = {a["name"][len(prefix):] for a in named
+                  if a.get("namespace") == namespace and a["name"].startswith(prefix)}
+        return places, actors
+
+    async def list_sessions(self) -> dict[str, Any]:
+        """Every session actor alive in the cluster, newest first. A warm one
+        (unclaimed, never used) is marked `warm`; one that did not answer in
+        time is `unreachable`."""
+        from actors.sessions import find_session
+
+        places, actor_ids = await self._session_ids()
+        now = time.time()
+
+        async def row(sid: str) -> dict[str, Any] | None:
+            actor = await asyncio.to_thread(find_session, self.config, sid)
+            if actor is None:
+                return None  # ended since it was listed (or a stale place the directory prunes later)
+            try:
+                stats = await asyncio.wait_for(actor.stats.remote(), CALL_TIMEOUT_S)
+            except Exception as e:
+                return {"session_id": sid, "owner": places.get(sid), "state": "unreachable",
+                        "error": type(e).__name__, "live": True}
+            owner = stats.get("owner") or places.get(sid)
+            turns = int(stats.get("turn_id") or 0)
+            created = float(stats.get("created") or now)
+            return {
+                "session_id": sid, "owner": owner, "owner_kind": owner.split(":", 1)[0] if owner else None,
+                "persona": stats.get("persona"), "state": "closing" if stats.get("closed") else stats.get("state"),
+                "turns": turns, "age_s": round(max(0.0, now - created), 1), "idle_s": stats.get("idle_s"),
+                "created": created, "node_id": stats.get("node_id"), "pid": stats.get("pid"),
+                "clients": stats.get("subscribers", 0), "history_messages": stats.get("history_messages", 0),
+                "live": True, "warm": owner is None and turns == 0 and not stats.get("subscribers"),
+            }
+
+        rows = [r for r in await asyncio.gather(*(row(s) for s in sorted(set(places) | actor_ids))) if r]
+        rows.sort(key=lambda r: r.get("created") or 0.0, reverse=True)
+        return {"sessions": rows, "count": sum(1 for r in rows if not r.get("warm")),
+                "warm": sum(1 for r in rows if r.get("warm"))}
+
+    async def transcript(self, session_id: str) -> dict[str, Any] | None:
+        """A session's conversation: from its live actor, else the store;
+        None when neither knows it."""
+        from actors.sessions import find_session
+
+        actor = await asyncio.to_thread(find_session, self.config, session_id)
+        if actor is not None:
+            try:
+                messages, stats = await asyncio.wait_for(
+                    asyncio.gather(actor.history.remote(), actor.stats.remote()), CALL_TIMEOUT_S)
+                return {"session_id": session_id, "live": True, "owner": stats.get("owner"),
+                        "persona": stats.get("persona"), "messages": messages}
+            except Exception:  # ended meanwhile: what the store kept
+                pass
+        if self.store is None or not await asyncio.to_thread(self.store.known, session_id):
+            return None
+        history, _ = await asyncio.to_thread(self.store.load, session_id)
+        owner = await asyncio.to_thread(self.store.owner_of, session_id)
+        persona = await asyncio.to_thread(self.store.persona_of, session_id)
+        return {"session_id": session_id, "live": False, "owner": owner, "persona": persona,
+                "messages": [m.model_dump() for m in history]}
+
+    async def end(self, session_id: str, forget: bool = False) -> dict[str, Any] | None:
+        """End a live session (its sockets close as its actor exits); with
+        `forget`, delete its stored conversation too. None: nothing to end or
+        forget under this id."""
+        from actors.sessions import find_session
+
+        actor = await asyncio.to_thread(find_session, self.config, session_id)
+        stored = self.store is not None and await asyncio.to_thread(self.store.known, session_id)
+        if actor is None and not (forget and stored):
+            return None
+        if actor is not None:
+            try:
+                await asyncio.wait_for(actor.close.remote(forget), 10.0)
+            except ray.exceptions.RayActorError:
+                pass  # it exits while answering
+            except Exception:  # stuck: ended the hard way below
+                log.warning("session %s did not close in time; killing it", session_id)
+            # close() has stopped the session and saved (or forgotten) its conversation, but
+            # its actor only exits once every call in flight ends, and a listener's event
+            # stream never does: end the process, so listeners' streams fail and their
+            # sockets close.
+            ray.kill(actor, no_restart=True)
+            try:
+                await self.sessions.directory.release.remote(session_id)
+            except Exception:
+                pass
+        if forget and self.store is not None:
+            await asyncio.to_thread(self.store.forget, session_id)
+        return {"session_id": session_id, "ended": actor is not None, "history_deleted": forget}
+
+    # ------------------------------------------------------------ providers
+    async def pools(self) -> dict[str, Any]:
+        """Every node's pool for each pooled provider, with its figures."""
+        from actors.pools import pool_handles, pooled_providers
+
+        async def node(node_id: str, handle: Any) -> dict[str, Any]:
+            try:
+                stats = await asyncio.wait_for(handle.stats.remote(), CALL_TIMEOUT_S)
+            except Exception as e:  # unreachable, or its model still loading
+                return {"node": node_id, "ok": False, "error": type(e).__name__}
+            return {"node": node_id, "ok": True, "runs_on": stats.get("node_id"), "pid": stats.get("pid"),
+                    "calls": stats.get("calls", 0), "failures": stats.get("failures", 0),
+                    "in_flight": stats.get("in_flight", 0), "max_concurrency": stats.get("max_concurrency"),
+                    "load_s": stats.get("load_s"), "latency_ms": stats.get("latency_ms")}
+
+        out = []
+        for kind, provider in pooled_providers(self.config):
+            try:
+                handles = await asyncio.wait_for(asyncio.to_thread(pool_handles, kind, provider, self.config),
+                                                 CALL_TIMEOUT_S)
+            except Exception:
+                handles = {}
+            nodes = list(await asyncio.gather(*(node(n, h) for n, h in handles.items())))
+            out.append({"kind": kind, "provider": provider, "ok": bool(nodes) and all(n["ok"] for n in nodes),
+                        "nodes": nodes,
+                        **{k: sum(n.get(k, 0) for n in nodes) for k in ("calls", "failures", "in_flight")}})
+        return {"pools": out, "chains": self._chains()}
+
+    def _chains(self) -> dict[str, list[str]]:
+        c = self.config
+        return {kind: [getattr(c, kind).provider, *getattr(c, kind).fallback] for kind in ("stt", "llm", "tts")}
+
+    @staticmethod
+    def breakers() -> dict[str, Any]:
+        """This replica's breakers (its HTTP audio routes); each session
+        process has its own, reported in its `provider.failover` errors."""
+        from actors.providers.adapters.breaker import breaker_states
+
+        return {"scope": "this ingress replica", "breakers": breaker_states()}
+
+    async def warm_pool(self, sessions: dict[str, Any] | None = None) -> dict[str, Any]:
+        sessions = sessions or await self.list_sessions()
+        ready = await asyncio.to_thread(self.sessions.warm_ready)
+        return {"target": self.sessions.warm_target, "ready": ready, "unclaimed_in_cluster": sessions["warm"]}
+
+    # ------------------------------------------------------------ errors, series, config
+    def errors(self, limit: int = ERRORS_RETURNED) -> dict[str, Any]:
+        recent = list(self.metrics.recent_errors)[-limit:]
+        recent.reverse()  # newest first
+        return {"scope": "this ingress replica", "errors": recent, "kept": self.metrics.recent_errors.maxlen}
+
+    def series(self) -> dict[str, Any]:
+        return self.sampler.series()
+
+    def config_masked(self) -> dict[str, Any]:
+        return mask_config(self.config)
+
+    async def overview(self) -> dict[str, Any]:
+        """Everything the panel's refresh needs in one call (one request
+        against the caller's rate limit instead of six)."""
+        sessions, pools = await asyncio.gather(self.list_sessions(), self.pools())
+        return {"time": time.time(), "sessions": sessions, "pools": pools, "breakers": self.breakers(),
+                "warm_pool": await self.warm_pool(sessions), "errors": self.errors(), "series": self.series()}
