@@ -411,8 +411,8 @@ class VoiceIngress:
         if path.parent != root or not path.is_file():
             raise ApiError(404, "http.404", "Not Found")
         host = request.headers.get("host", "")
-        ws_sources = f" ws://{host} wss://{host}" if re.fullmatch(r"[A-Za-z0-9.-]+(:\d{1,5})?|\[[0-9A-Fa-f:.]+\](:\d{1,5})?",
-                                                                  host) else ""
+        plain_host = re.fullmatch(r"[A-Za-z0-9.-]+(:\d{1,5})?|\[[0-9A-Fa-f:.]+\](:\d{1,5})?", host)
+        ws_sources = f" ws://{host} wss://{host}" if plain_host else ""  # never an odd Host into the header
         csp = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; font-src 'self'; "
                f"connect-src 'self'{ws_sources}; media-src 'self' blob:; worker-src 'self'; "
                "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
@@ -453,7 +453,8 @@ class VoiceIngress:
 
         try:
             addr = ipaddress.ip_address(peer or "")
-            loopback = addr.is_loopback or bool(getattr(addr, "ipv4_mapped", None) and addr.ipv4_mapped.is_loopback)
+            mapped = getattr(addr, "ipv4_mapped", None)  # ::ffff:127.0.0.1 on a dual-stack socket
+            loopback = addr.is_loopback or bool(mapped and mapped.is_loopback)
         except ValueError:
             loopback = False
         if not loopback:
@@ -887,27 +888,26 @@ class VoiceIngress:
     async def devices_update(self, device_id: str, body: DevicePatchBody, request: Request) -> dict[str, Any]:
         """Choose the persona a device speaks as (its owner or an admin); it
         applies from the device's next connection."""
-        p = self._principal(request)
-        device_id, _ = check_device_ids(device_id, None)
-        registry = self.admission.registry
-        owner = await asyncio.to_thread(registry.owner_of, device_id)
-        if owner != p.key and not p.is_admin:
-            raise ApiError(404, "device.not_found", "no device with this id belongs to you")
-        await asyncio.to_thread(registry.set_persona, device_id, self._check_persona(body.persona))
+        device_id = await self._own_device(self._principal(request), device_id)
+        await asyncio.to_thread(self.admission.registry.set_persona, device_id, self._check_persona(body.persona))
         return {"device_id": device_id, "persona": body.persona}
 
     @api.delete("/api/devices/{device_id}")
     async def devices_revoke(self, device_id: str, request: Request) -> dict[str, Any]:
         """Revoke a device: its token stops opening sockets at once."""
-        p = self._principal(request)
-        device_id, _ = check_device_ids(device_id, None)
-        registry = self.admission.registry
-        owner = await asyncio.to_thread(registry.owner_of, device_id)
-        if owner != p.key and not p.is_admin:
-            raise ApiError(404, "device.not_found", "no device with this id belongs to you")
-        if not await asyncio.to_thread(registry.revoke, device_id):
+        device_id = await self._own_device(self._principal(request), device_id)
+        if not await asyncio.to_thread(self.admission.registry.revoke, device_id):
             raise ApiError(404, "device.not_found", "no device with this id belongs to you")
         return {"device_id": device_id, "revoked": True}
+
+    async def _own_device(self, p: Principal, device_id: str) -> str:
+        """The checked id of a device the caller owns (an admin: any device);
+        someone else's device answers like an unknown one."""
+        device_id, _ = check_device_ids(device_id, None)
+        owner = await asyncio.to_thread(self.admission.registry.owner_of, device_id)
+        if owner != p.key and not p.is_admin:
+            raise ApiError(404, "device.not_found", "no device with this id belongs to you")
+        return device_id
 
     def _device_headers(self, request: Request) -> tuple[str, str]:
         device_id = request.headers.get("device-id") or request.query_params.get("device-id")

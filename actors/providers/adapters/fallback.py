@@ -15,7 +15,7 @@ are built only when first needed, so an unused fallback costs nothing.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import aclosing
 from typing import Any, Generic, TypeVar
 
@@ -35,6 +35,7 @@ from actors.providers.base import (
 log = logging.getLogger(__name__)
 
 P = TypeVar("P")
+T = TypeVar("T")
 
 STAGE_WORDS = {"stt": "speech recognition", "llm": "language model", "tts": "speech synthesis"}
 
@@ -127,6 +128,22 @@ class Chain(Generic[P]):
                     exc_info=(type(error), error, error.__traceback__))
         self._pending = (link.name, why)
 
+    async def first(self, call: Callable[[P], Awaitable[T]]) -> T:
+        """`call` on each provider in turn until one answers (a whole answer:
+        nothing partial has reached anyone, so any failure may fail over)."""
+        last: BaseException | None = None
+        for link in self.attempts():
+            try:
+                result = await call(link.provider)
+            except Exception as e:
+                self.failed(link, e)
+                last = e
+                continue
+            self.succeeded(link)
+            return result
+        assert last is not None
+        raise self.give_up(last)
+
     def give_up(self, error: BaseException) -> ProviderError:
         """The error once every provider failed: the provider's own when the
         chain has one, so its stable code reaches the client unchanged."""
@@ -154,18 +171,7 @@ class FallbackSTT(STT):
         self._max_replay = max_replay_bytes
 
     async def transcribe(self, pcm16: bytes) -> str:
-        last: BaseException | None = None
-        for link in self.chain.attempts():
-            try:
-                text = await link.provider.transcribe(pcm16)
-            except Exception as e:
-                self.chain.failed(link, e)
-                last = e
-                continue
-            self.chain.succeeded(link)
-            return text
-        assert last is not None
-        raise self.chain.give_up(last)
+        return await self.chain.first(lambda stt: stt.transcribe(pcm16))
 
     def open_stream(self) -> STTStreamSession:
         return _FallbackSTTStream(self.chain, self._max_replay)
@@ -286,18 +292,7 @@ class FallbackTTS(TTS):
         self.chain = chain
 
     async def synthesize(self, text: str) -> AudioSegment:
-        last: BaseException | None = None
-        for link in self.chain.attempts():
-            try:
-                segment = await link.provider.synthesize(text)
-            except Exception as e:
-                self.chain.failed(link, e)
-                last = e
-                continue
-            self.chain.succeeded(link)
-            return segment
-        assert last is not None
-        raise self.chain.give_up(last)
+        return await self.chain.first(lambda tts: tts.synthesize(text))
 
     async def stream(self, text: str) -> AsyncIterator[AudioSegment]:
         last: BaseException | None = None
