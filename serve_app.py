@@ -956,18 +956,9 @@ class VoiceIngress:
         return f"{scheme}://{request.url.netloc}{path}"
 
     # ------------------------------------------------------------ control panel (issue 11)
-    # GET /admin serves web/admin.html (static, no data in it); every /api/admin/* route
-    # checks the admin role here on the server. Logic: actors/ingress/admin.py.
-    ADMIN_PAGE_FILES = {"": ("admin.html", "text/html; charset=utf-8"),
-                        "admin.js": ("admin.js", "text/javascript; charset=utf-8"),
-                        "admin.css": ("admin.css", "text/css; charset=utf-8")}
-    ADMIN_PAGE_HEADERS = {
-        "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY",
-        "Referrer-Policy": "no-referrer",
-        "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-                                   "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
-    }
-
+    # GET /admin serves web/admin.html (static, no data in it; its script and style come from
+    # /web/, section "web pages"); every /api/admin/* route checks the admin role here on the
+    # server. Logic: actors/ingress/admin.py.
     def _init_control_panel(self) -> None:
         from actors.ingress.admin import AdminPanel
 
@@ -988,23 +979,8 @@ class VoiceIngress:
         return session_id
 
     @api.get("/admin", include_in_schema=False)
-    async def admin_page(self) -> Response:
-        return self._admin_file("")
-
-    @api.get("/admin/{name}", include_in_schema=False)
-    async def admin_asset(self, name: str) -> Response:
-        return self._admin_file(name)
-
-    def _admin_file(self, name: str) -> Response:
-        found = self.ADMIN_PAGE_FILES.get(name)
-        if found is None:
-            raise ApiError(404, "http.404", "Not Found")
-        path = self.config.resolve_path("web") / found[0]
-        try:
-            body = path.read_bytes()
-        except OSError:
-            raise ApiError(404, "http.404", "Not Found") from None
-        return Response(body, media_type=found[1], headers=self.ADMIN_PAGE_HEADERS)
+    async def admin_page(self, request: Request) -> Response:
+        return self._web_file("admin.html", request)
 
     @api.get("/api/admin/overview")
     async def admin_overview(self, request: Request) -> dict[str, Any]:

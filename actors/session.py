@@ -251,8 +251,9 @@ class SessionActor:
                 while not q.empty() and len(batch) < EVENT_BATCH_MAX:
                     batch.append(q.get_nowait())
                 yield batch
-                if any(isinstance(e, ErrorEvent) and e.code == ErrorCode.SESSION_REPLACED for e in batch):
-                    return
+                if any(isinstance(e, ErrorEvent) and e.code in (ErrorCode.SESSION_REPLACED, ErrorCode.SESSION_CLOSED)
+                       for e in batch):
+                    return  # replaced, or the session ended: the listener's stream ends with it
         finally:
             core.unsubscribe(q)
             if self._exclusive is q:
@@ -279,7 +280,13 @@ class SessionActor:
                 "node_id": ray.get_runtime_context().get_node_id()}
 
     async def close(self, forget: bool = False) -> None:
-        """End the session; `forget` also deletes its stored conversation."""
+        """End the session; `forget` also deletes its stored conversation.
+        Listeners get `session.closed` first, which ends their event streams
+        (a socket closes normally on it): the actor can only exit once no
+        call of theirs is still running."""
+        if not self._core.closed and self._core.subscribers:
+            self._core.emit_error(ErrorCode.SESSION_CLOSED, "the session was ended")
+            await asyncio.sleep(0.05)
         await self._end()
         if forget:
             self._core.forget_history()

@@ -231,7 +231,7 @@ async function showTranscript(id) {
     $("transcript-meta").textContent =
       `${t.live ? "live" : "stored"} · ${t.owner || "no owner"} · ${t.persona || "default persona"}`;
     const items = (t.messages || []).filter((m) => m.role !== "system").map((m) =>
-      el("li", {}, el("span", { class: `role ${m.role}`, text: m.role }), el("span", { text: m.content || "" })));
+      el("li", {}, el("span", { class: `role ${m.role}`, text: m.role }), el("span", { class: m.content ? null : "muted", text: m.content || (m.role === "assistant" ? "(calls a tool)" : "") })));
     $("transcript").replaceChildren(...(items.length ? items : [el("li", { class: "muted", text: "no messages yet" })]));
     $("transcript-card").hidden = false;
     $("transcript-card").scrollIntoView({ block: "nearest" });

@@ -160,7 +160,7 @@ class SeriesSampler:
             except Exception:  # Ray shutting down: the thread ends with the process
                 log.debug("series sample failed", exc_info=True)
 
-    def sample(self) -> dict[str, Any]:
+    def sample(self, keep: bool = True) -> dict[str, Any]:
         now = time.time()
         try:
             live = self._live_sessions()
@@ -168,19 +168,21 @@ class SeriesSampler:
             live = None
         point = {"t": round(now, 3), "live_sessions": live, "sockets": self._sockets(),
                  "latency_ms": latency_figures(self._metrics.recent_latency, now, self.window_s)}
-        with self._lock:
-            self._points.append(point)
+        if keep:
+            with self._lock:
+                self._points.append(point)
         return point
 
     def series(self) -> dict[str, Any]:
-        """Every point kept, plus one taken now when the last is a period old
-        (so the panel sees a turn that just ended)."""
+        """Every point kept, and last one taken now (so the panel sees a turn
+        that just ended); it is kept too unless the last kept one is recent."""
         with self._lock:
             last = self._points[-1]["t"] if self._points else 0.0
-        if time.time() - last >= min(1.0, self.period_s):
-            self.sample()
+        now = self.sample(keep=time.time() - last >= self.period_s / 2)
         with self._lock:
             points = list(self._points)
+        if not points or points[-1] is not now:
+            points.append(now)
         return {"period_s": self.period_s, "window_s": self.window_s, "stages": list(LATENCY_STAGES),
                 "percentiles": ["p50", "p90", "p99"], "points": points}
 
@@ -297,10 +299,9 @@ class AdminPanel:
                 pass  # it exits while answering
             except Exception:  # stuck: ended the hard way below
                 log.warning("session %s did not close in time; killing it", session_id)
-            # close() has stopped the session and saved (or forgotten) its conversation, but
-            # its actor only exits once every call in flight ends, and a listener's event
-            # stream never does: end the process, so listeners' streams fail and their
-            # sockets close.
+            # close() tells listeners `session.closed` (their streams end, sockets close
+            # normally), saves or forgets the conversation and exits; a call stuck past it
+            # would keep the process alive, so make sure it is gone
             ray.kill(actor, no_restart=True)
             try:
                 await self.sessions.directory.release.remote(session_id)

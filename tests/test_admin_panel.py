@@ -1,0 +1,408 @@
+"""The control panel (issue 11): the admin API through the real Serve proxy,
+and web/admin.html in a real headless Chromium (Playwright).
+
+The browser tests need Debian's `chromium` (tests/system-deps.sh) and the
+`playwright` package; without them they fail, naming what is missing, unless
+VA_ALLOW_NO_BROWSER=1 is set (then they skip, saying so).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import ray
+from pydantic import SecretStr
+from websockets.exceptions import ConnectionClosed
+
+from actors.audio import silence
+from actors.client import NativeClient
+from actors.config import UserConfig
+from actors.history_store import HistoryStore
+from actors.ingress.admin import MASK, mask_config
+from actors.ingress.auth import Authenticator, hash_password
+from actors.sessions import find_session
+from tests.conftest import INGRESS_PORT, run_ingress
+
+BASE = f"http://127.0.0.1:{INGRESS_PORT}"
+WS = f"ws://127.0.0.1:{INGRESS_PORT}"
+QUESTION = "What is twelve times seven?"
+SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "control-panel.png"
+
+PLANTED = {
+    "jwt": "admin-test-jwt-PLANTED-secret-0123456789abcdef",
+    "device": "admin-test-device-PLANTED-secret-0123456789",
+    "llm": "sk-PLANTED-llm-key-5f3a9c11",
+    "stt": "sk-PLANTED-stt-key-77c1d0e2",
+    "tts": "sk-PLANTED-tts-key-a0e4b2f3",
+}
+"""Known secret values put into the served configuration: none may appear in /api/admin/config."""
+
+ADMIN_ROUTES = [
+    ("GET", "/api/admin/overview"), ("GET", "/api/admin/sessions"), ("GET", "/api/admin/sessions/abc123"),
+    ("POST", "/api/admin/sessions/abc123/end"), ("DELETE", "/api/admin/sessions/abc123"),
+    ("GET", "/api/admin/pools"), ("GET", "/api/admin/errors"), ("GET", "/api/admin/series"),
+    ("GET", "/api/admin/config"),
+]
+
+
+@pytest.fixture(scope="module")
+def server_config(config):
+    alice_hash = hash_password("wonderland", iterations=1000)
+    auth = config.auth.model_copy(update={
+        "jwt_secret": SecretStr(PLANTED["jwt"]), "device_secret": SecretStr(PLANTED["device"]),
+        "users": {"alice": UserConfig(password_hash=alice_hash, roles=["user", "admin"])},
+    })
+    limits = config.limits.model_copy(update={"requests_per_minute": 6000, "burst": 400,
+                                              "max_live_sessions_per_principal": 64})
+    # vendor sections of providers outside the chains: shown (validated) in the config, never used
+    llm = config.llm.model_copy(update={"openai_compat": {"api_key": PLANTED["llm"], "model": "qwen-plus"}})
+    stt = config.stt.model_copy(update={"dashscope": {"api_key": PLANTED["stt"]}})
+    tts = config.tts.model_copy(update={"dashscope": {"api_key": PLANTED["tts"]}})
+    PLANTED["password_hash"] = alice_hash
+    return config.model_copy(update={"auth": auth, "limits": limits, "llm": llm, "stt": stt, "tts": tts})
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, server_config):
+    yield from run_ingress(server_config, "voice-actors-admin-test")
+
+
+@pytest.fixture(scope="module")
+def auth(server_config) -> Authenticator:
+    return Authenticator(server_config.auth)
+
+
+@pytest.fixture(scope="module")
+def admin_token(auth) -> str:
+    return auth.issue_token("root", roles=("user", "admin"))
+
+
+@pytest.fixture(scope="module")
+def user_token(auth) -> str:
+    return auth.issue_token("bob")
+
+
+@pytest.fixture(scope="module")
+def store(server_config) -> HistoryStore:
+    return HistoryStore(server_config.resolve_path(server_config.session.history_db))
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def admin_get(token: str, path: str) -> dict:
+    async with httpx.AsyncClient(timeout=30) as http:
+        r = await http.get(f"{BASE}{path}", headers=bearer(token))
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+async def wait_closed(client: NativeClient, timeout_s: float = 15.0) -> None:
+    """Read until the server closes the socket (fails if it stays open)."""
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            await asyncio.wait_for(client.ws.recv(), max(0.05, deadline - time.monotonic()))
+    except (ConnectionClosed, asyncio.TimeoutError) as e:
+        if isinstance(e, ConnectionClosed):
+            return
+    raise AssertionError("the session's socket stayed open after the session was ended")
+
+
+async def wait_gone(config, session_id: str, timeout_s: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while find_session(config, session_id) is not None:
+        assert time.monotonic() < deadline, f"session actor {session_id} still alive"
+        await asyncio.sleep(0.2)
+
+
+# ------------------------------------------------------------------ roles, on the server
+async def test_every_admin_route_refuses_users_and_anonymous(server, user_token):
+    async with httpx.AsyncClient(timeout=30) as http:
+        for method, path in ADMIN_ROUTES:
+            r = await http.request(method, f"{BASE}{path}")
+            assert r.status_code == 401, (method, path, r.text)
+            assert r.json()["error"]["code"] == "auth.missing_token"
+            assert r.headers.get("www-authenticate") == "Bearer"
+            r = await http.request(method, f"{BASE}{path}", headers=bearer(user_token))
+            assert r.status_code == 403, (method, path, r.text)
+            assert r.json()["error"]["code"] == "auth.forbidden"
+            assert "admin role" in r.json()["error"]["message"]
+            r = await http.request(method, f"{BASE}{path}", headers=bearer("not-a-token"))
+            assert r.status_code == 401 and r.json()["error"]["code"] == "auth.bad_token", (method, path)
+
+
+async def test_the_page_is_served_without_data(server):
+    async with httpx.AsyncClient(timeout=30) as http:
+        page = await http.get(f"{BASE}/admin")
+        js = await http.get(f"{BASE}/web/admin.js")
+        css = await http.get(f"{BASE}/web/admin.css")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "control panel" in page.text and "/web/admin.js" in page.text and "/web/admin.css" in page.text
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    assert js.status_code == 200 and "javascript" in js.headers["content-type"]
+    assert css.status_code == 200 and css.headers["content-type"].startswith("text/css")
+
+
+# ------------------------------------------------------------------ sessions: see, read, end, forget
+async def test_admin_sees_reads_ends_and_forgets_a_session(server, server_config, admin_token, user_token, store):
+    client = await NativeClient.connect(f"{WS}/ws/voice", user_token)
+    sid = client.session_id
+    try:
+        turn = await client.ask_text(QUESTION)
+        assert "84" in turn.reply
+
+        listing = await admin_get(admin_token, "/api/admin/sessions")
+        rows = {r["session_id"]: r for r in listing["sessions"]}
+        assert sid in rows, listing
+        row = rows[sid]
+        assert row["owner"] == "user:bob" and row["owner_kind"] == "user"
+        assert row["persona"] == server_config.default_persona
+        assert row["state"] in ("idle", "listening", "replying")
+        assert row["turns"] >= 1 and row["age_s"] >= 0 and row["clients"] >= 1 and not row["warm"]
+        assert isinstance(row["node_id"], str) and len(row["node_id"]) >= 8
+        assert row["node_id"] == ray.get_runtime_context().get_node_id()  # one node in the tests
+        assert listing["count"] >= 1
+
+        transcript = await admin_get(admin_token, f"/api/admin/sessions/{sid}")
+        assert transcript["live"] is True and transcript["owner"] == "user:bob"
+        said = [(m["role"], m["content"]) for m in transcript["messages"]]
+        assert ("user", QUESTION) in said
+        assert any(role == "assistant" and "84" in text for role, text in said), said
+
+        async with httpx.AsyncClient(timeout=30) as http:
+            r = await http.post(f"{BASE}/api/admin/sessions/{sid}/end", headers=bearer(admin_token))
+        assert r.status_code == 200 and r.json()["ended"] is True, r.text
+        await wait_closed(client)
+        await wait_gone(server_config, sid)
+    finally:
+        await client.close()
+
+    listing = await admin_get(admin_token, "/api/admin/sessions")
+    assert sid not in {r["session_id"] for r in listing["sessions"]}
+    stored = await admin_get(admin_token, f"/api/admin/sessions/{sid}")  # ended: the store still has it
+    assert stored["live"] is False and any("84" in m["content"] for m in stored["messages"])
+    assert store.known(sid)
+
+    async with httpx.AsyncClient(timeout=30) as http:
+        again = await http.post(f"{BASE}/api/admin/sessions/{sid}/end", headers=bearer(admin_token))
+        forget = await http.delete(f"{BASE}/api/admin/sessions/{sid}", headers=bearer(admin_token))
+        gone = await http.get(f"{BASE}/api/admin/sessions/{sid}", headers=bearer(admin_token))
+        bad = await http.get(f"{BASE}/api/admin/sessions/not%20an%20id", headers=bearer(admin_token))
+    assert again.status_code == 404 and again.json()["error"]["code"] == "session.not_found"
+    assert forget.status_code == 200 and forget.json()["history_deleted"] is True, forget.text
+    assert not store.known(sid)
+    assert gone.status_code == 404 and bad.status_code == 404
+
+
+async def test_forget_ends_a_live_session_too(server, server_config, admin_token, user_token, store):
+    async with await NativeClient.connect(f"{WS}/ws/voice", user_token) as client:
+        sid = client.session_id
+        await client.ask_text("Remember that my locker is number nine.")
+        assert store.known(sid)
+        async with httpx.AsyncClient(timeout=30) as http:
+            r = await http.delete(f"{BASE}/api/admin/sessions/{sid}", headers=bearer(admin_token))
+        assert r.status_code == 200 and r.json() == {"session_id": sid, "ended": True, "history_deleted": True}
+        await wait_closed(client)
+    await wait_gone(server_config, sid)
+    assert not store.known(sid)
+
+
+# ------------------------------------------------------------------ providers, errors, series, config
+async def test_series_errors_and_pools_after_a_turn_and_an_error(server, admin_token, user_token, speech):
+    async with await NativeClient.connect(f"{WS}/ws/voice", user_token) as client:
+        sid = client.session_id
+        turn = await client.ask_audio(silence(300) + speech(QUESTION), realtime=False)
+        assert "84" in turn.reply
+        await client.send_json({"type": "text", "text": "   "})  # provoked: text.empty
+        error = await client.receive_turn(until="error", timeout_s=20)
+        assert error.errors and error.errors[-1]["code"] == "text.empty"
+
+        errors = await admin_get(admin_token, "/api/admin/errors")
+        assert errors["kept"] >= 100 and isinstance(errors["errors"], list)
+        mine = [e for e in errors["errors"] if e["session_id"] == sid]
+        assert mine and mine[0]["code"] == "text.empty" and mine[0]["kind"] == "session"
+        assert mine[0]["message"] == "text message is empty" and mine[0]["turn_id"] >= 0
+        assert abs(mine[0]["ts"] - time.time()) < 120
+        assert set(mine[0]) == {"ts", "kind", "code", "message", "session_id", "turn_id"}
+        stamps = [e["ts"] for e in errors["errors"]]
+        assert stamps == sorted(stamps, reverse=True)  # newest first
+
+        series = await admin_get(admin_token, "/api/admin/series")
+        assert series["period_s"] > 0 and series["window_s"] > 0
+        assert series["stages"] == ["first_audio", "stt_final", "llm_first_token", "tts_first_audio"]
+        points = series["points"]
+        assert points and all(set(p) == {"t", "live_sessions", "sockets", "latency_ms"} for p in points)
+        assert [p["t"] for p in points] == sorted(p["t"] for p in points)
+        last = points[-1]
+        assert last["live_sessions"] >= 1 and last["sockets"] >= 1
+        for stage in ("first_audio", "stt_final", "llm_first_token"):
+            figures = last["latency_ms"][stage]
+            assert figures["n"] >= 1 and 0 < figures["p50"] <= figures["p90"] <= figures["p99"] < 60_000, (stage, last)
+
+        pools = await admin_get(admin_token, "/api/admin/pools")
+        by_kind = {p["kind"]: p for p in pools["pools"]}
+        assert set(by_kind) == {"stt", "tts"} and pools["chains"]["llm"][0] == "local-dialogue"
+        stt = by_kind["stt"]
+        assert stt["ok"] and stt["calls"] >= 1 and stt["nodes"]
+        node = stt["nodes"][0]
+        assert node["in_flight"] >= 0 and node["max_concurrency"] >= 1 and node["failures"] >= 0
+        assert node["latency_ms"]["p50"] > 0 and node["latency_ms"]["mean"] > 0
+        assert isinstance(pools["breakers"]["breakers"], dict)
+        warm = pools["warm_pool"]
+        assert warm["target"] == 1 and 0 <= warm["ready"] <= 1 and warm["unclaimed_in_cluster"] >= 0
+
+        overview = await admin_get(admin_token, "/api/admin/overview")
+        assert {"sessions", "pools", "breakers", "warm_pool", "errors", "series", "time"} <= set(overview)
+        assert sid in {r["session_id"] for r in overview["sessions"]["sessions"]}
+
+
+async def test_config_is_masked(server, admin_token, server_config):
+    async with httpx.AsyncClient(timeout=30) as http:
+        r = await http.get(f"{BASE}/api/admin/config", headers=bearer(admin_token))
+    assert r.status_code == 200
+    for name, value in PLANTED.items():
+        assert value not in r.text, f"the {name} secret leaked into /api/admin/config"
+    cfg = r.json()
+    assert cfg["auth"]["jwt_secret"] == MASK and cfg["auth"]["device_secret"] == MASK
+    assert cfg["auth"]["users"]["alice"]["password_hash"] == MASK
+    assert cfg["auth"]["users"]["alice"]["roles"] == ["user", "admin"]
+    assert cfg["llm"]["openai_compat"]["api_key"] == MASK and cfg["llm"]["openai_compat"]["model"] == "qwen-plus"
+    assert cfg["llm"]["openai_compat"]["api_key_env"] == "DASHSCOPE_API_KEY"  # a variable's name, shown
+    assert cfg["stt"]["dashscope"]["api_key"] == MASK and cfg["tts"]["dashscope"]["api_key"] == MASK
+    assert "model" in cfg["stt"]["dashscope"]  # the vendor's defaults, filled in
+    assert cfg["server"]["namespace"] == server_config.server.namespace
+    assert cfg["auth"]["token_ttl_s"] == server_config.auth.token_ttl_s  # numbers are never masked
+    assert cfg["limits"]["requests_per_minute"] == server_config.limits.requests_per_minute
+
+
+def test_mask_config_covers_headers_env_and_urls(config):
+    from actors.agent.tools import MCPServerConfig
+
+    tools = config.tools.model_copy(update={"mcp_servers": [
+        MCPServerConfig(name="gh", transport="stdio", command="gh-mcp", env={"GITHUB_PAT": "ghp_PLANTEDenv"}),
+        MCPServerConfig(name="web", transport="http", url="https://u:PLANTEDurlpw@mcp.example.com/mcp",
+                        headers={"X-Whatever": "PLANTEDheader"}),
+    ]})
+    memory = config.memory.model_copy(update={"url": "postgresql://va:PLANTEDdbpw@db:5432/va"})
+    resilience = config.resilience.model_copy(update={"key_limits": {"DASHSCOPE_API_KEY": {"max_concurrency": 3}}})
+    masked = mask_config(config.model_copy(update={"tools": tools, "memory": memory, "resilience": resilience}))
+    text = json.dumps(masked)
+    assert "PLANTED" not in text, text
+    assert masked["memory"]["url"] == f"postgresql://{MASK}@db:5432/va"
+    assert masked["tools"]["mcp_servers"][0]["env"] == {"GITHUB_PAT": MASK}
+    assert masked["tools"]["mcp_servers"][0]["command"] == "gh-mcp"
+    assert masked["resilience"]["key_limits"]["DASHSCOPE_API_KEY"]["max_concurrency"] == 3
+
+
+# ------------------------------------------------------------------ the page, in a real browser
+def _browser_or_fail() -> str:
+    """Chromium's path; fails (or skips with VA_ALLOW_NO_BROWSER=1), naming what is missing."""
+    missing = []
+    try:
+        import playwright.async_api  # noqa: F401
+    except ImportError:
+        missing.append("the `playwright` Python package (pip install playwright)")
+    path = os.environ.get("VA_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if not path:
+        missing.append("Debian's chromium (apt-get install chromium; tests/system-deps.sh)")
+    if missing:
+        why = "the control panel's browser test needs " + " and ".join(missing)
+        if os.environ.get("VA_ALLOW_NO_BROWSER") == "1":
+            pytest.skip(why + " (skipped: VA_ALLOW_NO_BROWSER=1)")
+        pytest.fail(why + "; set VA_ALLOW_NO_BROWSER=1 to skip it instead", pytrace=False)
+    assert path is not None
+    return path
+
+
+@pytest.fixture(scope="module")
+async def browser(server):
+    path = _browser_or_fail()
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as p:
+        b = await p.chromium.launch(executable_path=path, headless=True,
+                                    args=["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"])
+        try:
+            yield b
+        finally:
+            await b.close()
+
+
+async def _sign_in(page, token: str) -> None:
+    await page.goto(f"{BASE}/admin")
+    await page.fill("#token", token)
+    await page.click("#use-token")
+
+
+async def test_panel_in_a_browser_shows_and_ends_a_session(browser, server_config, admin_token, user_token):
+    async with await NativeClient.connect(f"{WS}/ws/voice", user_token) as client:
+        sid = client.session_id
+        await client.ask_text(QUESTION)
+        page = await browser.new_page(viewport={"width": 1360, "height": 1500})
+        problems: list[str] = []
+        page.on("pageerror", lambda e: problems.append(str(e)))
+        page.on("dialog", lambda d: asyncio.ensure_future(d.accept()))  # the "end this session?" confirm
+        try:
+            await _sign_in(page, admin_token)
+            row = page.locator(f'#sessions tr[data-session-id="{sid}"]')
+            await row.wait_for(timeout=20_000)
+            assert "user:bob" in await row.inner_text()
+            assert await page.locator("#status").inner_text() != "not signed in"
+            await page.locator("#pools tbody tr").first.wait_for(timeout=10_000)
+            assert await page.locator("#plot-latency path").count() >= 1  # the turn's latency is drawn
+            await page.locator("#plot-sessions path").first.wait_for(timeout=10_000)
+
+            await row.locator("button.view").click()
+            await page.locator("#transcript li").first.wait_for(timeout=10_000)
+            assert "84" in await page.locator("#transcript").inner_text()
+            # a few samples on the plots for the picture
+            await page.wait_for_function("document.querySelectorAll('#plot-sessions circle').length >= 6",
+                                         timeout=30_000)
+            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+            await page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+            await row.locator("button.end").click()
+            await row.wait_for(state="detached", timeout=20_000)
+            await wait_closed(client)
+            await wait_gone(server_config, sid)
+
+            # the server goes away: the page says so, and recovers when it is back
+            await page.route("**/api/admin/**", lambda route: route.abort())
+            await page.locator("#status.unreachable").wait_for(timeout=15_000)
+            assert "unreachable" in (await page.locator("#message").inner_text()).lower()
+            await page.unroute("**/api/admin/**")
+            await page.locator("#status.live").wait_for(timeout=15_000)
+            assert await page.locator("#message").is_hidden()
+            assert not problems, problems
+        finally:
+            await page.close()
+    assert SCREENSHOT.stat().st_size > 10_000
+
+
+async def test_panel_in_a_browser_refuses_a_user_and_an_expired_token(browser, auth, user_token):
+    page = await browser.new_page()
+    try:
+        await _sign_in(page, user_token)
+        message = page.locator("#message")
+        await message.wait_for(state="visible", timeout=15_000)
+        assert "this needs the admin role" in await message.inner_text()
+        assert await page.locator("#panel").is_hidden()
+        assert await page.locator("#sessions tbody tr").count() == 0
+
+        expired = auth.issue_token("root", roles=("user", "admin"), ttl_s=-120)
+        await _sign_in(page, expired)
+        await page.wait_for_function("document.getElementById('message').textContent.includes('expired')",
+                                     timeout=15_000)
+        assert await page.locator("#panel").is_hidden()
+        assert await page.evaluate("sessionStorage.length") == 0  # the refused token is not kept
+    finally:
+        await page.close()
