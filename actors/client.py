@@ -3,6 +3,14 @@ or the xiaozhi protocol (Opus), as a device would talk to it.
 
     async with NativeClient.connect("ws://127.0.0.1:8000/ws/voice", token) as c:
         turn = await c.ask_audio(pcm16, on_event=print)
+
+When parts of the server die (docs/architecture.md, "When parts die"): a
+session actor that dies is reopened by the server on the same socket, which
+sends an `error` event `session.restarted` (the turn in flight ended, the
+conversation kept; `receive_turn` returns on it, or on the `tts.stop` that
+follows it if a reply was playing). A socket that drops (an ingress replica
+lost, a restart) is not fatal either: `reconnect()` opens a new one to the
+same session, retrying until the server takes it.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from actors.audio import silence, split_frames
 from actors.protocols.native import CODEC_OPUS, unpack_audio
@@ -23,6 +32,21 @@ from actors.protocols.opus import OpusDecoder, OpusEncoder
 from actors.protocols.xiaozhi import pack_frame, unpack_frame
 
 FRAME_MS = 60
+RESTARTED = "session.restarted"
+"""The `error` code the server sends when it reopened a dead session on this socket."""
+
+
+def should_reconnect(error: BaseException) -> bool:
+    """Is this socket failure one to answer by reconnecting? Yes for a
+    dropped connection or a server that is (re)starting; no for a refusal
+    (close codes 4400–4499: auth, a session that is not yours, limits) or a
+    normal close (1000: the conversation ended)."""
+    if isinstance(error, ConnectionClosed):
+        frame = error.rcvd
+        return frame is None or not (frame.code == 1000 or 4400 <= frame.code < 4500)
+    if isinstance(error, InvalidStatus):
+        return error.response.status_code >= 500
+    return isinstance(error, (OSError, InvalidHandshake, asyncio.TimeoutError, ConnectionError))
 
 
 @dataclass
@@ -57,6 +81,40 @@ class _Client:
     def __init__(self, ws: ClientConnection) -> None:
         self.ws = ws
         self.hello: dict[str, Any] = {}
+        self.reconnects = 0
+        self._connect_args: dict[str, Any] = {}
+
+    async def _connect_again(self) -> _Client:
+        raise NotImplementedError
+
+    async def reconnect(self, timeout_s: float = 60.0) -> None:
+        """Open a new socket to the same session (the native client names its
+        session id; a xiaozhi device gets its own session back by its
+        credentials), retrying with backoff while the server is unreachable
+        or starting, until `timeout_s`. A refusal (auth, not your session) is
+        raised at once. The old socket is dropped."""
+        deadline = time.monotonic() + timeout_s
+        delay = 0.2
+        while True:
+            try:
+                fresh = await asyncio.wait_for(self._connect_again(), max(1.0, deadline - time.monotonic()))
+                break
+            except Exception as e:
+                if not should_reconnect(e) or time.monotonic() + delay >= deadline:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(2.0, delay * 2)
+        old, self.ws = self.ws, fresh.ws
+        self.hello = fresh.hello
+        self._adopt(fresh)
+        self.reconnects += 1
+        try:
+            await old.close()
+        except Exception:  # it is dead already
+            pass
+
+    def _adopt(self, fresh: Any) -> None:
+        """Take the new connection's per-socket state (codecs, ids)."""
 
     async def close(self) -> None:
         await self.ws.close()
@@ -100,10 +158,12 @@ class NativeClient(_Client):
     @classmethod
     async def connect(cls, url: str, token: str | None = None, session_id: str | None = None,
                       opus: bool = False, output_opus: bool = False, output_rate: int | None = None,
-                      persona: str | None = None) -> NativeClient:
+                      persona: str | None = None, greet: bool = False) -> NativeClient:
         headers = {"Authorization": f"Bearer {token}"} if token else None
         ws = await connect(url, additional_headers=headers, max_size=2 ** 22, proxy=None)
         client = cls(ws, opus)
+        client._connect_args = {"url": url, "token": token, "session_id": session_id, "opus": opus,
+                                "output_opus": output_opus, "output_rate": output_rate, "persona": persona}
         hello: dict[str, Any] = {"type": "hello", "version": 1,
                                  "audio": {"format": "opus" if opus else "pcm16", "sample_rate": 16000,
                                            "channels": 1, "frame_ms": FRAME_MS},
@@ -114,6 +174,8 @@ class NativeClient(_Client):
             hello["session_id"] = session_id
         if persona:
             hello["persona"] = persona
+        if greet:
+            hello["greet"] = True
         await ws.send(json.dumps(hello))
         reply = json.loads(await ws.recv())
         if reply.get("type") != "hello":
@@ -126,6 +188,12 @@ class NativeClient(_Client):
     @property
     def session_id(self) -> str:
         return self.hello["session_id"]
+
+    async def _connect_again(self) -> NativeClient:
+        return await NativeClient.connect(**{**self._connect_args, "session_id": self.session_id})
+
+    def _adopt(self, fresh: Any) -> None:
+        self._encoder, self._decoder = fresh._encoder, fresh._decoder
 
     async def _send_audio_frame(self, frame: bytes) -> None:
         if self._encoder is None:
@@ -149,6 +217,7 @@ class NativeClient(_Client):
         turn = turn or ClientTurn()
         deadline = time.monotonic() + timeout_s
         reply_turn: int | None = None
+        playing = restarted = False
         while True:
             data = await asyncio.wait_for(self.ws.recv(), max(0.01, deadline - time.monotonic()))
             if isinstance(data, bytes):
@@ -166,6 +235,7 @@ class NativeClient(_Client):
             kind = msg.get("type")
             if kind == "tts.start":
                 turn.sample_rate = msg["sample_rate"]
+                playing = True
             if kind == "stt.partial":
                 turn.partials.append(msg["text"])
             elif kind == "stt.final":
@@ -178,9 +248,16 @@ class NativeClient(_Client):
                 turn.sentences.append(msg["text"])
             elif kind == "error":
                 turn.errors.append(msg)
+                if msg.get("code") == RESTARTED:  # the session died: this turn ends here
+                    if not playing:
+                        return turn
+                    restarted = True  # its tts.stop follows
             elif kind == "tts.stop":
                 turn.audio_done_at = time.monotonic()
                 turn.interrupted = turn.interrupted or msg["reason"] == "interrupted"
+                playing = False
+                if restarted:
+                    return turn
             if kind == until and (reply_turn is None or msg.get("turn_id") == reply_turn):
                 return turn
 
@@ -224,8 +301,17 @@ class XiaozhiClient(_Client):
             raise ConnectionError(f"server refused hello: {reply}")
         client.hello = reply
         client.session_id = reply.get("session_id", "")
+        client._connect_args = {"url": url, "token": token, "device_id": device_id, "client_id": client_id,
+                                "version": version, "mcp": mcp}
         client._decoder = OpusDecoder(reply["audio_params"]["sample_rate"])
         return client
+
+    async def _connect_again(self) -> XiaozhiClient:
+        return await XiaozhiClient.connect(**self._connect_args)  # the device's credentials name its session
+
+    def _adopt(self, fresh: Any) -> None:
+        self.session_id, self._decoder = fresh.session_id, fresh._decoder
+        self._encoder = OpusEncoder(16000, FRAME_MS)
 
     async def send_json(self, message: dict[str, Any]) -> None:
         await self.ws.send(json.dumps({"session_id": self.session_id, **message}))
@@ -247,6 +333,7 @@ class XiaozhiClient(_Client):
         assert self._decoder is not None
         turn.sample_rate = self.hello["audio_params"]["sample_rate"]
         deadline = time.monotonic() + timeout_s
+        playing = False
         while True:
             data = await asyncio.wait_for(self.ws.recv(), max(0.01, deadline - time.monotonic()))
             if isinstance(data, bytes):
@@ -262,11 +349,15 @@ class XiaozhiClient(_Client):
             kind, state = msg.get("type"), msg.get("state")
             if kind == "stt":
                 turn.transcript = msg["text"]
+            elif kind == "tts" and state == "start":
+                playing = True
             elif kind == "tts" and state == "sentence_start":
                 turn.sentences.append(msg["text"])
                 turn.reply = " ".join(turn.sentences)
             elif kind == "error":
                 turn.errors.append(msg)
+                if msg.get("code") == RESTARTED and not playing:  # the session died before replying
+                    return turn
             elif kind == "tts" and state == "stop":
                 turn.audio_done_at = time.monotonic()
                 return turn

@@ -755,3 +755,14 @@ async def test_knowledge_search_cites_the_museum_and_admins_ingest_documents(ser
         assert bad.status_code == 400 and bad.json()["error"]["code"] == "knowledge.bad_name"
         removed = await http.delete(f"{BASE}/api/knowledge/documents/sundial.md", headers=admin)
         assert removed.status_code == 200
+
+
+async def test_a_new_session_greets_as_its_persona_when_asked(server, auth):
+    token = token_for(auth, "greet-user")
+    async with await NativeClient.connect(f"{WS}/ws/voice", token, persona="storyteller", greet=True) as c:
+        said = await _until(c.ws, lambda m: isinstance(m, dict) and m.get("type") == "tts.sentence")
+        sid = c.session_id
+    assert said["text"].startswith("Hello, I'm Luna"), said
+    async with await NativeClient.connect(f"{WS}/ws/voice", token, session_id=sid, greet=True) as c:
+        with pytest.raises(asyncio.TimeoutError):  # resumed: no second greeting
+            await _until(c.ws, lambda m: m.get("type") == "tts.sentence", timeout=2)

@@ -5,6 +5,12 @@ batches of `ingress.uplink_batch_ms` (DESIGN §2: every cross-process call
 costs 0.7–2.5 ms of CPU) and every call to the session is awaited in order,
 so control messages never overtake the audio sent before them.
 Downlink: the session's event stream → adapter → client frames.
+
+When the session actor dies under a live socket (killed, crashed, its node
+lost), the socket stays open: the connection reopens the same session id
+through the same opener (ownership and caps checked again; the conversation
+comes back from the store), subscribes again and tells the client with an
+`error` event `session.restarted` (docs/architecture.md, "When parts die").
 """
 
 from __future__ import annotations
@@ -16,17 +22,33 @@ import time
 import uuid
 from typing import Any, Protocol
 
+import ray
+
 from actors.config import AppConfig
+from actors.events import ErrorCode, ErrorEvent, TTSStop
 from actors.ingress.limits import LimitError, RateLimiter, check_size
-from actors.session import EventStream
 from actors.protocols.base import (
-    Audio, DeviceMessage, Greet, HistoryRequest, Hello, Interrupt, Listen, Outgoing, ProtocolAdapter, ProtocolError, Reply,
+    Audio,
+    DeviceMessage,
+    Greet,
+    Hello,
+    HistoryRequest,
+    Interrupt,
+    Listen,
+    Outgoing,
+    ProtocolAdapter,
+    ProtocolError,
+    Reply,
     Text,
 )
+from actors.session import EventStream
 
 log = logging.getLogger(__name__)
 
 HELLO_TIMEOUT_S = 10.0
+REOPEN_TIMEOUT_S = 30.0
+"""How long a connection tries to bring its dead session back before it
+gives up and closes the socket (1011 `internal`; clients reconnect)."""
 
 
 class ClientSocket(Protocol):
@@ -67,6 +89,15 @@ class VoiceConnection:
                                         burst=max(10, int(config.limits.ws_messages_per_second)))
         self.session_id: str | None = None
         self.actor: Any = None
+        self._rate = config.session.output_sample_rate
+        self._events: EventStream | None = None
+        self._generation = 0
+        """Counts session actors this socket has had: one more per reopen."""
+        self._recover_lock = asyncio.Lock()
+        self._closed = False
+        self._last_turn = 0
+        self._replying: int | None = None
+        """The turn whose `tts.start` the client got and whose `tts.stop` it has not."""
 
     # ------------------------------------------------------------ plumbing
     async def _send(self, frames: list[Outgoing]) -> None:
@@ -105,16 +136,17 @@ class VoiceConnection:
             return
         sid, actor, resumed = await self._open_session(hello.session_id, hello.persona)
         self.session_id, self.actor = sid, actor
-        rate = self._adapter.wants_output_rate or self._config.session.output_sample_rate
-        events = EventStream(actor, exclusive=self._stream if self._exclusive else None,
-                             sample_rate=rate, speak=self._adapter.speaks)  # this socket's output only
+        rate = self._rate = self._adapter.wants_output_rate or self._config.session.output_sample_rate
+        events = self._events = self._subscribe(actor)
         await events.__anext__()  # session.started: subscribed, nothing said from here on is lost
         await self._send(self._adapter.hello_reply(sid, resumed, rate))
         await self._send(self._adapter.after_hello())
+        if hello.greet and not resumed:
+            await actor.greet.remote()
         for action in rest:
             await self._dispatch(action)
         caller = asyncio.create_task(self._caller())
-        tasks = [asyncio.create_task(self._downlink(events)), asyncio.create_task(self._uplink()),
+        tasks = [asyncio.create_task(self._downlink()), asyncio.create_task(self._uplink()),
                  asyncio.create_task(self._flusher()), asyncio.create_task(self._idle_watch()), caller]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -122,6 +154,7 @@ class VoiceConnection:
                 if t.exception() and not isinstance(t.exception(), ConnectionClosed):
                     log.warning("connection %s ended: %r", sid, t.exception())
         finally:
+            self._closed = True  # a session dying from here on is not reopened
             for t in tasks[:-1]:
                 t.cancel()
             # what the client sent before leaving still reaches the session
@@ -131,7 +164,79 @@ class VoiceConnection:
                 await asyncio.wait_for(caller, 5.0)
             except (asyncio.TimeoutError, Exception):
                 caller.cancel()
-            events.close()
+            self._events.close()
+
+    def _subscribe(self, actor: Any) -> EventStream:
+        return EventStream(actor, exclusive=self._stream if self._exclusive else None,
+                           sample_rate=self._rate, speak=self._adapter.speaks)  # this socket's output only
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        """A call to the session; if its actor is dead, once more on the
+        reopened one (input the dead actor got died with it, so a retry
+        cannot count twice). None if it failed twice or the socket is closing."""
+        for attempt in (1, 2):
+            generation = self._generation
+            try:
+                return await getattr(self.actor, method).remote(*args)
+            except ray.exceptions.RayActorError:
+                if self._closed or attempt == 2:
+                    log.warning("connection %s: %s lost (session actor dead)", self.session_id, method)
+                    return None
+                await self._recover(generation)
+        return None
+
+    async def _recover(self, generation: int) -> None:
+        """The session actor of `generation` died: reopen the same session
+        id through the opener (the same owner checks as a reconnect; the
+        conversation comes back from the store), subscribe again, and tell
+        the client: `session.restarted` carrying the lost turn's id, then
+        `tts.stop` if a reply was playing. No-op if another task already did.
+        Raises ConnectionClosed (after closing the socket) if it cannot."""
+        async with self._recover_lock:
+            if self._closed:
+                raise ConnectionClosed()
+            if generation != self._generation:
+                return  # the uplink or the downlink got there first
+            log.warning("connection %s: session actor died; reopening it", self.session_id)
+            deadline = time.monotonic() + REOPEN_TIMEOUT_S
+            delay = 0.1
+            while True:
+                try:
+                    sid, actor, _ = await self._open_session(self.session_id, None)
+                    events = self._subscribe(actor)
+                    await asyncio.wait_for(events.__anext__(), max(1.0, deadline - time.monotonic()))
+                    break
+                except (ray.exceptions.RayActorError, asyncio.TimeoutError) as e:
+                    # its name may outlive it for a moment: ask again
+                    if time.monotonic() + delay >= deadline:
+                        await self._give_up(ErrorCode.INTERNAL, f"the session could not be reopened: "
+                                                                f"{type(e).__name__}", 1011)
+                except Exception as e:  # refused (no longer yours, caps): as a reconnect would be
+                    code = getattr(e, "code", ErrorCode.INTERNAL)
+                    await self._give_up(code, getattr(e, "message", "the session could not be reopened"),
+                                        getattr(e, "ws_close_code", 1011))
+                await asyncio.sleep(delay)
+                delay = min(1.0, delay * 2)
+            with_suppress_close(self._events)
+            lost, replying = self._last_turn, self._replying
+            self.session_id, self.actor, self._events = sid, actor, events
+            self._generation += 1
+            self._last_turn, self._replying = 0, None  # the new actor counts turns afresh
+            frames = self._adapter.encode(ErrorEvent(
+                session_id=sid, turn_id=lost, code=ErrorCode.SESSION_RESTARTED,
+                message="the session restarted; the turn in flight was lost, the conversation before it kept"))
+            if replying is not None:
+                frames += self._adapter.encode(TTSStop(session_id=sid, turn_id=replying, reason="interrupted"))
+            await self._send(frames)
+
+    async def _give_up(self, code: str, message: str, close_code: int) -> None:
+        with_suppress_close(self._events)
+        try:
+            await self._send(self._adapter.error(str(code), message))
+            await self._ws.close(close_code, str(code))
+        except Exception:  # the client is gone already
+            pass
+        raise ConnectionClosed()
 
     async def _await_hello(self) -> tuple[Hello, list[Any]]:
         """The hello, and whatever else its message asked for (text stream)."""
@@ -182,7 +287,7 @@ class VoiceConnection:
         elif isinstance(action, DeviceMessage):
             self._calls.put_nowait(("device_message", (action.kind, action.payload)))
         elif isinstance(action, HistoryRequest):
-            history = await self.actor.history.remote()
+            history = await self._call("history") or []
             await self._send([json.dumps({"type": "history", "messages": history})])
         elif isinstance(action, Reply):
             await self._send([action.data])
@@ -215,20 +320,36 @@ class VoiceConnection:
     async def _caller(self) -> None:
         while (call := await self._calls.get()) is not None:
             method, args = call
-            await getattr(self.actor, method).remote(*args)
+            await self._call(method, *args)
 
-    async def _downlink(self, events: EventStream) -> None:
-        async for event in events:
-            self._observe(event)
-            frames = self._adapter.encode(event)
-            if frames:
-                await self._send(frames)
-            if getattr(event, "code", None) == "session.replaced":
-                await self._ws.close(4409, "session.replaced")
-                raise ConnectionClosed()
-            if getattr(event, "code", None) == "session.closed":
-                await self._session_ended()
-                raise ConnectionClosed()
+    async def _downlink(self) -> None:
+        while True:
+            events, generation = self._events, self._generation
+            assert events is not None
+            try:
+                async for event in events:
+                    self._observe(event)
+                    frames = self._adapter.encode(event)
+                    if frames:
+                        await self._send(frames)
+                    self._track(event)
+                    if getattr(event, "code", None) == "session.replaced":
+                        await self._ws.close(4409, "session.replaced")
+                        raise ConnectionClosed()
+                    if getattr(event, "code", None) == "session.closed":
+                        await self._session_ended()
+                        raise ConnectionClosed()
+                return
+            except ray.exceptions.RayActorError:  # the session actor died: bring it back on this socket
+                await self._recover(generation)
+
+    def _track(self, event: Any) -> None:
+        """What the client has been told of the current turn, for a restart."""
+        self._last_turn = max(self._last_turn, event.turn_id)
+        if event.type == "tts.start":
+            self._replying = event.turn_id
+        elif event.type == "tts.stop" and event.turn_id == self._replying:
+            self._replying = None
 
     async def _session_ended(self) -> None:
         """The session ended itself (`end_conversation`, after its goodbye was
@@ -255,3 +376,12 @@ class VoiceConnection:
                 await self._ws.close(4408, "protocol.idle_timeout")
                 raise ConnectionClosed()
             await asyncio.sleep(min(left + 0.05, 30.0))
+
+
+def with_suppress_close(events: EventStream | None) -> None:
+    """Close a dead actor's stream; cancelling it may itself fail."""
+    if events is not None:
+        try:
+            events.close()
+        except Exception:
+            pass

@@ -93,6 +93,8 @@ class Hello:
     session_id: str | None = None
     output_sample_rate: int | None = None
     persona: str | None = None
+    greet: bool = False
+    """A new session says its persona's greeting first (a resumed one does not)."""
     features: dict[str, Any] = field(default_factory=dict)
 
 

@@ -42,6 +42,7 @@ class HelloMessage(BaseModel):
     version: int = PROTOCOL_VERSION
     session_id: str | None = Field(None, max_length=64, pattern=SESSION_ID_PATTERN)
     persona: str | None = Field(None, max_length=48, pattern=r"^[a-z0-9][a-z0-9_-]{0,47}$")
+    greet: bool = False
     audio: AudioFormat = AudioFormat()
     output: OutputFormat = OutputFormat()
 
@@ -114,7 +115,8 @@ class NativeProtocol(ProtocolAdapter):
             from actors.protocols.opus import OpusDecoder
 
             self._decoder = OpusDecoder(16000)
-        return Hello(session_id=hello.session_id, output_sample_rate=hello.output.sample_rate, persona=hello.persona)
+        return Hello(session_id=hello.session_id, output_sample_rate=hello.output.sample_rate, persona=hello.persona,
+                     greet=hello.greet)
 
     def on_binary(self, data: bytes) -> list[Action]:
         if self._hello is None:
