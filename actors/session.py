@@ -109,6 +109,8 @@ def build_core(session_id: str, config: AppConfig) -> SessionCore:
     return core
 
 
+# No Ray restart: a dead session is reopened from the store by the ingress
+# connection that notices it (docs/architecture.md, "When parts die").
 @ray.remote(num_cpus=0, max_restarts=0)
 class SessionActor:
     def __init__(self, session_id: str, config: AppConfig) -> None:
@@ -190,6 +192,9 @@ class SessionActor:
                 won = await asyncio.to_thread(store.claim, sid, owner)
                 self._owner = owner if won else await asyncio.to_thread(store.owner_of, sid)
         if self._owner == owner:
+            # a claim is the client arriving: its socket subscribes next, so the
+            # orphan clock starts now, not when the actor was made (a warm one)
+            self._core.last_activity = time.monotonic()
             await self._attach_memory()
         return self._owner == owner
 
