@@ -26,7 +26,7 @@ from actors.providers.openai_compat.llm import (
     backoff_s,
     to_openai_messages,
 )
-from actors.session_core import TurnTimer
+from tests.dialogue_stub import StubCore
 from tests.fakes.openai_server import Chunk, FakeOpenAIServer, FakeToolCall, RecordedRequest, Script
 
 KEY = "sk-test-SECRET-7f3a9c"
@@ -394,32 +394,6 @@ def test_backoff_grows_with_jitter_and_is_capped() -> None:
 # ------------------------------------------------ the dialogue's tool loop
 
 
-class _StubCore:
-    """The little of SessionCore that DialogueState touches."""
-
-    def __init__(self) -> None:
-        self.session_id = "test"
-        self.events: list[Any] = []
-        self.errors: list[tuple[Any, str]] = []
-        self.tts = SimpleNamespace(post=lambda message: None)
-        self._timer = TurnTimer()
-
-    def child_crashed(self, child: str, error: BaseException) -> None:
-        raise error
-
-    def history_changed(self) -> None:
-        pass
-
-    def emit(self, event: Any) -> None:
-        self.events.append(event)
-
-    def emit_error(self, code: Any, message: str, turn: int | None = None) -> None:
-        self.errors.append((code, message))
-
-    def timer(self, turn: int) -> Any:
-        return self._timer
-
-
 def _calculator_model(request: RecordedRequest) -> Script:
     """A model that asks the calculator, then reads the result out."""
     last = request.messages[-1]
@@ -435,7 +409,7 @@ async def test_dialogue_runs_the_tool_loop_through_this_provider(fake: FakeOpenA
     from actors.events import LLMDelta, ToolCallEvent, ToolResultEvent
 
     fake.respond_with(_calculator_model)
-    core = _StubCore()
+    core = StubCore()
     dialogue = DialogueState(core, make_llm(), default_registry(), ToolContext(),  # type: ignore[arg-type]
                              Persona(), max_history=40)
     await dialogue.handle(UserTurn(turn_id=1, text="What is twelve times seven?"))

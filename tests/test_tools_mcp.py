@@ -16,7 +16,6 @@ import sys
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -40,6 +39,7 @@ from actors.agent.tools import (
 )
 from actors.providers.base import LLM, TTS, AudioSegment, ChatMessage, LLMChunk, ToolCall, ToolSpec
 from tests.conftest import INGRESS_PORT, run_ingress
+from tests.dialogue_stub import StubCore
 from tests.fakes.openai_server import FakeOpenAIServer, RecordedRequest, Script
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -140,38 +140,10 @@ async def test_per_call_timeout_and_tool_errors_become_results() -> None:
 
 
 # ------------------------------------------------------------ the tool loop
-class _StubCore:
-    """The little of SessionCore that DialogueState touches."""
-
-    def __init__(self) -> None:
-        from actors.session_core import TurnTimer
-
-        self.session_id = "tools-test"
-        self.events: list[Any] = []
-        self.errors: list[tuple[Any, str]] = []
-        self.tts = SimpleNamespace(post=lambda message: None)
-        self._timer = TurnTimer()
-
-    def child_crashed(self, child: str, error: BaseException) -> None:
-        raise error
-
-    def history_changed(self) -> None:
-        pass
-
-    def emit(self, event: Any) -> None:
-        self.events.append(event)
-
-    def emit_error(self, code: Any, message: str, turn: int | None = None) -> None:
-        self.errors.append((code, message))
-
-    def timer(self, turn: int) -> Any:
-        return self._timer
-
-
 def _dialogue(llm: LLM, tools: ToolRegistry, ctx: ToolContext) -> Any:
     from actors.dialogue import DialogueState
 
-    return DialogueState(_StubCore(), llm, tools, ctx, Persona(), max_history=40)  # type: ignore[arg-type]
+    return DialogueState(StubCore("tools-test"), llm, tools, ctx, Persona(), max_history=40)  # type: ignore[arg-type]
 
 
 class ScriptLLM(LLM):
