@@ -252,11 +252,13 @@ class DialogueState(Child):
         reply_parts: list[str] = []
         await self._tools.prepare()  # MCP servers' tools: listed once per session, bounded wait
         rounds = self._tools.max_rounds
+        for_turn = getattr(self._llm, "for_turn", None)  # a failover chain: later rounds keep the provider that answered
+        llm = for_turn() if for_turn is not None else self._llm
         for round_no in range(rounds + 1):
             round_text: list[str] = []
             last = round_no == rounds  # the depth limit: no tools offered, the model must answer now
             source = (self._drain(spec) if spec is not None
-                      else self._llm.stream(await self._prompt(self.history), [] if last else self._tool_specs()))
+                      else llm.stream(await self._prompt(self.history), [] if last else self._tool_specs()))
             spec = None
             async with aclosing(source) as chunks:
                 calls = await self._consume(turn, chunks, round_text)

@@ -41,6 +41,10 @@ class ErrorCode(StrEnum):
     """Not fatal: a provider failed and the next of its chain took over."""
     SESSION_CLOSED = "session.closed"
     SESSION_REPLACED = "session.replaced"
+    SESSION_RESTARTED = "session.restarted"
+    """Not fatal: the session's actor died and the ingress reopened it from the
+    store on the same socket; the turn in flight (this event's turn id) was
+    lost, the turns before it were kept."""
     INTERNAL = "internal"
 
 

@@ -164,26 +164,65 @@ def ensure_pools(config: AppConfig, timeout_s: float = 120.0, node_id: str | Non
     return ray.get([h.stats.remote() for h in handles], timeout=timeout_s)
 
 
+POOL_RESTART_WAIT_S = 60.0
+"""How long a call whose pool died waits for it to come back before its one retry."""
+
+
+async def _restarted(respawn: Any) -> Any:
+    """The pool once it answers again: the same actor after Ray restarted it
+    (its model reloaded), or a new one if it was killed for good."""
+    deadline = time.monotonic() + POOL_RESTART_WAIT_S
+    while True:
+        pool = await asyncio.to_thread(respawn)
+        try:
+            await pool.stats.remote()
+            return pool
+        except ray.exceptions.RayActorError:
+            if time.monotonic() >= deadline:
+                return pool  # the retry will fail and say so
+            await asyncio.sleep(0.2)
+
+
+async def _call_pool(pool: Any, method: str, arg: Any, respawn: Any, code: str, what: str) -> tuple[Any, Any]:
+    """One pool call, retried once if the pool actor died under it: a crashed
+    pool is restarted by Ray (`max_restarts=-1`, the model reloads) and the
+    retry waits for it; a pool killed for good is made again by `respawn`
+    (`get_pool`). STT and TTS calls are pure, so a retry cannot say anything
+    twice. → (result, the handle that answered)."""
+    for attempt in (1, 2):
+        try:
+            return await getattr(pool, method).remote(arg), pool
+        except ray.exceptions.RayActorError as e:  # the pool's process died (or restarts) during the call
+            if attempt == 2 or respawn is None:
+                raise ProviderError(code, f"{what} failed: the {code.split('.')[0].upper()} pool "
+                                          f"died ({type(e).__name__})") from e
+            log.warning("%s pool died during a call (%s); retrying once", code.split(".")[0], type(e).__name__)
+            pool = await _restarted(respawn)
+        except Exception as e:  # RayTaskError: the model itself failed; the session must survive
+            raise ProviderError(code, f"{what} failed: {type(e).__name__}") from e
+    raise AssertionError("unreachable")
+
+
 class PooledSTT(STT):
-    def __init__(self, handle: ray.actor.ActorHandle) -> None:
+    def __init__(self, handle: ray.actor.ActorHandle, respawn: Any = None) -> None:
         self._pool = handle
+        self._respawn = respawn
 
     async def transcribe(self, pcm16: bytes) -> str:
-        try:
-            return await self._pool.transcribe.remote(pcm16)
-        except Exception as e:  # RayTaskError or actor death: the session must survive
-            raise ProviderError("stt.failed", f"speech recognition failed: {type(e).__name__}") from e
+        text, self._pool = await _call_pool(self._pool, "transcribe", pcm16, self._respawn,
+                                            "stt.failed", "speech recognition")
+        return text
 
 
 class PooledTTS(TTS):
-    def __init__(self, handle: ray.actor.ActorHandle) -> None:
+    def __init__(self, handle: ray.actor.ActorHandle, respawn: Any = None) -> None:
         self._pool = handle
+        self._respawn = respawn
 
     async def synthesize(self, text: str) -> AudioSegment:
-        try:
-            return await self._pool.synthesize.remote(text)
-        except Exception as e:
-            raise ProviderError("tts.failed", f"speech synthesis failed: {type(e).__name__}") from e
+        segment, self._pool = await _call_pool(self._pool, "synthesize", text, self._respawn,
+                                               "tts.failed", "speech synthesis")
+        return segment
 
 
 def stt_provider(name: str, config: AppConfig) -> STT:
@@ -192,11 +231,15 @@ def stt_provider(name: str, config: AppConfig) -> STT:
     audio takes no extra hop (DESIGN §3)."""
     from actors.providers import build_stt, registry
 
-    return PooledSTT(get_pool("stt", name, config)) if registry.spec("stt", name).pooled else build_stt(name, config)
+    if not registry.spec("stt", name).pooled:
+        return build_stt(name, config)
+    return PooledSTT(get_pool("stt", name, config), lambda: get_pool("stt", name, config))
 
 
 def tts_provider(name: str, config: AppConfig) -> TTS:
     """As stt_provider, for speech synthesis."""
     from actors.providers import build_tts, registry
 
-    return PooledTTS(get_pool("tts", name, config)) if registry.spec("tts", name).pooled else build_tts(name, config)
+    if not registry.spec("tts", name).pooled:
+        return build_tts(name, config)
+    return PooledTTS(get_pool("tts", name, config), lambda: get_pool("tts", name, config))

@@ -292,9 +292,63 @@ async def test_a_keys_concurrency_limit_is_cluster_wide_and_its_refusal_fails_ov
         return "".join([c.text async for c in FallbackLLM(chain).stream(question, [])])
 
     first = asyncio.create_task(ask())
-    await asyncio.sleep(0.3)
+    assert await llm.wait_until(lambda: len(llm.requests) == 1, 30), "the first call holds the key's one lease"
     second = await ask()
     assert "Ava" in second and told and "llm.rate_limited" in told[0] and "FAULTS_TEST_KEY" in told[0]
     assert await first == "From the cloud."
     third = await ask()  # the lease was given back
     assert third == "From the cloud." and len(llm.requests) == 2
+
+
+# ------------------------------------------------------------------ issue 12, item 6: slow first byte, drops
+def _first_token_timeout(config: Any, seconds: float) -> Any:
+    from actors.config import LLMConfig
+
+    dumped = config.llm.model_dump()
+    dumped["openai_compat"] = {**dumped["openai_compat"], "first_token_timeout_s": seconds}
+    return config.model_copy(update={"llm": LLMConfig.model_validate(dumped)})
+
+
+@pytest.mark.parametrize("first_token_s, served_by", [(0.5, "openai-compatible"), (3.0, "local-dialogue")],
+                         ids=["below-timeout", "above-timeout"])
+async def test_a_slow_first_byte_is_waited_for_below_the_timeout_and_failed_over_above_it(
+        ray_cluster, config, clean, tap, first_token_s, served_by):
+    _, llm = clean
+    llm.default = Script.text("Eighty-four.", first_token_s=first_token_s)
+    actor = await open_session(_first_token_timeout(cloud(config, clean, llm_fallback=["local-dialogue"]), 1.5))
+    async with tap(actor) as t:
+        started = time.time()
+        turn, metrics = await text_turn(actor, t, QUESTION)
+        answered_after = t.of("llm.delta", turn)[0].ts - started  # first words, not the end of the speech
+        assert metrics.served_by["llm"] == served_by
+        if served_by == "openai-compatible":
+            assert reply_of(t, turn) == "Eighty-four." and codes(t, turn) == []
+            assert answered_after >= first_token_s
+        else:
+            said = [e.message for e in t.of("error", turn) if e.code == "provider.failover"]
+            # the local engine answers with a tool round: that round stays with it, the cloud is not
+            # waited for a second time in the same turn
+            assert len(said) == 1 and "llm.timeout" in said[0] and "local-dialogue" in said[0], said
+            assert "84" in reply_of(t, turn) and 1.5 <= answered_after < 1.5 + 1.5, answered_after
+            assert len(llm.requests) == 1
+        llm.default = Script.text("Back again.")
+        turn, metrics = await text_turn(actor, t, "Again?")
+        assert reply_of(t, turn) == "Back again." and codes(t, turn) == []
+    await end(actor)
+
+
+async def test_an_llm_connection_dropped_mid_reply_is_an_error_and_the_next_turn_uses_the_cloud(
+        ray_cluster, config, clean, tap):
+    from tests.fakes.openai_server import Chunk
+
+    _, llm = clean
+    llm.enqueue(Script(chunks=[Chunk(delta={"role": "assistant", "content": ""}), Chunk(delta={"content": "Twelve "})],
+                       end="abort"))
+    actor = await open_session(cloud(config, clean, llm_fallback=["local-dialogue"]))
+    async with tap(actor) as t:
+        turn, metrics = await text_turn(actor, t, QUESTION)
+        # words were already out: no failover (the fallback would start the answer again), a clear error
+        assert codes(t, turn) == ["llm.unreachable"] and reply_of(t, turn).startswith("Twelve"), codes(t, turn)
+        turn, metrics = await text_turn(actor, t, "Again?")
+        assert reply_of(t, turn) == "Hello from the cloud." and metrics.served_by["llm"] == "openai-compatible"
+    await end(actor)

@@ -287,3 +287,14 @@ def test_key_leases_cap_concurrency_and_rate_and_expire() -> None:
     assert rate.try_acquire() and rate.try_acquire() and rate.try_acquire() is None
     clock.now += 0.5
     assert rate.try_acquire() and rate.try_acquire() is None
+
+
+async def test_a_turns_later_rounds_keep_the_provider_that_answered() -> None:
+    primary = ScriptedLLM(error=ProviderError("llm.timeout", "slow"))
+    backup = ScriptedLLM("from the backup")
+    chain, told = chain_of("llm", primary, backup, failures=5)
+    turn = FallbackLLM(chain).for_turn()
+    for _ in range(3):  # three tool rounds of one turn
+        assert "".join([c.text async for c in turn.stream([], [])]) == "from the backup "
+    assert primary.calls == 1 and len(told) == 1
+    assert await reply(FallbackLLM(chain)) == "from the backup " and primary.calls == 2, "a new turn asks again"

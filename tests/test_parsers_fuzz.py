@@ -615,3 +615,108 @@ def test_raw_pcm_duration_is_checked_before_resampling() -> None:
         decode_upload(pcm, "audio/L16;rate=4000", max_seconds=2.0)
     assert time.monotonic() - started < 5
     assert len(decode_upload(pcm, "audio/L16;rate=4000", max_seconds=3.0)) == 2 * 48000
+
+
+# ------------------------------------------------------------------ issue 12, item 7: binary framing and Opus
+@FUZZ
+@given(st.sampled_from([2, 3]), st.integers(0, 0xFFFF), st.integers(0, 0xFFFF), st.integers(0, 0xFFFFFFFF),
+       st.integers(0, 0xFFFFFFFF), st.binary(max_size=200), st.integers(-3, 3), st.integers(0, 40))
+def test_xiaozhi_v2_v3_headers_with_any_fields(version: int, v2_version: int, kind: int, reserved: int,
+                                               timestamp: int, payload: bytes, size_delta: int, cut: int) -> None:
+    """Every header field any value, the size field off by a little, the frame
+    cut short: unpack_frame gives back exactly the payload when the size is
+    right, else ValueError; the adapter maps both to its own codes."""
+    from actors.protocols.xiaozhi import V2_HEADER, V3_HEADER
+
+    size = max(0, len(payload) + size_delta)
+    if version == 2:
+        frame = V2_HEADER.pack(v2_version, kind, reserved, timestamp, size) + payload
+    else:
+        frame = V3_HEADER.pack(kind & 0xFF, reserved & 0xFF, size & 0xFFFF) + payload
+    frame = frame[:len(frame) - cut] if cut else frame
+    header = V2_HEADER.size if version == 2 else V3_HEADER.size
+    try:
+        got_kind, got = unpack_frame(version, frame)
+    except ValueError:
+        assert len(frame) < header or size != len(frame) - header
+    else:
+        assert got == frame[header:] and len(got) == size and got_kind == (kind if version == 2 else kind & 0xFF)
+    proto = XiaozhiProtocol(version, 24000, MAX_FRAME)
+    proto.on_text(XIAOZHI_HELLO)
+    feed(proto, [frame])
+
+
+@FUZZ
+@given(st.sampled_from([1, 2, 3]), st.binary(max_size=300), st.integers(0, 2 ** 32 - 1))
+def test_xiaozhi_pack_unpack_round_trip(version: int, payload: bytes, timestamp: int) -> None:
+    if version == 3 and len(payload) > 0xFFFF:
+        return
+    assert unpack_frame(version, pack_frame(version, payload, timestamp)) == (0, payload)
+
+
+@functools.cache
+def real_opus_packets() -> tuple[bytes, ...]:
+    from actors.protocols.opus import OpusEncoder
+
+    t = np.arange(16000) / 16000
+    tone = float_to_pcm16((0.3 * np.sin(2 * np.pi * 330 * t)).astype(np.float32))
+    return tuple(OpusEncoder(16000, frame_ms=60).encode(tone))
+
+
+@FUZZ
+@given(st.one_of(st.binary(min_size=1, max_size=1500),
+                 st.tuples(st.integers(0, 15), st.lists(st.tuples(st.floats(0, 1, exclude_max=True),
+                                                                  st.integers(0, 255)), max_size=8),
+                           st.floats(0.05, 1.0))))
+def test_opus_decoder_on_random_and_corrupted_packets(spec: bytes | tuple[int, list[tuple[float, int]], float]) -> None:
+    """Random packets and real ones with bytes flipped or cut: PCM16 of at
+    most one Opus packet's worth (120 ms), or OpusDecodeError; and the same
+    decoder still decodes a good packet afterwards."""
+    from actors.protocols.opus import OpusDecodeError, OpusDecoder
+
+    if isinstance(spec, bytes):
+        packet = spec
+    else:
+        index, flips, keep = spec
+        data = bytearray(real_opus_packets()[index % len(real_opus_packets())])
+        for where, value in flips:
+            data[int(where * len(data))] = value
+        packet = bytes(data[:max(1, int(keep * len(data)))])
+    decoder = OpusDecoder(16000)
+    try:
+        pcm = decoder.decode(packet)
+    except OpusDecodeError:
+        pass
+    else:
+        assert len(pcm) % 2 == 0 and len(pcm) <= 2 * 16000 * 0.12 + 2 * 480, len(pcm)
+    assert len(decoder.decode(real_opus_packets()[1])) > 0
+
+
+@FUZZ
+@given(st.booleans(), st.lists(st.one_of(st.binary(max_size=2000), st.integers(0, 40_000).map(bytes)), max_size=6))
+def test_native_binary_frames_of_any_length(opus: bool, frames: list[bytes]) -> None:
+    """PCM16: even-length frames up to the limit pass through unchanged; empty,
+    odd or over-long ones are refused, non-fatally. Opus: decoded or bad_opus."""
+    proto = NativeProtocol(MAX_FRAME)
+    proto.on_text(native_hello(opus))
+    for frame in frames:
+        try:
+            actions = proto.on_binary(frame)
+        except ProtocolError as e:
+            assert not e.fatal and e.code in {"audio.empty", "audio.odd_length", "audio.frame_too_large",
+                                              "audio.bad_opus"}, e.code
+            assert opus or len(frame) > MAX_FRAME or not frame or len(frame) % 2
+            continue
+        assert len(frame) <= MAX_FRAME and len(actions) == 1 and isinstance(actions[0], Audio)
+        if not opus:
+            assert actions[0].pcm16 == frame
+
+
+def test_binary_before_hello_is_fatal_on_every_socket() -> None:
+    for proto in (NativeProtocol(MAX_FRAME), XiaozhiProtocol(2, 24000, MAX_FRAME)):
+        with pytest.raises(ProtocolError) as err:
+            proto.on_binary(b"\x00\x01")
+        assert err.value.code == "protocol.hello_required" and err.value.fatal
+    with pytest.raises(ProtocolError) as err:
+        TextStreamProtocol().on_binary(b"\x00")
+    assert err.value.code == "protocol.no_audio"

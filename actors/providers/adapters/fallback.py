@@ -79,13 +79,13 @@ class Chain(Generic[P]):
         self._pending: tuple[str, str] | None = None
         self._told_open: set[str] = set()
 
-    def attempts(self) -> Iterator[Link[P]]:
-        """Links to try, in order, asking each breaker only when its turn
-        comes (asking claims a half-open breaker's probe). When every breaker
-        is open, every link is tried anyway: refusing outright helps no one."""
+    def attempts(self, start: int = 0) -> Iterator[Link[P]]:
+        """Links to try, in order from `start`, asking each breaker only when
+        its turn comes (asking claims a half-open breaker's probe). When every
+        breaker is open, every link is tried anyway: refusing outright helps no one."""
         skipped: list[str] = []
         tried = False
-        for link in self.links:
+        for link in self.links[start:]:
             if not link.breaker.allow():
                 skipped.append(link.name)
                 continue
@@ -94,7 +94,7 @@ class Chain(Generic[P]):
             tried = True
             yield link
         if not tried:
-            yield from self.links
+            yield from self.links[start:]
 
     def _announce(self, link: Link[P], skipped: list[str]) -> None:
         words = STAGE_WORDS.get(self.kind, self.kind)
@@ -262,12 +262,21 @@ class _FallbackSTTStream(STTStreamSession):
 class FallbackLLM(LLM):
     label = "fallback"
 
-    def __init__(self, chain: Chain[LLM]) -> None:
+    def __init__(self, chain: Chain[LLM], start: int = 0) -> None:
         self.chain = chain
+        self._start = start
+        self.answered_by: int | None = None
+        """Index of the link that answered this object's last stream."""
+
+    def for_turn(self) -> FallbackLLM:
+        """A view for one turn's rounds (tool calls feed the next round): once
+        a provider answered, later rounds start with it, so a failed primary
+        is not waited for again within the turn."""
+        return _TurnLLM(self.chain)
 
     async def stream(self, messages: list[ChatMessage], tools: list[ToolSpec]) -> AsyncIterator[LLMChunk]:
         last: BaseException | None = None
-        for link in self.chain.attempts():
+        for link in self.chain.attempts(self._start):
             answered = False
             try:
                 async with aclosing(link.provider.stream(messages, tools)) as chunks:  # type: ignore[type-var]
@@ -281,9 +290,19 @@ class FallbackLLM(LLM):
                 last = e
                 continue
             self.chain.succeeded(link)
+            self.answered_by = self.chain.links.index(link)
             return
         assert last is not None
         raise self.chain.give_up(last)
+
+
+class _TurnLLM(FallbackLLM):
+    async def stream(self, messages: list[ChatMessage], tools: list[ToolSpec]) -> AsyncIterator[LLMChunk]:
+        async with aclosing(super().stream(messages, tools)) as chunks:
+            async for chunk in chunks:
+                yield chunk
+        if self.answered_by is not None:
+            self._start = self.answered_by
 
 
 # ------------------------------------------------------------------ TTS
