@@ -333,11 +333,12 @@ class VoiceConnection:
                     if frames:
                         await self._send(frames)
                     self._track(event)
-                    if getattr(event, "code", None) == "session.replaced":
-                        await self._ws.close(4409, "session.replaced")
-                        raise ConnectionClosed()
-                    if getattr(event, "code", None) == "session.closed":
-                        await self._session_ended()
+                    if getattr(event, "code", None) in ("session.replaced", "session.closed"):
+                        self._closed = True  # ended on purpose: its actor's death is not a crash to undo
+                        if event.code == "session.replaced":
+                            await self._ws.close(4409, "session.replaced")
+                        else:
+                            await self._session_ended()
                         raise ConnectionClosed()
                 return
             except ray.exceptions.RayActorError:  # the session actor died: bring it back on this socket
