@@ -383,12 +383,9 @@ class FakeOpenAIServer:
         self.moderation_delay_s = delay_s
 
     async def _moderations(self, request: web.Request) -> web.Response:
-        try:
-            body = await request.json()
-        except ValueError:
-            return _error_response(Script.error(400, "We could not parse the JSON body of your request."))
-        record = RecordedRequest(path=request.path, headers={k.lower(): v for k, v in request.headers.items()},
-                                 body=body, received_at=time.monotonic())
+        record = await _record(request)
+        if isinstance(record, web.Response):
+            return record
         records = self.__dict__.setdefault("moderation_requests", [])
         records.append(record)
         del records[:-self._max_records]
@@ -400,10 +397,11 @@ class FakeOpenAIServer:
         status = getattr(self, "moderation_status", 200)
         if status != 200:
             return _error_response(Script.error(status))
-        inputs = body.get("input")
+        inputs = record.body.get("input")
         texts = inputs if isinstance(inputs, list) else [inputs]
         record.completed = True
-        return web.json_response({"id": f"modr-fake{len(records):06d}", "model": body.get("model") or "fake-moderation",
+        model = record.body.get("model") or "fake-moderation"
+        return web.json_response({"id": f"modr-fake{len(records):06d}", "model": model,
                                   "results": [self._moderate(str(t or "")) for t in texts]})
 
     def _moderate(self, text: str) -> dict[str, Any]:
@@ -419,12 +417,9 @@ class FakeOpenAIServer:
         return web.json_response({"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
-        try:
-            body = await request.json()
-        except ValueError:
-            return _error_response(Script.error(400, "We could not parse the JSON body of your request."))
-        record = RecordedRequest(path=request.path, headers={k.lower(): v for k, v in request.headers.items()},
-                                 body=body, received_at=time.monotonic())
+        record = await _record(request)
+        if isinstance(record, web.Response):
+            return record
         self.requests.append(record)
         if len(self.requests) > self._max_records:
             del self.requests[0]
@@ -486,12 +481,10 @@ class FakeOpenAIServer:
         """`POST .../embeddings`: one vector per input from `self.embed`, in
         the `encoding_format: float` shape. A queued error script (status !=
         200) answers instead, so tests can inject 401/429/500 here too."""
-        try:
-            body = await request.json()
-        except ValueError:
-            return _error_response(Script.error(400, "We could not parse the JSON body of your request."))
-        record = RecordedRequest(path=request.path, headers={k.lower(): v for k, v in request.headers.items()},
-                                 body=body, received_at=time.monotonic(), completed=True)
+        record = await _record(request)
+        if isinstance(record, web.Response):
+            return record
+        record.completed = True
         self.requests.append(record)
         if len(self.requests) > self._max_records:
             del self.requests[0]
@@ -499,16 +492,16 @@ class FakeOpenAIServer:
             return _error_response(Script.error(401, "Incorrect API key provided."))
         if self._queue and self._queue[0].status != 200:
             return _error_response(self._queue.popleft())
-        inputs = body.get("input")
+        inputs = record.body.get("input")
         inputs = [inputs] if isinstance(inputs, str) else inputs
         if not isinstance(inputs, list) or not inputs or not all(isinstance(t, str) for t in inputs):
             return _error_response(Script.error(400, "'input' must be a string or a list of strings."))
-        dims = body.get("dimensions") or 256
+        dims = record.body.get("dimensions") or 256
         if not isinstance(dims, int) or not 1 <= dims <= 8192:
             return _error_response(Script.error(400, "'dimensions' must be an integer from 1 to 8192."))
         data = [{"object": "embedding", "index": i, "embedding": self.embed(t, dims)} for i, t in enumerate(inputs)]
         tokens = sum(len(t.split()) for t in inputs)
-        return web.json_response({"object": "list", "data": data, "model": body.get("model") or "fake-embedding",
+        return web.json_response({"object": "list", "data": data, "model": record.body.get("model") or "fake-embedding",
                                   "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     def _next_id(self) -> str:
@@ -527,6 +520,16 @@ def _chunk_json(chunk: Chunk, chunk_id: str, created: int, model: str | None) ->
 
 def _error_response(script: Script) -> web.Response:
     return web.json_response({"error": script.error_body or {}}, status=script.status, headers=script.headers)
+
+
+async def _record(request: web.Request) -> RecordedRequest | web.Response:
+    """The request as the tests see it, or the 400 the real API gives a body that is not JSON."""
+    try:
+        body = await request.json()
+    except ValueError:
+        return _error_response(Script.error(400, "We could not parse the JSON body of your request."))
+    return RecordedRequest(path=request.path, headers={k.lower(): v for k, v in request.headers.items()},
+                           body=body, received_at=time.monotonic())
 
 
 def _completion(script: Script, model: str | None, completion_id: str) -> dict[str, Any]:
