@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from actors.history_store import HistoryStore
 from actors.ingress.admin import MASK, mask_config
 from actors.ingress.auth import Authenticator, hash_password
 from actors.sessions import find_session
+from tests.browser import find_chromium
 from tests.conftest import INGRESS_PORT, run_ingress
 
 BASE = f"http://127.0.0.1:{INGRESS_PORT}"
@@ -304,28 +303,9 @@ def test_mask_config_covers_headers_env_and_urls(config):
 
 
 # ------------------------------------------------------------------ the page, in a real browser
-def _browser_or_fail() -> str:
-    """Chromium's path; fails (or skips with VA_ALLOW_NO_BROWSER=1), naming what is missing."""
-    missing = []
-    try:
-        import playwright.async_api  # noqa: F401
-    except ImportError:
-        missing.append("the `playwright` Python package (pip install playwright)")
-    path = os.environ.get("VA_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-    if not path:
-        missing.append("Debian's chromium (apt-get install chromium; tests/system-deps.sh)")
-    if missing:
-        why = "the control panel's browser test needs " + " and ".join(missing)
-        if os.environ.get("VA_ALLOW_NO_BROWSER") == "1":
-            pytest.skip(why + " (skipped: VA_ALLOW_NO_BROWSER=1)")
-        pytest.fail(why + "; set VA_ALLOW_NO_BROWSER=1 to skip it instead", pytrace=False)
-    assert path is not None
-    return path
-
-
 @pytest.fixture(scope="module")
 async def browser(server):
-    path = _browser_or_fail()
+    path = find_chromium()
     from playwright.async_api import async_playwright
 
     async with async_playwright() as p:

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from pydantic import SecretStr
 from actors.audio import silence, write_wav
 from actors.config import UserConfig
 from actors.ingress.auth import Authenticator, hash_password
+from tests.browser import find_chromium
 from tests.conftest import INGRESS_PORT, run_ingress
 
 BASE = f"http://127.0.0.1:{INGRESS_PORT}"
@@ -31,27 +30,11 @@ USER, PASSWORD = "web-tester", "correct horse battery"
 QUESTION = "What is twelve times seven?"
 LONG_QUESTION = "Tell me about the Mona Lisa."
 SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "voice-page.png"
-CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
-
-
-def _missing(what: str) -> None:
-    if os.environ.get("VA_ALLOW_NO_BROWSER") == "1":
-        pytest.skip(f"browser tests skipped (VA_ALLOW_NO_BROWSER=1): {what}")
-    pytest.fail(f"the browser tests need {what}; install it (sh tests/system-deps.sh; pip install -e '.[test]') "
-                "or set VA_ALLOW_NO_BROWSER=1 to skip them", pytrace=False)
 
 
 @pytest.fixture(scope="module")
 def chromium_path() -> str:
-    try:
-        import playwright.async_api  # noqa: F401
-    except ImportError:
-        _missing("the Python package playwright (the `test` extra)")
-    path = os.environ.get("VA_CHROMIUM") or next(filter(None, map(shutil.which, CHROMIUM_NAMES)), None)
-    if not path or not os.access(path, os.X_OK):
-        _missing(f"a Chromium browser{f' (VA_CHROMIUM={path} is not one)' if path else ''} "
-                 "(Debian: apt-get install chromium; or VA_CHROMIUM=/path/to/chrome)")
-    return path
+    return find_chromium()
 
 
 @pytest.fixture(scope="module")
