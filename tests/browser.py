@@ -32,3 +32,33 @@ def find_chromium() -> str:
                  "(Debian: apt-get install chromium; or VA_CHROMIUM=/path/to/chrome)")
     assert path is not None
     return path
+
+
+async def wait_for_js(page, predicate: str, arg=None, timeout_ms: float = 30_000, poll_ms: float = 100):
+    """Poll a JavaScript function of `arg` until it returns a truthy value; → that value.
+
+    Playwright's `wait_for_function` runs its predicate through the page's own
+    `eval`, which our pages' Content-Security-Policy (`script-src 'self'`)
+    forbids in newer Chromium builds; `page.evaluate` goes through the DevTools
+    protocol instead, which the CSP does not govern. A navigation between polls
+    (the page reloading itself) is waited out, not failed on."""
+    import asyncio
+    import time
+
+    from playwright.async_api import Error as PlaywrightError
+
+    deadline = time.monotonic() + timeout_ms / 1000
+    last_error = ""
+    while True:
+        try:
+            value = await page.evaluate(predicate, arg)
+            if value:
+                return value
+        except PlaywrightError as e:  # "Execution context was destroyed" during a navigation
+            if "context" not in str(e).lower() and "navigat" not in str(e).lower():
+                raise
+            last_error = str(e)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{predicate!r} stayed false for {timeout_ms:.0f} ms"
+                               + (f" (last error: {last_error})" if last_error else ""))
+        await asyncio.sleep(poll_ms / 1000)

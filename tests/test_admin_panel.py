@@ -26,7 +26,7 @@ from actors.history_store import HistoryStore
 from actors.ingress.admin import MASK, mask_config
 from actors.ingress.auth import Authenticator, hash_password
 from actors.sessions import find_session
-from tests.browser import find_chromium
+from tests.browser import find_chromium, wait_for_js
 from tests.conftest import INGRESS_PORT, run_ingress
 
 BASE = f"http://127.0.0.1:{INGRESS_PORT}"
@@ -345,8 +345,8 @@ async def test_panel_in_a_browser_shows_and_ends_a_session(browser, server_confi
             await page.locator("#transcript li").first.wait_for(timeout=10_000)
             assert "84" in await page.locator("#transcript").inner_text()
             # a few samples on the plots for the picture
-            await page.wait_for_function("document.querySelectorAll('#plot-sessions circle').length >= 6",
-                                         timeout=30_000)
+            await wait_for_js(page, "() => document.querySelectorAll('#plot-sessions circle').length >= 6",
+                              timeout_ms=30_000)
             SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
             await page.screenshot(path=str(SCREENSHOT), full_page=True)
 
@@ -380,8 +380,8 @@ async def test_panel_in_a_browser_refuses_a_user_and_an_expired_token(browser, a
 
         expired = auth.issue_token("root", roles=("user", "admin"), ttl_s=-120)
         await _sign_in(page, expired)
-        await page.wait_for_function("document.getElementById('message').textContent.includes('expired')",
-                                     timeout=15_000)
+        await wait_for_js(page, "() => document.getElementById('message').textContent.includes('expired')",
+                          timeout_ms=15_000)
         assert await page.locator("#panel").is_hidden()
         assert await page.evaluate("sessionStorage.length") == 0  # the refused token is not kept
     finally:

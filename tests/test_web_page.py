@@ -22,7 +22,7 @@ from pydantic import SecretStr
 from actors.audio import silence, write_wav
 from actors.config import UserConfig
 from actors.ingress.auth import Authenticator, hash_password
-from tests.browser import find_chromium
+from tests.browser import find_chromium, wait_for_js
 from tests.conftest import INGRESS_PORT, run_ingress
 
 BASE = f"http://127.0.0.1:{INGRESS_PORT}"
@@ -111,12 +111,12 @@ async def sign_in(pg, base: str = BASE) -> None:
     await pg.fill("#password", PASSWORD)
     await pg.click("#login-submit")
     await pg.wait_for_selector("#app:not([hidden])")
-    await pg.wait_for_function("() => document.querySelector('#persona').options.length > 0")
+    await wait_for_js(pg, "() => document.querySelector('#persona').options.length > 0")
 
 
 async def connect(pg) -> dict:
     await pg.click("#connect")
-    await pg.wait_for_function("() => window.voiceTest.state.connected")
+    await wait_for_js(pg, "() => window.voiceTest.state.connected")
     return await pg.evaluate("window.voiceTest.hellos.at(-1)")
 
 
@@ -136,8 +136,7 @@ async def wait_turn_done(pg, after: int = 0, spoken: bool = False, timeout_ms: i
 
 
 async def _json_value(pg, fn: str, arg, timeout_ms: int):
-    handle = await pg.wait_for_function(fn, arg=arg, timeout=timeout_ms, polling=100)
-    return await handle.json_value()
+    return await wait_for_js(pg, fn, arg, timeout_ms=timeout_ms)
 
 
 async def turn_pcm(pg, turn_id: int) -> np.ndarray:
@@ -162,9 +161,8 @@ async def type_question(pg, text: str) -> int:
 
 async def wait_playing(pg, seconds: float, timeout_ms: int = 60_000) -> None:
     """Until the page has played `seconds` of the reply and more is still scheduled."""
-    await pg.wait_for_function(
-        "s => window.voiceTest.playedSamples > s * window.voiceTest.state.outputRate"
-        " && window.voiceTest.activeSources > 0", arg=seconds, timeout=timeout_ms, polling=50)
+    await wait_for_js(pg, "s => window.voiceTest.playedSamples > s * window.voiceTest.state.outputRate"
+                      " && window.voiceTest.activeSources > 0", seconds, timeout_ms=timeout_ms, poll_ms=50)
 
 
 # ------------------------------------------------------------------ the page and its files
@@ -268,8 +266,7 @@ async def test_spoken_turn_transcript_reply_and_audible_audio(page):
     assert 0.8 < seconds < 10, seconds
     assert dbfs(pcm) > -35, dbfs(pcm)
     # ... and it was played out on the AudioContext's clock, not just stored
-    await page.wait_for_function("n => window.voiceTest.playedSamples >= n", arg=int(len(pcm) * 0.95),
-                                 timeout=20_000)
+    await wait_for_js(page, "n => window.voiceTest.playedSamples >= n", int(len(pcm) * 0.95), timeout_ms=20_000)
     assert await page.evaluate("window.voiceTest.activeSources") == 0
     assert await page.evaluate("window.voiceTest.sentFrames") > 20
     print(f"spoken turn in {time.monotonic() - t0:.1f} s; first audio {metrics['first_audio_ms']:.0f} ms")
@@ -291,8 +288,7 @@ async def test_typed_questions_in_english_and_chinese(page):
     sid = await page.evaluate("window.voiceTest.state.sessionId")
     hellos = await page.evaluate("window.voiceTest.hellos.length")
     await page.select_option("#persona", "museum-guide-zh")
-    await page.wait_for_function("n => window.voiceTest.hellos.length > n && window.voiceTest.state.connected",
-                                 arg=hellos)
+    await wait_for_js(page, "n => window.voiceTest.hellos.length > n && window.voiceTest.state.connected", hellos)
     assert await page.evaluate("window.voiceTest.hellos.at(-1).session_id") == sid
     before = await type_question(page, "你好，小智！")  # the offline engine answers in English ...
     await wait_turn_done(page, after=before)
@@ -321,10 +317,9 @@ async def test_interrupt_button_stops_playback_at_once(page):
     assert stopped["active"] == 0 and stopped["stop"]["reason"] == "interrupt" and stopped["stop"]["stopped"] > 0
     sent = await page.evaluate("window.voiceTest.sent")
     assert {"type": "interrupt"} in sent
-    await page.wait_for_function(
-        """([after, turn]) => window.voiceTest.events.slice(after).some(
+    await wait_for_js(page, """([after, turn]) => window.voiceTest.events.slice(after).some(
             e => e.type === 'tts.stop' && e.turn_id === turn && e.reason === 'interrupted')""",
-        arg=[before, turn], timeout=10_000)
+                      [before, turn], timeout_ms=10_000)
     await asyncio.sleep(1.0)
     assert await page.evaluate("window.voiceTest.playedSamples") == stopped["played"]  # nothing more played
     assert await page.evaluate("window.voiceTest.activeSources") == 0
@@ -385,7 +380,7 @@ async def test_dropped_socket_reconnects_and_resumes(page):
     await sign_in(page)
     hello = await connect(page)
     await page.evaluate("window.voiceTest.dropSocket()")
-    await page.wait_for_function("() => window.voiceTest.hellos.length > 1", timeout=20_000)
+    await wait_for_js(page, "() => window.voiceTest.hellos.length > 1", timeout_ms=20_000)
     again = await page.evaluate("window.voiceTest.hellos.at(-1)")
     assert again["session_id"] == hello["session_id"] and again["resumed"] is True
     assert "resumed" in await page.inner_text("#notice")
@@ -434,7 +429,7 @@ async def test_expired_and_invalid_tokens_show_the_login(browser, auth):
     # on 127.0.0.1 the page offers the development token; this server has none and says so
     assert await pg.is_visible("#dev-token")
     await pg.click("#dev-token")
-    await pg.wait_for_function("() => document.querySelector('#login-message').textContent.includes('not started')")
+    await wait_for_js(pg, "() => document.querySelector('#login-message').textContent.includes('not started')")
     await context.close()
 
     context, pg = await page_with("not-a-token")
