@@ -1,11 +1,12 @@
 """STTStream child: streams one utterance at a time to the STT provider and
-reports partial and final transcripts."""
+reports partial and final transcripts (the provider contract: push audio,
+iterate `SpeechEvent`s, DESIGN §1)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -45,79 +46,71 @@ class SpeechResumed(Message):
 
 
 class STTStream(Child):
+    """One recognition stream per utterance: audio in as it comes, interim
+    results out as `stt.partial` as they come, the transcript to the session
+    at end of speech. A failure is reported at end of speech (the user is
+    still talking until then) as `stt.failed`, with an empty transcript."""
+
     name = "stt_stream"
 
     def __init__(self, core: SessionCore, stt: STT, partial_interval_ms: int) -> None:
         super().__init__(core.child_crashed)
         self._core = core
         self._stt = stt
+        self._interim_every_s = partial_interval_ms / 1000.0
         self._stream: STTStreamSession | None = None
-        self._partial_interval = partial_interval_ms / 1000.0
-        self._last_partial = 0.0
-        self._partial_task: asyncio.Task[None] | None = None
+        self._reader: asyncio.Task[str | ProviderError] | None = None
+        self._latest = ""
 
     async def handle(self, message: Message) -> None:
         turn = message.turn_id
         assert turn is not None
         if isinstance(message, SpeechBegan):
             await self._abandon()
-            self._stream = self._stt.open_stream()
-            self._last_partial = time.monotonic()
+            self._stream = self._stt.open_stream(self._interim_every_s)
+            self._latest = ""
             await self._stream.push(message.audio)
+            self._reader = asyncio.get_running_loop().create_task(self._read(turn, self._stream))
         elif isinstance(message, SpeechAudio) and self._stream is not None:
             await self._stream.push(message.audio)
-            self._maybe_partial(turn)
         elif isinstance(message, SpeechPaused) and self._stream is not None and self._stream.live:
-            text = self._stream.transcript_so_far()
-            if text:
-                self._core.on_pause(turn, text)
+            if self._latest:
+                self._core.on_pause(turn, self._latest)
         elif isinstance(message, SpeechResumed):
             self._core.on_resume(turn)
-        elif isinstance(message, SpeechEnded) and self._stream is not None:
-            stream, self._stream = self._stream, None
-            if self._partial_task is not None:
-                self._partial_task.cancel()
-            try:
-                text = await stream.finish()
-            except ProviderError as e:
+        elif isinstance(message, SpeechEnded) and self._stream is not None and self._reader is not None:
+            stream, reader, self._stream, self._reader = self._stream, self._reader, None, None
+            await stream.end_input()
+            result = await reader
+            if isinstance(result, ProviderError):
                 log.warning("session %s turn %d: speech recognition failed: %s", self._core.session_id, turn,
-                            e.message, exc_info=True)
-                self._core.emit_error(ErrorCode.STT_FAILED, e.message, turn)
-                text = ""
-            self._core.on_transcript(turn, text)
+                            result.message, exc_info=(type(result), result, result.__traceback__))
+                self._core.emit_error(ErrorCode.STT_FAILED, result.message, turn)
+                result = ""
+            self._core.on_transcript(turn, result)
 
-    def _maybe_partial(self, turn: int) -> None:
-        """A streaming recogniser's interim text goes out as soon as it is
-        there; a batch decoder re-decodes at most every `partial_interval`."""
-        if self._stream is None:
-            return
-        if self._stream.live:
-            self._run_partial(turn, self._stream)
-            return
-        if self._partial_interval <= 0:
-            return
-        if self._partial_task is not None and not self._partial_task.done():
-            return
-        if time.monotonic() - self._last_partial < self._partial_interval:
-            return
-        self._last_partial = time.monotonic()
-        self._run_partial(turn, self._stream)
-
-    def _run_partial(self, turn: int, stream: STTStreamSession) -> None:
-        if self._partial_task is not None and not self._partial_task.done():
-            return
-
-        async def run() -> None:
-            try:
-                text = await stream.partial()
-            except ProviderError:
-                return  # a lost partial is harmless; the final reports errors
-            if text:
-                self._core.emit(STTPartial(turn_id=turn, text=text))
-
-        self._partial_task = asyncio.get_running_loop().create_task(run())
+    async def _read(self, turn: int, stream: STTStreamSession) -> str | ProviderError:
+        """Interims out while the user speaks; → the transcript, or the failure."""
+        try:
+            async with aclosing(stream.events()) as events:  # type: ignore[type-var]
+                async for event in events:
+                    if event.kind == "end":
+                        return event.text
+                    if event.text and event.text != self._latest:
+                        self._latest = event.text
+                        self._core.emit(STTPartial(turn_id=turn, text=event.text))
+        except ProviderError as e:
+            return e
+        except Exception as e:  # a provider's own exception: still a failed utterance, not a crashed child
+            error = ProviderError("stt.failed", f"speech recognition failed ({type(e).__name__})")
+            error.__cause__ = e
+            return error
+        return ProviderError("stt.failed", "speech recognition ended without a transcript")
 
     async def _abandon(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            self._reader = None
         if self._stream is not None:
             await self._stream.cancel()
             self._stream = None

@@ -57,17 +57,34 @@ def frames(n: int) -> list[bytes]:
 
 
 async def stream_frames(stream: STTStreamSession, sent: list[bytes], every_s: float = 0.02) -> list[str]:
-    """Push frames in (faster than) real time like the session does, asking
-    for partials in between; returns the distinct partials seen. (The SDK
-    only reads results while audio flows: its sender polls with time.sleep on
-    its own event loop, so a result shows up a frame or two later.)"""
+    """Push frames in (faster than) real time like the session does while a
+    task reads the stream's events; returns the interim/final texts seen so
+    far, in order. (The SDK only reads results while audio flows: its sender
+    polls with time.sleep on its own event loop, so a result shows up a
+    frame or two later.) The reader keeps running: `finish_reading` ends it."""
     seen: list[str] = []
+
+    async def read() -> str:
+        async for event in stream.events():
+            if event.kind == "end":
+                return event.text
+            seen.append(event.text)
+        raise AssertionError("the stream ended without an end event")
+
+    READERS[id(stream)] = asyncio.get_running_loop().create_task(read())
     for frame in sent:
         await stream.push(frame)
         await asyncio.sleep(every_s)
-        if (text := await stream.partial()) is not None and (not seen or seen[-1] != text):
-            seen.append(text)
     return seen
+
+
+READERS: dict[int, asyncio.Task[str]] = {}
+
+
+async def finish_reading(stream: STTStreamSession) -> str:
+    """End the input of a stream `stream_frames` fed; → its transcript."""
+    await stream.end_input()
+    return await READERS.pop(id(stream))
 
 
 def silence_timers(stream: STTStreamSession) -> list[threading.Timer]:
@@ -89,9 +106,9 @@ async def test_stt_streams_audio_as_pushed_with_partials_and_final(fake: FakeDas
     assert not task.finish_requested
     expected = ["what is", "what is twelve", "what is twelve times"]
     assert partials and partials[-1] == expected[-1], partials
-    assert partials == [p for p in expected if p in partials], "interims arrive in order"
-    assert await stream.partial() is None, "nothing new since the last partial"
-    assert await stream.finish() == "what is twelve times seven"
+    assert partials == [p for p in expected if p in partials], "interims arrive in order, each once"
+    assert await finish_reading(stream) == "what is twelve times seven"
+    assert partials[-1] == "what is twelve times seven", "the closed sentence came as a final event before the end"
     assert task.finish_requested and task.finished
 
 
@@ -128,7 +145,8 @@ async def test_stt_several_chinese_sentences_concatenate(fake: FakeDashScope) ->
     stream = stt_for(fake).open_stream()
     partials = await stream_frames(stream, frames(6))  # interim 1, final 1, interim 2, then nothing new
     assert partials[-1] == "你好。十二乘以七", partials
-    assert await stream.finish() == "你好。十二乘以七等于多少？"
+    assert "你好。" in partials, "the first sentence's final event carries it alone"
+    assert await finish_reading(stream) == "你好。十二乘以七等于多少？"
 
 
 async def test_stt_task_failed_is_a_provider_error(fake: FakeDashScope) -> None:
@@ -174,9 +192,8 @@ async def test_stt_missing_key_names_the_variable(fake: FakeDashScope, monkeypat
     stt = stt_for(fake)
     stream = stt.open_stream()  # never raises: the session's child opens streams outside its error handling
     await stream.push(b"\0" * FRAME)
-    assert await stream.partial() is None
     with pytest.raises(ProviderError) as err:
-        await stream.finish()
+        await anext(stream.events())  # the failure comes out of the events at once, not at end of speech
     assert err.value.code == "stt.no_api_key" and KEY_ENV in err.value.message
     with pytest.raises(ProviderError, match=KEY_ENV):
         await stt.transcribe(b"\0" * FRAME)

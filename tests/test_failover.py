@@ -24,6 +24,8 @@ from actors.providers.base import (
     ChatMessage,
     LLMChunk,
     ProviderError,
+    QueuedSTTStream,
+    SpeechEvent,
     ToolSpec,
 )
 from actors.tts import _SentenceAudio
@@ -183,6 +185,100 @@ async def test_stt_stream_with_every_provider_failing_raises_the_last_error() ->
     assert e.value.code == "stt.failed"
 
 
+class LiveSTT(STT):
+    """A streaming recogniser: an interim per push, the words at the end;
+    with `fail_after`, its stream fails (as a dropped connection does) after
+    that many pushes, while the user is still speaking."""
+
+    def __init__(self, words: str, fail_after: int | None = None) -> None:
+        self.words, self.fail_after, self.pushed = words, fail_after, bytearray()
+
+    async def transcribe(self, pcm16: bytes) -> str:
+        return self.words
+
+    def open_stream(self, interim_every_s: float = 0.0) -> _LiveStream:
+        return _LiveStream(self)
+
+
+class _LiveStream(QueuedSTTStream):
+    live = True
+
+    def __init__(self, stt: LiveSTT) -> None:
+        super().__init__()
+        self.stt, self.pushes = stt, 0
+
+    async def push(self, pcm16: bytes) -> None:
+        self.stt.pushed.extend(pcm16)
+        self.pushes += 1
+        if self.stt.fail_after is not None and self.pushes >= self.stt.fail_after:
+            self._put_error(ProviderError("stt.connection", "dropped"))
+        else:
+            self._put(SpeechEvent("interim", f"{self.stt.words[:self.pushes]}"))
+
+    async def end_input(self) -> None:
+        self._put(SpeechEvent("end", self.stt.words))
+
+
+async def test_stt_stream_fails_over_while_the_user_is_still_speaking() -> None:
+    primary, backup = LiveSTT("primary", fail_after=2), LiveSTT("what is twelve times seven")
+    chain, told = chain_of("stt", primary, backup)
+    stream = FallbackSTT(chain).open_stream()
+    seen: list[SpeechEvent] = []
+
+    async def read() -> None:
+        async for event in stream.events():
+            seen.append(event)
+
+    reader = asyncio.get_running_loop().create_task(read())
+    await stream.push(b"\1\1")
+    await stream.push(b"\2\2")  # the primary fails here
+    for _ in range(50):
+        if told:
+            break
+        await asyncio.sleep(0.01)
+    assert told == ["speech recognition: p0 failed (stt.connection: dropped); using p1"], "before end of speech"
+    await stream.push(b"\3\3")
+    await stream.end_input()
+    await asyncio.wait_for(reader, 2)
+    assert bytes(backup.pushed) == b"\1\1\2\2\3\3", "the backup heard the whole utterance, in order"
+    assert seen[-1] == SpeechEvent("end", "what is twelve times seven")
+    assert chain.served_by == "p1"
+
+
+async def test_buffered_stream_rations_interim_decodes_and_decodes_once_at_the_end() -> None:
+    decoded: list[int] = []
+
+    class CountingSTT(STT):
+        async def transcribe(self, pcm16: bytes) -> str:
+            decoded.append(len(pcm16))
+            await asyncio.sleep(0.03)
+            return f"{len(pcm16)} bytes"
+
+    stream = CountingSTT().open_stream(interim_every_s=0.05)
+    assert stream.live is False
+    events: list[SpeechEvent] = []
+
+    async def read() -> None:
+        async for event in stream.events():
+            events.append(event)
+
+    reader = asyncio.get_running_loop().create_task(read())
+    for _ in range(20):  # 20 pushes over ~0.2 s: a handful of interims, not 20
+        await stream.push(b"\0" * 320)
+        await asyncio.sleep(0.01)
+    await stream.end_input()
+    await asyncio.wait_for(reader, 2)
+    interims = [e for e in events if e.kind == "interim"]
+    assert 1 <= len(interims) <= 5, events
+    assert events[-1] == SpeechEvent("end", "6400 bytes"), "the transcript is a decode of all the audio"
+    assert len(decoded) <= len(interims) + 2, "each decode an interim, but one cut by the end, and the final"
+
+    quiet = CountingSTT().open_stream()  # no interval: no interims, one decode
+    decoded.clear()
+    await quiet.push(b"\0" * 640)
+    assert await quiet.finish() == "640 bytes" and decoded == [640]
+
+
 def test_live_partials_follow_the_stream_in_use() -> None:
     chain, _ = chain_of("stt", ScriptedSTT("x"))
     assert BufferedSTTStream.live is False
@@ -227,6 +323,74 @@ async def test_closing_a_tts_chain_stream_closes_the_providers_stream() -> None:
     await anext(stream)
     await stream.aclose()
     assert tts.closed == 1
+
+
+# ------------------------------------------------------------------ the push-text TTS stream
+async def test_tts_stream_speaks_flushed_segments_in_order_each_ended_by_a_final_piece() -> None:
+    said: list[str] = []
+
+    class Recording(ScriptedTTS):
+        async def stream(self, text: str) -> AsyncIterator[AudioSegment]:
+            said.append(text)
+            async for piece in super().stream(text):
+                yield piece
+
+    stream = Recording(pieces=2).open_stream()
+    stream.push_text("Twelve times ")
+    stream.push_text("seven is eighty-four.")
+    assert stream.flush() == 0
+    stream.push_text("   ")  # nothing to say: no call, only its end
+    assert stream.flush() == 1
+    stream.push_text("Anything else?")
+    stream.end_input()  # flushes the remainder as segment 2
+    out = [p async for p in stream]
+    assert said == ["Twelve times seven is eighty-four.", "Anything else?"]
+    assert [(p.segment, p.final) for p in out] == [(0, False), (0, False), (0, True), (1, True),
+                                                   (2, False), (2, False), (2, True)]
+    assert all(p.error is None for p in out)
+    with pytest.raises(RuntimeError):
+        stream.push_text("too late")
+
+
+async def test_tts_stream_a_failed_segment_ends_with_its_error_and_the_next_is_still_said() -> None:
+    class FailsFirst(ScriptedTTS):
+        async def stream(self, text: str) -> AsyncIterator[AudioSegment]:
+            if text.startswith("bad"):
+                raise ProviderError("tts.failed", "no voice")
+            async for piece in super().stream(text):
+                yield piece
+
+    stream = FailsFirst(pieces=1).open_stream()
+    stream.push_text("bad sentence.")
+    stream.flush()
+    stream.push_text("Good sentence.")
+    stream.end_input()
+    out = [p async for p in stream]
+    assert [(p.segment, p.final, type(p.error).__name__) for p in out] == [
+        (0, True, "ProviderError"), (1, False, "NoneType"), (1, True, "NoneType")]
+
+
+async def test_cancelling_a_tts_stream_mid_sentence_closes_the_providers_stream() -> None:
+    class Slow(ScriptedTTS):
+        async def stream(self, text: str) -> AsyncIterator[AudioSegment]:
+            try:
+                for k in range(100):
+                    yield AudioSegment(bytes([k % 250 + 1]) * 200, 16000)
+                    await asyncio.sleep(0.01)
+            finally:
+                self.closed += 1
+
+    tts = Slow()
+    stream = tts.open_stream()
+    stream.push_text("A long sentence.")
+    stream.flush()
+    got = []
+    async for piece in stream:
+        got.append(piece)
+        if len(got) == 2:
+            await stream.cancel()
+    assert tts.closed == 1, "the provider's synthesis was closed, not left running"
+    assert len(got) < 10 and not any(p.final for p in got), "cut mid-sentence: no end of it"
 
 
 # ------------------------------------------------------------------ streamed sentence audio

@@ -8,7 +8,10 @@ knowing which one it talks to.
 from __future__ import annotations
 
 import abc
+import asyncio
+import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -19,16 +22,28 @@ SAMPLE_RATE = 16000
 
 
 class ProviderError(Exception):
-    """A provider failed; `code` is the stable error code sent to the client."""
+    """A provider failed; `code` is the stable error code sent to the client.
 
-    def __init__(self, code: str, message: str) -> None:
+    `retryable` marks a failure a second attempt may cure (a 429, a 5xx, a
+    refused connection), with the server's `retry_after_s` when it gave one;
+    the retry wrapper (adapters/retry.py) acts on it, nothing else does."""
+
+    def __init__(self, code: str, message: str, *, retryable: bool = False,
+                 retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.retryable = retryable
+        self.retry_after_s = retry_after_s
 
     def __reduce__(self) -> tuple[object, ...]:
         # keeps the code when it crosses a process boundary (a pool actor's call)
-        return (type(self), (self.code, self.message))
+        return (_rebuild_provider_error, (type(self), self.code, self.message, self.retryable, self.retry_after_s))
+
+
+def _rebuild_provider_error(cls: type[ProviderError], code: str, message: str, retryable: bool,
+                            retry_after_s: float | None) -> ProviderError:
+    return cls(code, message, retryable=retryable, retry_after_s=retry_after_s)
 
 
 # --------------------------------------------------------------------- VAD
@@ -51,67 +66,166 @@ class VAD(abc.ABC):
 
 # --------------------------------------------------------------------- STT
 class STT(abc.ABC):
-    """Speech to text. Batch decoders implement `transcribe`; streaming ones
-    also override `open_stream` to push audio as it arrives."""
+    """Speech to text. Batch decoders implement `transcribe` and get a
+    stream for free (`BufferedSTTStream`); streaming services also override
+    `open_stream` to send audio as it arrives."""
 
     @abc.abstractmethod
     async def transcribe(self, pcm16: bytes) -> str:
         """Transcribe a whole utterance of PCM16 mono 16 kHz."""
 
-    def open_stream(self) -> STTStreamSession:
-        return BufferedSTTStream(self)
+    def open_stream(self, interim_every_s: float = 0.0) -> STTStreamSession:
+        """A stream for one utterance. `interim_every_s` rations interim
+        results where each costs a whole decode (a batch decoder; 0 = none);
+        a streaming service sends interims on its own and ignores it.
+        Must not raise: a stream that cannot work fails through `events()`."""
+        return BufferedSTTStream(self, interim_every_s)
+
+
+@dataclass(frozen=True)
+class SpeechEvent:
+    """One result of a recognition stream. `text` is always the utterance's
+    words so far (finished sentences plus the current guess), so a listener
+    can show it as it is.
+
+    - `interim`: the guess changed;
+    - `final`: a sentence closed (its words will not change any more);
+    - `end`: the input ended and this is the transcript (always the last event).
+    """
+
+    kind: Literal["interim", "final", "end"]
+    text: str
 
 
 class STTStreamSession(abc.ABC):
-    """One utterance being recognised while it is spoken."""
+    """One utterance being recognised while it is spoken: push audio in,
+    iterate `events()` (one consumer), call `end_input()` at end of speech;
+    the `end` event then carries the transcript. A provider failure is raised
+    by `events()` (never by `push`), as a `ProviderError`."""
 
     live: bool = False
     """True when the recogniser sends interim results on its own (a streaming
-    service): `partial()` then only reads the latest, costs nothing, and the
-    session asks after every push. False for a batch decoder, where a partial
-    is a whole re-decode the session rations (`stt.partial_interval_ms`)."""
+    service), so the latest interim is worth acting on (preemptive
+    generation); False for a batch decoder, whose interims are rationed and
+    may lag the audio."""
 
     @abc.abstractmethod
     async def push(self, pcm16: bytes) -> None: ...
 
     @abc.abstractmethod
-    async def partial(self) -> str | None:
-        """A best guess of the words so far, or None if nothing new."""
+    async def end_input(self) -> None:
+        """No more audio: the stream produces its `end` event (returns at once)."""
 
     @abc.abstractmethod
-    async def finish(self) -> str:
-        """End of speech: the final transcript."""
+    def events(self) -> AsyncIterator[SpeechEvent]:
+        """Interim and final results, then `end`; raises ProviderError on failure;
+        ends without `end` after `cancel()`."""
 
     async def cancel(self) -> None:
         """Abandon the utterance (the user was cut off or left)."""
 
-    def transcript_so_far(self) -> str | None:
-        """A live recogniser's words so far (finished sentences and the
-        current interim), whether or not `partial()` returned them already;
-        None when it cannot tell without work."""
-        return None
+    async def finish(self) -> str:
+        """End the input and wait for the transcript, skipping interims (for
+        callers that want only the words: `transcribe`, tests). Use it or
+        `events()`, not both."""
+        await self.end_input()
+        async for event in self.events():
+            if event.kind == "end":
+                return event.text
+        raise ProviderError("stt.failed", "the speech recognition stream ended without a transcript")
 
 
-class BufferedSTTStream(STTStreamSession):
-    """Streaming on top of a batch decoder: partials re-decode the growing
-    buffer (DESIGN §4: Whisper is not a streaming model)."""
+class QueuedSTTStream(STTStreamSession):
+    """The event side of a stream whose results arrive from callbacks or
+    tasks: they are put here, `events()` hands them out in order."""
 
-    def __init__(self, stt: STT) -> None:
+    def __init__(self) -> None:
+        self._results: asyncio.Queue[SpeechEvent | BaseException | None] = asyncio.Queue()
+        self._over = False
+
+    @property
+    def over(self) -> bool:
+        """The stream has ended, failed or been cancelled: nothing more will come."""
+        return self._over
+
+    def _put(self, event: SpeechEvent) -> None:
+        if not self._over:
+            self._results.put_nowait(event)
+            self._over = event.kind == "end"
+
+    def _put_error(self, error: BaseException) -> None:
+        if not self._over:
+            self._over = True
+            self._results.put_nowait(error)
+
+    def _put_closed(self) -> None:
+        if not self._over:
+            self._over = True
+            self._results.put_nowait(None)
+
+    async def events(self) -> AsyncIterator[SpeechEvent]:
+        while (item := await self._results.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.kind == "end":
+                return
+
+
+class BufferedSTTStream(QueuedSTTStream):
+    """A stream over a batch decoder (DESIGN §4: Whisper is not a streaming
+    model): the audio is kept, an interim is a re-decode of all of it at most
+    every `interim_every_s` (never two at once), and the transcript is one
+    decode at the end."""
+
+    def __init__(self, stt: STT, interim_every_s: float = 0.0) -> None:
+        super().__init__()
         self._stt = stt
         self._audio = bytearray()
-        self._decoded_len = 0
+        self._every = interim_every_s
+        self._last_interim = time.monotonic()
+        self._last_text = ""
+        self._interim_task: asyncio.Task[None] | None = None
+        self._final_task: asyncio.Task[None] | None = None
 
     async def push(self, pcm16: bytes) -> None:
+        if self._final_task is not None or self.over:
+            return
         self._audio.extend(pcm16)
+        if (self._every > 0 and (self._interim_task is None or self._interim_task.done())
+                and time.monotonic() - self._last_interim >= self._every):
+            self._last_interim = time.monotonic()
+            self._interim_task = asyncio.get_running_loop().create_task(self._interim(len(self._audio)))
 
-    async def partial(self) -> str | None:
-        if len(self._audio) == self._decoded_len:
-            return None
-        self._decoded_len = len(self._audio)
-        return await self._stt.transcribe(bytes(self._audio))
+    async def _interim(self, upto: int) -> None:
+        try:
+            text = await self._stt.transcribe(bytes(self._audio[:upto]))
+        except ProviderError:
+            return  # a lost interim is harmless; the transcript reports failures
+        if text and text != self._last_text and self._final_task is None:
+            self._last_text = text
+            self._put(SpeechEvent("interim", text))
 
-    async def finish(self) -> str:
-        return await self._stt.transcribe(bytes(self._audio))
+    async def end_input(self) -> None:
+        if self._final_task is not None or self.over:
+            return
+        if self._interim_task is not None:
+            self._interim_task.cancel()
+        self._final_task = asyncio.get_running_loop().create_task(self._final())
+
+    async def _final(self) -> None:
+        try:
+            text = await self._stt.transcribe(bytes(self._audio))
+        except Exception as e:
+            self._put_error(e)
+        else:
+            self._put(SpeechEvent("end", text))
+
+    async def cancel(self) -> None:
+        for task in (self._interim_task, self._final_task):
+            if task is not None:
+                task.cancel()
+        self._put_closed()
 
 
 # --------------------------------------------------------------------- LLM
@@ -167,13 +281,13 @@ class AudioSegment:
 
 
 class TTS(abc.ABC):
-    """Text to speech for one sentence at a time.
+    """Text to speech.
 
-    `synthesize` answers with the whole sentence; `stream` yields its audio
-    as it is made, so playback starts with the first piece. A one-shot
-    synthesiser (piper) gets `stream` for free as one piece; a streaming
-    service (CosyVoice) overrides it. Closing the stream (barge-in) must stop
-    the synthesis it started.
+    A provider implements `synthesize` (one sentence, whole) and, when its
+    service streams, `stream` (one sentence's audio as it is made; closing
+    it must stop the synthesis: barge-in). Callers speak through
+    `open_stream()`: push text in, iterate audio out, cancel at any moment.
+    Its default, `SentenceTTSStream`, is the sentence adapter over those two.
     """
 
     @abc.abstractmethod
@@ -182,3 +296,108 @@ class TTS(abc.ABC):
     async def stream(self, text: str) -> AsyncIterator[AudioSegment]:
         """Pieces of the sentence's audio in order, all at one sample rate."""
         yield await self.synthesize(text)
+
+    def open_stream(self) -> TTSStream:
+        """A stream for one reply (must be called on the event loop)."""
+        return SentenceTTSStream(self)
+
+
+@dataclass
+class SynthesizedAudio:
+    """A piece of a stream's output: audio of segment `segment`, or (`final`)
+    the end of that segment, with `error` when it could not be (fully) said."""
+
+    segment: int
+    audio: AudioSegment | None = None
+    final: bool = False
+    error: BaseException | None = None
+
+
+class TTSStream(abc.ABC):
+    """One reply being spoken: text in with `push_text`, cut into segments
+    (sentences) by `flush`, `end_input` when the reply is complete; iterate
+    the stream for its audio, segment after segment, each ending with a
+    `final` piece. `cancel()` stops it at once, mid-sentence: the iteration
+    ends and the provider's synthesis is closed."""
+
+    @abc.abstractmethod
+    def push_text(self, text: str) -> None: ...
+
+    @abc.abstractmethod
+    def flush(self) -> int:
+        """Close the current segment (the text pushed since the last flush);
+        → its number (0, 1, …), the `segment` of its audio."""
+
+    @abc.abstractmethod
+    def end_input(self) -> None:
+        """No more text: the remainder is flushed, and the iteration ends after its audio."""
+
+    @abc.abstractmethod
+    def __aiter__(self) -> AsyncIterator[SynthesizedAudio]: ...
+
+    @abc.abstractmethod
+    async def cancel(self) -> None: ...
+
+
+class SentenceTTSStream(TTSStream):
+    """Segment by segment over `TTS.stream(text)`, one at a time and in order
+    (side by side they would share the CPU and the first sentence, the one
+    the listener waits for, would come last). A segment that fails ends with
+    its error and the next one is still tried. An empty segment makes no
+    call, only its `final` piece."""
+
+    def __init__(self, tts: TTS) -> None:
+        self._tts = tts
+        self._text: list[str] = []
+        self._segments: asyncio.Queue[tuple[int, str] | None] = asyncio.Queue()
+        self._out: asyncio.Queue[SynthesizedAudio | None] = asyncio.Queue()
+        self._next = 0
+        self._ended = False
+        self._worker = asyncio.get_running_loop().create_task(self._run())
+
+    def push_text(self, text: str) -> None:
+        if self._ended:
+            raise RuntimeError("text pushed after end_input")
+        self._text.append(text)
+
+    def flush(self) -> int:
+        if self._ended:
+            raise RuntimeError("flush after end_input")
+        segment, self._next = self._next, self._next + 1
+        self._segments.put_nowait((segment, "".join(self._text)))
+        self._text.clear()
+        return segment
+
+    def end_input(self) -> None:
+        if self._ended:
+            return
+        if self._text:
+            self.flush()
+        self._ended = True
+        self._segments.put_nowait(None)
+
+    async def _run(self) -> None:
+        try:
+            while (item := await self._segments.get()) is not None:
+                segment, text = item
+                error: BaseException | None = None
+                if text.strip():
+                    try:
+                        async with aclosing(self._tts.stream(text)) as pieces:  # type: ignore[type-var]
+                            async for piece in pieces:
+                                self._out.put_nowait(SynthesizedAudio(segment, audio=piece))
+                    except Exception as e:
+                        error = e
+                self._out.put_nowait(SynthesizedAudio(segment, final=True, error=error))
+        finally:
+            self._out.put_nowait(None)
+
+    async def __aiter__(self) -> AsyncIterator[SynthesizedAudio]:  # type: ignore[override]
+        while (item := await self._out.get()) is not None:
+            yield item
+
+    async def cancel(self) -> None:
+        self._ended = True
+        if not self._worker.done():
+            self._worker.cancel()
+            await asyncio.wait([self._worker])

@@ -28,6 +28,7 @@ from actors.providers.base import (
     ChatMessage,
     LLMChunk,
     ProviderError,
+    SpeechEvent,
     STTStreamSession,
     ToolSpec,
 )
@@ -173,20 +174,25 @@ class FallbackSTT(STT):
     async def transcribe(self, pcm16: bytes) -> str:
         return await self.chain.first(lambda stt: stt.transcribe(pcm16))
 
-    def open_stream(self) -> STTStreamSession:
-        return _FallbackSTTStream(self.chain, self._max_replay)
+    def open_stream(self, interim_every_s: float = 0.0) -> STTStreamSession:
+        return _FallbackSTTStream(self.chain, self._max_replay, interim_every_s)
 
 
 class _FallbackSTTStream(STTStreamSession):
     """Streams to the first provider and keeps the utterance's audio, so a
     provider that fails (a dropped connection, a task-failed) is replaced by
-    the next one, given the same audio from the start."""
+    the next one, given the same audio from the start, at the moment its
+    stream reports the failure (while the user may still be speaking)."""
 
-    def __init__(self, chain: Chain[STT], max_replay_bytes: int) -> None:
+    def __init__(self, chain: Chain[STT], max_replay_bytes: int, interim_every_s: float) -> None:
         self._chain = chain
         self._attempts = chain.attempts()
         self._audio = bytearray()
         self._max_replay = max_replay_bytes
+        self._every = interim_every_s
+        self._ended = False
+        self._cancelled = False
+        self._push_error: BaseException | None = None
         self._link: Link[STT] | None = None
         self._stream: STTStreamSession | None = None
         self._open_next()
@@ -199,7 +205,7 @@ class _FallbackSTTStream(STTStreamSession):
         """The next provider's stream; False when the chain is exhausted."""
         while (link := next(self._attempts, None)) is not None:
             try:
-                self._stream, self._link = link.provider.open_stream(), link
+                self._stream, self._link = link.provider.open_stream(self._every), link
                 return True
             except Exception as e:
                 self._chain.failed(link, e)
@@ -207,13 +213,18 @@ class _FallbackSTTStream(STTStreamSession):
         return False
 
     async def _replace(self, error: BaseException) -> None:
-        assert self._link is not None
+        """The next provider, given the audio so far (and the end of input
+        if it came); raises the chain's error when none is left."""
+        assert self._link is not None and self._stream is not None
         self._chain.failed(self._link, error)
+        await self._stream.cancel()
         with_audio = bytes(self._audio)
         while self._open_next():
             assert self._stream is not None and self._link is not None
             try:
                 await self._stream.push(with_audio)
+                if self._ended:
+                    await self._stream.end_input()
                 return
             except Exception as e:
                 self._chain.failed(self._link, e)
@@ -222,40 +233,46 @@ class _FallbackSTTStream(STTStreamSession):
     async def push(self, pcm16: bytes) -> None:
         if len(self._audio) < self._max_replay:
             self._audio.extend(pcm16)
-        if self._stream is None:
+        if self._stream is None or self._push_error is not None:
             return
         try:
             await self._stream.push(pcm16)
-        except Exception as e:
-            await self._replace(e)
+        except Exception as e:  # replaced by `events()`, which reports failures
+            self._push_error = e
 
-    async def partial(self) -> str | None:
-        if self._stream is None:
-            return None
-        try:
-            return await self._stream.partial()
-        except Exception as e:
-            await self._replace(e)
-            return None
+    async def end_input(self) -> None:
+        self._ended = True
+        if self._stream is not None and self._push_error is None:
+            await self._stream.end_input()
 
-    async def finish(self) -> str:
-        while self._stream is not None:
-            assert self._link is not None
+    async def events(self) -> AsyncIterator[SpeechEvent]:
+        while self._stream is not None and not self._cancelled:
+            stream, link = self._stream, self._link
+            assert link is not None
             try:
-                text = await self._stream.finish()
+                if self._push_error is not None:
+                    error, self._push_error = self._push_error, None
+                    raise error
+                async for event in stream.events():
+                    if event.kind == "end":
+                        self._chain.succeeded(link)
+                    yield event
+                    if event.kind == "end":
+                        return
+                if self._cancelled:
+                    return
+                raise ProviderError("stt.failed", f"{link.name} ended the utterance without a transcript")
             except Exception as e:
+                if self._cancelled:
+                    return
                 await self._replace(e)  # raises when no provider is left
-                continue
-            self._chain.succeeded(self._link)
-            return text
-        raise ProviderError("stt.failed", "no speech recognition provider could be opened")
+        if not self._cancelled:
+            raise ProviderError("stt.failed", "no speech recognition provider could be opened")
 
     async def cancel(self) -> None:
+        self._cancelled = True
         if self._stream is not None:
             await self._stream.cancel()
-
-    def transcript_so_far(self) -> str | None:
-        return self._stream.transcript_so_far() if self._stream is not None else None
 
 
 # ------------------------------------------------------------------ LLM

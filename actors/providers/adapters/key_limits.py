@@ -33,6 +33,7 @@ from actors.providers.base import (
     ChatMessage,
     LLMChunk,
     ProviderError,
+    SpeechEvent,
     STTStreamSession,
     ToolSpec,
 )
@@ -162,29 +163,40 @@ class LimitedSTT(STT):
         async with self._gate.lease("stt"):
             return await self._inner.transcribe(pcm16)
 
-    def open_stream(self) -> STTStreamSession:
-        return _LimitedSTTStream(self._inner, self._gate)
+    def open_stream(self, interim_every_s: float = 0.0) -> STTStreamSession:
+        return _LimitedSTTStream(self._inner, self._gate, interim_every_s)
 
 
 class _LimitedSTTStream(STTStreamSession):
     """Takes its lease with the first audio (opening is synchronous) and
-    gives it back at the end of the utterance."""
+    gives it back when the utterance ends, fails or is cancelled. No lease in
+    time is the stream's failure, raised by `events()` like any other."""
 
-    def __init__(self, inner: STT, gate: KeyGate) -> None:
-        self._inner, self._gate = inner, gate
+    def __init__(self, inner: STT, gate: KeyGate, interim_every_s: float) -> None:
+        self._inner, self._gate, self._every = inner, gate, interim_every_s
         self._stream: STTStreamSession | None = None
+        self._refused: ProviderError | None = None
         self._lease: Any = None
+        self._opening = asyncio.Lock()
 
     @property
     def live(self) -> bool:  # type: ignore[override]
         return bool(self._stream is not None and self._stream.live)
 
     async def _ensure(self) -> STTStreamSession:
-        if self._stream is None:
-            self._lease = self._gate.lease("stt")
-            await self._lease.__aenter__()
-            self._stream = self._inner.open_stream()
-        return self._stream
+        async with self._opening:
+            if self._refused is not None:
+                raise self._refused
+            if self._stream is None:
+                lease = self._gate.lease("stt")
+                try:
+                    await lease.__aenter__()
+                except ProviderError as e:
+                    self._refused = e
+                    raise
+                self._lease = lease
+                self._stream = self._inner.open_stream(self._every)
+            return self._stream
 
     async def _end(self) -> None:
         if self._lease is not None:
@@ -192,14 +204,23 @@ class _LimitedSTTStream(STTStreamSession):
             await lease.__aexit__(None, None, None)
 
     async def push(self, pcm16: bytes) -> None:
-        await (await self._ensure()).push(pcm16)
-
-    async def partial(self) -> str | None:
-        return await self._stream.partial() if self._stream is not None else None
-
-    async def finish(self) -> str:
         try:
-            return await (await self._ensure()).finish()
+            stream = await self._ensure()
+        except ProviderError:
+            return  # `events()` raises it
+        await stream.push(pcm16)
+
+    async def end_input(self) -> None:
+        try:
+            await (await self._ensure()).end_input()
+        except ProviderError:
+            return
+
+    async def events(self) -> AsyncIterator[SpeechEvent]:
+        try:
+            async with aclosing((await self._ensure()).events()) as events:  # type: ignore[type-var]
+                async for event in events:
+                    yield event
         finally:
             await self._end()
 
@@ -209,9 +230,6 @@ class _LimitedSTTStream(STTStreamSession):
                 await self._stream.cancel()
         finally:
             await self._end()
-
-    def transcript_so_far(self) -> str | None:
-        return self._stream.transcript_so_far() if self._stream is not None else None
 
 
 def limited(stage: str, provider: Any, variable: str | None, limits: dict[str, KeyLimit], namespace: str) -> Any:

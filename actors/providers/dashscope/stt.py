@@ -3,8 +3,9 @@ project's `STT` contract.
 
 One `Recognition` (one WebSocket task) per utterance: `open_stream()` starts
 it at once so the connection is set up while the user is still speaking,
-`push()` forwards audio as it arrives, `finish()` ends the task and returns
-the final sentences. The SDK's callbacks run on its own threads; they hop to
+`push()` forwards audio as it arrives, results come out of `events()` as the
+service sends them, and `end_input()` ends the task (its completion is the
+`end` event with the final sentences). The SDK's callbacks run on its own threads; they hop to
 the event loop with `call_soon_threadsafe`. Its blocking calls (`start`,
 `stop`) run on one daemon thread per stream, in order, so audio pushed before
 the task has started is queued behind `start` and sent in order
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from actors.providers.base import SAMPLE_RATE, STT, ProviderError, STTStreamSession
+from actors.providers.base import SAMPLE_RATE, STT, ProviderError, QueuedSTTStream, SpeechEvent
 from actors.providers.dashscope import DEFAULT_API_KEY_ENV, SerialWorker, post_to_loop, resolve_api_key, section_config
 
 if TYPE_CHECKING:
@@ -86,8 +87,10 @@ class DashScopeSTT(STT):
     def from_app_config(cls, config: Any) -> DashScopeSTT:
         return cls(section_config(config, "stt", DashScopeSTTConfig))
 
-    def open_stream(self) -> DashScopeSTTStream:
-        """Start recognising now; must be called on the event loop.
+    def open_stream(self, interim_every_s: float = 0.0) -> DashScopeSTTStream:
+        """Start recognising now; must be called on the event loop. Interims
+        come from the service as it hears them (`interim_every_s` is for
+        batch decoders).
 
         A missing key does not raise here (the session's STT child opens
         streams outside its error handling): the stream fails, and `finish()`
@@ -114,37 +117,41 @@ class _Sentence:
     final: bool
 
 
-class DashScopeSTTStream(STTStreamSession):
+class DashScopeSTTStream(QueuedSTTStream):
     """One utterance on one `Recognition` task (one WebSocket connection).
 
-    State lives on the event loop; SDK threads only post to it. `push()`
-    never raises for a provider failure (the session's STT child does not
-    expect it to): audio after a failure is dropped and `finish()` raises.
+    State lives on the event loop; SDK threads only post to it. Each service
+    result becomes an `interim` or `final` event (the words so far), the
+    task's completion the `end` event; a failure is raised by `events()` as
+    soon as the service reports it, so a fallback can take over while the
+    user is still speaking. Audio pushed after a failure is dropped.
     """
 
     live = True
-    """Interim sentences arrive from the service; `partial()` only reads them."""
+    """Interim sentences arrive from the service."""
 
     def __init__(self, config: DashScopeSTTConfig, api_key: str | None, failed: ProviderError | None = None) -> None:
+        super().__init__()
         self._config = config
         self._loop = asyncio.get_running_loop()
         self._sentences: dict[int, _Sentence] = {}
-        self._changed = False
-        self._done = asyncio.Event()
-        self._error = failed
+        self._said = ""
         self._closed = False
+        self._deadline: asyncio.TimerHandle | None = None
         self._recognition: Recognition | None = None
         self._worker: SerialWorker | None = None
-        if failed is None and api_key is not None:
-            self._recognition = self._new_recognition(api_key)
-            self._worker = SerialWorker("dashscope-stt")
-            self._worker.submit(self._start)
+        if failed is not None or api_key is None:
+            self._put_error(failed or ProviderError("stt.failed", "DashScope speech recognition has no API key"))
+            return
+        self._recognition = self._new_recognition(api_key)
+        self._worker = SerialWorker("dashscope-stt")
+        self._worker.submit(self._start)
 
     # ------------------------------------------------------------ contract
     async def push(self, pcm16: bytes) -> None:
         """Queue audio for sending; returns at once (sending never waits for
         the connection, the SDK buffers frames until the task has started)."""
-        if self._closed or self._error is not None or not pcm16 or self._worker is None:
+        if self._closed or self.over or not pcm16 or self._worker is None:
             return
         if self._config.sample_rate != SAMPLE_RATE:
             from actors.audio import resample_pcm16
@@ -152,42 +159,27 @@ class DashScopeSTTStream(STTStreamSession):
             pcm16 = resample_pcm16(pcm16, SAMPLE_RATE, self._config.sample_rate)
         self._worker.submit(self._send, pcm16)
 
-    async def partial(self) -> str | None:
-        """Finished sentences plus the current interim, if anything changed."""
-        if not self._changed or self._error is not None:
-            return None
-        self._changed = False
-        return self._text() or None
-
-    async def finish(self) -> str:
-        """End the task and wait (at most `timeout_s`) for the final sentences."""
-        if self._error is not None:
-            self._shutdown()
-            raise self._error
-        if self._closed:
-            raise ProviderError("stt.failed", "speech recognition stream already finished")
-        self._closed = True
-        assert self._worker is not None
-        self._worker.submit(self._stop)
-        self._worker.close()
-        try:
-            await asyncio.wait_for(self._done.wait(), self._config.timeout_s)
-        except TimeoutError:
-            raise ProviderError(
-                "stt.timeout", f"DashScope speech recognition gave no final result within {self._config.timeout_s:g} s"
-            ) from None
-        if self._error is not None:
-            raise self._error
-        if any(not s.final for s in self._sentences.values()):
-            log.debug("the service closed the task with an unfinished sentence; keeping its interim text")
-        return self._text()
+    async def end_input(self) -> None:
+        """Send finish-task; the final sentences must come within `timeout_s`."""
+        if self._closed or self.over:
+            return
+        self._shutdown()
+        self._deadline = self._loop.call_later(self._config.timeout_s, self._timed_out)
 
     async def cancel(self) -> None:
         """Stop the task without waiting for its results (barge-in, hang-up)."""
         self._shutdown()
+        self._put_closed()
+        self._clear_deadline()
 
-    def transcript_so_far(self) -> str | None:
-        return None if self._error is not None else self._text()
+    def _timed_out(self) -> None:
+        self._put_error(ProviderError(
+            "stt.timeout", f"DashScope speech recognition gave no final result within {self._config.timeout_s:g} s"))
+
+    def _clear_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
 
     # ------------------------------------------------------------ SDK side
     def _new_recognition(self, api_key: str) -> Recognition:
@@ -258,16 +250,22 @@ class DashScopeSTTStream(STTStreamSession):
         key = sentence.get("sentence_id")
         key = key if isinstance(key, int) else len(self._sentences) + 1
         self._sentences[key] = _Sentence(text, final)
-        self._changed = True
+        words = self._text()
+        if words and (final or words != self._said):
+            self._said = words
+            self._put(SpeechEvent("final" if final else "interim", words))
 
     def _on_complete(self) -> None:
-        self._done.set()
+        if any(not s.final for s in self._sentences.values()):
+            log.debug("the service closed the task with an unfinished sentence; keeping its interim text")
+        self._clear_deadline()
+        self._put(SpeechEvent("end", self._text()))
 
     def _fail(self, error: ProviderError) -> None:
-        if self._error is None:
-            self._error = error
         self._cancel_silence_timer()
-        self._done.set()
+        self._clear_deadline()
+        self._put_error(error)
+        self._shutdown()
 
     def _text(self) -> str:
         """Sentences in order, each final or its latest interim. A sentence the
