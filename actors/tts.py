@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -34,7 +33,7 @@ from actors.audio import resample_pcm16
 from actors.config import TTSConfig
 from actors.events import AudioChunk, ErrorCode, LLMEmotion, TTSAudioEnd, TTSSentence, TTSStart, TTSStop
 from actors.mailbox import Child, Message
-from actors.providers.base import TTS, AudioSegment
+from actors.providers.base import TTS, AudioSegment, TTSStream
 from actors.text import EmotionFilter, MarkdownLines, SentenceSplitter, has_words, speakable
 
 if TYPE_CHECKING:
@@ -121,6 +120,7 @@ class _SentenceAudio:
         self.finished = False
         self.error: BaseException | None = None
         self._grown = asyncio.Event()
+        self._done = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         """The synthesis filling it (cancelled when nobody is left to listen)."""
         self.text: str | None = None
@@ -138,8 +138,14 @@ class _SentenceAudio:
         self._grown.set()
 
     def finish(self, error: BaseException | None = None) -> None:
+        if self.finished:
+            return
         self.finished, self.error = True, error
         self._grown.set()
+        self._done.set()
+
+    async def wait_finished(self) -> None:
+        await self._done.wait()
 
     # ---------------------------------------------------------- player side
     @property
@@ -211,6 +217,11 @@ class _Playback:
     player: asyncio.Task[None] | None = None
     synths: list[asyncio.Task[None]] = field(default_factory=list)
     """This turn's synthesis tasks, in sentence order; each waits for the one before."""
+    stream: TTSStream | None = None
+    """The provider's stream for this reply, opened with its first synthesised sentence."""
+    router: asyncio.Task[None] | None = None
+    segments: dict[int, _SentenceAudio] = field(default_factory=dict)
+    """Stream segment → the sentence its audio fills."""
     started: bool = False
     clock_start: float | None = None
     paced: bool = True
@@ -255,6 +266,7 @@ class TTSChild(Child):
         if self._quick is not None:
             self._quick.add(self._safe_reply)
         self._emotion_turns: set[int] = set()
+        self._closing: set[asyncio.Task[None]] = set()
         self.synthesized = 0
         """Sentences sent to the TTS provider (stats: text-only sessions send none)."""
         self.quick_hits = 0
@@ -342,6 +354,10 @@ class TTSChild(Child):
         cancelling this task (barge-in) closes the provider's stream, which
         stops a cloud synthesis at once.
 
+        Synthesis goes through the reply's `TTSStream` (one per turn): the
+        sentence is pushed as a segment, and its audio comes back through
+        `_route`.
+
         In order too, the moderation verdict (its check started when the
         sentence arrived) decides what is said: the sentence, the safe reply
         (first block of the turn) or nothing (later blocks)."""
@@ -359,14 +375,52 @@ class TTSChild(Child):
             await self._play_quick(phrase, audio)
             return
         self.synthesized += 1
+        stream = self._stream_of(pb)
+        stream.push_text(sentence)
+        pb.segments[stream.flush()] = audio
         try:
-            async with aclosing(self._tts.stream(sentence)) as pieces:
-                async for piece in pieces:
-                    audio.append(piece)
-        except Exception as e:
-            audio.finish(e)
-        else:
+            await audio.wait_finished()
+        except asyncio.CancelledError:  # nobody will hear it: stop the provider now, not at the sentence's end
+            self._close_stream(pb)
+            raise
+
+    def _stream_of(self, pb: _Playback) -> TTSStream:
+        """The reply's stream, opened on first use; its audio is routed to the sentences."""
+        if pb.stream is None:
+            pb.stream = stream = self._tts.open_stream()
+            pb.router = asyncio.get_running_loop().create_task(self._route(pb, stream))
+        return pb.stream
+
+    async def _route(self, pb: _Playback, stream: TTSStream) -> None:
+        try:
+            async for piece in stream:
+                audio = pb.segments.get(piece.segment)
+                if audio is None:
+                    continue
+                if piece.final:
+                    del pb.segments[piece.segment]
+                    audio.finish(piece.error)
+                elif piece.audio is not None:
+                    audio.append(piece.audio)
+        finally:
+            if pb.stream is stream:  # ended under its sentences (not closed on purpose): they fail, none hangs
+                for audio in pb.segments.values():
+                    audio.finish(RuntimeError("the speech synthesis stream ended early"))
+                pb.segments.clear()
+
+    def _close_stream(self, pb: _Playback) -> None:
+        """Cancel the reply's stream (barge-in, nobody listening); a later
+        sentence of the turn opens a new one."""
+        stream, router, pb.stream, pb.router = pb.stream, pb.router, None, None
+        for audio in pb.segments.values():
             audio.finish()
+        pb.segments.clear()
+        if stream is not None:
+            closing = asyncio.get_running_loop().create_task(stream.cancel())
+            self._closing.add(closing)  # held until done: the loop keeps only a weak reference
+            closing.add_done_callback(self._closing.discard)
+        if router is not None:
+            router.cancel()
 
     async def _blocked(self, check: asyncio.Task[Verdict]) -> bool:
         try:
@@ -403,6 +457,8 @@ class TTSChild(Child):
             await self._play_sentence(pb, sentence, audio)
             if audio.error is not None:
                 self._core.emit_error(ErrorCode.TTS_FAILED, f"could not speak a sentence: {audio.error}", pb.turn)
+        if pb.stream is not None:
+            pb.stream.end_input()
         if pb.started:
             self._core.emit(TTSAudioEnd(turn_id=pb.turn))
         if self._core.paced and pb.clock_start is not None:
@@ -469,6 +525,7 @@ class TTSChild(Child):
                 pb.player.cancel()
             for task in (*pb.checks, *pb.synths):
                 task.cancel()
+            self._close_stream(pb)
             if pb.started:
                 self._core.emit(TTSStop(turn_id=turn, reason="interrupted",
                                         stream_ms=self._core.interrupt_stream_ms))

@@ -20,10 +20,10 @@ from typing import Any
 import pytest
 
 from actors.providers.base import ChatMessage, LLMChunk, ProviderError, ToolCall, ToolSpec
+from actors.providers.adapters.retry import RetryLLM, RetryPolicy, with_retries
 from actors.providers.openai_compat.llm import (
     OpenAICompatConfig,
     OpenAICompatLLM,
-    backoff_s,
     to_openai_messages,
 )
 from tests.dialogue_stub import StubCore
@@ -51,12 +51,14 @@ def fake(server: FakeOpenAIServer, monkeypatch: pytest.MonkeyPatch) -> FakeOpenA
 
 @pytest.fixture
 async def make_llm(fake: FakeOpenAIServer) -> AsyncIterator[Any]:
-    made: list[OpenAICompatLLM] = []
+    made: list[Any] = []
 
-    def make(**overrides: Any) -> OpenAICompatLLM:
+    def make(**overrides: Any) -> Any:
+        """The provider as a failover link gets it: behind the retries its section declares."""
         fields = {"base_url": fake.base_url, "model": "qwen-plus", "api_key_env": KEY_ENV,
                   "retry_backoff_s": 0.05, "retry_max_backoff_s": 0.5, **overrides}
-        made.append(OpenAICompatLLM(OpenAICompatConfig(**fields)))
+        cfg = OpenAICompatConfig(**fields)
+        made.append(with_retries("llm", OpenAICompatLLM(cfg), cfg))
         return made[-1]
 
     yield make
@@ -384,11 +386,14 @@ def test_built_from_configuration_by_name() -> None:
 
 def test_backoff_grows_with_jitter_and_is_capped() -> None:
     cfg = OpenAICompatConfig(retry_backoff_s=0.1, retry_max_backoff_s=0.3)
+    policy = RetryPolicy.of(cfg)
+    assert policy is not None and RetryPolicy.of(OpenAICompatConfig(retries=0)) is None
+    backoff_s = policy.delay_s
     for _ in range(50):
-        assert 0.05 <= backoff_s(cfg, 0) <= 0.1
-        assert 0.1 <= backoff_s(cfg, 1) <= 0.2
-        assert backoff_s(cfg, 5) <= 0.3
-        assert backoff_s(cfg, 0, retry_after_s=10) == 0.3
+        assert 0.05 <= backoff_s(0) <= 0.1
+        assert 0.1 <= backoff_s(1) <= 0.2
+        assert backoff_s(5) <= 0.3
+        assert backoff_s(0, retry_after_s=10) == 0.3
 
 
 # ------------------------------------------------ the dialogue's tool loop
@@ -443,3 +448,20 @@ async def test_fake_runs_in_the_current_loop_and_answers_non_streaming() -> None
     message = reply.choices[0].message
     assert message.content == "hi" and message.tool_calls[0].function.arguments == '{"a": 1}'
     assert reply.choices[0].finish_reason == "tool_calls" and not fake.requests[0].body.get("stream")
+
+
+def test_each_failover_link_gets_the_retries_its_section_declares(monkeypatch: pytest.MonkeyPatch) -> None:
+    from actors.config import AppConfig
+    from actors.providers.stages import chained_llm
+
+    monkeypatch.setenv(KEY_ENV, KEY)
+    config = AppConfig.model_validate({"llm": {
+        "provider": "openai-compatible", "fallback": ["local-dialogue"],
+        "openai_compat": {"base_url": "http://127.0.0.1:9/v1", "api_key_env": KEY_ENV, "retries": 3}}})
+    chain = chained_llm(config).chain
+    first = chain.links[0].provider
+    assert isinstance(first, RetryLLM) and first.policy.retries == 3
+    assert first.cfg.retries == 3, "the provider's own attributes read through the wrapper"
+    assert not isinstance(chain.links[1].provider, RetryLLM), "the local engine declares no retries"
+    no_retries = OpenAICompatLLM(OpenAICompatConfig(retries=0, api_key_env=KEY_ENV))
+    assert with_retries("llm", no_retries, no_retries.cfg) is no_retries

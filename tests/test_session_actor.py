@@ -276,3 +276,29 @@ async def test_history_survives_a_crashed_session_actor(ray_cluster, config, tap
     fresh = create_session_actor(config, sid)
     assert await fresh.history.remote() == []
     ray.kill(fresh)
+
+
+async def test_the_provider_contracts_from_a_notebook_as_the_readme_shows(ray_cluster, config, speech):
+    """The README's snippet: the embedded chains driven through the stream contracts."""
+    from actors.providers.stages import chained_stt, chained_tts
+
+    stt = chained_stt(config).open_stream(interim_every_s=0.3)
+    pcm16 = speech(QUESTION)
+    for start in range(0, len(pcm16), 3200):  # 100 ms pieces, as a microphone gives them
+        await stt.push(pcm16[start:start + 3200])
+        await asyncio.sleep(0.02)
+    await stt.end_input()
+    events = [event async for event in stt.events()]
+    assert events[-1].kind == "end" and all(e.kind in ("interim", "final") for e in events[:-1])
+    words = events[-1].text.lower()
+    assert ("12" in words or "twelve" in words) and ("7" in words or "seven" in words), events
+
+    speech_stream = chained_tts(config).open_stream()
+    speech_stream.push_text("Twelve times seven is eighty-four.")
+    assert speech_stream.flush() == 0
+    speech_stream.end_input()
+    pieces = [piece async for piece in speech_stream]
+    assert pieces[-1].final and pieces[-1].error is None
+    audio = b"".join(piece.audio.pcm16 for piece in pieces if piece.audio)
+    rate = next(piece.audio.sample_rate for piece in pieces if piece.audio)
+    assert len(audio) / 2 / rate > 1.0 and rms_dbfs(audio) > -40, "a second or more of audible speech"

@@ -14,18 +14,20 @@ from actors.config import AppConfig
 from actors.providers import build_llm, registry
 from actors.providers.adapters.fallback import FallbackLLM, FallbackSTT, FallbackTTS, build_chain
 from actors.providers.adapters.key_limits import limited
+from actors.providers.adapters.retry import with_retries
 from actors.providers.base import SAMPLE_RATE
 
 
 def _gated(stage: str, name: str, provider: Any, config: AppConfig) -> Any:
-    """A cloud provider behind its key's cluster-wide limits, when configured."""
-    limits = config.resilience.key_limits
-    if not limits:
-        return provider
+    """A cloud provider behind its key's cluster-wide limits when configured
+    (each attempt takes a lease, none is held while backing off), then the
+    retries its section declares."""
     settings = registry.section(config, stage, name)  # type: ignore[arg-type]
-    if settings is None or getattr(settings, "api_key", None) is not None:
-        return provider  # a key written in a config file has no variable to name its limits by
-    return limited(stage, provider, getattr(settings, "api_key_env", None), limits, config.server.namespace)
+    limits = config.resilience.key_limits
+    if limits and settings is not None and getattr(settings, "api_key", None) is None:
+        # a key written in a config file has no variable to name its limits by
+        provider = limited(stage, provider, getattr(settings, "api_key_env", None), limits, config.server.namespace)
+    return with_retries(stage, provider, settings)
 
 
 def chained_stt(config: AppConfig) -> FallbackSTT:

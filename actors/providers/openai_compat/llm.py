@@ -7,10 +7,11 @@ the end of the reply (the dialogue runs them and calls `stream` again), and
 the token usage of the reply is kept in `last_usage` and yielded last.
 
 Choices made here, and why:
-- Retries (429, 5xx, 408/409, connection failures) happen only while nothing
-  has reached the caller. Once a text delta was yielded it may already be
-  spoken; a retry would speak a second, different reply.
-- Timeouts are not retried: when the first token is late the listener is
+- Failures that a retry may cure (429, 5xx, 408/409, connection failures)
+  are marked `retryable`; the `retries` settings below are the policy of the
+  `RetryLLM` wrapper each failover link gets (adapters/retry.py), which
+  retries only while nothing has reached the caller.
+- Timeouts are not retryable: when the first token is late the listener is
   already waiting, and a second wait of the same length helps nobody.
 - Tool-call arguments that are not a JSON object are passed on as
   `{"_raw": "<text>"}` instead of failing the turn: the tool registry answers
@@ -29,7 +30,6 @@ import dataclasses
 import json
 import logging
 import os
-import random
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -75,7 +75,8 @@ class OpenAICompatConfig(BaseModel):
     """Longest wait from sending the request to the first text, tool-call or
     reasoning delta."""
     retries: int = Field(2, ge=0, le=10)
-    """Further attempts after a retryable failure, only before any output."""
+    """Further attempts after a retryable failure, only before any output
+    (the `RetryLLM` wrapper's policy, `RetryPolicy.of`)."""
     retry_backoff_s: float = Field(0.5, ge=0)
     """First back-off; doubles per retry, with jitter (×0.5–1)."""
     retry_max_backoff_s: float = Field(4.0, ge=0)
@@ -126,7 +127,9 @@ class OpenAICompatLLM(LLM):
 
     # -- the contract --------------------------------------------------------
     async def stream(self, messages: list[ChatMessage], tools: list[ToolSpec]) -> AsyncIterator[LLMChunk]:
-        """Stream one reply; retried (with back-off) only before any output.
+        """Stream one reply (one request). A failure is raised as a
+        `ProviderError` marked `retryable` where a retry may help; the retry
+        itself is the `RetryLLM` wrapper's (providers/adapters/retry.py).
 
         Stop iterating (or cancel the consuming task) to interrupt: the HTTP
         stream is closed when this generator is closed, so call `aclose()` on
@@ -135,24 +138,16 @@ class OpenAICompatLLM(LLM):
         self.last_usage = None
         client = self._get_client()
         request = build_request(self.cfg, messages, tools, self.system_prompt)
-        for attempt in range(self.cfg.retries + 1):
-            delivered = False
-            try:
-                async with aclosing(self._attempt(client, request)) as chunks:
-                    async for chunk in chunks:
-                        delivered = True
-                        yield chunk
-                return
-            except Exception as exc:
-                failure = classify(exc, self.cfg, self._scrub)
-                if delivered or not failure.retryable or attempt >= self.cfg.retries:
-                    if failure.error is exc:
-                        raise
-                    raise failure.error from (None if failure.hide_cause else exc)
-                delay = backoff_s(self.cfg, attempt, failure.retry_after_s)
-                log.warning("LLM %s: %s; retry %d/%d in %.2f s", self.cfg.model, failure.error.code,
-                            attempt + 1, self.cfg.retries, delay)
-                await asyncio.sleep(delay)
+        try:
+            async with aclosing(self._attempt(client, request)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+        except Exception as exc:
+            failure = classify(exc, self.cfg, self._scrub)
+            failure.error.retryable, failure.error.retry_after_s = failure.retryable, failure.retry_after_s
+            if failure.error is exc:
+                raise
+            raise failure.error from (None if failure.hide_cause else exc)
 
     # -- one attempt -------------------------------------------------------------
     async def _attempt(self, client: AsyncOpenAI, request: dict[str, Any]) -> AsyncIterator[LLMChunk]:
@@ -520,12 +515,3 @@ def _origin(url: str) -> str:
     parts = urlsplit(url)
     host = parts.hostname or "?"
     return f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")
-
-
-def backoff_s(cfg: OpenAICompatConfig, attempt: int, retry_after_s: float | None = None) -> float:
-    """Exponential back-off with jitter; a server's Retry-After, when longer,
-    wins (both capped at `retry_max_backoff_s`)."""
-    delay = cfg.retry_backoff_s * (2 ** attempt) * random.uniform(0.5, 1.0)
-    if retry_after_s is not None:
-        delay = max(delay, retry_after_s)
-    return min(delay, cfg.retry_max_backoff_s)
