@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
+from actors.agent.db import DatabaseError, dialect_of, redact_url, sqlite_path
 from actors.agent.knowledge import KnowledgeConfig
 from actors.agent.memory import MemoryConfig
 from actors.agent.moderation import ModerationConfig
@@ -63,6 +64,13 @@ class ServerConfig(_Section):
     """Ray namespace holding every named session and pool actor."""
     warm_sessions: int = Field(2, ge=0, le=64)
     """Idle session actors started ahead so a new session is ready in ms."""
+    drain_grace_s: float = Field(5.0, ge=0, le=60)
+    """When an ingress replica is shut down (`serve deploy` of a new version,
+    scale-down, `serve.delete`), a reply in flight on one of its sockets may
+    finish for this long before it is cut like a barge-in (what was heard is
+    kept); then the client gets `goodbye` and close 1012 and resumes its
+    session on another replica. Keep it well under
+    `ingress.graceful_shutdown_timeout_s`, after which Serve kills the replica."""
 
 
 class SessionConfig(_Section):
@@ -90,8 +98,17 @@ class SessionConfig(_Section):
     resuming or other words cancel it. Text and audio reach the client only
     after the final transcript, so the cost is LLM tokens, never a wrong reply."""
     history_db: str | None = "data/history.sqlite3"
-    """SQLite file keeping every session's conversation (relative to the
-    project root); None keeps history only in the session actor."""
+    """The session store (actors/history_store.py): every session's
+    conversation, owner and persona, and each device's session. A SQLite file
+    path (relative to the project root), `sqlite:///relative/path`,
+    `sqlite:////absolute/path`, or `postgresql://user@host:5432/db` so that
+    every node of a cluster shares it. Put a password in the variable named by
+    `history_db_env`, not here. None keeps history only in the session actor
+    and the device → session directory only in its actor's memory."""
+    history_db_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+    """Name of an environment variable that, when set and non-empty, replaces
+    `history_db` (a PostgreSQL DSN with its password). It is read in each
+    process that opens the store, so set it on every node; never logged."""
 
     @field_validator("output_sample_rate")
     @classmethod
@@ -99,6 +116,36 @@ class SessionConfig(_Section):
         if v not in (8000, 16000, 22050, 24000, 48000):
             raise ValueError("must be one of 8000, 16000, 22050, 24000, 48000")
         return v
+
+    @field_validator("history_db")
+    @classmethod
+    def _known_database(cls, v: str | None) -> str | None:
+        if v is not None and "://" in v:
+            try:
+                dialect_of(v)
+            except DatabaseError as e:  # its message names the url redacted, and what is accepted
+                raise ValueError(str(e)) from None
+        return v
+
+    def store_url(self, env: Mapping[str, str] | None = None) -> str | None:
+        """The store as a database URL for `actors.agent.db.Database` (a plain
+        path becomes `sqlite:///path`), the value of `history_db_env` when that
+        is set; None when there is no store. Holds any password: log only
+        `redact_url` of it."""
+        env = os.environ if env is None else env
+        if self.history_db_env and env.get(self.history_db_env):
+            return env[self.history_db_env]
+        if self.history_db is None or "://" in self.history_db:
+            return self.history_db
+        return f"sqlite:///{self.history_db}"  # an absolute path gives sqlite:////abs, as Database expects
+
+    def store_file(self, env: Mapping[str, str] | None = None) -> Path | None:
+        """The store's SQLite file when it is one (others share the file:
+        the device registry), else None."""
+        url = self.store_url(env)
+        if url is None or dialect_of(url) != "sqlite":
+            return None
+        return sqlite_path(url, PROJECT_ROOT)
 
 
 class VADConfig(_Section):
@@ -132,6 +179,11 @@ class STTConfig(_StageSection):
     cpu_threads: int = Field(1, ge=1)
     partial_interval_ms: int = Field(0, ge=0)
     """Re-decode the growing utterance this often for partials; 0 = off."""
+    decode_at_pause: bool = True
+    """A batch decoder (Whisper) decodes the utterance at a pause
+    (`vad.pause_ms`); if the utterance then ends, that decode is the
+    transcript, made during the end-silence wait instead of after it. Costs
+    a wasted decode each time the speaker pauses and goes on."""
     max_utterance_s: float = Field(30.0, gt=0)
 
 
@@ -360,7 +412,10 @@ def _describe(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"])
-        lines.append(f"{where}: {e['msg']} (got {e.get('input')!r})")
+        got = e.get("input")
+        if isinstance(got, str) and "://" in got:
+            got = redact_url(got)  # a database URL may carry its password
+        lines.append(f"{where}: {e['msg']} (got {got!r})")
     return "invalid configuration: " + "; ".join(lines)
 
 

@@ -21,7 +21,7 @@ import ray
 from actors.agent.persona import persona_config
 from actors.config import AppConfig
 from actors.events import ErrorCode, ErrorEvent, Event
-from actors.history_store import HistoryStore
+from actors.history_store import HistoryStore, StoredSession
 from actors.providers import build_vad
 from actors.providers.base import SAMPLE_RATE
 from actors.providers.stages import chained_llm, chained_stt, chained_tts
@@ -86,19 +86,19 @@ def directory_name() -> str:
     return "sessions:directory"
 
 
-def build_core(session_id: str, config: AppConfig) -> SessionCore:
+def build_core(session_id: str, config: AppConfig, store: HistoryStore | None = None,
+               stored: StoredSession | None = None) -> SessionCore:
     """Wire a session to its providers (local VAD and LLM, pooled STT and
-    TTS) and to its stored history, if it had one."""
-    store = HistoryStore(config.resolve_path(config.session.history_db)) if config.session.history_db else None
-    history, memory = store.load(session_id) if store else ([], {})
-    stored_persona = store.persona_of(session_id) if store else None
-    config = persona_config(config, config.persona(stored_persona))  # resumed: the same persona as before
+    TTS) and to its store, resuming what the store kept (`stored`, read by
+    the caller: the store is async, this is not)."""
+    stored = stored or StoredSession()
+    config = persona_config(config, config.persona(stored.persona))  # resumed: the same persona as before
     stt, llm, tts = chained_stt(config), chained_llm(config), chained_tts(config)
     core = SessionCore(
         session_id, config, vad=build_vad(config), stt=stt, llm=llm, tts=tts,
         provider_names={"vad": config.vad.provider, "stt": config.stt.provider,
                         "llm": config.llm.provider, "tts": config.tts.provider},
-        history=history, memory=memory, store=store, summary=store.summary_of(session_id) if store else "",
+        history=stored.messages, memory=stored.memory, store=store, summary=stored.summary,
     )
     for chain in (stt.chain, llm.chain, tts.chain):
         chain.notify = core.provider_failover
@@ -115,36 +115,53 @@ def build_core(session_id: str, config: AppConfig) -> SessionCore:
 class SessionActor:
     def __init__(self, session_id: str, config: AppConfig) -> None:
         self._config = config
-        self._core = build_core(session_id, self._config)
-        self._started = False
+        self._session_id = session_id
+        self._store = HistoryStore.from_config(config)
+        self._core_or_none: SessionCore | None = None
+        self._starting = asyncio.Lock()  # binds to the actor's loop on first use (Python >= 3.10)
         self._created = time.time()
-        store = self._core.store
-        self._owner: str | None = store.owner_of(session_id) if store else None
+        self._owner: str | None = None
         self._memory: Any = None
         self._exclusive: asyncio.Queue[Event] | None = None
 
-    def _ensure_started(self) -> SessionCore:
-        if not self._started:  # needs the actor's event loop, absent in __init__
-            self._started = True
-            self._core.start()
-            asyncio.get_running_loop().create_task(self._reap_when_idle())
-        return self._core
+    async def _ensure_started(self) -> SessionCore:
+        """Build the session from what the store kept, once, in the actor's
+        event loop (the store is async and a PostgreSQL pool belongs to one
+        loop; `__init__` has none). A warm actor does this in `ready()`, long
+        before a client arrives; a resumed one in its first call (one query).
+        A store that cannot be read raises here, and the next call tries
+        again: starting empty would overwrite the kept conversation."""
+        if self._core_or_none is None:
+            async with self._starting:
+                if self._core_or_none is None:
+                    stored = await self._store.snapshot(self._session_id) if self._store else StoredSession()
+                    core = build_core(self._session_id, self._config, self._store, stored)
+                    self._owner = stored.owner
+                    core.start()
+                    self._core_or_none = core
+                    asyncio.get_running_loop().create_task(self._reap_when_idle())
+        return self._core_or_none
+
+    @property
+    def _core(self) -> SessionCore:
+        """The session, for code that runs only after `_ensure_started`."""
+        assert self._core_or_none is not None, "session not started"
+        return self._core_or_none
 
     async def ready(self) -> str:
-        self._ensure_started()
-        return self._core.session_id
+        return (await self._ensure_started()).session_id
 
     async def send_audio(self, frames: list[tuple[int | None, bytes]], sample_rate: int = SAMPLE_RATE,
                          stream: str = "") -> int:
         """A batch of (sequence number, PCM16 frame); returns frames accepted."""
-        return self._ensure_started().send_audio(frames, sample_rate, stream)
+        return (await self._ensure_started()).send_audio(frames, sample_rate, stream)
 
     async def send_text(self, text: str) -> int | None:
-        return self._ensure_started().send_text(text)
+        return (await self._ensure_started()).send_text(text)
 
     async def greet(self) -> int:
         """A device woke up: say the persona's greeting, as a turn of its own."""
-        core = self._ensure_started()
+        core = await self._ensure_started()
         return core.say(core.dialogue.persona.greeting_text())
 
     async def set_persona(self, persona_id: str) -> str:
@@ -152,30 +169,31 @@ class SessionActor:
         config) from the next turn on, and keep it with the conversation."""
         if not self._config.has_persona(persona_id):
             raise ValueError(f"no persona {persona_id!r}")
+        await self._ensure_started()
         if self._core.dialogue.persona.id != persona_id:
             config = persona_config(self._config, self._config.persona(persona_id))
             llm, tts = chained_llm(config), chained_tts(config)
             for chain in (llm.chain, tts.chain):
                 chain.notify = self._core.provider_failover
             self._core.set_persona(config.persona(), llm, tts)
-        if self._core.store is not None:
-            await asyncio.to_thread(self._core.store.set_persona, self._core.session_id, persona_id)
+        if self._store is not None:
+            await self._store.set_persona(self._session_id, persona_id)
         return persona_id
 
     async def utterances(self, settle: bool = False) -> int:
         """How many utterances the VAD has opened; with `settle`, after all
         audio sent so far has been through it (so a caller can tell that a
         recording held no speech instead of waiting for a turn)."""
-        core = self._ensure_started()
+        core = await self._ensure_started()
         if settle:
             await core.audio.drained()
         return core.audio.utterances
 
     async def interrupt(self) -> bool:
-        return self._ensure_started().interrupt()
+        return (await self._ensure_started()).interrupt()
 
     async def listen(self, state: str, mode: str = "auto") -> None:
-        self._ensure_started().listen(state, mode)
+        (await self._ensure_started()).listen(state, mode)
 
     async def claim(self, owner: str) -> bool:
         """First caller becomes the owner; later callers must be the same
@@ -183,14 +201,10 @@ class SessionActor:
         The owner is kept in the store with the conversation, so it outlives
         this actor: whoever names the id after the actor ended is checked
         against the same owner."""
+        await self._ensure_started()
         if self._owner is None:
-            store = self._core.store
-            if store is None:
-                self._owner = owner
-            else:
-                sid = self._core.session_id
-                won = await asyncio.to_thread(store.claim, sid, owner)
-                self._owner = owner if won else await asyncio.to_thread(store.owner_of, sid)
+            # one conditional write: two replicas racing for this id get the same winner
+            self._owner = owner if self._store is None else await self._store.claim(self._session_id, owner)
         if self._owner == owner:
             # a claim is the client arriving: its socket subscribes next, so the
             # orphan clock starts now, not when the actor was made (a warm one)
@@ -217,10 +231,11 @@ class SessionActor:
     async def touch(self) -> None:
         """The warm pool's keep-alive: an unclaimed actor in a live pool is
         not idle; once the pool is gone, it reaps itself after idle_timeout_s."""
-        self._core.last_activity = time.monotonic()
+        if self._core_or_none is not None:  # not started yet: its idle clock has not started either
+            self._core_or_none.last_activity = time.monotonic()
 
     async def device_message(self, kind: str, payload: Any) -> None:
-        self._ensure_started().device_message(kind, payload)
+        (await self._ensure_started()).device_message(kind, payload)
 
     async def events(self, exclusive: str | None = None,
                      output: OutputPrefs | None = None) -> AsyncIterator[list[Event]]:
@@ -239,7 +254,7 @@ class SessionActor:
         `output` is this subscriber's own output (rate, speech, pacing;
         `OutputPrefs`): a text-only listener never mutes a device listening
         to the same session."""
-        core = self._ensure_started()
+        core = await self._ensure_started()
         q = core.subscribe(output)
         if exclusive is not None:
             previous, self._exclusive = self._exclusive, q
@@ -265,12 +280,12 @@ class SessionActor:
                 self._exclusive = None
 
     async def history(self) -> list[dict[str, Any]]:
-        return [m.model_dump() for m in self._core.history()]
+        return [m.model_dump() for m in (await self._ensure_started()).history()]
 
     async def stats(self) -> dict[str, Any]:
         import os
 
-        core = self._core
+        core = await self._ensure_started()
         if core.reply_turn is not None:
             state = "replying"
         elif core.audio.in_speech:
@@ -289,16 +304,22 @@ class SessionActor:
         Listeners get `session.closed` first, which ends their event streams
         (a socket closes normally on it): the actor can only exit once no
         call of theirs is still running."""
-        if not self._core.closed and self._core.subscribers:
-            self._core.emit_error(ErrorCode.SESSION_CLOSED, "the session was ended")
+        core = await self._ensure_started()
+        if not core.closed and core.subscribers:
+            core.emit_error(ErrorCode.SESSION_CLOSED, "the session was ended")
             await asyncio.sleep(0.05)
-        await self._end()
-        if forget:
-            self._core.forget_history()
+        await self._end(forget)
         ray.actor.exit_actor()
 
-    async def _end(self) -> None:
+    async def _end(self, forget: bool = False) -> None:
+        """Close the session (its last save included), then the store's connections."""
         await self._core.close()
+        if self._store is not None:
+            try:
+                if forget:
+                    await self._core.forget_history()
+            finally:
+                await self._store.close()
         try:  # free its place in the caller's session cap at once
             ray.get_actor(directory_name(), namespace=self._config.server.namespace).release.remote(
                 self._core.session_id)

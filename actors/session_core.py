@@ -115,7 +115,7 @@ class SessionCore:
                                         max_tools=tools_cfg.max_device_tools)
         self._ending: asyncio.Task[None] | None = None
         self.audio = AudioBuffer(self, vad, config)
-        self.stt = STTStream(self, stt, config.stt.partial_interval_ms)
+        self.stt = STTStream(self, stt, config.stt.partial_interval_ms, config.stt.decode_at_pause)
         self.dialogue = DialogueState(self, llm, self.tools, self.tool_context,
                                       config.persona(), config.session.max_history_messages, history,
                                       llm_config=config.llm, summary=summary)
@@ -472,9 +472,9 @@ class SessionCore:
     def store(self) -> HistoryStore | None:
         return self._store
 
-    def forget_history(self) -> None:
+    async def forget_history(self) -> None:
         if self._store is not None:
-            self._store.forget(self.session_id)
+            await self._store.forget(self.session_id)
 
     def history(self) -> list[ChatMessage]:
         return list(self.dialogue.history)
@@ -487,6 +487,8 @@ class SessionCore:
             "history_messages": len(self.dialogue.history),
             "sentences_synthesized": self.tts.synthesized, "short_speech_ignored": self.audio.ignored,
             "preemptive_replies": dict(self.dialogue.preemptive),
+            "stt_decodes": dict(self.stt.decodes),
+            "mailbox_backlog": {child.name: child.backlog for child in self._children},
         }
 
     async def close(self) -> None:

@@ -25,8 +25,8 @@ import ray
 from actors.audio import write_wav
 from actors.config import AppConfig
 from actors.events import AudioChunk, ErrorEvent, Event, LLMDelta, STTFinal, TurnMetrics
+from actors.history_store import HistoryStore
 from actors.session import EventStream, SessionActor, directory_name, session_actor_name
-
 
 STARTS_AT_ONCE = 1
 REFILL_PERIOD_S = 0.5
@@ -69,22 +69,45 @@ class SessionDirectory:
     `per_principal` of them and the cluster `per_node` × alive nodes. A session
     actor releases its place when it ends; places of actors that died without
     saying so are found and freed when a cap is reached.
+
+    Every method is async, so all of them run on the actor's one event loop
+    and never beside each other in threads.
+
+    The alias → session map is written through to the session store (the
+    `dict` is its cache), so a device still gets its own session after this
+    actor restarted (Ray restarts it: `max_restarts=-1`) or the whole server
+    did, on any node when the store is PostgreSQL. The live counts are not
+    stored: after a restart they are rebuilt as sessions are admitted again.
     """
 
-    def __init__(self, namespace: str = "") -> None:
+    def __init__(self, namespace: str = "", config: AppConfig | None = None) -> None:
         self._namespace = namespace
+        self._store = HistoryStore.from_config(config) if config is not None else None
         self._ids: dict[str, str] = {}
         self._live: dict[str, str] = {}  # session id -> owner
         self._nodes = (0.0, 1)  # (when counted, alive nodes)
 
-    def lookup(self, alias: str) -> str | None:
-        return self._ids.get(alias)
+    async def lookup(self, alias: str) -> str | None:
+        """The session bound to `alias`: from memory, else from the store (a
+        miss is not cached: another directory, or this one before a restart,
+        may bind it)."""
+        sid = self._ids.get(alias)
+        if sid is None and self._store is not None:
+            sid = await self._store.session_for(alias)
+            if sid is not None:
+                self._ids[alias] = sid
+        return sid
 
-    def bind(self, alias: str, session_id: str) -> str:
-        """Bind unless another replica was first; returns the winner."""
-        return self._ids.setdefault(alias, session_id)
+    async def bind(self, alias: str, session_id: str) -> str:
+        """Bind unless another replica (or an earlier life of this directory)
+        was first; returns the winner. Written to the store before it is
+        answered, so a binding that was answered survives a restart."""
+        if alias in self._ids:
+            return self._ids[alias]
+        winner = session_id if self._store is None else await self._store.bind_alias(alias, session_id)
+        return self._ids.setdefault(alias, winner)
 
-    def admit(self, session_id: str, owner: str, per_principal: int, per_node: int) -> str | None:
+    async def admit(self, session_id: str, owner: str, per_principal: int, per_node: int) -> str | None:
         """Count `session_id` as live for `owner`; → None, or the limit code that refuses it."""
         if self._live.get(session_id) == owner:
             return None
@@ -99,10 +122,10 @@ class SessionDirectory:
         self._live[session_id] = owner
         return None
 
-    def release(self, session_id: str) -> None:
+    async def release(self, session_id: str) -> None:
         self._live.pop(session_id, None)
 
-    def live(self) -> dict[str, str]:
+    async def live(self) -> dict[str, str]:
         return dict(self._live)
 
     def _prune(self, owner: str | None) -> None:
@@ -132,7 +155,7 @@ class SessionManager:
         threading.Thread(target=self._keep_warm, name="warm-pool", daemon=True).start()
         self._directory = SessionDirectory.options(
             name=directory_name(), namespace=config.server.namespace, lifetime="detached",
-            get_if_exists=True).remote(config.server.namespace)  # started now: a device's first connect won't wait
+            get_if_exists=True).remote(config.server.namespace, config)  # started now: a device's first connect won't wait
         self.refill()
 
     def refill(self) -> None:

@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 
+from tests.pg import pg_server  # noqa: F401  (a fixture: one PostgreSQL server per test session)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
 os.environ.setdefault("no_proxy", "127.0.0.1,localhost")
@@ -24,9 +26,9 @@ Two test runs on one machine need two ports (VA_TEST_INGRESS_PORT)."""
 
 @pytest.fixture(scope="session")
 def config() -> Any:
-    from actors.config import load_config
-
     import tempfile
+
+    from actors.config import load_config
 
     history_db = Path(tempfile.mkdtemp(prefix="va-test-")) / "history.sqlite3"
     return load_config(env={
@@ -44,7 +46,9 @@ def config() -> Any:
 def ray_cluster(config: Any) -> Iterator[Any]:
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, namespace=TEST_NAMESPACE,
+    # "local": always a Ray of its own; with no address, ray.init joins the
+    # last cluster `ray start` (or another test run's Cluster) left on the machine
+    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace=TEST_NAMESPACE,
              log_to_driver=False, configure_logging=False)
     from actors.pools import ensure_pools
 

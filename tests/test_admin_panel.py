@@ -90,7 +90,9 @@ def user_token(auth) -> str:
 
 @pytest.fixture(scope="module")
 def store(server_config) -> HistoryStore:
-    return HistoryStore(server_config.resolve_path(server_config.session.history_db))
+    store = HistoryStore.from_config(server_config)
+    assert store is not None
+    return store
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -189,7 +191,7 @@ async def test_admin_sees_reads_ends_and_forgets_a_session(server, server_config
     assert sid not in {r["session_id"] for r in listing["sessions"]}
     stored = await admin_get(admin_token, f"/api/admin/sessions/{sid}")  # ended: the store still has it
     assert stored["live"] is False and any("84" in m["content"] for m in stored["messages"])
-    assert store.known(sid)
+    assert await store.known(sid)
 
     async with httpx.AsyncClient(timeout=30) as http:
         again = await http.post(f"{BASE}/api/admin/sessions/{sid}/end", headers=bearer(admin_token))
@@ -198,7 +200,7 @@ async def test_admin_sees_reads_ends_and_forgets_a_session(server, server_config
         bad = await http.get(f"{BASE}/api/admin/sessions/not%20an%20id", headers=bearer(admin_token))
     assert again.status_code == 404 and again.json()["error"]["code"] == "session.not_found"
     assert forget.status_code == 200 and forget.json()["history_deleted"] is True, forget.text
-    assert not store.known(sid)
+    assert not await store.known(sid)
     assert gone.status_code == 404 and bad.status_code == 404
 
 
@@ -206,13 +208,13 @@ async def test_forget_ends_a_live_session_too(server, server_config, admin_token
     async with await NativeClient.connect(f"{WS}/ws/voice", user_token) as client:
         sid = client.session_id
         await client.ask_text("Remember that my locker is number nine.")
-        assert store.known(sid)
+        assert await store.known(sid)
         async with httpx.AsyncClient(timeout=30) as http:
             r = await http.delete(f"{BASE}/api/admin/sessions/{sid}", headers=bearer(admin_token))
         assert r.status_code == 200 and r.json() == {"session_id": sid, "ended": True, "history_deleted": True}
         await wait_closed(client)
     await wait_gone(server_config, sid)
-    assert not store.known(sid)
+    assert not await store.known(sid)
 
 
 # ------------------------------------------------------------------ providers, errors, series, config

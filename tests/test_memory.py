@@ -1,27 +1,17 @@
 """Long-term memory (issue 10 item 3): the store on SQLite and on a real
 PostgreSQL server, the policy extractor and the HTTP handlers. No Ray.
 
-The PostgreSQL params run against a throwaway cluster this module starts
-(initdb + pg_ctl, 127.0.0.1, a free port, password auth) and stops at the
-end; without the binaries (`apt-get install postgresql`) they are skipped
-with the reason.
+The PostgreSQL params run against the throwaway server of tests/pg.py
+(fixture `pg_server`, one per test session); without the binaries
+(`apt-get install postgresql`) they are skipped with the reason.
 """
 
 from __future__ import annotations
 
 import asyncio
-import glob
-import itertools
 import json
 import logging
-import os
-import pwd
-import secrets
-import shutil
-import socket
-import subprocess
-import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,105 +20,10 @@ import pytest
 from actors.agent import memory_api
 from actors.agent.db import Database, DatabaseError, redact_url, to_numbered
 from actors.agent.memory import Candidate, MemoryConfig, MemoryStore, MemoryStoreError, extract_memories
+from tests.pg import PG_USER, free_port, fresh_pg_schema
 
 ALICE, BOB, DEVICE = "user:alice", "user:bob", "device:aa:bb:cc:dd:ee:ff"
-PG_USER = "memtest"
 PG_PASSWORD_ENV = "VA_TEST_MEMORY_DSN"
-
-
-# --------------------------------------------------------------------------- PostgreSQL server
-
-
-def _pg_binaries() -> tuple[str, str] | None:
-    """initdb and pg_ctl from PATH, else from Debian's versioned directory (newest first)."""
-    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
-    if initdb and pg_ctl:
-        return initdb, pg_ctl
-    for bindir in sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(Path(p).parent.name)
-                         if Path(p).parent.name.isdigit() else 0, reverse=True):
-        if os.access(f"{bindir}/initdb", os.X_OK) and os.access(f"{bindir}/pg_ctl", os.X_OK):
-            return f"{bindir}/initdb", f"{bindir}/pg_ctl"
-    return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[dict[str, str]]:
-    """A PostgreSQL cluster for this test run: → {"dsn": with password, "password": ...}.
-
-    initdb refuses to run as root, so as root the cluster belongs to the
-    `postgres` system user (Debian's package creates it) and every server
-    command runs through `runuser -u postgres --`.
-    """
-    binaries = _pg_binaries()
-    if binaries is None:
-        pytest.skip("PostgreSQL not installed: initdb and pg_ctl not found on PATH or in "
-                    "/usr/lib/postgresql/*/bin (apt-get install -y postgresql)")
-    initdb, pg_ctl = binaries
-    prefix: list[str] = []
-    owner: pwd.struct_passwd | None = None
-    if os.geteuid() == 0:
-        runuser = shutil.which("runuser")
-        try:
-            owner = pwd.getpwnam("postgres")
-        except KeyError:
-            owner = None
-        if runuser is None or owner is None:
-            pytest.skip("running as root and initdb refuses root: needs runuser and a `postgres` user")
-        prefix = [runuser, "-u", "postgres", "--"]
-    base = Path(tempfile.mkdtemp(prefix="va-pg-"))
-    data, sockets, pwfile, logfile = base / "data", base / "sock", base / "pw", base / "server.log"
-    sockets.mkdir()
-    password = secrets.token_urlsafe(16)
-    pwfile.write_text(password + "\n")
-    if owner is not None:
-        for path in (base, sockets, pwfile):
-            os.chown(path, owner.pw_uid, owner.pw_gid)
-    os.chmod(base, 0o700)
-    port = _free_port()
-
-    def run(*args: str) -> None:
-        subprocess.run([*prefix, *args], check=True, capture_output=True, timeout=120)
-
-    run(initdb, "-D", str(data), "-U", PG_USER, f"--pwfile={pwfile}", "--auth-host=scram-sha-256",
-        "--auth-local=trust", "-E", "UTF8", "--no-locale", "--no-sync")
-    options = f"-h 127.0.0.1 -p {port} -k {sockets} -c fsync=off -c full_page_writes=off"
-    try:
-        run(pg_ctl, "-D", str(data), "-l", str(logfile), "-o", options, "-w", "-t", "60", "start")
-    except subprocess.CalledProcessError:
-        log_text = logfile.read_text(errors="replace") if logfile.exists() else ""
-        shutil.rmtree(base, ignore_errors=True)
-        pytest.fail(f"PostgreSQL did not start: {log_text[-2000:]}")
-    try:
-        yield {"dsn": f"postgresql://{PG_USER}:{password}@127.0.0.1:{port}/postgres", "password": password}
-    finally:
-        subprocess.run([*prefix, pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"],
-                       capture_output=True, timeout=120)
-        shutil.rmtree(base, ignore_errors=True)
-
-
-_db_counter = itertools.count()
-
-
-async def _fresh_pg_schema(dsn: str) -> str:
-    """A DSN whose tables land in a new, empty schema, so every test starts
-    clean (a schema costs milliseconds; CREATE DATABASE costs seconds on a
-    busy machine). asyncpg passes unknown DSN parameters on as server
-    settings, here `search_path`."""
-    import asyncpg
-
-    name = f"memtest_{os.getpid()}_{next(_db_counter)}"
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute(f'CREATE SCHEMA "{name}"')
-    finally:
-        await conn.close()
-    return f"{dsn}?search_path={name}"
 
 
 # --------------------------------------------------------------------------- store factory
@@ -146,7 +41,7 @@ async def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIte
         base = MemoryConfig(url=f"sqlite:///{tmp_path}/memory.sqlite3")
     else:
         server = request.getfixturevalue("pg_server")
-        env[PG_PASSWORD_ENV] = await _fresh_pg_schema(server["dsn"])
+        env[PG_PASSWORD_ENV] = await fresh_pg_schema(server["dsn"])
         base = MemoryConfig(url="postgresql://nobody@127.0.0.1:1/unused", url_env=PG_PASSWORD_ENV)
     made: list[MemoryStore] = []
 
@@ -395,7 +290,7 @@ async def test_postgres_password_stays_out_of_reprs(pg_server: dict[str, str]) -
     shows up in no repr; the store works with it (scram-sha-256 on TCP)."""
     password = pg_server["password"]
     store = MemoryStore(MemoryConfig(url_env=PG_PASSWORD_ENV),
-                        env={PG_PASSWORD_ENV: await _fresh_pg_schema(pg_server["dsn"])})
+                        env={PG_PASSWORD_ENV: await fresh_pg_schema(pg_server["dsn"])})
     try:
         await store.remember(ALICE, "a fact")
         assert store.database.dialect == "postgresql"
@@ -407,7 +302,7 @@ async def test_postgres_password_stays_out_of_reprs(pg_server: dict[str, str]) -
 
 async def test_unreachable_database_is_503_without_secrets(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
-    dsn = f"postgresql://{PG_USER}:hunter2secret@127.0.0.1:{_free_port()}/postgres"
+    dsn = f"postgresql://{PG_USER}:hunter2secret@127.0.0.1:{free_port()}/postgres"
     dead = MemoryStore(MemoryConfig(url_env="DEAD_DSN"), env={"DEAD_DSN": dsn})
     with pytest.raises(MemoryStoreError) as err:
         await memory_api.list_memories(dead, ALICE)

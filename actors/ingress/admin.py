@@ -274,13 +274,11 @@ class AdminPanel:
                         "persona": stats.get("persona"), "messages": messages}
             except Exception:  # ended meanwhile: what the store kept
                 pass
-        if self.store is None or not await asyncio.to_thread(self.store.known, session_id):
+        stored = await self.store.snapshot(session_id) if self.store is not None else None
+        if stored is None or not stored.known:
             return None
-        history, _ = await asyncio.to_thread(self.store.load, session_id)
-        owner = await asyncio.to_thread(self.store.owner_of, session_id)
-        persona = await asyncio.to_thread(self.store.persona_of, session_id)
-        return {"session_id": session_id, "live": False, "owner": owner, "persona": persona,
-                "messages": [m.model_dump() for m in history]}
+        return {"session_id": session_id, "live": False, "owner": stored.owner, "persona": stored.persona,
+                "messages": [m.model_dump() for m in stored.messages]}
 
     async def end(self, session_id: str, forget: bool = False) -> dict[str, Any] | None:
         """End a live session (its sockets close as its actor exits); with
@@ -289,7 +287,7 @@ class AdminPanel:
         from actors.sessions import find_session
 
         actor = await asyncio.to_thread(find_session, self.config, session_id)
-        stored = self.store is not None and await asyncio.to_thread(self.store.known, session_id)
+        stored = self.store is not None and await self.store.known(session_id)
         if actor is None and not (forget and stored):
             return None
         if actor is not None:
@@ -308,7 +306,7 @@ class AdminPanel:
             except Exception:
                 pass
         if forget and self.store is not None:
-            await asyncio.to_thread(self.store.forget, session_id)
+            await self.store.forget(session_id)
         return {"session_id": session_id, "ended": actor is not None, "history_deleted": forget}
 
     # ------------------------------------------------------------ providers
