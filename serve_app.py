@@ -167,8 +167,9 @@ class VoiceIngress:
         self.ip_failures = FailureLimiter(a.ip_max_failures, a.failure_window_s, a.failure_lock_s,
                                           a.failure_max_lock_s)
         self.slots = SessionSlots(config.limits.max_sessions, config.limits.max_sessions_per_client)
-        db = config.resolve_path(config.session.history_db or "data/history.sqlite3")
-        self.store = HistoryStore(db) if config.session.history_db else None
+        self.store = HistoryStore.from_config(config)
+        # the device registry shares the store's file when the store is SQLite
+        db = config.session.store_file() or config.resolve_path("data/history.sqlite3")
         self.admission = DeviceAdmission(config.auth, DeviceRegistry(db))
         from actors.agent.memory import MemoryStore
 
@@ -181,6 +182,19 @@ class VoiceIngress:
                                                get_if_exists=True).remote()
         threading.Thread(target=self._report_metrics, name="metrics-push", daemon=True).start()
         self._init_control_panel()  # section "control panel" below
+        from actors.ingress.drain import Drain, ReplicaDrainWatch
+
+        self.drain = Drain(config.server.drain_grace_s)  # section "voice sockets" below
+        self._drain_watch = ReplicaDrainWatch(self.drain)
+
+    def __del__(self) -> None:
+        """Serve's graceful shutdown calls this only once no request is left
+        (so never while a socket is open: actors/ingress/drain.py); draining
+        here as well covers a replica whose watch never started."""
+        drain = getattr(self, "drain", None)
+        if drain is not None:
+            drain.start()
+            self._drain_watch.stop()
 
     # ------------------------------------------------------------ helpers
     COUNTED_FAILURES = ("auth.bad_token", "auth.bad_device_token", "auth.bad_credentials")
@@ -212,7 +226,7 @@ class VoiceIngress:
         the owner as long as the conversation; a session someone else owns and
         one that never existed look the same to the caller."""
         if self.store is not None:
-            return await asyncio.to_thread(self.store.owner_of, session_id) == principal.key
+            return await self.store.owner_of(session_id) == principal.key
         from actors.sessions import find_session
 
         actor = find_session(self.config, session_id)
@@ -627,7 +641,7 @@ class VoiceIngress:
         actor = find_session(self.config, session_id)
         if actor is None:
             assert self.store is not None  # without a store, owned implies live
-            history, _ = await asyncio.to_thread(self.store.load, session_id)
+            history, _ = await self.store.load(session_id)
             return {"session_id": session_id, "valid": True, "live": False, "history_messages": len(history)}
         stats = await actor.stats.remote()
         return {"session_id": session_id, "valid": True, "live": True, "turns": stats["turn_id"],
@@ -645,7 +659,7 @@ class VoiceIngress:
         if actor is not None:
             await self._end(actor, forget=True)
         if self.store is not None:
-            await asyncio.to_thread(self.store.forget, session_id)
+            await self.store.forget(session_id)
         return {"session_id": session_id, "ended": True, "history_deleted": True}
 
     @staticmethod
@@ -688,8 +702,16 @@ class VoiceIngress:
 
     async def _socket(self, ws: WebSocket, adapter: Any, owner_from: tuple[str | None, str] | None) -> None:
         from actors.ingress.connection import VoiceConnection
+        from actors.ingress.drain import CLOSE_CODE, REASON, retry_after_ms
 
         await ws.accept()
+        self._drain_watch.ensure_started()
+        if self.drain.draining:  # this replica is going away: come back to the next one
+            with contextlib.suppress(Exception):
+                for frame in adapter.goodbye(None, REASON, retry_after_ms()):
+                    await ws.send_text(frame) if isinstance(frame, str) else await ws.send_bytes(frame)
+                await ws.close(CLOSE_CODE, REASON)
+            return
         client_id, device_id = owner_from if owner_from else (None, None)
         try:
             principal = self._principal(ws, client_id, device_id)
@@ -712,15 +734,18 @@ class VoiceIngress:
             return await self._open(session_id, principal, alias, self._check_persona(persona))
 
         self.metrics.connected(adapter.name)
+        connection = VoiceConnection(ws, adapter, open_session, self.config, self.metrics.observe,
+                                     exclusive=alias is not None)
+        self.drain.add(connection)  # a shutdown of this replica says goodbye on it (drain.py)
         try:
-            await VoiceConnection(ws, adapter, open_session, self.config, self.metrics.observe,
-                                  exclusive=alias is not None).serve()
+            await connection.serve()
         except (AuthError, LimitError, ApiError) as e:
             self.metrics.refused(e.code)
             with contextlib.suppress(Exception):  # the client may already be gone
                 await ws.send_text(json.dumps({"type": "error", "code": e.code, "message": e.message}))
                 await ws.close(e.ws_close_code, e.code)
         finally:
+            self.drain.discard(connection)
             slot.release()
             self.metrics.disconnected(adapter.name)
 
@@ -1080,8 +1105,11 @@ def build_app(config: AppConfig | None = None) -> serve.Application:
     for skipped in skipped_for_keys(config):
         log.warning("%s", skipped)
     ing = config.ingress
+    # max_surge_percent: on an upgrade the new replicas start before the old ones drain, so the
+    # clients told `goodbye` (actors/ingress/drain.py) find a replica ready at once
     options: dict[str, Any] = {"max_ongoing_requests": ing.max_ongoing_requests,
-                               "graceful_shutdown_timeout_s": ing.graceful_shutdown_timeout_s}
+                               "graceful_shutdown_timeout_s": ing.graceful_shutdown_timeout_s,
+                               "max_surge_percent": 100}
     if ing.max_replicas > ing.min_replicas:
         options["autoscaling_config"] = {"min_replicas": ing.min_replicas, "max_replicas": ing.max_replicas,
                                          "target_ongoing_requests": ing.target_ongoing_requests}

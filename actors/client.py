@@ -11,12 +11,19 @@ conversation kept; `receive_turn` returns on it, or on the `tts.stop` that
 follows it if a reply was playing). A socket that drops (an ingress replica
 lost, a restart) is not fatal either: `reconnect()` opens a new one to the
 same session, retrying until the server takes it.
+
+An upgrade (`serve deploy` of a new version, a scale-down) drains the ingress
+replica: the reply in flight finishes or is cut, then the server sends
+`goodbye` (kept in `.goodbye`, with `retry_after_ms`) and closes with 1012
+"service restart". That is a reconnect-and-resume too: `reconnect()` waits
+the hinted time, jittered, and lands on whichever replica serves next.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import random
 import time
 import uuid
 from collections.abc import Callable
@@ -34,13 +41,43 @@ from actors.protocols.xiaozhi import pack_frame, unpack_frame
 FRAME_MS = 60
 RESTARTED = "session.restarted"
 """The `error` code the server sends when it reopened a dead session on this socket."""
+GOODBYE = "goodbye"
+"""The message a draining server sends before it closes with SERVICE_RESTART."""
+SERVICE_RESTART = 1012
+"""WebSocket close code "service restart": reconnect (after `retry_after_ms`) and resume."""
+
+
+class ServerRestarting(ConnectionError):
+    """The server answered a new socket with `goodbye`: the replica it reached
+    is shutting down; try again shortly (another one will take it)."""
+
+    def __init__(self, goodbye: dict[str, Any]) -> None:
+        super().__init__(f"server restarting: {goodbye}")
+        self.goodbye = goodbye
+
+
+def closed_for_restart(error: BaseException) -> bool:
+    """Did the server close this socket because it is restarting (1012)?"""
+    return (isinstance(error, ServerRestarting) or
+            isinstance(error, ConnectionClosed) and error.rcvd is not None and error.rcvd.code == SERVICE_RESTART)
+
+
+def _retry_after_s(goodbye: dict[str, Any] | None) -> float:
+    """The server's reconnect hint, bounded so a bad value cannot stall us."""
+    value = goodbye.get("retry_after_ms") if goodbye else None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 30_000:
+        return value / 1000
+    return 0.0
 
 
 def should_reconnect(error: BaseException) -> bool:
     """Is this socket failure one to answer by reconnecting? Yes for a
-    dropped connection or a server that is (re)starting; no for a refusal
-    (close codes 4400–4499: auth, a session that is not yours, limits) or a
-    normal close (1000: the conversation ended)."""
+    dropped connection or a server that is (re)starting (1012 after a
+    `goodbye`: an upgrade); no for a refusal (close codes 4400–4499: auth, a
+    session that is not yours, limits) or a normal close (1000: the
+    conversation ended)."""
+    if isinstance(error, ServerRestarting):
+        return True
     if isinstance(error, ConnectionClosed):
         frame = error.rcvd
         return frame is None or not (frame.code == 1000 or 4400 <= frame.code < 4500)
@@ -82,6 +119,8 @@ class _Client:
         self.ws = ws
         self.hello: dict[str, Any] = {}
         self.reconnects = 0
+        self.goodbye: dict[str, Any] | None = None
+        """The server's last `goodbye` on this socket (it is restarting), if any."""
         self._connect_args: dict[str, Any] = {}
 
     async def _connect_again(self) -> _Client:
@@ -90,10 +129,15 @@ class _Client:
     async def reconnect(self, timeout_s: float = 60.0) -> None:
         """Open a new socket to the same session (the native client names its
         session id; a xiaozhi device gets its own session back by its
-        credentials), retrying with backoff while the server is unreachable
-        or starting, until `timeout_s`. A refusal (auth, not your session) is
-        raised at once. The old socket is dropped."""
+        credentials), retrying with jittered backoff while the server is
+        unreachable or starting, until `timeout_s`. After a `goodbye` the
+        first try waits its `retry_after_ms`, so a drained replica's clients
+        spread out. A refusal (auth, not your session) is raised at once. The
+        old socket is dropped."""
         deadline = time.monotonic() + timeout_s
+        first = _retry_after_s(self.goodbye)
+        if first:
+            await asyncio.sleep(min(first, max(0.0, deadline - time.monotonic())))
         delay = 0.2
         while True:
             try:
@@ -102,10 +146,12 @@ class _Client:
             except Exception as e:
                 if not should_reconnect(e) or time.monotonic() + delay >= deadline:
                     raise
-                await asyncio.sleep(delay)
+                wait = max(delay, _retry_after_s(e.goodbye)) if isinstance(e, ServerRestarting) else delay
+                await asyncio.sleep(wait * random.uniform(0.8, 1.2))
                 delay = min(2.0, delay * 2)
         old, self.ws = self.ws, fresh.ws
         self.hello = fresh.hello
+        self.goodbye = None
         self._adopt(fresh)
         self.reconnects += 1
         try:
@@ -178,6 +224,9 @@ class NativeClient(_Client):
             hello["greet"] = True
         await ws.send(json.dumps(hello))
         reply = json.loads(await ws.recv())
+        if reply.get("type") == GOODBYE:
+            await ws.close()
+            raise ServerRestarting(reply)
         if reply.get("type") != "hello":
             raise ConnectionError(f"server refused hello: {reply}")
         client.hello = reply
@@ -246,6 +295,8 @@ class NativeClient(_Client):
                 turn.reply += msg["text"]
             elif kind == "tts.sentence":
                 turn.sentences.append(msg["text"])
+            elif kind == GOODBYE:  # the server is restarting: close 1012 follows; reconnect() resumes
+                self.goodbye = msg
             elif kind == "error":
                 turn.errors.append(msg)
                 if msg.get("code") == RESTARTED:  # the session died: this turn ends here
@@ -297,6 +348,9 @@ class XiaozhiClient(_Client):
                                   "audio_params": {"format": "opus", "sample_rate": 16000, "channels": 1,
                                                    "frame_duration": FRAME_MS}}))
         reply = json.loads(await ws.recv())
+        if reply.get("type") == GOODBYE:
+            await ws.close()
+            raise ServerRestarting(reply)
         if reply.get("type") != "hello" or reply.get("transport") != "websocket":
             raise ConnectionError(f"server refused hello: {reply}")
         client.hello = reply
@@ -354,6 +408,8 @@ class XiaozhiClient(_Client):
             elif kind == "tts" and state == "sentence_start":
                 turn.sentences.append(msg["text"])
                 turn.reply = " ".join(turn.sentences)
+            elif kind == GOODBYE:  # the channel is being closed (1012 follows); the next wake reopens it
+                self.goodbye = msg
             elif kind == "error":
                 turn.errors.append(msg)
                 if msg.get("code") == RESTARTED and not playing:  # the session died before replying

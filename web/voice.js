@@ -19,6 +19,7 @@ const state = {
   wanted: false, // the user wants a connection (reconnect when it drops)
   attempt: 0,
   reconnectTimer: null,
+  goodbye: null, // the server's `goodbye` (it is restarting): close 1012 follows, then we resume
   mode: "off",
   pttDown: false,
   outputRate: OUTPUT_RATE,
@@ -349,6 +350,7 @@ function onClosed(code, reason) {
     return;
   }
   if (!state.wanted) {
+    state.goodbye = null;
     status("not connected", "idle");
     return;
   }
@@ -366,6 +368,19 @@ function onClosed(code, reason) {
     return;
   }
   state.attempt += 1;
+  if (code === 1012 || state.goodbye) {
+    // an upgrade drained the server we were on (docs/protocol.md, "Server restarts"): come back
+    // after its hint, jittered so a whole replica's pages do not knock at once, on whichever serves next
+    const hint = Number(state.goodbye && state.goodbye.retry_after_ms);
+    const base = Number.isFinite(hint) && hint >= 0 && hint <= 30000 ? hint : 500;
+    const wait = Math.max(base, state.attempt > 1 ? Math.min(10000, 500 * 2 ** (state.attempt - 2)) : 0);
+    const delay = wait * (0.8 + 0.4 * Math.random());
+    state.goodbye = null;
+    status(`server restarting — reconnecting in ${(delay / 1000).toFixed(1)} s`, "reconnecting");
+    notice("The server is restarting; reconnecting and resuming the conversation…", "warn");
+    state.reconnectTimer = setTimeout(openSocket, delay);
+    return;
+  }
   const delay = Math.min(10000, 500 * 2 ** (state.attempt - 1)) * (0.8 + 0.4 * Math.random());
   status(`connection lost — reconnecting in ${(delay / 1000).toFixed(1)} s (attempt ${state.attempt})`, "reconnecting");
   notice("The connection dropped; reconnecting and resuming the conversation…", "warn");
@@ -421,6 +436,7 @@ function onEvent(msg, wasReconnecting) {
     store.setItem("va.session", msg.session_id);
     if (msg.audio_out && msg.audio_out.sample_rate) state.outputRate = msg.audio_out.sample_rate;
     state.attempt = 0;
+    state.goodbye = null;
     status(`connected · session ${msg.session_id.slice(0, 8)}`, "connected");
     if (wasReconnecting) {
       notice(msg.resumed ? "Reconnected: the conversation was resumed." : "Reconnected (a new session started).", "info");
@@ -485,6 +501,12 @@ function onEvent(msg, wasReconnecting) {
       v.meta.dataset.firstAudioMs = msg.first_audio_ms == null ? "" : String(msg.first_audio_ms);
       break;
     }
+    case "goodbye":
+      // the server is restarting (an upgrade): the socket closes with 1012 next; onClosed resumes
+      state.goodbye = msg;
+      status("server restarting — reconnecting…", "reconnecting");
+      notice("The server is restarting; reconnecting and resuming the conversation…", "warn");
+      break;
     case "error":
       if (msg.code === "audio.no_speech") notice("No speech was heard in that recording.", "warn");
       else if (msg.code !== "provider.failover") notice(`${msg.message || msg.code} (${msg.code})`, "error");

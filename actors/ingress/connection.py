@@ -11,6 +11,12 @@ lost), the socket stays open: the connection reopens the same session id
 through the same opener (ownership and caps checked again; the conversation
 comes back from the store), subscribes again and tells the client with an
 `error` event `session.restarted` (docs/architecture.md, "When parts die").
+
+When the ingress replica itself is shut down (a redeploy, a scale-down;
+actors/ingress/drain.py), `request_drain` makes the connection let the reply
+in flight finish within a grace, or cut it as a barge-in would (what was
+heard is kept in the history), then send `goodbye` and close with 1012. The
+session actor is left running: the client resumes it on another replica.
 """
 
 from __future__ import annotations
@@ -46,6 +52,12 @@ from actors.session import EventStream
 log = logging.getLogger(__name__)
 
 HELLO_TIMEOUT_S = 10.0
+DRAIN_CUT_WAIT_S = 1.5
+"""After a drain cuts the reply in flight, how long the connection waits for
+the cut's `tts.stop` / `metrics` to reach the client before it says goodbye."""
+TURN_EVENTS = frozenset({"stt.final", "llm.delta", "llm.emotion", "tool.call", "tool.result", "tts.start",
+                         "tts.sentence", "tts.audio_end"})
+"""Events that show a turn's reply under way; its `metrics` event ends it."""
 REOPEN_TIMEOUT_S = 30.0
 """How long a connection tries to bring its dead session back before it
 gives up and closes the socket (1011 `internal`; clients reconnect)."""
@@ -98,6 +110,16 @@ class VoiceConnection:
         self._last_turn = 0
         self._replying: int | None = None
         """The turn whose `tts.start` the client got and whose `tts.stop` it has not."""
+        self._open_turn: int | None = None
+        """The turn whose reply is under way (its events seen, its `metrics` not yet)."""
+        self._done_turn = 0
+        self._turn_idle = asyncio.Event()
+        self._turn_idle.set()
+        self._drain_requested = asyncio.Event()
+        self._drain: tuple[float, int] = (0.0, 0)
+        """(grace in seconds, retry_after_ms) of a requested drain."""
+        self.drained_with: str | None = None
+        """How a drain ended this socket: "idle", "finished" or "cut" (for logs and tests)."""
 
     # ------------------------------------------------------------ plumbing
     async def _send(self, frames: list[Outgoing]) -> None:
@@ -147,7 +169,8 @@ class VoiceConnection:
             await self._dispatch(action)
         caller = asyncio.create_task(self._caller())
         tasks = [asyncio.create_task(self._downlink()), asyncio.create_task(self._uplink()),
-                 asyncio.create_task(self._flusher()), asyncio.create_task(self._idle_watch()), caller]
+                 asyncio.create_task(self._flusher()), asyncio.create_task(self._idle_watch()),
+                 asyncio.create_task(self._drainer()), caller]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for t in done:
@@ -222,6 +245,8 @@ class VoiceConnection:
             self.session_id, self.actor, self._events = sid, actor, events
             self._generation += 1
             self._last_turn, self._replying = 0, None  # the new actor counts turns afresh
+            self._open_turn, self._done_turn = None, 0
+            self._turn_idle.set()
             frames = self._adapter.encode(ErrorEvent(
                 session_id=sid, turn_id=lost, code=ErrorCode.SESSION_RESTARTED,
                 message="the session restarted; the turn in flight was lost, the conversation before it kept"))
@@ -345,12 +370,87 @@ class VoiceConnection:
                 await self._recover(generation)
 
     def _track(self, event: Any) -> None:
-        """What the client has been told of the current turn, for a restart."""
+        """What the client has been told of the current turn, for a restart
+        (the last turn, the one playing) and for a drain (the one under way)."""
         self._last_turn = max(self._last_turn, event.turn_id)
         if event.type == "tts.start":
             self._replying = event.turn_id
         elif event.type == "tts.stop" and event.turn_id == self._replying:
             self._replying = None
+        if event.type in TURN_EVENTS and event.turn_id > self._done_turn:
+            self._open_turn = max(self._open_turn or 0, event.turn_id)
+            self._turn_idle.clear()
+        elif event.type == "metrics":
+            self._done_turn = max(self._done_turn, event.turn_id)
+            if self._open_turn is not None and self._open_turn <= self._done_turn:
+                self._open_turn = None
+                self._turn_idle.set()
+
+    # ------------------------------------------------------------ drain (replica shutting down)
+    def request_drain(self, grace_s: float, retry_after_ms: int) -> None:
+        """The replica is going away: finish or cut the reply in flight
+        within `grace_s`, say goodbye, close 1012 (see `_drainer`). Called
+        from the replica's loop; returns at once."""
+        if not self._drain_requested.is_set():
+            self._drain = (grace_s, retry_after_ms)
+            self._drain_requested.set()
+
+    async def _reply_in_flight(self) -> bool:
+        """Is a reply under way for this session? What this socket has seen,
+        else the session's own word (a typed turn whose first event has not
+        arrived yet)."""
+        if self._open_turn is not None:
+            return True
+        try:
+            stats = await asyncio.wait_for(self.actor.stats.remote(), 2.0)
+        except Exception:  # dead or slow: nothing to wait for here
+            return False
+        turn = stats.get("reply_turn")
+        if turn is None or turn <= self._done_turn:
+            return False
+        self._open_turn = turn
+        self._turn_idle.clear()
+        return True
+
+    async def _drainer(self) -> None:
+        """Wait for a drain request, then end this socket the restart way.
+
+        The reply in flight may finish within the grace; one still going at
+        its end is cut with the session's interrupt, the barge-in primitive,
+        so the history keeps what the listener heard and the client gets the
+        cut turn's `tts.stop` (`interrupted`) and `metrics` first. Then
+        `goodbye` in the protocol's shape and close 1012. The session actor
+        is not ended or released: its owner resumes it elsewhere."""
+        await self._drain_requested.wait()
+        grace_s, retry_after_ms = self._drain
+        deadline = time.monotonic() + grace_s
+        outcome = "idle"
+        while await self._reply_in_flight():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                # False: the reply had ended but for its playback tail; its `metrics` follows
+                outcome = "cut" if await self._call("interrupt") else "finished"
+                try:
+                    await asyncio.wait_for(self._turn_idle.wait(), DRAIN_CUT_WAIT_S)
+                except asyncio.TimeoutError:
+                    pass
+                break
+            outcome = "finished"
+            try:
+                await asyncio.wait_for(self._turn_idle.wait(), left)
+            except asyncio.TimeoutError:
+                pass
+        self._closed = True  # from here the session's death is nobody's to undo on this socket
+        self.drained_with = outcome
+        from actors.ingress.drain import CLOSE_CODE, REASON
+
+        log.info("connection %s drained (%s); closing %d", self.session_id, outcome, CLOSE_CODE)
+        try:
+            await self._send(self._adapter.goodbye(self.session_id, REASON, retry_after_ms))
+            await self._ws.close(CLOSE_CODE, REASON)
+        except Exception:  # the client left on its own meanwhile
+            pass
+        raise ConnectionClosed()
 
     async def _session_ended(self) -> None:
         """The session ended itself (`end_conversation`, after its goodbye was

@@ -169,6 +169,14 @@ class ProtocolAdapter(abc.ABC):
         """A non-fatal error report in this protocol's own shape."""
         return [safe_json.dumps({"type": "error", "code": code, "message": message})]
 
+    def goodbye(self, session_id: str | None, reason: str, retry_after_ms: int) -> list[Outgoing]:
+        """The last message before the server closes the socket with 1012
+        because this replica is shutting down (a redeploy, a scale-down):
+        reconnect after about `retry_after_ms` and resume `session_id` (its
+        history kept). docs/protocol.md, "Server restarts"."""
+        return [safe_json.dumps({"type": "goodbye", "session_id": session_id, "reason": reason,
+                                 "reconnect": True, "retry_after_ms": retry_after_ms})]
+
     def after_hello(self) -> list[Outgoing]:
         """Messages the server sends right after the hello reply (e.g. MCP initialize)."""
         return []

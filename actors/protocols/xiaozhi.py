@@ -218,6 +218,14 @@ class XiaozhiProtocol(ProtocolAdapter):
     def error(self, code: str, message: str) -> list[Outgoing]:
         return [self._json({"type": "error", "code": code, "message": message})]
 
+    def goodbye(self, session_id: str | None, reason: str, retry_after_ms: int) -> list[Outgoing]:
+        """The firmware's own "channel closed" message, `{"session_id", "type":
+        "goodbye"}` (its MQTT transport closes the audio channel on it; over
+        WebSocket it ignores the message and acts on the close that follows,
+        1012). The device opens a new channel at its next wake-up and gets
+        its session back by its credentials."""
+        return [self._json({"type": "goodbye"})]
+
     def encode(self, event: Any) -> list[Outgoing]:
         kind = event.type
         if kind == "stt.final":
