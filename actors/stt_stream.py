@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -53,14 +54,19 @@ class STTStream(Child):
 
     name = "stt_stream"
 
-    def __init__(self, core: SessionCore, stt: STT, partial_interval_ms: int) -> None:
+    def __init__(self, core: SessionCore, stt: STT, partial_interval_ms: int, decode_at_pause: bool = True) -> None:
         super().__init__(core.child_crashed)
         self._core = core
         self._stt = stt
         self._interim_every_s = partial_interval_ms / 1000.0
+        self._decode_at_pause = decode_at_pause
         self._stream: STTStreamSession | None = None
         self._reader: asyncio.Task[str | ProviderError] | None = None
         self._latest = ""
+        self._paused = False
+        """Between a pause and speech again: a batch decoder's next interim is the decode of the pause."""
+        self.decodes: Counter[str] = Counter()
+        """A batch decoder's decodes by kind, summed over utterances (stats: the cost of `decode_at_pause`)."""
 
     async def handle(self, message: Message) -> None:
         turn = message.turn_id
@@ -68,20 +74,28 @@ class STTStream(Child):
         if isinstance(message, SpeechBegan):
             await self._abandon()
             self._stream = self._stt.open_stream(self._interim_every_s)
-            self._latest = ""
+            self._latest, self._paused = "", False
             await self._stream.push(message.audio)
             self._reader = asyncio.get_running_loop().create_task(self._read(turn, self._stream))
         elif isinstance(message, SpeechAudio) and self._stream is not None:
             await self._stream.push(message.audio)
-        elif isinstance(message, SpeechPaused) and self._stream is not None and self._stream.live:
-            if self._latest:
-                self._core.on_pause(turn, self._latest)
+        elif isinstance(message, SpeechPaused) and self._stream is not None:
+            if self._stream.live:  # its latest interim already has the words: the reply may start on them
+                if self._latest:
+                    self._core.on_pause(turn, self._latest)
+            elif self._decode_at_pause:  # the reply may start when the decode of the pause comes in (`_read`)
+                self._paused = True
+                await self._stream.speech_paused()
         elif isinstance(message, SpeechResumed):
+            self._paused = False
+            if self._stream is not None:
+                await self._stream.speech_resumed()
             self._core.on_resume(turn)
         elif isinstance(message, SpeechEnded) and self._stream is not None and self._reader is not None:
             stream, reader, self._stream, self._reader = self._stream, self._reader, None, None
             await stream.end_input()
             result = await reader
+            self.decodes.update(getattr(stream, "decodes", None) or {})
             if isinstance(result, ProviderError):
                 log.warning("session %s turn %d: speech recognition failed: %s", self._core.session_id, turn,
                             result.message, exc_info=(type(result), result, result.__traceback__))
@@ -99,6 +113,8 @@ class STTStream(Child):
                     if event.text and event.text != self._latest:
                         self._latest = event.text
                         self._core.emit(STTPartial(turn_id=turn, text=event.text))
+                        if self._paused and not stream.live:
+                            self._core.on_pause(turn, event.text)
         except ProviderError as e:
             return e
         except Exception as e:  # a provider's own exception: still a failed utterance, not a crashed child

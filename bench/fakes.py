@@ -66,7 +66,17 @@ class FixedDelayTTS(TTS):
         return AudioSegment(float_to_pcm16(tone), self.sample_rate)
 
 
-def known_delay_ms(end_silence_ms: int) -> float:
-    """End of user speech → first reply audio if the server itself took no time:
-    the VAD's end-of-speech wait plus each fake's delay."""
-    return end_silence_ms + 1000 * (STT_FINAL_S + LLM_FIRST_TOKEN_S + TTS_FIRST_AUDIO_S)
+def known_delay_ms(end_silence_ms: int, pause_ms: int | None = None, preemptive: bool = False) -> float:
+    """End of user speech → first reply audio if the server itself took no time.
+
+    Without `pause_ms`: the VAD's end-of-speech wait, then each fake's delay
+    in turn. With it (`stt.decode_at_pause`: the batch STT decodes at the
+    pause, `vad.pause_ms` into the silence): the decode overlaps the wait,
+    and with `preemptive` generation so does the LLM's first token (the reply
+    starts on the pause's transcript, released when the end is decided)."""
+    stt, llm, tts = 1000 * STT_FINAL_S, 1000 * LLM_FIRST_TOKEN_S, 1000 * TTS_FIRST_AUDIO_S
+    if pause_ms is None:
+        return end_silence_ms + stt + llm + tts
+    if preemptive:
+        return max(end_silence_ms, pause_ms + stt + llm) + tts
+    return max(end_silence_ms, pause_ms + stt) + llm + tts

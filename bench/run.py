@@ -473,7 +473,9 @@ async def run_all(opts: argparse.Namespace) -> dict[str, Any]:
                                     {"Authorization": f"Bearer {token}"}, hello, echo=False)
     echo_stream = await stream_only(f"{base}/echo/", stream_n, opts.stream_seconds, None, None, echo=True)
 
-    known = {"fake": known_delay_ms(config.vad.end_silence_ms),
+    pause_ms = config.vad.pause_ms if config.stt.decode_at_pause and config.vad.pause_ms < config.vad.end_silence_ms \
+        else None
+    known = {"fake": known_delay_ms(config.vad.end_silence_ms, pause_ms, config.session.preemptive_generation),
              "cloud-fake": opts.latencies.provider_time_ms if opts.mode == "cloud-fake" else None}.get(opts.mode)
     report = make_report(opts, config, runs, no_ray, ours_stream, echo_stream, known)
     serve.shutdown()

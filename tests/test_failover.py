@@ -462,3 +462,47 @@ async def test_a_turns_later_rounds_keep_the_provider_that_answered() -> None:
         assert "".join([c.text async for c in turn.stream([], [])]) == "from the backup "
     assert primary.calls == 1 and len(told) == 1
     assert await reply(FallbackLLM(chain)) == "from the backup " and primary.calls == 2, "a new turn asks again"
+
+
+async def test_buffered_stream_decodes_at_a_pause_and_uses_it_when_the_utterance_ends_there() -> None:
+    heard: list[bytes] = []
+
+    class Whisperish(STT):
+        async def transcribe(self, pcm16: bytes) -> str:
+            heard.append(pcm16)
+            await asyncio.sleep(0.05)
+            return f"{len(pcm16.rstrip(ZERO))} bytes of speech"
+
+    stream = Whisperish().open_stream()
+    assert isinstance(stream, BufferedSTTStream)
+    events: list[SpeechEvent] = []
+    reader = asyncio.get_running_loop().create_task(_read_all(stream, events))
+    await stream.push(b"\1" * 640)
+    await stream.speech_paused()  # decoding starts now, during the end-silence wait
+    await stream.push(b"\0" * 640)  # the silence that decides the end
+    for _ in range(100):  # the pause's decode goes out as an interim (a reply may start on it)
+        if events:
+            break
+        await asyncio.sleep(0.01)
+    await stream.end_input()
+    await asyncio.wait_for(reader, 2)
+    assert heard == [b"\1" * 640], "one decode, of the audio up to the pause"
+    assert events == [SpeechEvent("interim", "640 bytes of speech"), SpeechEvent("end", "640 bytes of speech")]
+    assert stream.decodes == {"interim": 0, "at_pause": 1, "at_pause_used": 1, "final": 0}
+
+    heard.clear()
+    resumed = Whisperish().open_stream()
+    await resumed.push(b"\1" * 640)
+    await resumed.speech_paused()
+    await resumed.speech_resumed()  # the speaker went on: the pause's decode is stale
+    await resumed.push(b"\2" * 640)
+    assert await resumed.finish() == "1280 bytes of speech"
+    assert heard[-1] == b"\1" * 640 + b"\2" * 640 and resumed.decodes["final"] == 1
+
+
+ZERO = bytes(1)
+
+
+async def _read_all(stream: Any, into: list[SpeechEvent]) -> None:
+    async for event in stream.events():
+        into.append(event)

@@ -61,6 +61,11 @@ async def test_spoken_question_gets_transcript_reply_and_real_speech(ray_cluster
     assert metrics.stt_final_ms > 0 and metrics.llm_first_token_ms >= 0
     assert metrics.tts_first_audio_ms > 0 and metrics.first_audio_ms > metrics.stt_final_ms
     assert not metrics.interrupted
+    # Whisper decoded once, at the pause after the question, and that decode was the transcript
+    # (it ran during the end-silence wait): no second decode after the end of speech
+    stats = await actor.stats.remote()
+    assert stats["stt_decodes"].get("at_pause_used") == 1 and not stats["stt_decodes"].get("final"), stats
+    assert stats["mailbox_backlog"] == {"audio_buffer": 0, "stt_stream": 0, "dialogue": 0, "tts": 0}, stats
     ray.kill(actor)
 
 

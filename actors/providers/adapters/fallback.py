@@ -201,6 +201,11 @@ class _FallbackSTTStream(STTStreamSession):
     def live(self) -> bool:  # type: ignore[override]
         return bool(self._stream is not None and self._stream.live)
 
+    @property
+    def decodes(self) -> dict[str, int] | None:
+        """The batch adapter's decode counts, when the stream in use has them."""
+        return getattr(self._stream, "decodes", None)
+
     def _open_next(self) -> bool:
         """The next provider's stream; False when the chain is exhausted."""
         while (link := next(self._attempts, None)) is not None:
@@ -273,6 +278,14 @@ class _FallbackSTTStream(STTStreamSession):
         self._cancelled = True
         if self._stream is not None:
             await self._stream.cancel()
+
+    async def speech_paused(self) -> None:
+        if self._stream is not None and self._push_error is None:
+            await self._stream.speech_paused()
+
+    async def speech_resumed(self) -> None:
+        if self._stream is not None and self._push_error is None:
+            await self._stream.speech_resumed()
 
 
 # ------------------------------------------------------------------ LLM

@@ -231,6 +231,14 @@ class _LimitedSTTStream(STTStreamSession):
         finally:
             await self._end()
 
+    async def speech_paused(self) -> None:
+        if self._stream is not None:
+            await self._stream.speech_paused()
+
+    async def speech_resumed(self) -> None:
+        if self._stream is not None:
+            await self._stream.speech_resumed()
+
 
 def limited(stage: str, provider: Any, variable: str | None, limits: dict[str, KeyLimit], namespace: str) -> Any:
     """The provider behind its key's gate when that key has limits; else as it is."""
