@@ -384,7 +384,8 @@ def build_config(opts: argparse.Namespace) -> Any:
            "VOICE_ACTORS__LIMITS__MAX_LIVE_SESSIONS_PER_PRINCIPAL": "10000",
            "VOICE_ACTORS__LIMITS__REQUESTS_PER_MINUTE": "100000", "VOICE_ACTORS__LIMITS__BURST": "10000",
            "VOICE_ACTORS__INGRESS__UPLINK_BATCH_MS": str(opts.uplink_batch_ms),
-           "VOICE_ACTORS__SESSION__PREEMPTIVE_GENERATION": "false" if opts.no_preemptive else "true"}
+           "VOICE_ACTORS__SESSION__PREEMPTIVE_GENERATION": "false" if opts.no_preemptive else "true",
+           "VOICE_ACTORS__STT__DECODE_AT_PAUSE": "false" if opts.no_decode_at_pause else "true"}
     if opts.mode == "fake":
         # fakes only sleep: no pool queueing, so the server's own overhead is all that is left
         env.update({"VOICE_ACTORS__STT__PROVIDER": FAKE["stt"], "VOICE_ACTORS__LLM__PROVIDER": FAKE["llm"],
@@ -545,6 +546,7 @@ def make_report(opts: argparse.Namespace, config: Any, runs: list[RunResult], no
         "settings": {"uplink_batch_ms": config.ingress.uplink_batch_ms, "end_silence_ms": config.vad.end_silence_ms,
                      "min_interruption_ms": config.vad.min_interruption_ms,
                      "tts_prebuffer_ms": config.tts.prebuffer_ms, "frame_ms": 60,
+                     "stt_decode_at_pause": config.stt.decode_at_pause, "vad_pause_ms": config.vad.pause_ms,
                      "providers": {"stt": config.stt.provider, "llm": config.llm.provider, "tts": config.tts.provider}},
         "runs": out_runs,
         "baselines": {"no_ray_end_of_speech_to_first_audio_ms": base_no_ray,
@@ -596,6 +598,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stream-seconds", type=float, default=10.0)
     p.add_argument("--no-preemptive", action="store_true",
                    help="turn session.preemptive_generation off (the reply waits for the final transcript)")
+    p.add_argument("--no-decode-at-pause", action="store_true",
+                   help="stt.decode_at_pause off: a batch STT decodes only after the end of speech (for a before/after)")
     p.add_argument("--port", type=int, default=PORT)
     p.add_argument("--out", default="bench/results")
     cloud = p.add_argument_group("cloud-fake latencies (ms)")

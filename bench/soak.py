@@ -383,7 +383,7 @@ async def soak(opts: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str
     from serve_app import build_app
 
     bench_opts = argparse.Namespace(mode=opts.mode, sessions=[opts.sessions], uplink_batch_ms=120,
-                                    no_preemptive=False, fakes=None)
+                                    no_preemptive=False, no_decode_at_pause=False, fakes=None)
     config = build_config(bench_opts)
     store = Path(tempfile.mkdtemp(prefix="va-soak-"))  # not the project's data/: a soak writes thousands of turns
     config = config.model_copy(update={

@@ -159,6 +159,22 @@ async def send_frames(actor: Any, frames: list[tuple[int, bytes]], stream: str =
     return accepted
 
 
+def served_config(config: Any, devices: list[str], admission: str = "allowlist", **auth: Any) -> Any:
+    """The config a module serving the ingress uses: real secrets, `devices`
+    admitted by `admission`, limits loose enough for a module's many sockets
+    (one principal opens dozens). `auth` adds auth fields (users)."""
+    from pydantic import SecretStr
+
+    auth_cfg = config.auth.model_copy(update={
+        "jwt_secret": SecretStr("test-jwt-secret-0123456789abcdef0123"),
+        "device_secret": SecretStr("test-device-secret-0123456789abcdef"),
+        "device_allowlist": list(devices), "device_admission": admission, **auth,
+    })
+    limits = config.limits.model_copy(update={"requests_per_minute": 600, "burst": 40,
+                                              "max_live_sessions_per_principal": 64})
+    return config.model_copy(update={"auth": auth_cfg, "limits": limits})
+
+
 def run_ingress(config: Any, name: str) -> Iterator[str]:
     """Serve the ingress built from `config` at / on INGRESS_PORT for one
     module (use with `yield from` in a module fixture); → its base URL."""

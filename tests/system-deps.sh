@@ -1,7 +1,8 @@
 #!/bin/sh
 # System packages some tests use, installed when missing and this machine lets us
 # (root with apt-get). Without them those tests skip (the browser tests fail), naming what is missing.
-#   postgresql: tests/test_memory.py runs the memory store against a real server it starts.
+#   postgresql: tests/test_memory.py and tests/test_shared_store.py run the memory and session
+#               stores against a real server they start (tests/pg.py).
 #   chromium: tests/test_web_page.py drives the browser voice page in headless Chromium (these
 #     tests fail without it unless VA_ALLOW_NO_BROWSER=1); fonts-wqy-microhei (1.6 MB) draws the
 #     Chinese text in its screenshot.

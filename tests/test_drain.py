@@ -18,7 +18,6 @@ from typing import Any
 import httpx
 import pytest
 import ray
-from pydantic import SecretStr
 from websockets.exceptions import ConnectionClosed
 
 from actors.client import (
@@ -33,7 +32,7 @@ from actors.ingress.auth import Authenticator
 from actors.ingress.drain import CLOSE_CODE, RETRY_AFTER_MS, Drain, ReplicaDrainWatch
 from actors.protocols.native import NativeProtocol
 from actors.protocols.xiaozhi import XiaozhiProtocol
-from tests.conftest import INGRESS_PORT, TEST_NAMESPACE, run_ingress
+from tests.conftest import INGRESS_PORT, TEST_NAMESPACE, run_ingress, served_config
 
 APP = "voice-actors-drain"
 BASE = f"http://127.0.0.1:{INGRESS_PORT}"
@@ -91,16 +90,10 @@ async def test_drain_asks_every_open_socket_once_and_turns_late_ones_away() -> N
 # ------------------------------------------------------------------ through Serve
 @pytest.fixture(scope="module")
 def server_config(config):
-    auth = config.auth.model_copy(update={
-        "jwt_secret": SecretStr("test-jwt-secret-0123456789abcdef0123"),
-        "device_secret": SecretStr("test-device-secret-0123456789abcdef"),
-        "device_allowlist": [DEVICE], "device_admission": "allowlist",
-    })
-    limits = config.limits.model_copy(update={"requests_per_minute": 600, "burst": 40,
-                                              "max_live_sessions_per_principal": 64})
+    config = served_config(config, [DEVICE])
     # no grace, so the reply in flight is cut (the harder path: heard text kept, tts.stop first)
     server = config.server.model_copy(update={"drain_grace_s": 0.0})
-    return config.model_copy(update={"auth": auth, "limits": limits, "server": server})
+    return config.model_copy(update={"server": server})
 
 
 @pytest.fixture(scope="module")

@@ -506,3 +506,34 @@ ZERO = bytes(1)
 async def _read_all(stream: Any, into: list[SpeechEvent]) -> None:
     async for event in stream.events():
         into.append(event)
+
+
+# ------------------------------------------------------------------ retry wrappers
+async def test_retry_wrappers_retry_retryable_failures_only_and_never_after_audio() -> None:
+    from actors.providers.adapters.retry import RetryPolicy, RetrySTT, RetryTTS
+
+    policy = RetryPolicy(retries=3, backoff_s=0.001, max_backoff_s=0.002)
+
+    class Flaky(STT):
+        calls = 0
+
+        async def transcribe(self, pcm16: bytes) -> str:
+            self.calls += 1
+            if self.calls < 3:
+                raise ProviderError("stt.unavailable", "503", retryable=True)
+            return "twelve times seven"
+
+    flaky = Flaky()
+    assert await RetrySTT(flaky, policy).transcribe(b"\0\0") == "twelve times seven" and flaky.calls == 3
+
+    refused = ScriptedTTS(error=ProviderError("tts.auth", "bad key"))
+    with pytest.raises(ProviderError, match="bad key"):
+        [p async for p in RetryTTS(refused, policy).stream("Hello.")]
+    assert refused.closed == 1, "not retryable: tried once"
+
+    cut = ScriptedTTS(error=ProviderError("tts.connection", "drop", retryable=True), after=1)
+    got = []
+    with pytest.raises(ProviderError):
+        async for piece in RetryTTS(cut, policy).stream("Hello."):
+            got.append(piece)
+    assert len(got) == 1 and cut.closed == 1, "audio was heard: no second try"

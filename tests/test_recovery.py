@@ -14,7 +14,6 @@ import time
 import httpx
 import pytest
 import ray
-from pydantic import SecretStr
 from websockets.exceptions import ConnectionClosed
 
 from actors.audio import silence
@@ -22,7 +21,7 @@ from actors.client import RESTARTED, NativeClient, XiaozhiClient, should_reconne
 from actors.ingress.auth import Authenticator
 from actors.pools import PooledTTS, get_pool
 from actors.providers.base import ProviderError
-from tests.conftest import INGRESS_PORT, TEST_NAMESPACE, run_ingress
+from tests.conftest import INGRESS_PORT, TEST_NAMESPACE, run_ingress, served_config
 
 APP = "voice-actors-recovery"
 BASE = f"http://127.0.0.1:{INGRESS_PORT}"
@@ -33,14 +32,7 @@ QUESTION = "What is twelve times seven?"
 
 @pytest.fixture(scope="module")
 def server_config(config):
-    auth = config.auth.model_copy(update={
-        "jwt_secret": SecretStr("test-jwt-secret-0123456789abcdef0123"),
-        "device_secret": SecretStr("test-device-secret-0123456789abcdef"),
-        "device_allowlist": DEVICES, "device_admission": "allowlist",
-    })
-    limits = config.limits.model_copy(update={"requests_per_minute": 600, "burst": 40,
-                                              "max_live_sessions_per_principal": 64})
-    return config.model_copy(update={"auth": auth, "limits": limits})
+    return served_config(config, DEVICES)
 
 
 @pytest.fixture(scope="module")

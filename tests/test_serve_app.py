@@ -15,13 +15,13 @@ from pydantic import SecretStr
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.conftest import INGRESS_PORT, run_ingress
 from actors.audio import read_wav, rms_dbfs, silence, wav_bytes
-from actors.ingress.auth import Authenticator, hash_password
 from actors.client import NativeClient, XiaozhiClient
 from actors.config import UserConfig
+from actors.ingress.auth import Authenticator, hash_password
 from actors.protocols.native import unpack_audio
 from actors.protocols.xiaozhi import pack_frame
+from tests.conftest import INGRESS_PORT, run_ingress, served_config
 
 PORT = INGRESS_PORT
 BASE = f"http://127.0.0.1:{PORT}"
@@ -32,16 +32,9 @@ QUESTION = "What is twelve times seven?"
 
 @pytest.fixture(scope="module")
 def server_config(config):
-    auth = config.auth.model_copy(update={
-        "jwt_secret": SecretStr("test-jwt-secret-0123456789abcdef0123"),
-        "device_secret": SecretStr("test-device-secret-0123456789abcdef"),
-        "device_allowlist": ALLOWED_DEVICES,
-        "device_admission": "activation",  # as on a network: only the allow-list gets in without a code
-        "users": {"alice": UserConfig(password_hash=hash_password("wonderland", iterations=1000))},
-    })
-    limits = config.limits.model_copy(update={"requests_per_minute": 600, "burst": 40,
-                                              "max_live_sessions_per_principal": 64})
-    return config.model_copy(update={"auth": auth, "limits": limits})
+    # "activation": as on a network, only the allow-list gets in without a code
+    return served_config(config, ALLOWED_DEVICES, "activation",
+                         users={"alice": UserConfig(password_hash=hash_password("wonderland", iterations=1000))})
 
 
 @pytest.fixture(scope="module")

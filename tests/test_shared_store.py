@@ -22,12 +22,11 @@ from typing import Any
 import httpx
 import pytest
 import ray
-from pydantic import SecretStr
 
 from actors.config import ConfigError, load_config
 from actors.history_store import HistoryStore
 from actors.providers.base import ChatMessage
-from tests.conftest import INGRESS_PORT, TEST_NAMESPACE, run_ingress
+from tests.conftest import INGRESS_PORT, TEST_NAMESPACE, run_ingress, served_config
 from tests.pg import fresh_pg_schema
 
 ALICE, BOB = "user:alice", "user:bob"
@@ -236,14 +235,7 @@ DEVICE = "02:00:00:00:12:91"
 
 @pytest.fixture(scope="module")
 def server_config(config):
-    auth = config.auth.model_copy(update={
-        "jwt_secret": SecretStr("test-jwt-secret-0123456789abcdef0123"),
-        "device_secret": SecretStr("test-device-secret-0123456789abcdef"),
-        "device_allowlist": [DEVICE], "device_admission": "allowlist",
-    })
-    limits = config.limits.model_copy(update={"requests_per_minute": 600, "burst": 40,
-                                              "max_live_sessions_per_principal": 64})
-    return config.model_copy(update={"auth": auth, "limits": limits})
+    return served_config(config, [DEVICE])
 
 
 @pytest.fixture(scope="module")

@@ -19,14 +19,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from actors.providers.base import LLM, STT, TTS, AudioSegment, ChatMessage, LLMChunk, ProviderError, ToolSpec
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,18 @@ class RetryPolicy:
 
     def should_retry(self, error: BaseException, attempt: int) -> bool:
         return isinstance(error, ProviderError) and error.retryable and attempt < self.retries
+
+    async def call(self, what: str, attempt_once: Callable[[], Awaitable[T]]) -> T:
+        """A whole-answer call (nothing of it reaches anyone before it returns), retried."""
+        attempt = 0
+        while True:
+            try:
+                return await attempt_once()
+            except ProviderError as e:
+                if not self.should_retry(e, attempt):
+                    raise
+                await self.wait(what, e, attempt)
+                attempt += 1
 
     async def wait(self, what: str, error: ProviderError, attempt: int) -> None:
         delay = self.delay_s(attempt, error.retry_after_s)
@@ -100,15 +113,7 @@ class RetryTTS(TTS):
         self.inner, self.policy = inner, policy
 
     async def synthesize(self, text: str) -> AudioSegment:
-        attempt = 0
-        while True:
-            try:
-                return await self.inner.synthesize(text)
-            except ProviderError as e:
-                if not self.policy.should_retry(e, attempt):
-                    raise
-                await self.policy.wait("speech synthesis", e, attempt)
-                attempt += 1
+        return await self.policy.call("speech synthesis", lambda: self.inner.synthesize(text))
 
     async def stream(self, text: str) -> AsyncIterator[AudioSegment]:
         attempt = 0
@@ -135,15 +140,7 @@ class RetrySTT(STT):
         self.inner, self.policy = inner, policy
 
     async def transcribe(self, pcm16: bytes) -> str:
-        attempt = 0
-        while True:
-            try:
-                return await self.inner.transcribe(pcm16)
-            except ProviderError as e:
-                if not self.policy.should_retry(e, attempt):
-                    raise
-                await self.policy.wait("speech recognition", e, attempt)
-                attempt += 1
+        return await self.policy.call("speech recognition", lambda: self.inner.transcribe(pcm16))
 
     def open_stream(self, interim_every_s: float = 0.0) -> Any:
         if type(self.inner).open_stream is STT.open_stream:  # a batch decoder: its stream's decodes retry too
