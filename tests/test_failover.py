@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 
 from actors.providers.adapters.breaker import CircuitBreaker
+from actors.providers.adapters.buffered_stt import BufferedSTTStream
 from actors.providers.adapters.fallback import Chain, FallbackLLM, FallbackSTT, FallbackTTS, Link
 from actors.providers.base import (
     LLM,
     STT,
     TTS,
     AudioSegment,
-    BufferedSTTStream,
     ChatMessage,
     LLMChunk,
     ProviderError,
