@@ -41,9 +41,15 @@ def new_session_id() -> str:
 
 
 def create_session_actor(config: AppConfig, session_id: str) -> ray.actor.ActorHandle:
+    """The session's actor (started, or the live one of that name).
+
+    No Ray task events: a session makes several calls a second for as long
+    as it lives, and Ray keeps an event per call in the GCS (and the
+    dashboard agent) for the dashboard's task view; the 30-minute soak
+    measured the GCS growing ~0.6 MB per session that came and went."""
     return SessionActor.options(
         name=session_actor_name(session_id), namespace=config.server.namespace,
-        lifetime="detached", get_if_exists=True,
+        lifetime="detached", get_if_exists=True, enable_task_events=False,
     ).remote(session_id, config)
 
 
