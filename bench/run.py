@@ -284,14 +284,24 @@ async def measured(run: RunResult, coros: list[Any]) -> None:
     procs = ray_processes()
     cpu0, t0 = cpu_seconds(procs), time.monotonic()
     peak: dict[str, list[int]] = {}
+    finished = asyncio.Event()
 
     async def sample_memory() -> None:
+        """The sample with the most session actors, taken every second once every
+        session should be open (on a loaded machine one fixed moment can miss them)."""
         nonlocal peak
-        await asyncio.sleep(STAGGER_S + 1.5)  # every session is open by now
-        peak = uss_by_kind()
+        await asyncio.sleep(STAGGER_S + 1.5)
+        while True:
+            sample = uss_by_kind()
+            if not peak or len(sample.get("SessionActor", [])) >= len(peak.get("SessionActor", [])):
+                peak = sample
+            if finished.is_set():
+                return
+            await asyncio.sleep(1.0)
 
     sampler = asyncio.create_task(sample_memory())
     results = await asyncio.gather(*coros, return_exceptions=True)
+    finished.set()
     await sampler
     run.wall_s = time.monotonic() - t0
     run.cpu_cores = (cpu_seconds(procs) - cpu0) / run.wall_s

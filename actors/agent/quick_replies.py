@@ -222,18 +222,19 @@ class QuickReplyCache:
         """The phrase's audio in `tts`'s voice; synthesised (once, even when
         asked for at the same time) only when no layer has it."""
         key = key or voice_key(tts)
-        if (seg := await self.get(key, text)) is not None:
-            return seg
         digest = self.digest(key, text)
+        # the in-flight check comes before any await: a caller that looked in the disk layer
+        # while the first one synthesised would otherwise miss both and synthesise again
         if (pending := self._inflight.get(digest)) is not None:
             return await asyncio.shield(pending)
         future: asyncio.Future[AudioSegment] = asyncio.get_running_loop().create_future()
         self._inflight[digest] = future
         try:
-            seg = await tts.synthesize(text)
-            self.stats["synthesized"] += 1
-            if seg.pcm16 and _served_by_primary(tts):
-                await self.put(key, text, seg)
+            if (seg := await self.get(key, text)) is None:
+                seg = await tts.synthesize(text)
+                self.stats["synthesized"] += 1
+                if seg.pcm16 and _served_by_primary(tts):
+                    await self.put(key, text, seg)
             future.set_result(seg)
             return seg
         except BaseException as e:
