@@ -104,9 +104,8 @@ class SessionCore:
         """The turn whose reply is being thought of or spoken, if any."""
         self.interrupt_stream_ms: int | None = None
         self._timers: dict[int, TurnTimer] = {}
-        self._timer_tasks: set[asyncio.TimerHandle] = set()
         tools_cfg: ToolsConfig = getattr(config, "tools", None) or ToolsConfig()
-        self.tool_context = ToolContext(memory=dict(memory or {}), schedule_timer=self._schedule_timer,
+        self.tool_context = ToolContext(memory=dict(memory or {}),
                                         now=clock(tools_cfg.timezone), say=self._say_if_open,
                                         end_conversation=self._end_after_reply)
         self.tools = SessionTools(tools or default_registry(), self.tool_context, tools_cfg,
@@ -442,12 +441,6 @@ class SessionCore:
         if timer is not None:
             self.emit(timer.to_event(turn, interrupted).model_copy(update={"served_by": self.served_by() or None}))
 
-    def _schedule_timer(self, seconds: float, label: str) -> None:
-        loop = asyncio.get_running_loop()
-        text = f"Your {label} timer is done." if label else "Your timer is done."
-        handle = loop.call_later(seconds, lambda: self.say(text))
-        self._timer_tasks.add(handle)
-
     def history_changed(self) -> None:
         """Persist the history soon; writes are serialised and the latest
         snapshot wins, so a burst of changes costs one or two writes."""
@@ -497,8 +490,7 @@ class SessionCore:
         self.closed = True
         self.interrupt()
         self.dialogue.cancel_speculation()
-        for h in self._timer_tasks:
-            h.cancel()
+        self.tool_context.reminders.cancel_all()
         for child in self._children:
             await child.stop()
         if self.moderator is not None:

@@ -406,6 +406,38 @@ async def test_a_reminder_is_spoken_by_the_session() -> None:
     await core.close()
 
 
+async def test_a_timer_is_spoken_by_the_session_and_shares_the_reminders_cap() -> None:
+    """Timers once bypassed the cap (30 of 30 one-hour timers were taken)."""
+    from actors.agent.tools import MAX_PENDING_REMINDERS
+    from actors.config import load_config
+    from actors.events import TTSSentence
+    from actors.providers import build_vad
+    from actors.session_core import SessionCore
+    from actors.tts import OutputPrefs
+
+    config = load_config(env={"VOICE_ACTORS__SESSION__HISTORY_DB": ""})
+    core = SessionCore("sess-timer", config, vad=build_vad(config), stt=_SilentTTS(),  # type: ignore[arg-type]
+                       llm=ScriptLLM(lambda m, t: "ok"), tts=_SilentTTS())
+    core.start()
+    events = core.subscribe(OutputPrefs(pace=False))
+
+    async def set_timer(seconds: float, label: str) -> dict[str, Any]:
+        return json.loads(await core.tools.run(ToolCall(id="t", name="set_timer",
+                                                        arguments={"seconds": seconds, "label": label})))
+
+    assert (await set_timer(1, "tea"))["scheduled"]
+    async with asyncio.timeout(5):
+        while not (isinstance(ev := await events.get(), TTSSentence) and ev.text == "Your tea timer is done."):
+            pass
+    for i in range(MAX_PENDING_REMINDERS):
+        assert (await set_timer(3600, f"t{i}"))["scheduled"]
+    refused = await set_timer(3600, "one too many")
+    assert "at most" in refused["error"]
+    assert core.tool_context.reminders.pending == MAX_PENDING_REMINDERS
+    await core.close()
+    assert core.tool_context.reminders.pending == 0
+
+
 # ---------------------------------------------------- a xiaozhi device, end to end
 BASE = f"http://127.0.0.1:{INGRESS_PORT}"
 KEY = "sk-test-tools-0123456789"

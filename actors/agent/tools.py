@@ -169,6 +169,8 @@ class ToolContext:
 
     memory: dict[str, str] = field(default_factory=dict)
     schedule_timer: Callable[[float, str], None] | None = None
+    """Replaces the spoken timer (tests record timers through it); a session
+    leaves it None, so its timers share the reminders' cap and die with it."""
     now: Callable[[], datetime] = _local_now
     say: Callable[[str], object] | None = None
     """Speak unprompted (the session's `say`): timers and reminders."""
