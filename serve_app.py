@@ -861,19 +861,23 @@ class VoiceIngress:
         self._admin(request)
         return await self._knowledge(stats)
 
-    # ------------------------------------------------------------ long-term memory (yours only)
-    async def _memories(self, request: Request, call: Any, *args: Any) -> dict[str, Any]:
+    # ------------------------------------------------------------ long-term memory (yours and your devices')
+    async def _memories(self, request: Request, call: Any, *args: Any, device_id: str | None = None
+                        ) -> dict[str, Any]:
         """Run a memory_api handler for the caller; the owner is who
-        authenticated, never a request field."""
+        authenticated, never a request field: the caller, or with `device_id`
+        that device once the caller is found to own it (404 otherwise)."""
         from actors.agent.memory import MemoryStoreError
+        from actors.agent.memory_api import device_owner
 
         p = self._principal(request)
         self.rate.check("memory:" + p.key)
+        owner = p.key if device_id is None else device_owner(await self._own_device(p, device_id))
         store = self._memory_store
         try:
             if store is not None:
                 await store.open()
-            return await call(store, p.key, *args)
+            return await call(store, owner, *args)
         except MemoryStoreError as e:
             raise ApiError(e.http_status, e.code, e.message) from None
 
@@ -908,6 +912,33 @@ class VoiceIngress:
         from actors.agent.memory_api import delete_all_memories
 
         return await self._memories(request, delete_all_memories)
+
+    # what a device remembered (principal device:<id>), managed by the device's owner
+    @api.get("/api/devices/{device_id}/memories")
+    async def device_memories_list(self, device_id: str, request: Request) -> dict[str, Any]:
+        from actors.agent.memory_api import list_memories
+
+        q = request.query_params
+        return await self._memories(request, list_memories, q.get("limit"), q.get("offset"), device_id=device_id)
+
+    @api.get("/api/devices/{device_id}/memories/export")
+    async def device_memories_export(self, device_id: str, request: Request) -> JSONResponse:
+        from actors.agent.memory_api import export_memories
+
+        body = await self._memories(request, export_memories, device_id=device_id)
+        return JSONResponse(body, headers={"Content-Disposition": "attachment; filename=device-memories.json"})
+
+    @api.delete("/api/devices/{device_id}/memories/{memory_id}")
+    async def device_memories_delete(self, device_id: str, memory_id: str, request: Request) -> dict[str, Any]:
+        from actors.agent.memory_api import delete_memory
+
+        return await self._memories(request, delete_memory, memory_id, device_id=device_id)
+
+    @api.delete("/api/devices/{device_id}/memories")
+    async def device_memories_delete_all(self, device_id: str, request: Request) -> dict[str, Any]:
+        from actors.agent.memory_api import delete_all_memories
+
+        return await self._memories(request, delete_all_memories, device_id=device_id)
 
     @api.patch("/api/devices/{device_id}")
     async def devices_update(self, device_id: str, body: DevicePatchBody, request: Request) -> dict[str, Any]:

@@ -4,7 +4,7 @@ Registry tools in a configured zone, reminders spoken by the session,
 end_conversation really ending it; per-call timeouts, errors returned to the
 LLM, the depth limit and cancellation in the dialogue's tool loop; a stdio
 MCP server (tests/fakes/mcp_server.py) through the registry and through the
-LLM loop; and a fake xiaozhi device over the real Serve proxy whose tools are
+LLM loop, and the same server over streamable HTTP; and a fake xiaozhi device over the real Serve proxy whose tools are
 listed (two pages), called by the LLM, and whose socket closes normally when
 the conversation ends."""
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -550,3 +550,89 @@ async def test_xiaozhi_device_tools_listed_called_and_the_socket_closed_at_the_e
                         sentences.append(m["text"])
         assert ws.close_code == 1000 and ws.close_reason == "session.closed"
         assert sentences == ["Goodbye!"]
+
+
+# ------------------------------------------------------- MCP over streamable HTTP
+MCP_TOKEN = "mcp-test-token-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def http_mcp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """The fake MCP server in its own process, serving streamable HTTP behind
+    a bearer token → its URL and the file it writes when a call is cancelled."""
+    import os
+    import socket
+    import subprocess
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    folder = tmp_path_factory.mktemp("mcp-http")
+    marker, log = folder / "cancelled", (folder / "server.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "tests.fakes.mcp_server", "--http-port", str(port),
+                             "--token", MCP_TOKEN], cwd=ROOT, env={**os.environ, "VA_MCP_MARKER": str(marker)},
+                            stdout=log, stderr=subprocess.STDOUT)  # a file: a pipe nobody reads can fill up
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"the fake MCP server exited: {(folder / 'server.log').read_text()[-2000:]}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail("the fake MCP server never listened")
+                time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}/mcp", marker
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+
+
+def _http_server(url: str, **update: Any) -> MCPServerConfig:
+    return MCPServerConfig(name="web", transport="http", url=url, timeout_s=30,
+                           headers={"Authorization": f"Bearer {MCP_TOKEN}"}).model_copy(update=update)
+
+
+async def test_http_mcp_tools_listed_called_failed_and_timed_out(http_mcp: tuple[str, Path]) -> None:
+    """The stdio checks again over the streamable-HTTP transport, with the configured headers sent."""
+    url, marker = http_mcp
+    source = LocalSource([_http_server(url)])
+    tools = SessionTools(default_registry(), ToolContext(), ToolsConfig(call_timeout_s=5), remote=source)
+    await tools.prepare(wait_s=30)
+    assert {"web__add", "web__shout", "web__fail", "web__slow", "get_time"} <= set(tools.names())
+    assert await tools.run(ToolCall(id="1", name="web__add", arguments={"a": 2, "b": 40})) == "42"
+    assert await tools.run(ToolCall(id="2", name="web__shout", arguments={"text": "hi"})) == "HI!"
+    # the server's isError result, its text as the error (the SDK keeps an unexpected exception's own words back)
+    assert "tool fail" in json.loads(await tools.run(ToolCall(id="3", name="web__fail")))["error"]
+    assert "must be a integer" in json.loads(await tools.run(
+        ToolCall(id="4", name="web__add", arguments={"a": "2", "b": 1})))["error"]
+    slow = SessionTools(default_registry(), ToolContext(), ToolsConfig(call_timeout_s=0.3), remote=source)
+    await slow.prepare(wait_s=30)
+    assert "0.3 s" in json.loads(await slow.run(ToolCall(id="5", name="web__slow", arguments={"seconds": 5})))["error"]
+    for _ in range(50):  # the client told the server to stop the call it gave up on
+        if marker.exists():
+            break
+        await asyncio.sleep(0.1)
+    assert marker.read_text() == "cancelled"
+    # the connection survives the timeout: the next call is answered
+    assert await tools.run(ToolCall(id="6", name="web__add", arguments={"a": 1, "b": 1})) == "2"
+    limited = MCPManager([_http_server(url, name="calc", allowed_tools=["add"])])
+    try:
+        assert [s.name for s in await limited.specs()] == ["calc__add"]
+    finally:
+        await limited.aclose()
+
+
+async def test_an_http_mcp_server_that_refuses_the_client_is_left_out(http_mcp: tuple[str, Path]) -> None:
+    url, _ = http_mcp
+    refused = MCPManager([_http_server(url, name="badkey", headers={"Authorization": "Bearer wrong"}, timeout_s=5)])
+    try:
+        assert await refused.specs() == []  # logged and left out; listed again next time
+        with pytest.raises(ToolError, match="unknown MCP tool"):
+            await refused.call("badkey__add", {"a": 1, "b": 2}, 5)
+    finally:
+        await refused.aclose()

@@ -19,9 +19,10 @@ from typing import Any, TypeVar
 
 from actors.agent.db import DatabaseError
 from actors.agent.memory import MemoryStore, MemoryStoreError
+from actors.ingress.auth import principal_key
 
-__all__ = ["MemoryStoreError", "add_memory", "delete_all_memories", "delete_memory", "export_memories",
-           "list_memories"]
+__all__ = ["MemoryStoreError", "add_memory", "delete_all_memories", "delete_memory", "device_owner",
+           "export_memories", "list_memories"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -29,6 +30,15 @@ T = TypeVar("T")
 DEFAULT_PAGE = 100
 MAX_PAGE = 500
 MAX_OFFSET = 100_000
+
+
+def device_owner(device_id: str) -> str:
+    """The owner of what a device remembered: the device's own principal
+    (`device:<id>`), which is whom its sessions belong to. The routes under
+    `/api/devices/{id}/memories` call the handlers below with it once the
+    ingress has checked the caller owns the device (or is an admin), so the
+    human manages their device's memories through the very same handlers."""
+    return principal_key("device", device_id)
 
 
 def _int_param(value: Any, name: str, default: int, lo: int, hi: int) -> int:
