@@ -650,17 +650,21 @@ class VoiceIngress:
     @api.delete("/api/session/{session_id}")
     async def session_delete(self, session_id: str, request: Request) -> dict[str, Any]:
         """Ends the session if it is live and deletes its stored conversation."""
-        from actors.sessions import find_session
-
         p = self._principal(request)
         if not _valid_session_id(session_id) or not await self._owned(session_id, p):
             raise SessionNotFound(session_id)
+        await self._forget_session(session_id)
+        return {"session_id": session_id, "ended": True, "history_deleted": True}
+
+    async def _forget_session(self, session_id: str) -> None:
+        """End the session if it is live and delete its stored conversation."""
+        from actors.sessions import find_session
+
         actor = find_session(self.config, session_id)
         if actor is not None:
             await self._end(actor, forget=True)
         if self.store is not None:
             await self.store.forget(session_id)
-        return {"session_id": session_id, "ended": True, "history_deleted": True}
 
     @staticmethod
     async def _end(actor: Any, forget: bool = False) -> None:
@@ -950,11 +954,25 @@ class VoiceIngress:
 
     @api.delete("/api/devices/{device_id}")
     async def devices_revoke(self, device_id: str, request: Request) -> dict[str, Any]:
-        """Revoke a device: its token stops opening sockets at once."""
-        device_id = await self._own_device(self._principal(request), device_id)
+        """Revoke a device: its token stops opening sockets at once, and what
+        it said and remembered is forgotten, so whoever activates it next
+        (a new owner) starts from nothing."""
+        from actors.agent.memory_api import delete_all_memories, device_owner
+
+        p = self._principal(request)
+        device_id = await self._own_device(p, device_id)
         if not await asyncio.to_thread(self.admission.registry.revoke, device_id):
             raise ApiError(404, "device.not_found", "no device with this id belongs to you")
-        return {"device_id": device_id, "revoked": True}
+        alias = device_owner(device_id)  # the device's principal, also its session's alias
+        sid = await self.sessions.directory.lookup.remote(alias)
+        if sid is not None:
+            await self._forget_session(sid)
+        deleted = {"deleted": 0}
+        if self._memory_store is not None:  # the owner check passed above; the device is gone now
+            await self._memory_store.open()
+            deleted = await delete_all_memories(self._memory_store, alias)
+        return {"device_id": device_id, "revoked": True, "history_deleted": sid is not None,
+                "memories_deleted": deleted["deleted"]}
 
     async def _own_device(self, p: Principal, device_id: str) -> str:
         """The checked id of a device the caller owns (an admin: any device);

@@ -276,3 +276,22 @@ async def test_only_a_devices_owner_manages_what_it_remembered(server, auth, llm
         # still there after mallory's tries; the owner forgets it
         assert (await http.delete(f"{device_url}/{fact['id']}", headers=alice)).json() == {"deleted": fact["id"]}
         assert (await http.get(device_url, headers=alice)).json()["memories"] == []
+
+
+async def test_revoking_a_device_forgets_what_it_said_and_remembered(server, auth, llm):
+    """A device handed on (revoked, then activated by someone else) must not
+    bring its last owner's conversation or memories to the new one."""
+    alice, carol = bearer(auth, "restart-alice"), bearer(auth, "restart-carol")
+    told = "Remember that the spare key is under the blue pot."
+    async with httpx.AsyncClient(timeout=60) as http:
+        sid, _ = await device_says(http, alice, told, llm)
+        await memories(http, f"{BASE}/api/devices/{DEVICE}/memories", alice, 1)
+        r = await http.delete(f"{BASE}/api/devices/{DEVICE}", headers=alice)
+        assert r.status_code == 200, r.text
+        assert r.json() == {"device_id": DEVICE, "revoked": True, "history_deleted": True,
+                            "memories_deleted": 1}, r.json()
+        # carol activates the same device: nothing of alice's reaches her model or her list
+        new_sid, request = await device_says(http, carol, "What do you know about me?", llm)
+        assert "blue pot" not in json.dumps(request.messages), request.messages
+        assert (await http.get(f"{BASE}/api/devices/{DEVICE}/memories", headers=carol)).json()["memories"] == []
+        assert (await http.get(f"{BASE}/api/devices/{DEVICE}/memories", headers=alice)).status_code == 404
