@@ -2,7 +2,11 @@
 
 It streams the LLM's reply, hands text to TTS as it arrives, runs tool calls
 and feeds their results back, and, when a turn is interrupted, keeps in the
-history only what the user actually heard.
+history only what the user actually heard. With moderation on, the reply
+passes a `ReplyGate` first (a blocked sentence becomes the safe reply for the
+client, the TTS and the history alike). A reply waiting on slow tool calls
+gets a filler ("let me check"), and a turn that fails saying nothing gets
+the persona's error phrase: both quick replies, played from the cache.
 """
 
 from __future__ import annotations
@@ -10,21 +14,22 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from actors.agent.moderation import Moderator
 from actors.agent.persona import Persona
 from actors.agent.prompt import PromptParts, build_prompt, estimate_tokens, fold_history, summary_request
+from actors.agent.reply_gate import Release, ReplyGate
 from actors.agent.tools import ToolContext, ToolRegistry
 from actors.config import LLMConfig
 from actors.events import ErrorCode, LLMDelta, ToolCallEvent, ToolResultEvent
 from actors.mailbox import Child, Message
 from actors.providers.base import LLM, ChatMessage, LLMChunk, ProviderError, ToolCall, ToolSpec
+from actors.speculation import Speculation, drain, pump, same_words
 from actors.text import EmotionFilter
 from actors.tts import TextDelta, TextEnd
 
@@ -54,28 +59,6 @@ class AssistantSays(Message):
     """The assistant speaks unprompted (a timer went off)."""
 
     text: str = ""
-
-
-@dataclass
-class _Speculation:
-    """A reply started at a pause on the words heard so far; its chunks wait
-    here, unseen, until the final transcript confirms or discards them."""
-
-    turn: int
-    text: str
-    history_len: int
-    started: float = field(default_factory=time.time)
-    chunks: asyncio.Queue[LLMChunk | BaseException | None] = field(default_factory=asyncio.Queue)
-    task: asyncio.Task[None] | None = None
-    first_text_at: float | None = None
-
-
-def same_words(a: str, b: str) -> bool:
-    """Equal but for case, spaces and punctuation (a final transcript adds
-    punctuation its interims lacked)."""
-    def squash(s: str) -> str:
-        return re.sub(r"[\W_]+", "", s.lower())
-    return squash(a) == squash(b)
 
 
 class DialogueState(Child):
@@ -108,7 +91,7 @@ class DialogueState(Child):
         self._summarizing: asyncio.Task[None] | None = None
         self._assistant_at: dict[int, int] = {}
         """turn id → index of that turn's assistant reply in history."""
-        self._speculation: _Speculation | None = None
+        self._speculation: Speculation | None = None
         self.preemptive = {"started": 0, "used": 0, "discarded": 0}
 
     async def _blocked(self, turn: int, text: str) -> bool:
@@ -120,11 +103,37 @@ class DialogueState(Child):
         if not verdict.blocked:
             return False
         self.cancel_speculation()
-        safe = self.persona.safe_reply_text()
+        safe = self._core.tts.safe_reply
         self._core.emit(LLMDelta(turn_id=turn, text=safe))
-        self._core.tts.post(TextDelta(turn, safe))
+        self._core.tts.post(TextDelta(turn, safe, checked=True, phrase=True))
         self._core.tts.post(TextEnd(turn))
         return True
+
+    def _say_quick(self, turn: int, phrase: str | None) -> None:
+        """A quick reply (filler, error phrase) to the TTS: a sentence of its
+        own, played from the phrase cache; not shown as `llm.delta` nor kept
+        in the history (`tts.sentence` tells the client)."""
+        if phrase:
+            self._core.tts.post(TextDelta(turn, phrase, checked=True, phrase=True))
+
+    def _filler_while(self, turn: int, tools: asyncio.Future[Any], said: list[bool]) -> asyncio.TimerHandle | None:
+        """The filler, said once the tool calls have run `filler_after_ms`
+        (not if they are done by then, even when the loop was late to look);
+        `said` gets True when it was."""
+        quick = self._core.tts.quick_replies
+        phrase = quick.filler(turn) if quick is not None else None
+        if quick is None or phrase is None:
+            return None
+
+        def say() -> None:
+            if not tools.done():
+                said.append(True)
+                self._say_quick(turn, phrase)
+
+        if quick.filler_after_s <= 0:
+            say()
+            return None
+        return asyncio.get_running_loop().call_later(quick.filler_after_s, say)
 
     def _remember(self, text: str) -> None:
         """Long-term memory is written beside the reply, never before it."""
@@ -155,25 +164,14 @@ class DialogueState(Child):
         final transcript; a busy dialogue (a reply still running) does not
         speculate, since its history is about to change."""
         self.cancel_speculation()
-        if not self.idle:
-            return
-        spec = _Speculation(turn, text, len(self.history))
-        spec.task = asyncio.get_running_loop().create_task(self._pump(spec, [*self.history,
-                                                                              ChatMessage(role="user", content=text)]))
+        if not self.idle or (self.moderator is not None and self.moderator.check_rules(text).blocked):
+            return  # blocked words never reach the LLM, not even speculatively
+        spec = Speculation(turn, text, len(self.history))
+        history = [*self.history, ChatMessage(role="user", content=text)]
+        spec.task = asyncio.get_running_loop().create_task(
+            pump(spec, self._llm, lambda: self._prompt(history), self._tool_specs(), self.moderator))
         self._speculation = spec
         self.preemptive["started"] += 1
-
-    async def _pump(self, spec: _Speculation, history: list[ChatMessage]) -> None:
-        try:
-            prompt = await self._prompt(history)
-            async with aclosing(self._llm.stream(prompt, self._tool_specs())) as chunks:
-                async for chunk in chunks:
-                    if chunk.text and spec.first_text_at is None:
-                        spec.first_text_at = time.time()
-                    spec.chunks.put_nowait(chunk)
-        except Exception as e:  # handed to the turn, which reports it as a live stream's error
-            spec.chunks.put_nowait(e)
-        spec.chunks.put_nowait(None)
 
     def cancel_speculation(self, turn: int | None = None) -> None:
         """Speech resumed, a new utterance began, or the session ends: the
@@ -185,11 +183,12 @@ class DialogueState(Child):
             if spec.task is not None:
                 spec.task.cancel()
 
-    def _take_speculation(self, turn: int, text: str) -> _Speculation | None:
+    def _take_speculation(self, turn: int, text: str) -> Speculation | None:
         spec = self._speculation
         if spec is None:
             return None
-        if spec.turn == turn and spec.history_len == len(self.history) and same_words(spec.text, text):
+        if (not spec.blocked and spec.turn == turn and spec.history_len == len(self.history)
+                and same_words(spec.text, text)):
             self._speculation = None
             self.preemptive["used"] += 1
             return spec
@@ -198,26 +197,20 @@ class DialogueState(Child):
         self.cancel_speculation()
         return None
 
-    @staticmethod
-    async def _drain(spec: _Speculation) -> AsyncIterator[LLMChunk]:
-        """The speculative stream's chunks, then the rest as they come; closing
-        this closes the LLM stream behind it."""
-        try:
-            while (item := await spec.chunks.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            if spec.task is not None:
-                spec.task.cancel()
-
     async def handle(self, message: Message) -> None:
         turn = message.turn_id
         assert turn is not None
         if isinstance(message, AssistantSays):
-            self._record_reply(turn, message.text)
+            said: list[str] = []
+            gate = self._gate(lambda text, phrase=False: said.append(text))
+            if gate is None:
+                said.append(message.text)
+            else:
+                gate.feed(message.text)
+                await gate.flush()
+            self._record_reply(turn, "".join(said).strip())
             self._core.history_changed()
-            self._core.tts.post(TextDelta(turn, message.text))
+            self._core.tts.post(TextDelta(turn, "".join(said), checked=gate is not None, phrase=True))
             self._core.tts.post(TextEnd(turn))
             return
         assert isinstance(message, UserTurn)
@@ -227,9 +220,11 @@ class DialogueState(Child):
         self._remember(message.text)
         self.history.append(ChatMessage(role="user", content=message.text))
         self._core.history_changed()
-        reply = ""
+        reply_parts: list[str] = []
+        failed = True
         try:
-            reply = await self._run_llm(turn, spec)
+            await self._run_llm(turn, spec, reply_parts)
+            failed = False
         except ProviderError as e:
             log.warning("session %s turn %d: the language model failed: %s", self._core.session_id, turn,
                         e.message, exc_info=True)
@@ -237,19 +232,41 @@ class DialogueState(Child):
         except Exception as e:  # a vendor SDK raising its own types
             log.exception("session %s turn %d: the language model raised", self._core.session_id, turn)
             self._core.emit_error(ErrorCode.LLM_FAILED, f"the language model failed: {type(e).__name__}", turn)
+        reply = "".join(reply_parts).strip()
+        if failed and not reply and (quick := self._core.tts.quick_replies) is not None:
+            self._say_quick(turn, quick.error())  # no fallback answered: the user hears why, not silence
         self._record_reply(turn, reply)
         self._core.tts.post(TextEnd(turn))
         self._trim()
         self._core.history_changed()
 
-    async def _run_llm(self, turn: int, spec: _Speculation | None = None) -> str:
+    def _gate(self, release: Release) -> ReplyGate | None:
+        """Moderation's post-check on one turn's text, or None when off."""
+        if self.moderator is None or not self.moderator.active:
+            return None
+        return ReplyGate(self.moderator, self._core.tts.safe_reply, release)
+
+    async def _run_llm(self, turn: int, spec: Speculation | None = None,
+                       reply_parts: list[str] | None = None) -> str:
         """The reply's LLM rounds (tool calls feed the next); the first round
-        is the speculative one when the final transcript confirmed it."""
+        is the speculative one when the final transcript confirmed it.
+        `reply_parts` gets the text as it is shown and spoken, so a failing
+        round keeps what was said before it."""
         timer = self._core.timer(turn)
         timer.llm_start = time.time() if spec is None else spec.started
         if spec is not None:
             timer.preemptive, timer.llm_first = True, spec.first_text_at
-        reply_parts: list[str] = []
+        reply_parts = [] if reply_parts is None else reply_parts
+        gate = self._gate(lambda text, phrase=False: reply_parts.append(text))  # one per turn: one safe reply
+        try:
+            return await self._rounds(turn, spec, reply_parts, gate)
+        finally:
+            if gate is not None:
+                gate.close()
+
+    async def _rounds(self, turn: int, spec: Speculation | None, reply_parts: list[str],
+                      gate: ReplyGate | None) -> str:
+        filler_due = True  # said once per turn at most
         await self._tools.prepare()  # MCP servers' tools: listed once per session, bounded wait
         rounds = self._tools.max_rounds
         for_turn = getattr(self._llm, "for_turn", None)  # a failover chain: later rounds keep the provider that answered
@@ -257,24 +274,28 @@ class DialogueState(Child):
         for round_no in range(rounds + 1):
             round_text: list[str] = []
             last = round_no == rounds  # the depth limit: no tools offered, the model must answer now
-            source = (self._drain(spec) if spec is not None
+            source = (drain(spec) if spec is not None
                       else llm.stream(await self._prompt(self.history), [] if last else self._tool_specs()))
             spec = None
-            async with aclosing(source) as chunks:
-                calls = await self._consume(turn, chunks, round_text)
-            reply_parts.extend(round_text)
+            try:
+                async with aclosing(source) as chunks:
+                    calls = await self._consume(turn, chunks, round_text, gate)
+            finally:
+                reply_parts.extend(round_text)
             if not calls or last:
                 break
             self.history.append(ChatMessage(role="assistant", content="".join(round_text), tool_calls=calls))
-            await self._run_tools(turn, calls)
+            if await self._run_tools(turn, calls, filler=filler_due and not "".join(reply_parts).strip()):
+                filler_due = False
         return "".join(reply_parts).strip()
 
-    async def _run_tools(self, turn: int, calls: list[ToolCall]) -> None:
+    async def _run_tools(self, turn: int, calls: list[ToolCall], filler: bool = False) -> bool:
         """One round's calls, run concurrently; each is bounded by the
         registry's per-call timeout and fails as an `{"error": ...}` result.
         When the turn is interrupted the calls are cancelled (device and MCP
         calls included) and each still gets a result in the history, since
-        an OpenAI-compatible API refuses a tool call left unanswered."""
+        an OpenAI-compatible API refuses a tool call left unanswered.
+        `filler`: a filler is said if they run long (`_filler_while`); → whether it was."""
         results: list[str | None] = [None] * len(calls)
 
         async def run(i: int, call: ToolCall) -> None:
@@ -286,14 +307,21 @@ class DialogueState(Child):
 
         for call in calls:
             self._core.emit(ToolCallEvent(turn_id=turn, name=call.name, arguments=call.arguments))
+        gathered = asyncio.gather(*(run(i, c) for i, c in enumerate(calls)))
+        said: list[bool] = []
+        waiting = self._filler_while(turn, gathered, said) if filler else None
         try:
-            await asyncio.gather(*(run(i, c) for i, c in enumerate(calls)))
+            await gathered
         finally:
+            if waiting is not None:
+                waiting.cancel()
             for call, result in zip(calls, results):
                 content = result if result is not None else '{"error": "cancelled: the user interrupted"}'
                 self.history.append(ChatMessage(role="tool", content=content, tool_call_id=call.id))
+        return bool(said)
 
-    async def _consume(self, turn: int, chunks: AsyncIterator[LLMChunk], round_text: list[str]) -> list[ToolCall]:
+    async def _consume(self, turn: int, chunks: AsyncIterator[LLMChunk], round_text: list[str],
+                       gate: ReplyGate | None = None) -> list[ToolCall]:
         """One LLM round: text to the client and TTS as it streams, tool calls
         and usage kept. `aclosing` around it closes the stream (the HTTP
         connection of a cloud LLM) when the turn is interrupted."""
@@ -301,13 +329,21 @@ class DialogueState(Child):
         calls: list[ToolCall] = []
         emotions = EmotionFilter()  # `[happy]`-style tags leave the text; the first emotion goes out once
 
+        def release(text: str, phrase: bool = False) -> None:
+            round_text.append(text)
+            self._core.emit(LLMDelta(turn_id=turn, text=text))
+            self._core.tts.post(TextDelta(turn, text, checked=gate is not None, phrase=phrase))
+
+        if gate is not None:
+            gate.release = release
+
         def show(text: str, emotion: str | None) -> None:
             if emotion:
                 self._core.tts.note_emotion(turn, emotion)
-            if text:
-                round_text.append(text)
-                self._core.emit(LLMDelta(turn_id=turn, text=text))
-                self._core.tts.post(TextDelta(turn, text))
+            if text and gate is None:
+                release(text)
+            elif text and gate is not None:
+                gate.feed(text)
 
         async for chunk in chunks:
             if chunk.emotion:
@@ -321,6 +357,8 @@ class DialogueState(Child):
             if chunk.usage:
                 timer.add_usage(chunk.usage)
         show(*emotions.flush())
+        if gate is not None:
+            await gate.flush()  # before the round's tool calls run: what was said so far is out
         return calls
 
     def _tool_specs(self) -> list[ToolSpec]:

@@ -16,7 +16,7 @@ from typing import Any
 from actors.agent.knowledge import format_hits
 from actors.agent.mcp import DeviceTools, mcp_source
 from actors.agent.memory import MemoryStore
-from actors.agent.moderation import build_moderator
+from actors.agent.moderation import build_moderator, safe_reply_for
 from actors.agent.persona import Persona
 from actors.agent.quick_replies import build_quick_replies
 from actors.agent.tools import SessionTools, ToolContext, ToolRegistry, ToolsConfig, clock, default_registry
@@ -121,7 +121,8 @@ class SessionCore:
         persona = config.persona()
         self.moderator = build_moderator(config)
         self.tts = TTSChild(self, tts, config.tts, moderator=self.moderator,
-                            quick_replies=build_quick_replies(config, persona), safe_reply=persona.safe_reply_text())
+                            quick_replies=build_quick_replies(config, persona),
+                            safe_reply=safe_reply_for(persona, self.moderator))
         self.dialogue.moderator = self.moderator
         self._children = [self.audio, self.stt, self.dialogue, self.tts]
         self.last_activity = time.monotonic()
@@ -253,7 +254,7 @@ class SessionCore:
         self.tts.set_provider(tts)
         self._providers.update(llm=llm, tts=tts)
         self.config = self.config.model_copy(update={"default_persona": persona.id})
-        self.tts.set_replies(build_quick_replies(self.config, persona), persona.safe_reply_text())
+        self.tts.set_replies(build_quick_replies(self.config, persona), safe_reply_for(persona, self.moderator))
 
     def provider_failover(self, message: str) -> None:
         """A provider failed and its chain moved on: the client is told and the

@@ -14,8 +14,9 @@ What is said is not always what the LLM wrote: emotion tags come out (the
 turn's emotion goes out once as `llm.emotion`), markdown, code, URLs and
 emoji are not read aloud (`speakable`), a sentence moderation blocks becomes
 the persona's safe reply (said once per turn; later blocked sentences are
-dropped), and a sentence that is a quick-reply phrase plays from the
-phrase cache without a TTS call. `tts.sentence` and the heard text follow
+dropped; text the dialogue already checked, `TextDelta.checked`, is not
+checked again: agent/reply_gate.py), and a sentence that is a quick-reply
+phrase plays from the phrase cache without a TTS call. `tts.sentence` and the heard text follow
 what was actually said.
 """
 
@@ -84,6 +85,11 @@ class OutputPrefs:
 @dataclass
 class TextDelta(Message):
     text: str = ""
+    checked: bool = False
+    """Moderation's post-check already passed it (the dialogue's reply gate)."""
+    phrase: bool = False
+    """Said by the server (greeting, safe reply, filler): when it is a quick
+    reply it is one sentence, played from the cache, even if it has several."""
 
 
 @dataclass
@@ -213,6 +219,8 @@ class _Playback:
     """Moderation post-checks, started as sentences arrive so their latency overlaps."""
     safe_said: bool = False
     """The safe reply was said this turn: later blocked sentences are dropped."""
+    checked: bool = False
+    """The text coming in passed moderation already (`TextDelta.checked`)."""
     queue: asyncio.Queue[tuple[str, _SentenceAudio | None] | None] = field(default_factory=asyncio.Queue)
     player: asyncio.Task[None] | None = None
     synths: list[asyncio.Task[None]] = field(default_factory=list)
@@ -287,6 +295,16 @@ class TTSChild(Child):
             self._quick.add(self._safe_reply)
 
     @property
+    def safe_reply(self) -> str:
+        """What a moderation block says in this session (persona, then config)."""
+        return self._safe_reply
+
+    @property
+    def quick_replies(self) -> QuickReplies | None:
+        """The persona's quick-reply phrases (the dialogue's filler and error phrase)."""
+        return self._quick
+
+    @property
     def speaking_turn(self) -> int | None:
         return next((t for t, p in self._turns.items() if p.started), None)
 
@@ -297,7 +315,14 @@ class TTSChild(Child):
         if pb is None:
             pb = self._turns[turn] = _Playback(turn)
             pb.player = asyncio.get_running_loop().create_task(self._play(pb))
-        if isinstance(message, TextDelta):
+        if isinstance(message, TextDelta) and message.phrase and self._quick is not None \
+                and self._quick.match(message.text.strip()) is not None:
+            pb.checked = message.checked
+            for sentence in pb.splitter.feed(pb.lines.flush()) + pb.splitter.flush():  # what came before goes first
+                self._enqueue(pb, sentence)
+            self._enqueue(pb, message.text.strip())
+        elif isinstance(message, TextDelta):
+            pb.checked = message.checked
             text, emotion = pb.emotions.feed(message.text)
             if emotion:
                 self.note_emotion(turn, emotion)
@@ -338,7 +363,7 @@ class TTSChild(Child):
         previous = pb.synths[-1] if pb.synths else None
         loop = asyncio.get_running_loop()
         check = None
-        if self._moderator is not None:
+        if self._moderator is not None and not pb.checked:
             check = loop.create_task(self._moderator.check_sentence(sentence))
             pb.checks.append(check)
         audio.task = loop.create_task(self._synthesize_after(previous, sentence, audio, pb, check))

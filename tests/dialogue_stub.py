@@ -16,7 +16,8 @@ class StubCore:
         self.errors: list[tuple[Any, str]] = []
         self.emotions: list[str] = []
         self.tts = SimpleNamespace(post=lambda message: None,
-                                   note_emotion=lambda turn, emotion: self.emotions.append(emotion))
+                                   note_emotion=lambda turn, emotion: self.emotions.append(emotion),
+                                   quick_replies=None, safe_reply="I'd rather not talk about that.")
         self._timer = TurnTimer()
 
     def child_crashed(self, child: str, error: BaseException) -> None:

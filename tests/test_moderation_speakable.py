@@ -9,6 +9,7 @@ that records every text it is asked to speak.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,7 +18,13 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from actors.agent.moderation import ModerationAPIConfig, ModerationConfig, Moderator, fold
+from actors.agent.moderation import (
+    ModerationAPIConfig,
+    ModerationConfig,
+    Moderator,
+    build_moderator,
+    fold,
+)
 from actors.agent.quick_replies import (
     QuickReplies,
     QuickRepliesConfig,
@@ -29,9 +36,9 @@ from actors.agent.quick_replies import (
 from actors.config import load_config
 from actors.events import LLMEmotion
 from actors.protocols.native import NativeProtocol
-from actors.protocols.xiaozhi import EMOTION_EMOJI
+from actors.protocols.xiaozhi import EMOTION_EMOJI, XiaozhiProtocol
 from actors.providers import build_vad
-from actors.providers.base import LLM, STT, TTS, AudioSegment, ChatMessage, LLMChunk, ToolSpec
+from actors.providers.base import LLM, STT, TTS, AudioSegment, ChatMessage, LLMChunk, ToolCall, ToolSpec
 from actors.session_core import SessionCore
 from actors.text import EmotionFilter, MarkdownLines, speakable, split_sentences, strip_emotion_tags
 from actors.tts import OutputPrefs, TTSChild
@@ -107,7 +114,13 @@ def test_native_and_xiaozhi_protocols_send_the_emotion():
     native.on_text('{"type": "hello"}')
     sent = native.encode(LLMEmotion(session_id="s", turn_id=3, emotion="happy"))
     assert len(sent) == 1 and '"type":"llm.emotion"' in sent[0] and '"emotion":"happy"' in sent[0]
-    assert EMOTION_EMOJI["happy"]  # the xiaozhi adapter maps it to its `llm` message (tests/test_serve_app.py)
+    device = XiaozhiProtocol(protocol_version=3, output_sample_rate=24000, max_frame_bytes=32000)
+    device.hello_reply("s", resumed=False, output_sample_rate=24000)
+    for emotion, emoji in (("happy", "🙂"), ("thinking", "🤔"), ("no-such-mood", "🙂")):
+        [msg] = device.encode(LLMEmotion(session_id="s", turn_id=3, emotion=emotion))
+        # the firmware's own `llm` message: it shows the emoji, keyed by the emotion's name
+        assert json.loads(msg) == {"session_id": "s", "type": "llm", "emotion": emotion, "text": emoji}
+    assert EMOTION_EMOJI["thinking"] == "🤔"
 
 
 # ====================================================================== moderation
@@ -186,9 +199,11 @@ async def test_moderation_endpoint_flags_and_fails_open_or_closed(monkeypatch):
         assert closed.blocked and closed.category == "moderation_unavailable"
 
         fake.moderation_setup(delay_s=2.0)
-        started = asyncio.get_running_loop().time()
-        assert (await moderator(api=api).check_user("slow")).allowed  # timed out after 0.5 s: fail open
-        assert asyncio.get_running_loop().time() - started < 1.5
+        slow = moderator(api=api)
+        assert (await slow.check_user("slow")).allowed  # the answer came too late: fail open
+        assert slow.api_errors == 1  # the timeout was the reason, not a late "allowed" answer
+        assert not fake.moderation_requests[-1].completed  # the request was abandoned, not waited out
+        await slow.aclose()
         words_first = moderator(api=api, blocked_words=["slow"])
         before = len(fake.moderation_requests)
         assert (await words_first.check_user("slow")).source == "words"  # local rules answer without a call
@@ -281,25 +296,36 @@ class SilentSTT(STT):
 
 
 class ScriptLLM(LLM):
-    """Each call streams the next reply, one chunk per list item."""
+    """Each call streams the next reply, one chunk per list item (a
+    `ToolCall` item asks for a tool, an exception item is raised); every
+    prompt it was given is kept in `prompts`."""
 
-    def __init__(self, replies: list[list[str]]) -> None:
+    def __init__(self, replies: list[list[Any]]) -> None:
         self._replies = list(replies)
+        self.prompts: list[list[ChatMessage]] = []
 
     async def stream(self, messages: list[ChatMessage], tools: list[ToolSpec]) -> AsyncIterator[LLMChunk]:
+        self.prompts.append(list(messages))
         for piece in self._replies.pop(0):
             await asyncio.sleep(0)
-            yield LLMChunk(text=piece)
+            if isinstance(piece, BaseException):
+                raise piece
+            yield LLMChunk(tool_call=piece) if isinstance(piece, ToolCall) else LLMChunk(text=piece)
 
 
-async def run_replies(replies: list[list[str]], tts: TTS | None = None, **child: Any) -> tuple[list[Any], TTSChild]:
+async def run_replies(replies: list[list[Any]], tts: TTS | None = None, llm: ScriptLLM | None = None,
+                      history: list[ChatMessage] | None = None, **child: Any) -> tuple[list[Any], TTSChild]:
     """Each reply as one turn of a no-Ray session whose TTS child is built
-    with `child`'s arguments; → every event and the child."""
+    with `child`'s arguments (a `moderator` also moderates the dialogue, as
+    in a configured session); → every event and the child. `history` gets
+    the session's history at the end."""
     config = load_config(env={"VOICE_ACTORS__SESSION__HISTORY_DB": ""})
     tts = tts or CountingTTS()
-    core = SessionCore("sess-mod", config, vad=build_vad(config), stt=SilentSTT(), llm=ScriptLLM(replies), tts=tts)
+    llm = llm or ScriptLLM(replies)
+    core = SessionCore("sess-mod", config, vad=build_vad(config), stt=SilentSTT(), llm=llm, tts=tts)
     core.tts = TTSChild(core, tts, config.tts, **child)
     core._children[-1] = core.tts
+    core.moderator = core.dialogue.moderator = child.get("moderator")
     core.start()
     events_q = core.subscribe(OutputPrefs(pace=False))
     events: list[Any] = []
@@ -309,6 +335,8 @@ async def run_replies(replies: list[list[str]], tts: TTS | None = None, **child:
             async with asyncio.timeout(10):
                 while not ((ev := await events_q.get()).type == "metrics" and ev.turn_id == turn):
                     events.append(ev)
+        if history is not None:
+            history.extend(core.history())
     finally:
         await core.close()
     return events, core.tts
@@ -321,13 +349,31 @@ def texts(events: list[Any], kind: str) -> list[str]:
 async def test_a_blocked_reply_sentence_becomes_the_safe_reply_said_once():
     tts = CountingTTS()
     mod = Moderator(ModerationConfig(blocked_words={"fruit": ["banana"]}))
-    events, child = await run_replies(
-        [["Hello there. ", "The secret is BANANA. ", "Also banana again. ", "Goodbye now."]],
-        tts, moderator=mod, safe_reply="Let's talk about something else.")
-    assert tts.texts == ["Hello there.", "Let's talk about something else.", "Goodbye now."]
+    llm = ScriptLLM([["Hello there. ", "The secret is BA", "NANA. ", "Also banana again. ", "Goodbye now."],
+                     ["Anything else?"]])
+    history: list[ChatMessage] = []
+    events, child = await run_replies([[], []], tts, llm=llm, history=history, moderator=mod,
+                                      safe_reply="Let's talk about something else.")
+    assert tts.texts == ["Hello there.", "Let's talk about something else.", "Goodbye now.", "Anything else?"]
     assert texts(events, "tts.sentence") == tts.texts  # what was said, not what was written
-    assert "BANANA" in "".join(texts(events, "llm.delta"))  # the pre-check on user text is the dialogue's
-    assert child.moderated == 2 and mod.blocked == 2
+    shown = "".join(e.text for e in events if e.type == "llm.delta" and e.turn_id == 1)
+    assert shown == "Hello there. Let's talk about something else. Goodbye now."  # the client sees what is said
+    replies = [m.content for m in history if m.role == "assistant"]
+    assert replies[0] == shown  # the history keeps what was said
+    next_prompt = " ".join(m.content for m in llm.prompts[1])
+    assert "Let's talk about something else." in next_prompt
+    assert "banana" not in next_prompt.lower() and "banana" not in " ".join(replies).lower()
+    assert mod.blocked == 2 and child.moderated == 0  # checked once, before the TTS; not again there
+
+
+async def test_a_markdown_split_word_is_still_caught_and_a_clean_reply_streams_unchanged():
+    mod = Moderator(ModerationConfig(blocked_words=["banana"]))
+    events, _ = await run_replies([["It is **ban**ana time.\n", "- next line"], ["Plain ", "words ", "here"]],
+                                  moderator=mod, safe_reply="No.")
+    first = "".join(e.text for e in events if e.type == "llm.delta" and e.turn_id == 1)
+    assert first == "No.\n- next line"
+    second = [e.text for e in events if e.type == "llm.delta" and e.turn_id == 2]
+    assert "".join(second) == "Plain words here"
 
 
 async def test_speakable_text_reaches_the_tts_while_the_client_gets_the_original():
@@ -377,7 +423,6 @@ async def test_the_safe_reply_is_itself_a_quick_reply(tmp_path: Path):
 def test_builders_read_the_app_config_sections_when_present(tmp_path: Path):
     from types import SimpleNamespace
 
-    from actors.agent.moderation import build_moderator
     from actors.agent.quick_replies import build_quick_replies, voice_key_from_config
 
     config = load_config(env={"VOICE_ACTORS__SESSION__HISTORY_DB": ""})
@@ -453,3 +498,4 @@ def test_streaming_filters_hold_back_little_and_never_raise():
     check()
     lines = MarkdownLines()
     assert lines.feed("- " * 100)  # a marker-like start is not held forever
+

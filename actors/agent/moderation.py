@@ -4,7 +4,11 @@ sentence before it is spoken.
 Local rules (word lists, patterns) cost microseconds and run on every text;
 an optional OpenAI-compatible `/v1/moderations` endpoint runs after them.
 What was blocked is logged with a category and a short keyed hash, never
-the text: the log must not become a store of what people said.
+the text: the log must not become a store of what people said. The hash key
+is derived from the deployment's signing secret (`auth.jwt_secret`, kept in
+`auth.secrets_file`), so every session and replica of a deployment hashes
+alike and an operator can see two blocks were the same text; without one it
+is random per process.
 
 Word matching folds case and width (NFKC, so full-width `ＢＡＤ` is `bad`)
 and drops zero-width characters. A word whose end is a Latin/Greek/Cyrillic
@@ -36,6 +40,8 @@ MAX_PATTERN_CHARS = 500
 MAX_SCAN_CHARS = 8000
 """Rules see at most this much of a text (a session's text is capped at 4000)."""
 DEFAULT_SAFE_REPLY = "I'd rather not talk about that. Let's talk about something else."
+_PROCESS_KEY = secrets.token_bytes(16)
+"""The hash key when the deployment has no signing secret: shared by this process's sessions."""
 
 _ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"))
 _WORD_CHAR = re.compile(r"[0-9a-z\u00c0-\u024f\u0370-\u03ff\u0400-\u04ff]")
@@ -91,8 +97,9 @@ class ModerationConfig(BaseModel):
     patterns: list[PatternRule] = Field([], max_length=MAX_PATTERNS)
     """Regular expressions (a plain string is category `pattern`)."""
     api: ModerationAPIConfig | None = None
-    safe_reply: str = Field(DEFAULT_SAFE_REPLY, min_length=1, max_length=500)
-    """Said instead of a blocked reply when the persona has no `safe_reply` of its own."""
+    safe_reply: str | None = Field(None, min_length=1, max_length=500)
+    """Said instead of a blocked message or reply sentence when the persona
+    has no `safe_reply` of its own; None: the persona's default, in its language."""
 
     @field_validator("blocked_words", mode="before")
     @classmethod
@@ -154,14 +161,14 @@ class Moderator:
     failure is `api.on_error`'s verdict."""
 
     def __init__(self, config: ModerationConfig, client: httpx.AsyncClient | None = None,
-                 api_cache_size: int = 256) -> None:
+                 api_cache_size: int = 256, key: bytes | None = None) -> None:
         self.config = config
         self._words = [(cat, rx) for cat, words in config.blocked_words.items()
                        if (rx := _word_regex(words)) is not None]
         self._patterns = [(p.category, re.compile(p.pattern, re.IGNORECASE)) for p in config.patterns]
         self._client = client
         self._own_client = client is None
-        self._key = secrets.token_bytes(16)
+        self._key = key or _PROCESS_KEY
         self._api_cache: OrderedDict[str, Verdict] = OrderedDict()
         self._api_cache_size = api_cache_size
         self.blocked = 0
@@ -174,7 +181,7 @@ class Moderator:
 
     @property
     def safe_reply(self) -> str:
-        return self.config.safe_reply
+        return self.config.safe_reply or DEFAULT_SAFE_REPLY
 
     def digest(self, text: str) -> str:
         return hashlib.blake2b(text.encode(), key=self._key, digest_size=6).hexdigest()
@@ -196,8 +203,22 @@ class Moderator:
         return self._logged("user text", await self._check(text, api=bool(self.config.api and self.config.api.check_user)))
 
     async def check_sentence(self, text: str) -> Verdict:
-        api = bool(self.config.api and self.config.api.check_sentences)
-        return self._logged("reply sentence", await self._check(text, api=api))
+        return self._logged("reply sentence", await self._check(text, api=self._api_for_sentences))
+
+    def check_sentence_now(self, text: str) -> Verdict | None:
+        """`check_sentence` without waiting when only local rules apply (the
+        reply's text goes on at once); None when the endpoint must be asked."""
+        return None if self._api_for_sentences else self._logged("reply sentence", self.check_rules(text))
+
+    async def screen_user(self, text: str) -> Verdict:
+        """`check_user`'s verdict, neither logged nor counted: for words that
+        may not be the user's last (preemptive generation), whose final
+        transcript gets its own `check_user`."""
+        return await self._check(text, api=bool(self.config.api and self.config.api.check_user))
+
+    @property
+    def _api_for_sentences(self) -> bool:
+        return bool(self.config.api and self.config.api.check_sentences)
 
     async def _check(self, text: str, api: bool) -> Verdict:
         verdict = self.check_rules(text)
@@ -268,6 +289,15 @@ class Moderator:
             self._client = None
 
 
+def hash_key(app_config: Any) -> bytes | None:
+    """The log hash's key, derived one-way from the deployment's signing
+    secret (never the secret itself, never logged); None when there is none."""
+    secret = getattr(getattr(app_config, "auth", None), "jwt_secret", None)
+    if secret is None or not hasattr(secret, "get_secret_value"):
+        return None
+    return hashlib.blake2b(secret.get_secret_value().encode(), digest_size=16, person=b"va-moderation").digest()
+
+
 def build_moderator(app_config: Any) -> Moderator | None:
     """The session's moderator from `AppConfig.moderation`, or None when
     moderation is off, has nothing to check, or the app config has no such
@@ -275,5 +305,16 @@ def build_moderator(app_config: Any) -> Moderator | None:
     config = getattr(app_config, "moderation", None)
     if not isinstance(config, ModerationConfig):
         return None
-    moderator = Moderator(config)
+    moderator = Moderator(config, key=hash_key(app_config))
     return moderator if moderator.active else None
+
+
+def safe_reply_for(persona: Any, moderator: Moderator | None) -> str:
+    """What a block says: the persona's own `safe_reply`, else the configured
+    `moderation.safe_reply`, else the persona's default in its language."""
+    own = getattr(persona, "safe_reply", None)
+    if own:
+        return str(own)
+    if moderator is not None and moderator.config.safe_reply:
+        return moderator.config.safe_reply
+    return str(persona.safe_reply_text()) if hasattr(persona, "safe_reply_text") else DEFAULT_SAFE_REPLY

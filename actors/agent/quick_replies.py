@@ -42,6 +42,14 @@ def normalize_phrase(text: str) -> str:
     return _SQUASH.sub("", unicodedata.normalize("NFKC", text).casefold())
 
 
+class LanguagePhrases(BaseModel):
+    """The filler and error phrases of one language (a persona's `language`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    fillers: list[str] = []
+    errors: list[str] = []
+
+
 class QuickRepliesConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     enabled: bool = True
@@ -54,15 +62,37 @@ class QuickRepliesConfig(BaseModel):
     safe_reply: bool = True
     """The persona's safe reply (moderation) is a quick reply."""
     fillers: list[str] = ["Let me check.", "One moment, please."]
-    errors: list[str] = ["Sorry, I couldn't hear that.", "Sorry, something went wrong. Please try again."]
+    """Said (in turn) when a reply that has said nothing yet waits for its tool calls."""
+    filler_after_ms: int = Field(700, ge=0, le=10_000)
+    """How long those tool calls may run before the filler is said (a quick
+    tool needs none); 0: at once."""
+    errors: list[str] = ["Sorry, something went wrong. Please try again.", "Sorry, I couldn't hear that."]
+    """The first is said when a turn fails with nothing said (the language model failed, no fallback left)."""
+    languages: dict[str, LanguagePhrases] = {
+        "zh": LanguagePhrases(fillers=["我查一下。", "请稍等。"],
+                              errors=["抱歉，出了点问题，请再试一次。", "抱歉，我没听清。"]),
+    }
+    """Language (a persona's `language`, `zh-CN` → `zh`) → its own fillers and errors."""
     phrases: list[str] = []
     """Any other phrase said often."""
     personas: dict[str, list[str]] = {}
     """Persona id → more phrases of that persona."""
 
+    def _language(self, persona: Any) -> LanguagePhrases | None:
+        language = str(getattr(persona, "language", "") or "").split("-")[0].lower()
+        return self.languages.get(language)
+
+    def fillers_for(self, persona: Any = None) -> list[str]:
+        own = self._language(persona)
+        return [p for p in (own.fillers if own and own.fillers else self.fillers) if len(p) <= MAX_PHRASE_CHARS]
+
+    def errors_for(self, persona: Any = None) -> list[str]:
+        own = self._language(persona)
+        return [p for p in (own.errors if own and own.errors else self.errors) if len(p) <= MAX_PHRASE_CHARS]
+
     def phrases_for(self, persona: Any = None) -> list[str]:
-        """Every phrase of this persona (duck-typed: `id`, `greeting_text()`, `safe_reply_text()`)."""
-        out = [*self.fillers, *self.errors, *self.phrases]
+        """Every phrase of this persona (duck-typed: `id`, `language`, `greeting_text()`, `safe_reply_text()`)."""
+        out = [*self.fillers_for(persona), *self.errors_for(persona), *self.phrases]
         if persona is not None:
             out += self.personas.get(getattr(persona, "id", ""), [])
             if self.greeting and hasattr(persona, "greeting_text"):
@@ -266,14 +296,25 @@ class QuickReplies:
     """A session's quick replies: its phrases, matched by normalised text,
     and the cache that holds their audio in its voice."""
 
-    def __init__(self, phrases: Iterable[str], cache: QuickReplyCache, key: VoiceKey | None = None) -> None:
+    def __init__(self, phrases: Iterable[str], cache: QuickReplyCache, key: VoiceKey | None = None, *,
+                 fillers: Iterable[str] = (), errors: Iterable[str] = (), filler_after_ms: int = 0) -> None:
         self._by_norm: dict[str, str] = {}
-        for p in phrases:
-            if (n := normalize_phrase(p)) and len(p) <= MAX_PHRASE_CHARS:
-                self._by_norm.setdefault(n, p)
+        self.fillers = list(fillers)
+        self.errors = list(errors)
+        self.filler_after_s = filler_after_ms / 1000.0
+        for p in [*phrases, *self.fillers, *self.errors]:
+            self.add(p)
         self.cache = cache
         self.key = key
         self.hits = 0
+
+    def filler(self, n: int) -> str | None:
+        """The n-th use's filler ("let me check"), in turn; None when there are none."""
+        return self.fillers[n % len(self.fillers)] if self.fillers else None
+
+    def error(self) -> str | None:
+        """What a failed turn says ("sorry, something went wrong"); None when none is configured."""
+        return self.errors[0] if self.errors else None
 
     def match(self, sentence: str) -> str | None:
         """The configured phrase this sentence is, or None."""
@@ -335,4 +376,5 @@ def build_quick_replies(app_config: Any, persona: Any = None) -> QuickReplies | 
         return None
     resolve = getattr(app_config, "resolve_path", None)
     return QuickReplies(config.phrases_for(persona), shared_cache(config, resolve),
-                        voice_key_from_config(app_config, persona))
+                        voice_key_from_config(app_config, persona), fillers=config.fillers_for(persona),
+                        errors=config.errors_for(persona), filler_after_ms=config.filler_after_ms)
