@@ -191,7 +191,11 @@ def speakable(text: str) -> str:
     """What a voice should say of `text`: markdown (emphasis, headings,
     bullets, tables, links → their words), code blocks, inline code over
     MAX_INLINE_CODE_CHARS, URLs, emoji and emotion tags taken out; CJK and
-    punctuation kept. Idempotent, so a sentence cleaned upstream is unharmed."""
+    punctuation kept. Idempotent, so a sentence cleaned upstream is unharmed.
+    A sentence that only cites its source ("Source: museum.yaml › Rosetta
+    Stone.") is for the eye: read aloud, a file name is noise."""
+    if _CITATION.match(text):
+        return ""
     if "\n" in text or _LINE_MARKER.match(text):
         lines = MarkdownLines()
         text = lines.feed(text + "\n") + lines.flush()
@@ -214,6 +218,8 @@ def has_words(text: str) -> bool:
     return any(ch.isalnum() for ch in text)
 
 
+_CITATION = re.compile(r"\s*(?:\[\d+\]\s*)?(?:sources?|来源|出处)\s*[:：]", re.IGNORECASE)
+"""A sentence that cites where an answer came from (as the prompt's numbered excerpts invite)."""
 _LINE_MARKER = re.compile(r"[ \t]{0,3}(?:#{1,6}[ \t]|[-*+][ \t]|\d{1,3}[.)][ \t]|>|\||```|~~~)")
 _LINE_UNDECIDED = re.compile(r"[ \t]{0,3}(?:#{0,6}|[-*+]|\d{0,3}[.)]?|`{1,2}|~{1,2}|[-*_][-*_ \t]*)")
 """A line start that may still become a marker: wait for more text."""

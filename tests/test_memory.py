@@ -285,6 +285,39 @@ async def test_remember_from_follows_the_persona_policy(make_store: StoreFactory
         await store.remember_from("anonymous:x", "remember that nothing", policy="auto")
 
 
+async def test_the_default_engine_recalls_a_fact_from_an_earlier_session_for_its_owner_only(
+        make_store: StoreFactory) -> None:
+    """The zero-key engine (`local-dialogue`) reads the memories the prompt builder puts in its
+    prompt, as a cloud LLM does: told in one session, recalled in the next; never for another
+    owner, nor under a persona whose memory is off, nor once deleted."""
+    from actors.config import load_config
+    from tests.test_local_brain import ask, local_session
+
+    store = await make_store().open()
+    config = load_config(env={"VOICE_ACTORS__SESSION__HISTORY_DB": ""})
+
+    async def session(owner: str, text: str, memory: str = "explicit") -> str:
+        core, q = local_session(f"s-{owner}", config)
+        core.use_memory(store, owner)
+        core.dialogue.persona = core.dialogue.persona.model_copy(update={"memory": memory})
+        try:
+            return await ask(core, q, text)
+        finally:
+            await core.close()
+
+    assert "remember" in await session(ALICE, "Remember that my cat is called Miso.")
+    for _ in range(200):  # kept beside the reply, not before it
+        if await store.list(ALICE):
+            break
+        await asyncio.sleep(0.05)
+    assert [m.text for m in await store.list(ALICE)] == ["my cat is called Miso"]
+    assert await session(ALICE, "What is my cat called?") == "Your cat is called Miso."
+    assert "Miso" not in await session(BOB, "What is my cat called?")
+    assert "Miso" not in await session(ALICE, "What is my cat called?", memory="off")
+    await store.delete_all(ALICE)
+    assert "Miso" not in await session(ALICE, "What is my cat called?")
+
+
 async def test_postgres_password_stays_out_of_reprs(pg_server: dict[str, str]) -> None:
     """The DSN with its password reaches the store through `url_env` only and
     shows up in no repr; the store works with it (scram-sha-256 on TCP)."""

@@ -385,6 +385,15 @@ async def test_speakable_text_reaches_the_tts_while_the_client_gets_the_original
     assert "".join(texts(events, "llm.delta")) == "".join(reply)
 
 
+async def test_a_cited_source_is_shown_not_spoken():
+    tts = CountingTTS()
+    reply = ["It is in Gallery 1. ", "Source: museum.yaml › Rosetta Stone. ", "[2] Sources: a.md, b.txt. ",
+             "来源：museum.yaml。", "The source: a river."]
+    events, _ = await run_replies([reply], tts)
+    assert tts.texts == ["It is in Gallery 1.", "The source: a river."]
+    assert "".join(texts(events, "llm.delta")) == "".join(reply)
+
+
 async def test_a_tag_or_emoji_makes_one_emotion_event_and_the_tag_is_not_spoken():
     tts = CountingTTS()
     events, _ = await run_replies([["[hap", "py] Great to see you! ", "😊 Ask me anything. (laughing)"],

@@ -204,3 +204,39 @@ async def test_a_blocked_user_message_gets_the_personas_safe_reply_and_never_rea
         pass
     assert len(llm.prompts) == 1, "the next, harmless message is answered as usual"
     await core.close()
+
+
+async def test_a_persona_offers_only_its_tools_and_a_call_to_another_gets_an_error_result():
+    """Persona(tools=[...]) filters what the LLM is offered, and a model that calls another tool
+    anyway (a hallucinated or stale name) gets an error result instead of the tool running."""
+    import json
+
+    from actors.agent.tools import SessionTools, ToolContext, ToolsConfig, default_registry
+    from actors.dialogue import DialogueState, UserTurn
+    from actors.events import ToolResultEvent
+    from actors.providers.base import ToolCall
+    from tests.dialogue_stub import StubCore
+
+    class ForcingLLM(LLM):
+        def __init__(self) -> None:
+            self.requests: list[tuple[list[ChatMessage], list[ToolSpec]]] = []
+
+        async def stream(self, messages: list[ChatMessage], tools: list[ToolSpec]) -> AsyncIterator[LLMChunk]:
+            self.requests.append((list(messages), list(tools)))
+            if len(self.requests) == 1:
+                yield LLMChunk(tool_call=ToolCall(id="c1", name="calculate", arguments={"expression": "2+2"}))
+            else:
+                yield LLMChunk(text="I can't calculate here.")
+
+    llm = ForcingLLM()
+    tools = SessionTools(default_registry(), ToolContext(), ToolsConfig())
+    assert "calculate" in {s.name for s in tools.specs()}  # the session has it; the persona does not allow it
+    core = StubCore("allowed-tools")
+    dialogue = DialogueState(core, llm, tools, tools.ctx, Persona(tools=["get_time"]), max_history=40)
+    await dialogue.handle(UserTurn(turn_id=1, text="What is 2 + 2?"))
+    assert [s.name for s in llm.requests[0][1]] == ["get_time"]
+    result = json.loads(next(m.content for m in dialogue.history if m.role == "tool"))
+    assert result == {"error": "the tool 'calculate' is not available"}
+    assert [json.loads(e.result) for e in core.events if isinstance(e, ToolResultEvent)] == [result]
+    assert llm.requests[1][0][-1].role == "tool" and "not available" in llm.requests[1][0][-1].content
+    assert dialogue.history[-1].content == "I can't calculate here."

@@ -5,7 +5,11 @@ through this engine instead. It is honest about what it is (see `label`), and
 it speaks the same protocol as a real model: it streams text word by word and
 asks for tools with `LLMChunk(tool_call=...)` rather than running them, so the
 dialogue's tool loop, interruption and TTS sentence splitting are exercised
-exactly as they will be with a cloud LLM.
+exactly as they will be with a cloud LLM. It also reads the prompt a cloud
+LLM gets (prompt_notes.py): the owner's long-term memories answer "what is
+my cat called?" across sessions, and the knowledge the session retrieved
+(ingested documents included) answers a question, its source cited; the
+engine's own curated knowledge base answers only when nothing was retrieved.
 
 Input is a Whisper transcript: capitals, punctuation, numbers as digits or
 words. Rules match on normalised lower-case text; values the user dictates
@@ -24,148 +28,23 @@ from typing import Any
 from actors.agent.knowledge import KnowledgeBase
 from actors.agent.tools import normalize_key
 from actors.providers.base import LLM, ChatMessage, LLMChunk, ToolCall, ToolSpec
-
-# ------------------------------------------------------------ number words
-_SMALL = {
-    w: i
-    for i, w in enumerate(
-        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
-        "fifteen sixteen seventeen eighteen nineteen".split()
-    )
-}
-_TENS = {w: 10 * i for i, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split(), start=2)}
-
-
-def _is_sep(part: str | None) -> bool:
-    return part is not None and re.fullmatch(r"[ \t-]+", part) is not None
-
-
-def _below_100(parts: list[str], k: int) -> tuple[int, int] | None:
-    """Parse 'seven', 'twelve', 'forty two' or 'forty-two' at parts[k]."""
-    if k >= len(parts):
-        return None
-    word = parts[k]
-    if word in _SMALL:
-        return _SMALL[word], k + 1
-    if word in _TENS:
-        if k + 2 < len(parts) and _is_sep(parts[k + 1]) and 1 <= _SMALL.get(parts[k + 2], 0) <= 9:
-            return _TENS[word] + _SMALL[parts[k + 2]], k + 3
-        return _TENS[word], k + 1
-    return None
-
-
-def _number_at(parts: list[str], i: int) -> tuple[int, int] | None:
-    """Parse a number 0..999 spelled in words starting at parts[i]; returns
-    (value, index after it)."""
-    if parts[i] == "a" and i + 2 < len(parts) and _is_sep(parts[i + 1]) and parts[i + 2] == "hundred":
-        small, j = 1, i + 2
-    else:
-        parsed = _below_100(parts, i)
-        if parsed is None:
-            return None
-        small, j = parsed
-        if not (j + 1 < len(parts) and _is_sep(parts[j]) and parts[j + 1] == "hundred" and 1 <= small <= 9):
-            return small, j
-        j += 1
-    value, j = small * 100, j + 1  # j now after "hundred"
-    k = j
-    if k + 1 < len(parts) and _is_sep(parts[k]) and parts[k + 1] == "and":
-        k += 2
-    if k + 1 < len(parts) and _is_sep(parts[k]):
-        rest = _below_100(parts, k + 1)
-        if rest is not None:
-            return value + rest[0], rest[1]
-    return value, j
-
-
-def words_to_digits(text: str) -> str:
-    """'what's twelve times seven' → "what's 12 times 7" (0..999), because
-    Whisper writes small numbers either way."""
-    parts = re.findall(r"[a-z]+|[^a-z]+", text)
-    out: list[str] = []
-    i = 0
-    while i < len(parts):
-        parsed = _number_at(parts, i) if parts[i].isalpha() else None
-        if parsed is None:
-            out.append(parts[i])
-            i += 1
-        else:
-            out.append(str(parsed[0]))
-            i = parsed[1]
-    return "".join(out)
-
-
-# ------------------------------------------------------------- formatting
-def format_number(value: float) -> str:
-    """Digits a TTS voice reads well; 'about' marks a rounded value."""
-    if isinstance(value, int) or float(value).is_integer() and abs(value) < 1e15:
-        return str(int(value)) if value >= 0 else f"minus {int(-value)}"
-    text = f"{abs(value):.6g}"
-    if "e" in text:
-        mantissa, exp = text.split("e")
-        text = f"{mantissa} times 10 to the power of {int(exp)}"
-    about = "about " if float(f"{abs(value):.6g}") != abs(value) else ""
-    return f"{about}{'minus ' if value < 0 else ''}{text}"
-
-
-_OP_WORDS = {"+": "plus", "-": "minus", "*": "times", "/": "divided by", "%": "modulo", "**": "to the power of"}
-
-
-def speak_expression(expression: str) -> str | None:
-    """'12 * 7' → '12 times 7'; None for anything with parentheses, where a
-    flat reading would misstate the grouping."""
-    tokens = re.findall(r"\*\*|\d+(?:\.\d+)?|[-+*/%()]|\S", expression)
-    if any(t in "()" for t in tokens) or not tokens:
-        return None
-    words: list[str] = []
-    prev_is_operand = False
-    i = 0
-    while i < len(tokens):
-        tok = tokens[i]
-        if tok == "**" and i + 1 < len(tokens) and tokens[i + 1] in ("2", "3"):
-            words.append("squared" if tokens[i + 1] == "2" else "cubed")
-            i += 2
-            prev_is_operand = True
-            continue
-        if tok in _OP_WORDS:
-            if not prev_is_operand and tok != "-":
-                return None  # "* 3" has no reading; only a sign may lead
-            words.append(_OP_WORDS[tok])
-            prev_is_operand = False
-        elif re.fullmatch(r"\d+(?:\.\d+)?", tok):
-            words.append(tok)
-            prev_is_operand = True
-        else:
-            return None
-        i += 1
-    return " ".join(words)
-
-
-def format_duration(seconds: float) -> str:
-    total = int(round(seconds))
-    parts = []
-    for unit, size in (("hour", 3600), ("minute", 60), ("second", 1)):
-        n, total = divmod(total, size)
-        if n:
-            parts.append(f"{n} {unit}{'s' if n != 1 else ''}")
-    return _join(parts) if parts else "0 seconds"
-
-
-def _join(items: list[str]) -> str:
-    if len(items) <= 1:
-        return "".join(items)
-    if len(items) == 2:
-        return f"{items[0]} and {items[1]}"
-    return ", ".join(items[:-1]) + f", and {items[-1]}"
-
-
-def _sentence(text: str) -> str:
-    text = text.strip()
-    if not text:
-        return text
-    text = text[0].upper() + text[1:]
-    return text if text[-1] in ".!?" else text + "."
-
+from actors.providers.local.phrasing import (
+    as_sentence,
+    format_duration,
+    format_number,
+    join_words,
+    second_person,
+    speak_expression,
+    words_to_digits,
+)
+from actors.providers.local.prompt_notes import (
+    PromptNotes,
+    is_about_the_user,
+    knowledge_answer,
+    read_notes,
+    relevant_memories,
+    told_you,
+)
 
 # ------------------------------------------------------------ text rules
 _TRAILING = re.compile(r"[\s.!?,;:]+$")
@@ -249,22 +128,6 @@ def parse_timer(lower: str) -> tuple[float | None, str]:
         if lm and lm.group(1) not in _NOT_LABELS:
             label = lm.group(1)
     return (total if last_end is not None else None), label
-
-
-_PRONOUNS = {
-    "i": "you", "i'm": "you're", "im": "you're", "me": "you", "my": "your", "mine": "yours",
-    "myself": "yourself", "am": "are", "i've": "you've", "i'll": "you'll", "i'd": "you'd",
-}
-
-
-def second_person(text: str) -> str:
-    """'I parked on level 3' → 'you parked on level 3', for read-back."""
-    text = re.sub(r"\bI was\b", "you were", text, flags=re.IGNORECASE)
-    return re.sub(
-        r"\b[A-Za-z']+\b",
-        lambda m: _PRONOUNS.get(m.group().lower(), m.group()),
-        text,
-    )
 
 
 _NAME_STOP = {"and", "but", "so", "i", "nice", "what", "please", "by", "from", "the", "how", "can", "who", "it"}
@@ -408,24 +271,25 @@ class LocalDialogueEngine(LLM):
         if not messages:
             return Reply()
         last = messages[-1]
+        notes = read_notes(messages)  # the memories and knowledge the session put in the prompt
         if last.role == "tool":
-            return self._after_tools(messages)
+            return self._after_tools(messages, notes)
         if last.role != "user":
             return Reply()
-        return self._answer(last.content, {t.name for t in tools}, call_id=f"call_{len(messages)}")
+        return self._answer(last.content, {t.name for t in tools}, f"call_{len(messages)}", notes)
 
     # --------------------------------------------------------- tool results
-    def _after_tools(self, messages: list[ChatMessage]) -> Reply:
+    def _after_tools(self, messages: list[ChatMessage], notes: PromptNotes) -> Reply:
         results: list[ChatMessage] = []
         for msg in reversed(messages):
             if msg.role != "tool":
                 break
             results.insert(0, msg)
         calls = {c.id: c for m in messages if m.role == "assistant" for c in m.tool_calls}
-        sentences = [self._speak_result(calls.get(r.tool_call_id or ""), r.content) for r in results]
+        sentences = [self._speak_result(calls.get(r.tool_call_id or ""), r.content, notes) for r in results]
         return Reply(text=" ".join(s for s in sentences if s))
 
-    def _speak_result(self, call: ToolCall | None, content: str) -> str:
+    def _speak_result(self, call: ToolCall | None, content: str, notes: PromptNotes) -> str:
         name = call.name if call else ""
         try:
             data: Any = json.loads(content)
@@ -434,7 +298,7 @@ class LocalDialogueEngine(LLM):
         if not isinstance(data, dict):
             return "Done."
         if "error" in data:
-            return _sentence(f"Sorry, I couldn't {_COULDNT.get(name, 'do that')}: {data['error']}")
+            return as_sentence(f"Sorry, I couldn't {_COULDNT.get(name, 'do that')}: {data['error']}")
         if name == "get_time" and "spoken" in data:
             return f"It is {data['spoken']}."
         if name == "get_date" and "spoken" in data:
@@ -442,29 +306,40 @@ class LocalDialogueEngine(LLM):
         if name == "calculate" and "result" in data:
             spoken = speak_expression(str(data.get("expression", "")))
             result = format_number(data["result"])
-            return _sentence(f"{spoken} is {result}" if spoken else f"the answer is {result}")
+            return as_sentence(f"{spoken} is {result}" if spoken else f"the answer is {result}")
         if name == "set_timer" and "seconds" in data:
             label = f", labelled {data['label']}" if data.get("label") else ""
             return f"Okay, I set a timer for {format_duration(float(data['seconds']))}{label}."
         if name == "end_conversation":
             return "Goodbye, and have a lovely day!"
         if name == "set_reminder" and "message" in data:
-            return _sentence(f"Okay, I will remind you to {data['message']}") if "in_seconds" in data else "Done."
+            return as_sentence(f"Okay, I will remind you to {data['message']}") if "in_seconds" in data else "Done."
         if name == "remember" and "key" in data:
             return f"Got it, I will remember that {_fact_phrase(data['key'], data['value'])}."
         if name == "recall":
-            if "facts" in data:
-                facts = [_fact_phrase(k, v) for k, v in data["facts"].items()]
-                if not facts:
-                    return "I don't have anything remembered yet."
-                return _sentence(f"I remember that {_join(facts)}")
-            if data.get("found"):
-                return _sentence(_fact_phrase(data["key"], data["value"]))
-            return "I don't have anything remembered about that yet."
-        return _sentence(str(data["spoken"])) if isinstance(data.get("spoken"), str) else "Done."
+            return self._recalled(data, notes)
+        return as_sentence(str(data["spoken"])) if isinstance(data.get("spoken"), str) else "Done."
+
+    @staticmethod
+    def _recalled(data: dict[str, Any], notes: PromptNotes) -> str:
+        """This session's facts (the `recall` tool), else the long-term
+        memories of earlier sessions that the prompt carries."""
+        if "facts" in data:
+            facts = [_fact_phrase(k, v) for k, v in data["facts"].items()]
+            said = {f.lower() for f in facts}
+            facts += [f for f in (second_person(m) for m in notes.memories) if f.lower() not in said]
+            if not facts:
+                return "I don't have anything remembered yet."
+            return as_sentence(f"I remember that {join_words(facts)}")
+        if data.get("found"):
+            return as_sentence(_fact_phrase(data["key"], data["value"]))
+        memories = relevant_memories(str(data.get("key") or ""), notes.memories)
+        if memories:
+            return told_you(memories[0])
+        return "I don't have anything remembered about that yet."
 
     # ------------------------------------------------------------ user turn
-    def _answer(self, raw: str, tool_names: set[str], call_id: str) -> Reply:
+    def _answer(self, raw: str, tool_names: set[str], call_id: str, notes: PromptNotes) -> Reply:
         text = _clean(raw)
         greeting = re.match(
             rf"^{_GREETING}(?:\s+(?:there|everyone|again|{re.escape(self.persona_name.lower())}))*\b[\s,.!]*",
@@ -497,16 +372,21 @@ class LocalDialogueEngine(LLM):
             spoken = second_person(fact)
             return call("remember", key=spoken, value=spoken)
 
+        def recall(key: str | None = None) -> Reply:
+            if "recall" not in tool_names and notes.memories:  # no session facts to look up: memories answer
+                if key is None:
+                    return Reply(text=self._recalled({"facts": {}}, notes))
+                if found := relevant_memories(key, notes.memories):
+                    return Reply(text=told_you(found[0]))
+            return call("recall") if key is None else call("recall", key=key)
+
         if _RE["recall_all"].search(lower):
-            return call("recall")
-        m = _RE["recall_key"].match(lower)
+            return recall()
+        m = _RE["recall_key"].match(lower) or _RE["recall_what_my"].search(lower)
         if m:
-            return call("recall", key=m.group("key"))
-        m = _RE["recall_what_my"].search(lower)
-        if m:
-            return call("recall", key=m.group("key"))
+            return recall(m.group("key"))
         if _RE["who_am_i"].search(lower):
-            return call("recall", key="name")
+            return recall("name")
 
         if _RE["timer"].search(lower):
             if _RE["timer_cancel"].search(lower):
@@ -539,18 +419,26 @@ class LocalDialogueEngine(LLM):
             return Reply(text="Goodbye, and have a lovely day!", emotion="happy")
         if self.knowledge is not None and _RE["list"].search(lower):
             titles = self.knowledge.titles()
-            return Reply(text=f"You can see {len(titles)} exhibits: {_join(titles)}. Ask me about any of them.")
-        return self._retrieve(text, lower, tool_names)
+            return Reply(text=f"You can see {len(titles)} exhibits: {join_words(titles)}. Ask me about any of them.")
+        return self._retrieve(text, lower, tool_names, notes)
 
-    def _retrieve(self, text: str, lower: str, tool_names: set[str]) -> Reply:
+    def _retrieve(self, text: str, lower: str, tool_names: set[str], notes: PromptNotes) -> Reply:
+        """The knowledge the session retrieved for this turn (as a cloud LLM
+        gets it: ingested documents included, source cited), else this
+        engine's own curated entries, else a memory that answers a question
+        about the user, else an honest "not sure"."""
+        if notes.excerpts:
+            return Reply(text=knowledge_answer(notes.excerpts[0], text, _RE["where"].search(lower) is not None))
         hits = self.knowledge.search(text, k=1) if self.knowledge is not None else []
-        if not hits or hits[0][1] < self.min_score:
-            return Reply(text=f"I'm not sure about that. {self._abilities(tool_names)}")
-        entry = hits[0][0]
-        if entry.location and _RE["where"].search(lower):
-            return Reply(text=f"You can find it in {entry.location}.")
-        where = f" Here, you'll find it in {entry.location}." if entry.location else ""
-        return Reply(text=_sentence(entry.text) + where)
+        if hits and hits[0][1] >= self.min_score:
+            entry = hits[0][0]
+            if entry.location and _RE["where"].search(lower):
+                return Reply(text=f"You can find it in {entry.location}.")
+            where = f" Here, you'll find it in {entry.location}." if entry.location else ""
+            return Reply(text=as_sentence(entry.text) + where)
+        if is_about_the_user(text) and (memories := relevant_memories(text, notes.memories)):
+            return Reply(text=as_sentence(f"you told me that {second_person(memories[0])}"))
+        return Reply(text=f"I'm not sure about that. {self._abilities(tool_names)}")
 
     # ------------------------------------------------------------- phrasing
     def _greeting(self) -> str:
@@ -575,7 +463,7 @@ class LocalDialogueEngine(LLM):
             things.append("remember things")
         if not things:
             return "I can only chat a little right now."
-        return f"I can {_join(things)}."
+        return f"I can {join_words(things)}."
 
     def _help(self, tool_names: set[str]) -> str:
         return (
