@@ -423,6 +423,7 @@ async def run_all(opts: argparse.Namespace) -> dict[str, Any]:
 
     from actors.ingress.auth import Authenticator
     from actors.pools import ensure_pools
+    from actors.runtime import RAY_SYSTEM_CONFIG
     from bench.cloud_fakes import API_KEY
     from bench.echo_app import echo_app
     from bench.fakes import known_delay_ms
@@ -435,7 +436,7 @@ async def run_all(opts: argparse.Namespace) -> dict[str, Any]:
     started = time.monotonic()
     print(f"[bench] starting Ray and Serve ({opts.mode} providers)...", flush=True)
     ray.init(address="local", include_dashboard=False, namespace=config.server.namespace, log_to_driver=False,
-             runtime_env={"env_vars": env_vars})
+             runtime_env={"env_vars": env_vars}, _system_config=RAY_SYSTEM_CONFIG)
     ensure_pools(config)
     serve.start(http_options={"host": "127.0.0.1", "port": opts.port})
     serve.run(build_app(config), name="voice-actors", route_prefix="/")

@@ -379,6 +379,7 @@ async def soak(opts: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str
     from actors.audio import silence
     from actors.ingress.auth import Authenticator
     from actors.pools import ensure_pools
+    from actors.runtime import RAY_SYSTEM_CONFIG
     from bench.run import speech_fixture
     from serve_app import build_app
 
@@ -395,7 +396,8 @@ async def soak(opts: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str
     started = time.monotonic()
     print(f"[soak] starting Ray and Serve ({opts.mode} providers) on 127.0.0.1:{opts.port}...", flush=True)
     ray.init(address="local", include_dashboard=False, namespace=namespace, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}})
+             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}},
+             _system_config=RAY_SYSTEM_CONFIG)
     try:
         ensure_pools(config)
         serve.start(http_options={"host": "127.0.0.1", "port": opts.port})

@@ -30,6 +30,16 @@ def test_setup_installs_this_package_on_every_node():
     assert "~/voice-actors" in cfg["file_mounts"]
 
 
+def test_head_starts_ray_with_the_servers_own_settings():
+    """What `voice-actors serve` passes to a local Ray (actors/runtime.py),
+    the cluster's head gets as RAY_* variables: the same GCS bounds."""
+    from actors.runtime import RAY_SYSTEM_CONFIG
+
+    [start] = [c for c in load()["head_start_ray_commands"] if "ray start" in c]
+    for name, value in RAY_SYSTEM_CONFIG.items():
+        assert f"RAY_{name}={value} " in start, (name, start)
+
+
 def test_validation_really_rejects_a_broken_file():
     broken = copy.deepcopy(load())
     broken["setup_commandz"] = broken.pop("setup_commands")
