@@ -102,10 +102,10 @@ def build_core(session_id: str, config: AppConfig, store: HistoryStore | None = 
     )
     for chain in (stt.chain, llm.chain, tts.chain):
         chain.notify = core.provider_failover
-    if config.llm.provider != "local-dialogue":  # the embedded engine has its own knowledge and reads no prompt
-        from actors.agent.knowledge_pool import get_knowledge_pool
+    # every engine, the embedded one included, answers from the pool's hits in its prompt (ingested documents too)
+    from actors.agent.knowledge_pool import get_knowledge_pool
 
-        core.use_knowledge(get_knowledge_pool(config.knowledge, config.server.namespace))
+    core.use_knowledge(get_knowledge_pool(config.knowledge, config.server.namespace))
     return core
 
 
@@ -285,6 +285,8 @@ class SessionActor:
     async def stats(self) -> dict[str, Any]:
         import os
 
+        from actors.providers.adapters.usage import provider_report
+
         core = await self._ensure_started()
         if core.reply_turn is not None:
             state = "replying"
@@ -297,7 +299,9 @@ class SessionActor:
                 # for the control panel (actors/ingress/admin.py)
                 "owner": self._owner, "persona": core.dialogue.persona.id, "state": state,
                 "closed": core.closed, "idle_s": round(time.monotonic() - core.last_activity, 1),
-                "node_id": ray.get_runtime_context().get_node_id()}
+                "node_id": ray.get_runtime_context().get_node_id(),
+                # this process's breakers and provider counters: the session's own (one per process)
+                "providers": provider_report()}
 
     async def close(self, forget: bool = False) -> None:
         """End the session; `forget` also deletes its stored conversation.

@@ -3,9 +3,10 @@
 # (root with apt-get). Without them those tests skip (the browser tests fail), naming what is missing.
 #   postgresql: tests/test_memory.py and tests/test_shared_store.py run the memory and session
 #               stores against a real server they start (tests/pg.py).
-#   chromium: tests/test_web_page.py drives the browser voice page in headless Chromium (these
-#     tests fail without it unless VA_ALLOW_NO_BROWSER=1); fonts-wqy-microhei (1.6 MB) draws the
-#     Chinese text in its screenshot.
+#   chromium: tests/test_web_page*.py (page, login, cloud) drive the browser voice page,
+#     tests/test_admin_panel.py the control panel, in headless Chromium (these tests fail without it
+#     unless VA_ALLOW_NO_BROWSER=1); fonts-wqy-microhei (1.6 MB) draws the Chinese text on the
+#     page and in its screenshot.
 set -u
 missing=""
 if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then

@@ -1,5 +1,7 @@
 """The control panel (issue 11): the admin API through the real Serve proxy,
-and web/admin.html in a real headless Chromium (Playwright).
+and web/admin.html in a real headless Chromium (Playwright). A session on the
+cloud LLM (the loopback OpenAI-compatible fake, tests/fakes) trips its own
+circuit breaker, and the panel shows it open.
 
 The browser tests need Debian's `chromium` (tests/system-deps.sh) and the
 `playwright` package; without them they fail, naming what is missing, unless
@@ -9,6 +11,7 @@ VA_ALLOW_NO_BROWSER=1 is set (then they skip, saying so).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -20,18 +23,21 @@ from pydantic import SecretStr
 from websockets.exceptions import ConnectionClosed
 
 from actors.audio import silence
-from actors.client import NativeClient
+from actors.client import NativeClient, XiaozhiClient
 from actors.config import UserConfig
 from actors.history_store import HistoryStore
 from actors.ingress.admin import MASK, mask_config
 from actors.ingress.auth import Authenticator, hash_password
-from actors.sessions import find_session
+from actors.sessions import create_session_actor, find_session, new_session_id
 from tests.browser import find_chromium, wait_for_js
 from tests.conftest import INGRESS_PORT, run_ingress
+from tests.fakes.openai_server import FakeOpenAIServer, Script
 
 BASE = f"http://127.0.0.1:{INGRESS_PORT}"
 WS = f"ws://127.0.0.1:{INGRESS_PORT}"
 QUESTION = "What is twelve times seven?"
+DEVICE = "02:ad:00:00:00:11"
+LLM_KEY = "sk-test-admin-llm-0123456789"
 SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "control-panel.png"
 
 PLANTED = {
@@ -57,6 +63,7 @@ def server_config(config):
     auth = config.auth.model_copy(update={
         "jwt_secret": SecretStr(PLANTED["jwt"]), "device_secret": SecretStr(PLANTED["device"]),
         "users": {"alice": UserConfig(password_hash=alice_hash, roles=["user", "admin"])},
+        "device_allowlist": [DEVICE], "device_admission": "allowlist",
     })
     limits = config.limits.model_copy(update={"requests_per_minute": 6000, "burst": 400,
                                               "max_live_sessions_per_principal": 64})
@@ -255,15 +262,118 @@ async def test_series_errors_and_pools_after_a_turn_and_an_error(server, admin_t
         stt = by_kind["stt"]
         assert stt["ok"] and stt["calls"] >= 1 and stt["nodes"]
         node = stt["nodes"][0]
-        assert node["in_flight"] >= 0 and node["max_concurrency"] >= 1 and node["failures"] >= 0
+        assert node["in_flight"] == 0 and node["max_concurrency"] >= 1 and node["failures"] == 0  # the turn ended
         assert node["latency_ms"]["p50"] > 0 and node["latency_ms"]["mean"] > 0
-        assert isinstance(pools["breakers"]["breakers"], dict)
+        # every provider of the chains has a row, with what the live sessions saw of it
+        providers = {(p["kind"], p["provider"]): p for p in pools["providers"]}
+        chained = {(kind, name) for kind, names in pools["chains"].items() for name in names}
+        assert chained <= set(providers), (chained, list(providers))
+        for (kind, name), p in providers.items():
+            if (kind, name) in chained:
+                assert p["role"] == ("primary" if pools["chains"][kind][0] == name else "fallback"), p
+        whisper = providers[("stt", stt["provider"])]
+        assert whisper["state"] == "closed" and whisper["sessions"] >= 1 and whisper["calls"] >= 1, whisper
+        assert whisper["failures"] == 0 and whisper["in_flight"] == 0 and whisper["latency_ms"]["mean"] > 0
+        mine = next(r for r in (await admin_get(admin_token, "/api/admin/sessions"))["sessions"]
+                    if r["session_id"] == sid)
+        said = mine["providers"][f"stt:{stt['provider']}"]
+        assert said["state"] == "closed" and said["calls"] >= 1 and said["failures"] == 0, mine["providers"]
+        assert mine["providers"]["llm:local-dialogue"]["calls"] >= 1  # the spoken turn's reply
         warm = pools["warm_pool"]
         assert warm["target"] == 1 and 0 <= warm["ready"] <= 1 and warm["unclaimed_in_cluster"] >= 0
 
         overview = await admin_get(admin_token, "/api/admin/overview")
         assert {"sessions", "pools", "breakers", "warm_pool", "errors", "series", "time"} <= set(overview)
         assert sid in {r["session_id"] for r in overview["sessions"]["sessions"]}
+
+
+@pytest.fixture(scope="module")
+def llm_fake():
+    with FakeOpenAIServer(api_key=LLM_KEY) as llm:
+        yield llm
+
+
+def cloud_llm_config(config, llm: FakeOpenAIServer):
+    """`config` with the LLM on the loopback OpenAI-compatible fake, the
+    embedded engine as its fallback, and a breaker that opens after two
+    failures in a row and stays open for the test."""
+    from actors.config import LLMConfig, ResilienceConfig
+
+    llm_cfg = LLMConfig.model_validate({**config.llm.model_dump(), "provider": "openai-compatible",
+                                        "fallback": ["local-dialogue"],
+                                        "openai_compat": {"base_url": llm.base_url, "api_key": LLM_KEY,
+                                                          "model": "qwen-plus", "retries": 0}})
+    return config.model_copy(update={"llm": llm_cfg, "resilience": ResilienceConfig(breaker_failures=2,
+                                                                                      breaker_reset_s=600.0)})
+
+
+async def provider_row(token: str, key: str) -> dict:
+    rows = {f"{p['kind']}:{p['provider']}": p for p in (await admin_get(token, "/api/admin/pools"))["providers"]}
+    assert key in rows, list(rows)
+    return rows[key]
+
+
+async def test_a_sessions_breaker_and_calls_on_a_cloud_provider_show_in_the_panel(
+        server, server_config, admin_token, llm_fake, tap, browser):
+    """The breakers that guard voice turns live in the session processes:
+    the panel collects them. A slow call is seen in flight; a 429 storm opens
+    the session's breaker and the panel says `open`, on the API and the page."""
+    sid = new_session_id()
+    actor = create_session_actor(cloud_llm_config(server_config, llm_fake), sid)
+    await actor.ready.remote()
+    key = "llm:openai-compatible"
+    try:
+        async with tap(actor) as t:
+            llm_fake.default = Script.text("Slowly: eighty-four.", first_token_s=3.0)
+            turn = await actor.send_text.remote(QUESTION)
+            row = await wait_for_row(admin_token, key, lambda r: r["in_flight"] > 0)
+            assert row["in_flight"] == 1 and row["role"] is None and row["state"] == "closed", row
+            await t.wait_for(lambda e: e.type == "metrics" and e.turn_id == turn, 60)
+            row = await provider_row(admin_token, key)
+            assert row["in_flight"] == 0 and row["calls"] == 1 and row["failures"] == 0, row
+            assert row["latency_ms"]["mean"] >= 3000 and row["latency_ms"]["n"] == 1, row  # the fake's delay
+
+            llm_fake.default = Script.error(429, "Too many requests")
+            for _ in range(2):
+                turn = await actor.send_text.remote(QUESTION)
+                await t.wait_for(lambda e: e.type == "metrics" and e.turn_id == turn, 60)
+        row = await provider_row(admin_token, key)
+        assert row["state"] == "open" and row["open_in"] == 1, row
+        assert row["calls"] == 3 and row["failures"] == 2 and row["consecutive_failures"] == 2, row
+        assert row["opened"] == 1 and "llm.rate_limited" in row["last_error"], row
+        fallback = next(r for r in (await admin_get(admin_token, "/api/admin/sessions"))["sessions"]
+                        if r["session_id"] == sid)["providers"]
+        assert fallback[key]["state"] == "open", fallback
+        dialogue = fallback["llm:local-dialogue"]  # answered both turns (a tool round and the answer each)
+        assert dialogue["state"] == "closed" and dialogue["calls"] >= 2 and dialogue["failures"] == 0, dialogue
+
+        page = await browser.new_page(viewport={"width": 1360, "height": 1200})
+        try:
+            await _sign_in(page, admin_token)
+            cell = page.locator(f'#providers tr[data-provider="{key}"][data-state="open"] .breaker')
+            await cell.wait_for(timeout=20_000)
+            assert (await cell.inner_text()).startswith("open in 1 of ")
+            assert await page.locator(f'#providers tr[data-provider="{key}"] .in-flight').inner_text() == "0"
+        finally:
+            await page.close()
+    finally:
+        with contextlib.suppress(ray.exceptions.RayActorError):
+            await actor.close.remote()
+        await wait_gone(server_config, sid)
+    # the session is gone, and so is what it reported: the provider is in none of the server's
+    # chains and no live session uses it now, so it has no row
+    rows = {f"{p['kind']}:{p['provider']}" for p in (await admin_get(admin_token, "/api/admin/pools"))["providers"]}
+    assert key not in rows and "llm:local-dialogue" in rows, rows
+
+
+async def wait_for_row(token: str, key: str, ok, timeout_s: float = 20.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        row = await provider_row(token, key)
+        if ok(row):
+            return row
+        assert time.monotonic() < deadline, row
+        await asyncio.sleep(0.2)
 
 
 async def test_config_is_masked(server, admin_token, server_config):
@@ -386,5 +496,63 @@ async def test_panel_in_a_browser_refuses_a_user_and_an_expired_token(browser, a
                           timeout_ms=15_000)
         assert await page.locator("#panel").is_hidden()
         assert await page.evaluate("sessionStorage.length") == 0  # the refused token is not kept
+    finally:
+        await page.close()
+
+
+async def test_panel_logs_in_with_a_password_shows_the_config_a_device_and_forgets_a_session(
+        browser, server_config, user_token, store):
+    """The panel's other paths: the user name / password form (a wrong
+    password refused), the effective configuration with its secrets masked,
+    a session a device owns, and the forget button."""
+    async with httpx.AsyncClient(timeout=30) as http:
+        r = await http.post(f"{BASE}/xiaozhi/ota/", headers={"Device-Id": DEVICE, "Client-Id": DEVICE}, json={})
+    assert r.status_code == 200, r.text
+    ws = r.json()["websocket"]
+    page = await browser.new_page(viewport={"width": 1360, "height": 1500})
+    problems: list[str] = []
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    page.on("dialog", lambda d: asyncio.ensure_future(d.accept()))  # "end this session and delete ...?"
+    try:
+        async with await XiaozhiClient.connect(ws["url"], ws["token"], DEVICE, client_id=DEVICE) as device, \
+                await NativeClient.connect(f"{WS}/ws/voice", user_token) as client:
+            device_sid, sid = device.session_id, client.session_id
+            await client.ask_text("Remember that my locker is number nine.")
+            await page.goto(f"{BASE}/admin")
+            await page.fill("#username", "alice")
+            await page.fill("#password", "not her password")
+            await page.click("#log-in")
+            await wait_for_js(page, "() => document.getElementById('message').textContent.includes('Log in failed')",
+                              timeout_ms=15_000)
+            assert await page.locator("#panel").is_hidden()
+            await page.fill("#password", "wonderland")
+            await page.click("#log-in")
+            await page.locator("#panel").wait_for(timeout=20_000)
+            assert await page.locator("#who").inner_text() == "user:alice"
+            assert await page.evaluate("sessionStorage.length") == 1  # the token this login got, for this tab
+
+            device_row = page.locator(f'#sessions tr[data-session-id="{device_sid}"]')
+            await device_row.wait_for(timeout=20_000)
+            assert f"device:{DEVICE}" in await device_row.inner_text()
+
+            await page.locator("#config-details summary").click()
+            await wait_for_js(page, "() => document.getElementById('config').textContent.length > 100",
+                              timeout_ms=15_000)
+            shown = await page.locator("#config").inner_text()
+            assert await page.locator("#config").is_visible()
+            cfg = json.loads(shown)
+            assert cfg["auth"]["jwt_secret"] == MASK and cfg["llm"]["openai_compat"]["api_key"] == MASK
+            assert cfg["auth"]["device_allowlist"] == [DEVICE]  # not a secret: shown
+            assert not [name for name, value in PLANTED.items() if value in shown]
+
+            row = page.locator(f'#sessions tr[data-session-id="{sid}"]')
+            await row.wait_for(timeout=20_000)
+            assert await store.known(sid)
+            await row.locator("button.forget").click()
+            await row.wait_for(state="detached", timeout=20_000)
+            await wait_closed(client)
+        await wait_gone(server_config, sid)
+        assert not await store.known(sid)
+        assert not problems, problems
     finally:
         await page.close()

@@ -189,6 +189,7 @@ async function loadConfig() {
 function render(data) {
   renderSessions(data.sessions);
   renderPools(data.pools);
+  renderProviders(data.pools.providers || []);
   renderBreakers(data.breakers);
   renderWarm(data.warm_pool);
   renderErrors(data.errors);
@@ -275,11 +276,34 @@ function renderPools(p) {
     .map(([k, v]) => `${k}: ${v.join(" → ")}`).join(" · ");
 }
 
+const breakerClass = (state) => (state === "closed" ? "ok" : state === "open" ? "bad" : state ? "warn" : "muted");
+
+/** Each chain provider, summed over the live sessions (their own breakers and counters). */
+function renderProviders(rows) {
+  $("providers").tBodies[0].replaceChildren(...rows.map((p) => {
+    const lat = p.latency_ms || {};
+    let breaker = p.state || "unused";
+    if (p.open_in) breaker += ` in ${p.open_in} of ${p.sessions}`;
+    else if (p.half_open_in) breaker += ` (half open in ${p.half_open_in})`;
+    return el("tr", { "data-provider": `${p.kind}:${p.provider}`, "data-state": p.state || "unused" },
+      el("td", {}, el("code", { text: `${p.kind}:${p.provider}` })),
+      el("td", { class: "muted", text: p.role || "–" }),
+      el("td", {}, el("span", { class: `breaker ${breakerClass(p.state)}`, text: breaker })),
+      el("td", { text: num(p.sessions) }),
+      el("td", { class: "in-flight", text: num(p.in_flight) }),
+      el("td", { text: num(p.calls) }),
+      el("td", { class: p.failures ? "warn" : null, text: num(p.failures) }),
+      el("td", { text: num(lat.mean) }), el("td", { text: num(lat.p95) }),
+      el("td", { class: "wrap", text: p.last_error || "–" }));
+  }));
+  $("providers-empty").hidden = rows.length > 0;
+}
+
 function renderBreakers(b) {
   const entries = Object.entries(b.breakers || {});
   $("breakers").tBodies[0].replaceChildren(...entries.map(([name, s]) => el("tr", {},
     el("td", {}, el("code", { text: name })),
-    el("td", {}, el("span", { class: s.state === "closed" ? "ok" : s.state === "open" ? "bad" : "warn", text: s.state })),
+    el("td", {}, el("span", { class: breakerClass(s.state), text: s.state })),
     el("td", { text: num(s.consecutive_failures) }), el("td", { text: num(s.opened) }),
     el("td", { class: "wrap", text: s.last_error || "–" }))));
   $("breakers-empty").hidden = entries.length > 0;

@@ -73,6 +73,8 @@ export class Player {
     this.scheduled = []; // {src, start, end, samples, rate}
     this.playedSamples = 0; // output samples (at the chunk's rate) that have actually played
     this.stoppedAt = null;
+    this.lastTurn = null; // the turn of the latest chunk
+    this.gaps = []; // {turn, seconds}: silence inserted inside a turn because its next chunk came late
   }
 
   async unlock() {
@@ -90,8 +92,8 @@ export class Player {
     return this.active > 0;
   }
 
-  /** Schedule one chunk of PCM16 (Int16Array) at `rate` right after the previous one. */
-  enqueue(samples, rate) {
+  /** Schedule one chunk of PCM16 (Int16Array) at `rate` of `turn` right after the previous one. */
+  enqueue(samples, rate, turn = null) {
     if (!this.ctx || samples.length === 0) return;
     const buf = this.ctx.createBuffer(1, samples.length, rate);
     const ch = buf.getChannelData(0);
@@ -101,7 +103,15 @@ export class Player {
     src.connect(this.ctx.destination);
     const now = this.ctx.currentTime;
     // a small lead when (re)starting, then strictly back to back: no gaps, no overlaps
-    if (this.nextTime < now + 0.02) this.nextTime = now + 0.06;
+    if (this.nextTime < now + 0.02) {
+      // the turn's audio ran out before this chunk of it came: an audible gap (an underrun)
+      if (turn !== null && turn === this.lastTurn && this.nextTime > 0) {
+        this.gaps.push({ turn, seconds: now + 0.06 - this.nextTime });
+        if (this.gaps.length > 100) this.gaps.shift();
+      }
+      this.nextTime = now + 0.06;
+    }
+    this.lastTurn = turn;
     const start = this.nextTime;
     src.start(start);
     const item = { src, start, end: start + buf.duration, samples: samples.length, rate };

@@ -3,10 +3,9 @@
 // (docs/protocol.md); no build step, no dependencies.
 
 import { Capture, MicDeniedError, Player, INPUT_RATE, FRAME_MS } from "./audio.js";
+import { createTestHook } from "./test-hook.js";
 
 const OUTPUT_RATE = 24000;
-const KEEP_PCM_SECONDS = 120; // the test hook keeps at most this much received audio
-const KEEP_EVENTS = 2000;
 const $ = (id) => document.getElementById(id);
 const store = window.sessionStorage;
 
@@ -34,63 +33,8 @@ const player = new Player();
 const capture = new Capture(onMicFrame);
 
 // ------------------------------------------------------------------ test hook
-// Read-only views for the browser test; the only action drops this page's own socket.
-const pcmKeep = { samples: 0 };
-const voiceTest = {
-  events: [],
-  receivedPcm: [], // Int16Array chunks of reply audio, in arrival order
-  receivedTurns: [], // the turn id of each chunk
-  sentFrames: 0,
-  sent: [], // JSON messages this page sent
-  stops: [], // local playback stops: {reason, stopped, at}
-  droppedChunks: 0, // audio of an interrupted turn that arrived after the stop
-  hellos: [],
-  get playedSamples() {
-    return player.played;
-  },
-  get activeSources() {
-    return player.active;
-  },
-  get state() {
-    return {
-      connected: state.open,
-      sessionId: state.sessionId,
-      mode: state.mode,
-      outputRate: state.outputRate,
-      audioContext: player.ctx ? player.ctx.state : "none",
-      loggedIn: !!state.token,
-    };
-  },
-  turnPcm(turnId) {
-    const parts = voiceTest.receivedPcm.filter((_, i) => voiceTest.receivedTurns[i] === turnId);
-    const out = new Int16Array(parts.reduce((n, p) => n + p.length, 0));
-    let at = 0;
-    for (const p of parts) {
-      out.set(p, at);
-      at += p.length;
-    }
-    return out;
-  },
-  dropSocket() {
-    if (state.ws) state.ws.close(4000, "test.drop");
-  },
-};
-window.voiceTest = voiceTest;
-
-function record(msg) {
-  voiceTest.events.push(msg);
-  if (voiceTest.events.length > KEEP_EVENTS) voiceTest.events.splice(0, voiceTest.events.length - KEEP_EVENTS);
-}
-
-function keepPcm(turnId, samples) {
-  voiceTest.receivedPcm.push(samples);
-  voiceTest.receivedTurns.push(turnId);
-  pcmKeep.samples += samples.length;
-  while (pcmKeep.samples > KEEP_PCM_SECONDS * state.outputRate && voiceTest.receivedPcm.length > 1) {
-    pcmKeep.samples -= voiceTest.receivedPcm.shift().length;
-    voiceTest.receivedTurns.shift();
-  }
-}
+// Recordings for the browser tests, only on a page opened with ?test=1 (web/test-hook.js).
+const hook = createTestHook({ player, state });
 
 // ------------------------------------------------------------------ UI helpers
 function notice(text, kind = "info") {
@@ -405,8 +349,7 @@ function disconnect(show = true) {
 function send(obj) {
   if (state.ws && state.open) {
     state.ws.send(JSON.stringify(obj));
-    voiceTest.sent.push(obj);
-    if (voiceTest.sent.length > KEEP_EVENTS) voiceTest.sent.shift();
+    hook.sent(obj);
     return true;
   }
   return false;
@@ -422,15 +365,14 @@ function updateButtons() {
 function stopPlayback(reason) {
   if (state.lastAudioTurn !== null) state.cutTurns.add(state.lastAudioTurn);
   const n = player.stopAll();
-  voiceTest.stops.push({ reason, stopped: n, turn: state.lastAudioTurn, at: performance.now() });
-  if (voiceTest.stops.length > 100) voiceTest.stops.shift();
+  hook.stop({ reason, stopped: n, turn: state.lastAudioTurn, at: performance.now() });
 }
 
 function onEvent(msg, wasReconnecting) {
-  record(msg);
+  hook.event(msg);
   const t = msg.type;
   if (t === "hello") {
-    voiceTest.hellos.push(msg);
+    hook.hello(msg);
     state.open = true;
     state.sessionId = msg.session_id;
     store.setItem("va.session", msg.session_id);
@@ -523,13 +465,13 @@ function onAudio(buf) {
   if (head.getUint8(0) !== 0x56 || head.getUint8(1) !== 0x41 || head.getUint8(3) !== 1) return; // "VA", PCM16
   const turnId = head.getUint32(4, false);
   if (state.cutTurns.has(turnId)) {
-    voiceTest.droppedChunks += 1; // interrupted here: never play its tail
+    hook.dropped(); // interrupted here: never play its tail
     return;
   }
   const samples = new Int16Array(buf.slice(12, 12 + ((buf.byteLength - 12) & ~1)));
-  keepPcm(turnId, samples);
+  hook.audio(turnId, samples);
   state.lastAudioTurn = turnId;
-  player.enqueue(samples, state.outputRate);
+  player.enqueue(samples, state.outputRate, turnId);
 }
 
 // ------------------------------------------------------------------ microphone
@@ -537,11 +479,12 @@ function onMicFrame(frame) {
   const sending = state.mode === "handsfree" || (state.mode === "ptt" && state.pttDown);
   if (sending && state.ws && state.open) {
     state.ws.send(frame);
-    voiceTest.sentFrames += 1;
+    hook.frame();
   }
   const s = new Int16Array(frame);
   let peak = 0;
   for (let i = 0; i < s.length; i += 4) peak = Math.max(peak, Math.abs(s[i]));
+  hook.micPeak(peak);
   $("mic-level").firstElementChild.style.width = `${Math.min(100, (peak / 32768) * 160)}%`;
 }
 

@@ -6,9 +6,12 @@ and does, behind the admin routes of `VoiceIngress` (serve_app.py, section
   `sessions:directory` actor's live places plus the actors themselves), each
   with its own `stats()`: owner, persona, state, turns, age, node. A
   session's transcript comes from its live actor, else the history store.
-- Provider pools on every node (`pool_handles`), this replica's circuit
-  breakers, the warm pool (this replica's figures, and the unclaimed session
-  actors cluster-wide).
+- Provider pools on every node (`pool_handles`); every provider of the
+  failover chains as the live sessions use it (`provider_rows`: each session
+  actor reports its own breakers and call counters in `stats()`, summed
+  here), cloud providers and fallbacks included; this replica's circuit
+  breakers (its HTTP audio routes); the warm pool (this replica's figures,
+  and the unclaimed session actors cluster-wide).
 - Recent errors and turn latencies: bounded buffers in this replica's
   `IngressMetrics`, fed by the events it relays (`observe`). Error codes and
   their messages only, never what a user said.
@@ -253,6 +256,7 @@ class AdminPanel:
                 "created": created, "node_id": stats.get("node_id"), "pid": stats.get("pid"),
                 "clients": stats.get("subscribers", 0), "history_messages": stats.get("history_messages", 0),
                 "live": True, "warm": owner is None and turns == 0 and not stats.get("subscribers"),
+                "providers": stats.get("providers") or {},
             }
 
         rows = [r for r in await asyncio.gather(*(row(s) for s in sorted(set(places) | actor_ids))) if r]
@@ -310,8 +314,18 @@ class AdminPanel:
         return {"session_id": session_id, "ended": actor is not None, "history_deleted": forget}
 
     # ------------------------------------------------------------ providers
-    async def pools(self) -> dict[str, Any]:
-        """Every node's pool for each pooled provider, with its figures."""
+    async def pools(self, sessions: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Every node's pool for each pooled provider, with its figures, and
+        every provider as the live sessions use it (`sessions`: a
+        `list_sessions()` answer, fetched when not given)."""
+        if sessions is None:
+            sessions, pooled = await asyncio.gather(self.list_sessions(), self._pooled())
+        else:
+            pooled = await self._pooled()
+        chains = self._chains()
+        return {"pools": pooled, "chains": chains, "providers": provider_rows(chains, sessions["sessions"])}
+
+    async def _pooled(self) -> list[dict[str, Any]]:
         from actors.pools import pool_handles, pooled_providers
 
         async def node(node_id: str, handle: Any) -> dict[str, Any]:
@@ -335,7 +349,7 @@ class AdminPanel:
             out.append({"kind": kind, "provider": provider, "ok": bool(nodes) and all(n["ok"] for n in nodes),
                         "nodes": nodes,
                         **{k: sum(n.get(k, 0) for n in nodes) for k in ("calls", "failures", "in_flight")}})
-        return {"pools": out, "chains": self._chains()}
+        return out
 
     def _chains(self) -> dict[str, list[str]]:
         c = self.config
@@ -343,8 +357,9 @@ class AdminPanel:
 
     @staticmethod
     def breakers() -> dict[str, Any]:
-        """This replica's breakers (its HTTP audio routes); each session
-        process has its own, reported in its `provider.failover` errors."""
+        """This replica's breakers (its HTTP audio routes). Each session
+        process has its own, which guard its turns: summed per provider in
+        `pools()["providers"]`."""
         from actors.providers.adapters.breaker import breaker_states
 
         return {"scope": "this ingress replica", "breakers": breaker_states()}
@@ -369,6 +384,55 @@ class AdminPanel:
     async def overview(self) -> dict[str, Any]:
         """Everything the panel's refresh needs in one call (one request
         against the caller's rate limit instead of six)."""
-        sessions, pools = await asyncio.gather(self.list_sessions(), self.pools())
+        sessions = await self.list_sessions()
+        pools = await self.pools(sessions)
         return {"time": time.time(), "sessions": sessions, "pools": pools, "breakers": self.breakers(),
                 "warm_pool": await self.warm_pool(sessions), "errors": self.errors(), "series": self.series()}
+
+
+# ------------------------------------------------------------------ providers, summed over sessions
+BREAKER_ORDER = {"closed": 0, "half_open": 1, "open": 2}
+
+
+def provider_rows(chains: dict[str, list[str]], sessions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per provider: every link of the configured chains (`role`
+    primary / fallback), then any other a live session reports. Each live
+    session's own breaker and counters (`stats()["providers"]`) summed:
+    `state` is the worst breaker (None: no session reported it), `open_in`
+    how many sessions have it open; in flight, calls and failures add up;
+    `latency_ms.mean` over every call, `p95` the worst session's."""
+    rows: dict[str, dict[str, Any]] = {}
+
+    def row(kind: str, provider: str, role: str | None) -> dict[str, Any]:
+        return {"kind": kind, "provider": provider, "role": role, "state": None, "sessions": 0, "open_in": 0,
+                "half_open_in": 0, "consecutive_failures": 0, "opened": 0, "last_error": None,
+                "calls": 0, "in_flight": 0, "failures": 0, "latency_ms": {"mean": None, "p95": None, "n": 0}}
+
+    for kind, names in chains.items():
+        for i, name in enumerate(names):
+            rows.setdefault(f"{kind}:{name}", row(kind, name, "primary" if i == 0 else "fallback"))
+    total_ms: dict[str, float] = {}
+    for session in sessions:
+        for key, p in (session.get("providers") or {}).items():
+            kind, _, name = key.partition(":")
+            r = rows.setdefault(key, row(kind, name, None))
+            r["sessions"] += 1
+            state = p.get("state")
+            if state in BREAKER_ORDER and BREAKER_ORDER[state] >= BREAKER_ORDER.get(r["state"], -1):
+                r["state"] = state
+                r["last_error"] = p.get("last_error") or r["last_error"]
+            r["open_in"] += state == "open"
+            r["half_open_in"] += state == "half_open"
+            r["consecutive_failures"] = max(r["consecutive_failures"], p.get("consecutive_failures") or 0)
+            for k in ("opened", "calls", "in_flight", "failures"):
+                r[k] += p.get(k) or 0
+            lat = p.get("latency_ms") or {}
+            n = lat.get("n") or 0
+            if n and lat.get("mean") is not None:
+                total_ms[key] = total_ms.get(key, 0.0) + lat["mean"] * n
+                r["latency_ms"]["n"] += n
+            if lat.get("p95") is not None:
+                r["latency_ms"]["p95"] = max(r["latency_ms"]["p95"] or 0.0, lat["p95"])
+    for key, ms in total_ms.items():
+        rows[key]["latency_ms"]["mean"] = round(ms / rows[key]["latency_ms"]["n"], 1)
+    return list(rows.values())

@@ -20,6 +20,7 @@ from contextlib import aclosing
 from typing import Any, Generic, TypeVar
 
 from actors.providers.adapters.breaker import CircuitBreaker, breaker_for
+from actors.providers.adapters.usage import ProviderUsage, usage_for
 from actors.providers.base import (
     LLM,
     STT,
@@ -52,11 +53,14 @@ def describe(error: BaseException) -> str:
 class Link(Generic[P]):
     """One provider of a chain, built on first use."""
 
-    def __init__(self, name: str, make: Callable[[], P], breaker: CircuitBreaker) -> None:
+    def __init__(self, name: str, make: Callable[[], P], breaker: CircuitBreaker,
+                 usage: ProviderUsage | None = None) -> None:
         self.name = name
         self._make = make
         self._provider: P | None = None
         self.breaker = breaker
+        self.usage = usage or ProviderUsage()
+        """Calls, in flight, failures, durations: this process's, for the control panel."""
 
     @property
     def provider(self) -> P:
@@ -93,9 +97,21 @@ class Chain(Generic[P]):
             if link is not self.links[0]:
                 self._announce(link, skipped)
             tried = True
-            yield link
+            yield from self._in_use(link)
         if not tried:
-            yield from self.links[start:]
+            for link in self.links[start:]:
+                yield from self._in_use(link)
+
+    @staticmethod
+    def _in_use(link: Link[P]) -> Iterator[Link[P]]:
+        """The link, counted in flight until its caller asks for the next one
+        or drops the attempts (a return, an error, a cancelled stream: the
+        generator is closed and `finally` runs)."""
+        started = link.usage.begin()
+        try:
+            yield link
+        finally:
+            link.usage.end(started)
 
     def _announce(self, link: Link[P], skipped: list[str]) -> None:
         words = STAGE_WORDS.get(self.kind, self.kind)
@@ -123,6 +139,7 @@ class Chain(Generic[P]):
         """Counted against its breaker and logged with the traceback; said to
         the listener when (and if) the next provider takes over."""
         why = describe(error)
+        link.usage.failure()
         if link.breaker.failure(why):
             log.warning("%s provider %s: circuit opened after repeated failures (last: %s)", self.kind, link.name, why)
         log.warning("%s provider %s failed: %s", self.kind, link.name, why,
@@ -159,7 +176,7 @@ class Chain(Generic[P]):
 def build_chain(kind: str, names: list[str], make: Callable[[str], Any], resilience: Any) -> Chain[Any]:
     """A chain of the named providers, each behind this process's breaker for it."""
     links = [Link(name, (lambda n=name: make(n)), breaker_for(kind, name, resilience.breaker_failures,
-                                                              resilience.breaker_reset_s))
+                                                              resilience.breaker_reset_s), usage_for(kind, name))
              for name in names]
     links[0].provider  # the primary is built now, as a lone provider would be: not by the first reply
     return Chain(kind, links)
@@ -261,6 +278,7 @@ class _FallbackSTTStream(STTStreamSession):
                 async for event in stream.events():
                     if event.kind == "end":
                         self._chain.succeeded(link)
+                        self._attempts.close()  # its call ends here, not when the stream is dropped
                     yield event
                     if event.kind == "end":
                         return
@@ -276,6 +294,7 @@ class _FallbackSTTStream(STTStreamSession):
 
     async def cancel(self) -> None:
         self._cancelled = True
+        self._attempts.close()
         if self._stream is not None:
             await self._stream.cancel()
 
