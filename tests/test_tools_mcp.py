@@ -385,18 +385,24 @@ async def test_end_conversation_ends_the_session_after_the_goodbye() -> None:
     assert core.closed
 
 
-async def test_a_reminder_is_spoken_by_the_session() -> None:
+def _speaking_session(session_id: str) -> tuple[Any, asyncio.Queue[Any]]:
+    """A started SessionCore on silent providers, and its event queue."""
     from actors.config import load_config
-    from actors.events import TTSSentence
     from actors.providers import build_vad
     from actors.session_core import SessionCore
     from actors.tts import OutputPrefs
 
     config = load_config(env={"VOICE_ACTORS__SESSION__HISTORY_DB": ""})
-    core = SessionCore("sess-remind", config, vad=build_vad(config), stt=_SilentTTS(),  # type: ignore[arg-type]
+    core = SessionCore(session_id, config, vad=build_vad(config), stt=_SilentTTS(),  # type: ignore[arg-type]
                        llm=ScriptLLM(lambda m, t: "ok"), tts=_SilentTTS())
     core.start()
-    events = core.subscribe(OutputPrefs(pace=False))
+    return core, core.subscribe(OutputPrefs(pace=False))
+
+
+async def test_a_reminder_is_spoken_by_the_session() -> None:
+    from actors.events import TTSSentence
+
+    core, events = _speaking_session("sess-remind")
     out = json.loads(await core.tools.run(ToolCall(id="r", name="set_reminder",
                                                    arguments={"message": "stretch", "in_seconds": 1})))
     assert out["scheduled"]
@@ -409,17 +415,9 @@ async def test_a_reminder_is_spoken_by_the_session() -> None:
 async def test_a_timer_is_spoken_by_the_session_and_shares_the_reminders_cap() -> None:
     """Timers once bypassed the cap (30 of 30 one-hour timers were taken)."""
     from actors.agent.tools import MAX_PENDING_REMINDERS
-    from actors.config import load_config
     from actors.events import TTSSentence
-    from actors.providers import build_vad
-    from actors.session_core import SessionCore
-    from actors.tts import OutputPrefs
 
-    config = load_config(env={"VOICE_ACTORS__SESSION__HISTORY_DB": ""})
-    core = SessionCore("sess-timer", config, vad=build_vad(config), stt=_SilentTTS(),  # type: ignore[arg-type]
-                       llm=ScriptLLM(lambda m, t: "ok"), tts=_SilentTTS())
-    core.start()
-    events = core.subscribe(OutputPrefs(pace=False))
+    core, events = _speaking_session("sess-timer")
 
     async def set_timer(seconds: float, label: str) -> dict[str, Any]:
         return json.loads(await core.tools.run(ToolCall(id="t", name="set_timer",
