@@ -186,3 +186,25 @@ def run_ingress(config: Any, name: str) -> Iterator[str]:
     serve.run(build_app(config), name=name, route_prefix="/")
     yield f"http://127.0.0.1:{INGRESS_PORT}"
     serve.delete(name)
+
+
+# ------------------------------------------------------------------ browser pages (tests/browser.py)
+@pytest.fixture(scope="module")
+def chromium_path() -> str:
+    from tests.browser import find_chromium
+
+    return find_chromium()
+
+
+@pytest.fixture
+async def page(browser):
+    """A fresh context and page on the module's own `browser` fixture; the
+    test fails if the page threw."""
+    context = await browser.new_context(viewport={"width": 900, "height": 860})
+    pg = await context.new_page()
+    pg.set_default_timeout(30_000)
+    errors: list[str] = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    yield pg
+    await context.close()
+    assert not errors, f"page errors: {errors}"

@@ -27,7 +27,7 @@ from pydantic import SecretStr
 from actors.audio import silence, write_wav
 from actors.config import UserConfig
 from actors.ingress.auth import hash_password
-from tests.browser import find_chromium, wait_for_js
+from tests.browser import wait_for_js
 from tests.conftest import run_ingress
 from tests.fakes.dashscope_server import AsrScript, FakeDashScope, TtsScript
 from tests.fakes.openai_server import FakeOpenAIServer, Script
@@ -109,23 +109,6 @@ async def browser(chromium_path, question_wav, server):
             yield b
         finally:
             await b.close()
-
-
-@pytest.fixture(scope="module")
-def chromium_path() -> str:
-    return find_chromium()
-
-
-@pytest.fixture
-async def page(browser):
-    context = await browser.new_context(viewport={"width": 900, "height": 860})
-    pg = await context.new_page()
-    pg.set_default_timeout(30_000)
-    errors: list[str] = []
-    pg.on("pageerror", lambda e: errors.append(str(e)))
-    yield pg
-    await context.close()
-    assert not errors, f"page errors: {errors}"
 
 
 def pitch_hz(pcm: np.ndarray, rate: int) -> float:

@@ -18,9 +18,9 @@ from tests.conftest import INGRESS_PORT
 from tests.test_web_page import BASE, PASSWORD, QUESTION, USER, _args, sign_in
 
 # test_web_page's fixtures, bound here so that pytest finds them for this module too (its own server)
-web_config, server, auth, chromium_path, playwright_driver, question_wav, browser, page = (
-    web.web_config, web.server, web.auth, web.chromium_path, web.playwright_driver, web.question_wav,
-    web.browser, web.page)
+# (chromium_path and page come from conftest.py)
+web_config, server, auth, playwright_driver, question_wav, browser = (
+    web.web_config, web.server, web.auth, web.playwright_driver, web.question_wav, web.browser)
 
 
 # ------------------------------------------------------------------ the page and its files

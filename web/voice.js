@@ -514,6 +514,9 @@ async function setMode(mode) {
 function pttStart(ev) {
   ev.preventDefault();
   if (state.mode !== "ptt" || state.pttDown) return;
+  // Captured, the press lasts until the finger or button is lifted: a layout
+  // shift under a still pointer (a transcript line appearing) used to end it.
+  if (ev.pointerId !== undefined) ev.currentTarget.setPointerCapture(ev.pointerId);
   state.pttDown = true;
   $("ptt").classList.add("down");
   stopPlayback("ptt");
@@ -579,7 +582,7 @@ function init() {
   const ptt = $("ptt");
   ptt.addEventListener("pointerdown", pttStart);
   ptt.addEventListener("pointerup", pttStop);
-  ptt.addEventListener("pointerleave", pttStop);
+  ptt.addEventListener("lostpointercapture", pttStop);
   ptt.addEventListener("pointercancel", pttStop);
   ptt.addEventListener("keydown", (e) => (e.key === " " || e.key === "Enter") && !e.repeat && pttStart(e));
   ptt.addEventListener("keyup", (e) => (e.key === " " || e.key === "Enter") && pttStop());
