@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import tempfile
 import time
-from pathlib import Path
 
-from bench.run import PORT, build_config
-from bench.soak import memory_by_kind
+from bench.run import PORT
+from bench.soak import memory_by_kind, server_config, start_ray
 
 SHOWN = ("VoiceIngress", "ProxyActor", "SessionDirectory", "ServeController", "gcs_server", "raylet",
          "DashboardAgent")
@@ -42,20 +40,10 @@ async def churn(opts: argparse.Namespace) -> None:
     from actors.client import NativeClient
     from actors.ingress.auth import Authenticator
     from actors.pools import ensure_pools
-    from actors.runtime import RAY_SYSTEM_CONFIG
     from serve_app import build_app
 
-    config = build_config(argparse.Namespace(mode="fake", sessions=[4], uplink_batch_ms=120, no_preemptive=False,
-                                             no_decode_at_pause=False, fakes=None))
-    store = Path(tempfile.mkdtemp(prefix="va-churn-"))
-    config = config.model_copy(update={
-        "server": config.server.model_copy(update={"namespace": "voice-actors-churn"}),
-        "session": config.session.model_copy(update={"orphan_timeout_s": opts.orphan_timeout_s,
-                                                     "history_db": str(store / "history.sqlite3")}),
-        "memory": config.memory.model_copy(update={"url": f"sqlite:///{store / 'memory.sqlite3'}"})})
-    ray.init(address="local", include_dashboard=False, namespace="voice-actors-churn", log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}},
-             _system_config=RAY_SYSTEM_CONFIG)
+    config = server_config("fake", 4, "voice-actors-churn", opts.orphan_timeout_s)
+    start_ray(config.server.namespace)
     try:
         ensure_pools(config)
         serve.start(http_options={"host": "127.0.0.1", "port": opts.port})

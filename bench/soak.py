@@ -371,6 +371,33 @@ def plot(rows: list[dict[str, Any]], summary: dict[str, Any], path: Path) -> Non
     fig.savefig(path, dpi=100)
 
 
+# ------------------------------------------------------------------ the server under test
+def server_config(mode: str, sessions: int, namespace: str, orphan_timeout_s: float) -> Any:
+    """bench/run.py's config in a namespace of its own, with its stores in a
+    temporary directory (not the project's data/: a soak writes thousands of
+    turns) and the orphan timeout given."""
+    bench_opts = argparse.Namespace(mode=mode, sessions=[sessions], uplink_batch_ms=120,
+                                    no_preemptive=False, no_decode_at_pause=False, fakes=None)
+    config = build_config(bench_opts)
+    store = Path(tempfile.mkdtemp(prefix=f"{namespace}-"))
+    return config.model_copy(update={
+        "server": config.server.model_copy(update={"namespace": namespace}),
+        "session": config.session.model_copy(update={"orphan_timeout_s": orphan_timeout_s,
+                                                     "history_db": str(store / "history.sqlite3")}),
+        "memory": config.memory.model_copy(update={"url": f"sqlite:///{store / 'memory.sqlite3'}"})})
+
+
+def start_ray(namespace: str) -> None:
+    """A Ray of this process's own, with the server's settings (actors/runtime.py)."""
+    import ray
+
+    from actors.runtime import RAY_SYSTEM_CONFIG
+
+    ray.init(address="local", include_dashboard=False, namespace=namespace, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}},
+             _system_config=RAY_SYSTEM_CONFIG)
+
+
 # ------------------------------------------------------------------ orchestration
 async def soak(opts: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     import ray
@@ -379,25 +406,14 @@ async def soak(opts: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str
     from actors.audio import silence
     from actors.ingress.auth import Authenticator
     from actors.pools import ensure_pools
-    from actors.runtime import RAY_SYSTEM_CONFIG
     from bench.run import speech_fixture
     from serve_app import build_app
 
-    bench_opts = argparse.Namespace(mode=opts.mode, sessions=[opts.sessions], uplink_batch_ms=120,
-                                    no_preemptive=False, no_decode_at_pause=False, fakes=None)
-    config = build_config(bench_opts)
-    store = Path(tempfile.mkdtemp(prefix="va-soak-"))  # not the project's data/: a soak writes thousands of turns
-    config = config.model_copy(update={
-        "server": config.server.model_copy(update={"namespace": "voice-actors-soak"}),
-        "session": config.session.model_copy(update={"orphan_timeout_s": opts.orphan_timeout_s,
-                                                     "history_db": str(store / "history.sqlite3")}),
-        "memory": config.memory.model_copy(update={"url": f"sqlite:///{store / 'memory.sqlite3'}"})})
+    config = server_config(opts.mode, opts.sessions, "voice-actors-soak", opts.orphan_timeout_s)
     namespace = config.server.namespace
     started = time.monotonic()
     print(f"[soak] starting Ray and Serve ({opts.mode} providers) on 127.0.0.1:{opts.port}...", flush=True)
-    ray.init(address="local", include_dashboard=False, namespace=namespace, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}},
-             _system_config=RAY_SYSTEM_CONFIG)
+    start_ray(namespace)
     try:
         ensure_pools(config)
         serve.start(http_options={"host": "127.0.0.1", "port": opts.port})
