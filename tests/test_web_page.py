@@ -55,15 +55,22 @@ LONG_QUESTION = "Tell me about the Mona Lisa."
 SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "voice-page.png"
 
 
-@pytest.fixture(scope="module")
-def web_config(config):
+def page_user_and_limits(config, tag: str):
+    """The auth section with the browser tests' user (and secrets of `tag`'s
+    own), and limits a page's many short sessions stay inside."""
     auth = config.auth.model_copy(update={
-        "jwt_secret": SecretStr("web-test-jwt-secret-0123456789abcdef"),
-        "device_secret": SecretStr("web-test-device-secret-0123456789ab"),
+        "jwt_secret": SecretStr(f"{tag}-jwt-secret-0123456789abcdef"),
+        "device_secret": SecretStr(f"{tag}-device-secret-0123456789ab"),
         "users": {USER: UserConfig(password_hash=hash_password(PASSWORD, iterations=1000))},
     })
     limits = config.limits.model_copy(update={"requests_per_minute": 600, "burst": 60,
                                               "max_live_sessions_per_principal": 64})
+    return auth, limits
+
+
+@pytest.fixture(scope="module")
+def web_config(config):
+    auth, limits = page_user_and_limits(config, "web-test")
     # partial transcripts while the user speaks, so the page's `stt.partial` view is exercised: a
     # re-decode every 400 ms, none cancelled by the word gaps of the question (decode_at_pause),
     # and 1.5 s of silence before the end of speech, so that on a busy machine, where one decode

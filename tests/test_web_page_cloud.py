@@ -22,22 +22,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from pydantic import SecretStr
 
 from actors.audio import silence, write_wav
-from actors.config import UserConfig
-from actors.ingress.auth import hash_password
 from tests.browser import wait_for_js
 from tests.conftest import run_ingress
 from tests.fakes.dashscope_server import AsrScript, FakeDashScope, TtsScript
 from tests.fakes.openai_server import FakeOpenAIServer, Script
 from tests.test_web_page import (
-    PASSWORD,
-    USER,
     _args,
     connect,
     dbfs,
     events,
+    page_user_and_limits,
     sign_in,
     text_of,
     turn_pcm,
@@ -75,13 +71,7 @@ def cloud_web_config(config, fakes):
     llm_cfg = LLMConfig.model_validate({**config.llm.model_dump(), "provider": "openai-compatible", "fallback": [],
                                         "openai_compat": {"base_url": llm.base_url, "api_key": KEY,
                                                           "model": "qwen-plus"}})
-    auth = config.auth.model_copy(update={
-        "jwt_secret": SecretStr("web-cloud-jwt-secret-0123456789abcdef"),
-        "device_secret": SecretStr("web-cloud-device-secret-0123456789a"),
-        "users": {USER: UserConfig(password_hash=hash_password(PASSWORD, iterations=1000))},
-    })
-    limits = config.limits.model_copy(update={"requests_per_minute": 600, "burst": 60,
-                                              "max_live_sessions_per_principal": 64})
+    auth, limits = page_user_and_limits(config, "web-cloud")
     return config.model_copy(update={"stt": stt, "tts": tts, "llm": llm_cfg, "auth": auth, "limits": limits})
 
 
