@@ -229,7 +229,7 @@ class VoiceIngress:
             return await self.store.owner_of(session_id) == principal.key
         from actors.sessions import find_session
 
-        actor = find_session(self.config, session_id)
+        actor = await find_session(self.config, session_id, self.sessions.directory)
         return actor is not None and await actor.claim.remote(principal.key)
 
     async def _open(self, session_id: str | None, principal: Principal,
@@ -254,28 +254,27 @@ class VoiceIngress:
 
         owner = principal.key
         if alias is not None:
-            sid, actor, resumed = await self.sessions.open_alias(alias)
+            actor, resumed = await self.sessions.open_alias(alias)
         elif session_id:
             if not await self._owned(session_id, principal):
                 raise SessionNotFound(session_id)
-            sid, actor = await asyncio.to_thread(self.sessions.open, session_id)
-            resumed = True
+            actor, resumed = await self.sessions.open(session_id), True
         else:
-            sid, actor = await asyncio.to_thread(self.sessions.open, None)
-            resumed = False
+            actor, resumed = await self.sessions.open(None), False
+        sid = actor.session_id
         limits = self.config.limits
         refused = await self.sessions.directory.admit.remote(
             sid, owner, limits.max_live_sessions_per_principal, limits.max_live_sessions_per_node)
         if refused is not None:
             if not resumed and alias is None:
-                ray.kill(actor)  # a fresh warm actor nobody may have: the pool makes another
+                actor.close.remote()  # a fresh warm session nobody may have: its actor goes back to the spares
             raise LimitError(refused)
         try:
             claimed = await actor.claim.remote(owner)
-        except ray.exceptions.RayActorError:  # it died since it was handed out: once more, cold
+        except ray.exceptions.RayActorError:  # it died or ended since it was handed out: once more
             await self.sessions.directory.release.remote(sid)
             if alias is not None or session_id:
-                sid, actor = await asyncio.to_thread(self.sessions.open, sid)
+                actor = await self.sessions.open(sid)
             else:
                 return await self._open_owned(None, principal)
             claimed = await actor.claim.remote(owner)
@@ -287,7 +286,8 @@ class VoiceIngress:
         """The live actor of a session the caller owns, else session.not_found."""
         from actors.sessions import find_session
 
-        actor = find_session(self.config, session_id) if await self._owned(session_id, principal) else None
+        owned = await self._owned(session_id, principal)
+        actor = await find_session(self.config, session_id, self.sessions.directory) if owned else None
         if actor is None:
             raise SessionNotFound(session_id)
         return actor
@@ -342,6 +342,10 @@ class VoiceIngress:
             checks["store"] = {"ok": True}
         except Exception as e:
             checks["store"] = {"ok": False, "error": type(e).__name__}
+        try:  # the directory finds every session: without it no session can be opened or resumed
+            checks["sessions"] = {"ok": True, **await asyncio.wait_for(self.sessions.directory.describe.remote(), 5.0)}
+        except Exception as e:
+            checks["sessions"] = {"ok": False, "error": type(e).__name__}
         ok = all(c["ok"] for c in checks.values())
         from actors.providers.adapters.breaker import breaker_states
 
@@ -638,7 +642,7 @@ class VoiceIngress:
         p = self._principal(request)
         if not _valid_session_id(session_id) or not await self._owned(session_id, p):
             return {"session_id": session_id, "valid": False}
-        actor = find_session(self.config, session_id)
+        actor = await find_session(self.config, session_id, self.sessions.directory)
         if actor is None:
             assert self.store is not None  # without a store, owned implies live
             history, _ = await self.store.load(session_id)
@@ -660,7 +664,7 @@ class VoiceIngress:
         """End the session if it is live and delete its stored conversation."""
         from actors.sessions import find_session
 
-        actor = find_session(self.config, session_id)
+        actor = await find_session(self.config, session_id, self.sessions.directory)
         if actor is not None:
             await self._end(actor, forget=True)
         if self.store is not None:

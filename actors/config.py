@@ -64,6 +64,13 @@ class ServerConfig(_Section):
     """Ray namespace holding every named session and pool actor."""
     warm_sessions: int = Field(2, ge=0, le=64)
     """Idle session actors started ahead so a new session is ready in ms."""
+    spare_sessions: int = Field(8, ge=0, le=64)
+    """Session actors kept, idle, after their session ended, to host later
+    sessions (the warm pool takes them before starting new ones): a new Ray
+    actor per session costs the long-lived processes memory they never give
+    back (docs/reliability.md). Each spare is an idle process (~90 MB) until
+    it is reused; they do not expire. Set it near the number of sessions
+    that can end at once at your busiest."""
     drain_grace_s: float = Field(5.0, ge=0, le=60)
     """When an ingress replica is shut down (`serve deploy` of a new version,
     scale-down, `serve.delete`), a reply in flight on one of its sockets may

@@ -35,8 +35,15 @@ import ray
 
 from actors.audio import read_wav, silence, split_frames
 from actors.config import AppConfig, load_config
+from actors.session_ref import SessionRef
 from actors.sessions import (
-    TurnResult, TurnResults, collect_turn, collect_turns, create_session_actor, new_session_id, send_recording,
+    TurnResult,
+    TurnResults,
+    collect_turn,
+    collect_turns,
+    new_session_id,
+    open_session,
+    send_recording,
 )
 
 T = TypeVar("T")
@@ -49,10 +56,11 @@ default) sees its last utterance end even when the file stops mid-breath."""
 
 
 class SessionHandle:
-    """One session actor (`session:<id>` in the config's namespace): the same
-    actor a device or the ingress may be talking to, with its history."""
+    """One session (in the config's namespace), on the actor hosting it: the
+    same session a device or the ingress may be talking to, with its history.
+    `actor` works like a Ray actor handle (`session.actor.history.remote()`)."""
 
-    def __init__(self, session_id: str, actor: ray.actor.ActorHandle) -> None:
+    def __init__(self, session_id: str, actor: SessionRef) -> None:
         self.session_id = session_id
         self.actor = actor
 
@@ -66,10 +74,7 @@ class SessionHandle:
         conversation), else start a new one; → once the actor is ready."""
         config = config or await asyncio.to_thread(load_config)
         sid = session_id or new_session_id()
-        # naming an actor is a blocking round trip to Ray's control store: keep it off the loop
-        actor = await asyncio.to_thread(create_session_actor, config, sid)
-        await actor.ready.remote()
-        return cls(sid, actor)
+        return cls(sid, await open_session(config, sid))
 
     @classmethod
     def open(cls, session_id: str | None = None, config: AppConfig | None = None) -> SessionHandle:

@@ -125,6 +125,7 @@ def get_pool(kind: PoolKind, provider: str, config: AppConfig,
         name=pool_name(kind, provider, node_id), namespace=config.server.namespace, lifetime="detached",
         get_if_exists=True, num_cpus=pool_cfg.num_cpus,
         max_concurrency=max(100, pool_cfg.max_concurrency * 4),
+        enable_task_events=False,  # calls every turn: no GCS record of each (actors/runtime.py)
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=True),
     ).remote(kind, provider, config)
 

@@ -11,12 +11,17 @@ from actors.config import AppConfig
 
 log = logging.getLogger(__name__)
 
-RAY_SYSTEM_CONFIG: dict[str, int] = {"maximum_gcs_destroyed_actor_cached_count": 200}
+RAY_SYSTEM_CONFIG: dict[str, int] = {"maximum_gcs_destroyed_actor_cached_count": 200,
+                                     "task_events_max_num_task_in_gcs": 10000}
 """Ray settings a long-running voice server needs (cluster.yaml sets the same
-as RAY_* variables on `ray start`). Every new session is a new actor, and the
-GCS keeps a record of each dead one (100,000 by default): the 30-minute soak
-saw it grow ~60 KB per session that came and went, without end. 200 keeps the
-recently ended sessions visible to `ray list actors` and bounds the rest."""
+as RAY_* variables on `ray start`). The GCS keeps a record of each dead actor
+(100,000 by default): the 30-minute soak saw it grow ~60 KB per session actor
+that came and went; 200 keeps the recently ended ones visible to `ray list
+actors` and bounds the rest. It also keeps an event per actor call for the
+dashboard's task view (100,000 by default): every request to the ingress and
+every directory and pool call is one, so the GCS grew with traffic until
+that cap; 10,000 keeps the recent ones (the busy actors also opt out with
+`enable_task_events=False`)."""
 
 
 def connect_ray(config: AppConfig, address: str | None = None, num_cpus: int | None = None) -> str:

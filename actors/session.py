@@ -1,8 +1,10 @@
-"""SessionActor: one Ray actor per client session, named `session:<id>`.
+"""SessionActor: the Ray actor a client session lives in.
 
-The ingress, a reconnecting client and a notebook all find the same actor by
-name. It is detached so it outlives whoever created it (DESIGN §7), and it
-ends itself after `session.idle_timeout_s` without input or listeners.
+The ingress, a reconnecting client and a notebook all reach the same actor
+through the session directory (actors/session_directory.py). It is detached
+so it outlives whoever created it (DESIGN §7); its session ends after
+`session.idle_timeout_s` without input or listeners, and the actor then
+hosts a later session or exits (actors/session_ref.py).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from actors.providers import build_vad
 from actors.providers.base import SAMPLE_RATE
 from actors.providers.stages import chained_llm, chained_stt, chained_tts
 from actors.session_core import SessionCore
+from actors.session_directory import session_directory
+from actors.session_ref import SessionMoved, same_actor
 from actors.tts import OutputPrefs
 
 log = logging.getLogger(__name__)
@@ -78,14 +82,6 @@ class EventStream:
         ray.cancel(self._gen)
 
 
-def session_actor_name(session_id: str) -> str:
-    return f"session:{session_id}"
-
-
-def directory_name() -> str:
-    return "sessions:directory"
-
-
 def build_core(session_id: str, config: AppConfig, store: HistoryStore | None = None,
                stored: StoredSession | None = None) -> SessionCore:
     """Wire a session to its providers (local VAD and LLM, pooled STT and
@@ -113,10 +109,21 @@ def build_core(session_id: str, config: AppConfig, store: HistoryStore | None = 
 # connection that notices it (docs/architecture.md, "When parts die").
 @ray.remote(num_cpus=0, max_restarts=0)
 class SessionActor:
-    def __init__(self, session_id: str, config: AppConfig) -> None:
+    """Hosts one session at a time (`host`), then, once it ended, waits as a
+    spare to host another (actors/session_ref.py says why). Every session
+    call names its session (`session_id`, added by `SessionRef`) and is
+    refused with `SessionMoved` unless this actor hosts that session now."""
+
+    def __init__(self, config: AppConfig) -> None:
         self._config = config
-        self._session_id = session_id
-        self._store = HistoryStore.from_config(config)
+        self._binds = 0
+        """How many sessions this actor has hosted: a spare's timer knows if it was taken."""
+        self._unbind()
+
+    def _unbind(self) -> None:
+        """Forget the session: nothing of it may reach the next one."""
+        self._session_id: str | None = None
+        self._store: HistoryStore | None = None
         self._core_or_none: SessionCore | None = None
         self._starting = asyncio.Lock()  # binds to the actor's loop on first use (Python >= 3.10)
         self._created = time.time()
@@ -124,22 +131,69 @@ class SessionActor:
         self._memory: Any = None
         self._exclusive: asyncio.Queue[Event] | None = None
 
+    def _check(self, session_id: str) -> None:
+        if not session_id or session_id != self._session_id:
+            raise SessionMoved(session_id)
+
+    # ------------------------------------------------------------ lifecycle
+    async def host(self, session_id: str, config: AppConfig | None = None) -> str:
+        """Host `session_id` from now on (a new one, or one brought back from
+        the store) and start it, with `config` when given (a spare made by
+        one caller may serve another: a notebook with its own providers);
+        → the id. Refused with `SessionMoved` when this actor hosts a session
+        already, or when another live actor hosts this one (two callers
+        bringing it back at once: the first wins)."""
+        if self._session_id is not None:
+            raise SessionMoved(session_id)
+        self._session_id, self._binds = session_id, self._binds + 1
+        if config is not None:
+            self._config = config
+        if self._binds > 1:
+            from actors.providers.adapters.usage import forget_provider_state
+
+            forget_provider_state()  # the last session's breakers and counters are not this one's
+        self._created = time.time()
+        me = ray.get_runtime_context().current_actor
+        try:
+            winner = await session_directory(self._config).attach.remote(session_id, me)
+        except Exception:
+            self._unbind()
+            asyncio.get_running_loop().create_task(self._retire())
+            raise
+        if not same_actor(winner, me):
+            self._unbind()
+            asyncio.get_running_loop().create_task(self._retire())
+            raise SessionMoved(session_id)
+        await self._ensure_started()
+        return session_id
+
+    async def hosting(self) -> str | None:
+        """The session hosted now; None for a spare."""
+        return self._session_id
+
     async def _ensure_started(self) -> SessionCore:
         """Build the session from what the store kept, once, in the actor's
         event loop (the store is async and a PostgreSQL pool belongs to one
-        loop; `__init__` has none). A warm actor does this in `ready()`, long
-        before a client arrives; a resumed one in its first call (one query).
-        A store that cannot be read raises here, and the next call tries
-        again: starting empty would overwrite the kept conversation."""
+        loop; `__init__` has none). A warm actor does this in `host()`, long
+        before a client arrives. A store that cannot be read raises here,
+        and the next call tries again: starting empty would overwrite the
+        kept conversation."""
         if self._core_or_none is None:
             async with self._starting:
                 if self._core_or_none is None:
-                    stored = await self._store.snapshot(self._session_id) if self._store else StoredSession()
-                    core = build_core(self._session_id, self._config, self._store, stored)
+                    sid = self._session_id
+                    if sid is None:
+                        raise SessionMoved("")
+                    if self._store is None:
+                        self._store = HistoryStore.from_config(self._config)
+                    stored = await self._store.snapshot(sid) if self._store else StoredSession()
+                    if self._session_id != sid:  # ended while the store answered
+                        raise SessionMoved(sid)
+                    core = build_core(sid, self._config, self._store, stored)
                     self._owner = stored.owner
                     core.start()
                     self._core_or_none = core
-                    asyncio.get_running_loop().create_task(self._reap_when_idle())
+                    asyncio.get_running_loop().create_task(self._reap_when_idle(core))
         return self._core_or_none
 
     @property
@@ -148,71 +202,77 @@ class SessionActor:
         assert self._core_or_none is not None, "session not started"
         return self._core_or_none
 
-    async def ready(self) -> str:
-        return (await self._ensure_started()).session_id
+    async def _session(self, session_id: str) -> SessionCore:
+        """The hosted session, if the call is for it; started if it was not."""
+        self._check(session_id)
+        return await self._ensure_started()
+
+    # ------------------------------------------------------------ session calls
+    async def ready(self, session_id: str = "") -> str:
+        return (await self._session(session_id)).session_id
 
     async def send_audio(self, frames: list[tuple[int | None, bytes]], sample_rate: int = SAMPLE_RATE,
-                         stream: str = "") -> int:
+                         stream: str = "", session_id: str = "") -> int:
         """A batch of (sequence number, PCM16 frame); returns frames accepted."""
-        return (await self._ensure_started()).send_audio(frames, sample_rate, stream)
+        return (await self._session(session_id)).send_audio(frames, sample_rate, stream)
 
-    async def send_text(self, text: str) -> int | None:
-        return (await self._ensure_started()).send_text(text)
+    async def send_text(self, text: str, session_id: str = "") -> int | None:
+        return (await self._session(session_id)).send_text(text)
 
-    async def greet(self) -> int:
+    async def greet(self, session_id: str = "") -> int:
         """A device woke up: say the persona's greeting, as a turn of its own."""
-        core = await self._ensure_started()
+        core = await self._session(session_id)
         return core.say(core.dialogue.persona.greeting_text())
 
-    async def set_persona(self, persona_id: str) -> str:
+    async def set_persona(self, persona_id: str, session_id: str = "") -> str:
         """Become the persona `persona_id` (checked by the caller against the
         config) from the next turn on, and keep it with the conversation."""
         if not self._config.has_persona(persona_id):
             raise ValueError(f"no persona {persona_id!r}")
-        await self._ensure_started()
-        if self._core.dialogue.persona.id != persona_id:
+        core = await self._session(session_id)
+        if core.dialogue.persona.id != persona_id:
             config = persona_config(self._config, self._config.persona(persona_id))
             llm, tts = chained_llm(config), chained_tts(config)
             for chain in (llm.chain, tts.chain):
-                chain.notify = self._core.provider_failover
-            self._core.set_persona(config.persona(), llm, tts)
+                chain.notify = core.provider_failover
+            core.set_persona(config.persona(), llm, tts)
         if self._store is not None:
-            await self._store.set_persona(self._session_id, persona_id)
+            await self._store.set_persona(core.session_id, persona_id)
         return persona_id
 
-    async def utterances(self, settle: bool = False) -> int:
+    async def utterances(self, settle: bool = False, session_id: str = "") -> int:
         """How many utterances the VAD has opened; with `settle`, after all
         audio sent so far has been through it (so a caller can tell that a
         recording held no speech instead of waiting for a turn)."""
-        core = await self._ensure_started()
+        core = await self._session(session_id)
         if settle:
             await core.audio.drained()
         return core.audio.utterances
 
-    async def interrupt(self) -> bool:
-        return (await self._ensure_started()).interrupt()
+    async def interrupt(self, session_id: str = "") -> bool:
+        return (await self._session(session_id)).interrupt()
 
-    async def listen(self, state: str, mode: str = "auto") -> None:
-        (await self._ensure_started()).listen(state, mode)
+    async def listen(self, state: str, mode: str = "auto", session_id: str = "") -> None:
+        (await self._session(session_id)).listen(state, mode)
 
-    async def claim(self, owner: str) -> bool:
+    async def claim(self, owner: str, session_id: str = "") -> bool:
         """First caller becomes the owner; later callers must be the same
         principal, so a guessed session id does not open someone's session.
         The owner is kept in the store with the conversation, so it outlives
         this actor: whoever names the id after the actor ended is checked
         against the same owner."""
-        await self._ensure_started()
+        core = await self._session(session_id)
         if self._owner is None:
             # one conditional write: two replicas racing for this id get the same winner
-            self._owner = owner if self._store is None else await self._store.claim(self._session_id, owner)
+            self._owner = owner if self._store is None else await self._store.claim(core.session_id, owner)
         if self._owner == owner:
             # a claim is the client arriving: its socket subscribes next, so the
             # orphan clock starts now, not when the actor was made (a warm one)
-            self._core.last_activity = time.monotonic()
-            await self._attach_memory()
+            core.last_activity = time.monotonic()
+            await self._attach_memory(core)
         return self._owner == owner
 
-    async def _attach_memory(self) -> None:
+    async def _attach_memory(self, core: SessionCore) -> None:
         """The owner's long-term memory, once the owner is known (a claimed
         session; a notebook's unclaimed session has none)."""
         if self._memory is not None or self._owner is None or not self._config.memory.enabled:
@@ -223,22 +283,26 @@ class SessionActor:
         try:
             await store.open()
         except Exception as e:  # a database that is down must not stop the conversation
-            log.warning("session %s: long-term memory unavailable: %s", self._core.session_id, type(e).__name__)
+            log.warning("session %s: long-term memory unavailable: %s", core.session_id, type(e).__name__)
+            return
+        if self._core_or_none is not core:  # ended meanwhile
+            await store.close()
             return
         self._memory = store
-        self._core.use_memory(store, self._owner)
+        core.use_memory(store, self._owner)
 
-    async def touch(self) -> None:
+    async def touch(self, session_id: str = "") -> None:
         """The warm pool's keep-alive: an unclaimed actor in a live pool is
         not idle; once the pool is gone, it reaps itself after idle_timeout_s."""
+        self._check(session_id)
         if self._core_or_none is not None:  # not started yet: its idle clock has not started either
             self._core_or_none.last_activity = time.monotonic()
 
-    async def device_message(self, kind: str, payload: Any) -> None:
-        (await self._ensure_started()).device_message(kind, payload)
+    async def device_message(self, kind: str, payload: Any, session_id: str = "") -> None:
+        (await self._session(session_id)).device_message(kind, payload)
 
-    async def events(self, exclusive: str | None = None,
-                     output: OutputPrefs | None = None) -> AsyncIterator[list[Event]]:
+    async def events(self, exclusive: str | None = None, output: OutputPrefs | None = None,
+                     session_id: str = "") -> AsyncIterator[list[Event]]:
         """The session's event stream (a Ray streaming generator) in batches:
         each item is every event queued at that moment (up to 64), because
         each item crossing processes costs ~1 ms while a reply's words arrive
@@ -254,7 +318,7 @@ class SessionActor:
         `output` is this subscriber's own output (rate, speech, pacing;
         `OutputPrefs`): a text-only listener never mutes a device listening
         to the same session."""
-        core = await self._ensure_started()
+        core = await self._session(session_id)
         q = core.subscribe(output)
         if exclusive is not None:
             previous, self._exclusive = self._exclusive, q
@@ -279,15 +343,15 @@ class SessionActor:
             if self._exclusive is q:
                 self._exclusive = None
 
-    async def history(self) -> list[dict[str, Any]]:
-        return [m.model_dump() for m in (await self._ensure_started()).history()]
+    async def history(self, session_id: str = "") -> list[dict[str, Any]]:
+        return [m.model_dump() for m in (await self._session(session_id)).history()]
 
-    async def stats(self) -> dict[str, Any]:
+    async def stats(self, session_id: str = "") -> dict[str, Any]:
         import os
 
         from actors.providers.adapters.usage import provider_report
 
-        core = await self._ensure_started()
+        core = await self._session(session_id)
         if core.reply_turn is not None:
             state = "replying"
         elif core.audio.in_speech:
@@ -295,7 +359,7 @@ class SessionActor:
         else:
             state = "idle"
         return {**core.stats(), "pid": os.getpid(), "created": self._created,
-                "device_state": core.device_state,
+                "device_state": core.device_state, "hosted": self._binds,
                 # for the control panel (actors/ingress/admin.py)
                 "owner": self._owner, "persona": core.dialogue.persona.id, "state": state,
                 "closed": core.closed, "idle_s": round(time.monotonic() - core.last_activity, 1),
@@ -303,50 +367,90 @@ class SessionActor:
                 # this process's breakers and provider counters: the session's own (one per process)
                 "providers": provider_report()}
 
-    async def close(self, forget: bool = False) -> None:
+    async def close(self, forget: bool = False, session_id: str = "") -> None:
         """End the session; `forget` also deletes its stored conversation.
         Listeners get `session.closed` first, which ends their event streams
-        (a socket closes normally on it): the actor can only exit once no
-        call of theirs is still running."""
-        core = await self._ensure_started()
+        (a socket closes normally on it)."""
+        core = await self._session(session_id)
         if not core.closed and core.subscribers:
             core.emit_error(ErrorCode.SESSION_CLOSED, "the session was ended")
             await asyncio.sleep(0.05)
-        await self._end(forget)
-        ray.actor.exit_actor()
+        await self._finish(core, forget)
 
-    async def _end(self, forget: bool = False) -> None:
-        """Close the session (its last save included), then the store's connections."""
-        await self._core.close()
-        if self._store is not None:
+    # ------------------------------------------------------------ ending
+    async def _finish(self, core: SessionCore, forget: bool = False) -> None:
+        """End `core`'s session (its last save included, then `forget`),
+        close its stores, free its place and go back to the spares. Once:
+        `close()` and the idle reaper may both get here."""
+        if self._core_or_none is not core:
+            return
+        store, memory = self._store, self._memory
+        self._unbind()  # from here on, calls for this session are refused: callers bring it back
+        try:
+            await core.close()
+            if core.subscribers:  # one that joined after the goodbye: its stream must end too, not wait on
+                core.emit_error(ErrorCode.SESSION_CLOSED, "the session was ended")
+            if store is not None:
+                try:
+                    if forget:
+                        await core.forget_history()
+                finally:
+                    await store.close()
+            if memory is not None:
+                await memory.close()
+        finally:
+            with contextlib.suppress(Exception):  # no directory: nothing holds a place or a spare
+                session_directory(self._config).release.remote(
+                    core.session_id, ray.get_runtime_context().current_actor)
+            await self._retire()
+
+    async def _retire(self) -> None:
+        """Wait as a spare if the directory wants one, else exit."""
+        binds = self._binds
+        try:
+            kept = await session_directory(self._config).recycle.remote(ray.get_runtime_context().current_actor)
+        except Exception:
+            kept = False
+        if not kept:
+            ray.actor.exit_actor()
+        asyncio.get_running_loop().create_task(self._exit_if_forgotten(binds))
+
+    async def _exit_if_forgotten(self, binds: int) -> None:
+        """A spare waits to be taken for as long as the directory holds it.
+        One it no longer holds and that hosts nothing exits: it was taken but
+        its taker died before `host`, or a restarted directory kept others."""
+        period = max(1.0, self._config.session.idle_timeout_s / 4)
+        while self._binds == binds:
+            await asyncio.sleep(period)
+            if self._binds != binds:
+                return
             try:
-                if forget:
-                    await self._core.forget_history()
-            finally:
-                await self._store.close()
-        try:  # free its place in the caller's session cap at once
-            ray.get_actor(directory_name(), namespace=self._config.server.namespace).release.remote(
-                self._core.session_id)
-        except Exception:  # no directory (a notebook's cluster): nothing holds a place
-            pass
+                held = await session_directory(self._config).holds.remote(ray.get_runtime_context().current_actor)
+            except Exception:
+                continue  # the directory is restarting: ask again later
+            if not held:
+                await asyncio.sleep(30.0)  # taken: its host call is on its way
+                if self._binds == binds:
+                    ray.actor.exit_actor()
 
-    def _idle_limit(self) -> float:
+    def _idle_limit(self, core: SessionCore) -> float:
         """A claimed session with no client left ends after orphan_timeout_s
         (its conversation is in the store); otherwise after idle_timeout_s."""
         cfg = self._config.session
-        if self._owner is not None and self._core.subscribers == 0:
+        if self._owner is not None and core.subscribers == 0:
             return min(cfg.orphan_timeout_s, cfg.idle_timeout_s)
         return cfg.idle_timeout_s
 
-    async def _reap_when_idle(self) -> None:
+    async def _reap_when_idle(self, core: SessionCore) -> None:
         cfg = self._config.session
         period = max(0.2, min(cfg.idle_timeout_s, cfg.orphan_timeout_s, 120.0) / 4)
-        while not self._core.closed:
+        while not core.closed:
             await asyncio.sleep(period)
-            idle = time.monotonic() - self._core.last_activity
-            if idle >= self._idle_limit() and self._core.subscribers == 0 and self._core.reply_turn is None:
-                log.info("session %s idle for %.0f s; ending", self._core.session_id, idle)
+            if self._core_or_none is not core:
+                return  # ended by close()
+            idle = time.monotonic() - core.last_activity
+            if idle >= self._idle_limit(core) and core.subscribers == 0 and core.reply_turn is None:
+                log.info("session %s idle for %.0f s; ending", core.session_id, idle)
                 break
         # idle, or ended from inside (the end_conversation tool): free the place and the process
-        await self._end()
-        ray.actor.exit_actor()
+        await self._finish(core)

@@ -2,9 +2,10 @@
 
 A cold Ray actor takes ~0.4 s to start (DESIGN §2), so `SessionManager`
 keeps `server.warm_sessions` idle session actors started ahead, each already
-named with the id it will be handed out under. `collect_turns` gathers the
-turns an input started from a session's events, for the ingress and for
-`SessionHandle` (actors/notebook.py: notebooks, scripts and the CLI).
+hosting the id it will be handed out under; it takes the directory's spares
+(actors whose session ended) before it starts new ones. `collect_turns`
+gathers the turns an input started from a session's events, for the ingress
+and for `SessionHandle` (actors/notebook.py: notebooks, scripts and the CLI).
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ import ray
 from actors.audio import write_wav
 from actors.config import AppConfig
 from actors.events import AudioChunk, ErrorEvent, Event, LLMDelta, STTFinal, TurnMetrics
-from actors.history_store import HistoryStore
-from actors.session import EventStream, SessionActor, directory_name, session_actor_name
+from actors.session import EventStream, SessionActor
+from actors.session_directory import session_directory
+from actors.session_ref import SessionRef, host_actor_name
 
 STARTS_AT_ONCE = 1
 REFILL_PERIOD_S = 0.5
@@ -34,119 +36,58 @@ KEEPALIVE_SHARE = 0.25
 """Warm actors are touched every idle_timeout_s × this, so they never reap
 themselves while their pool holds them (else the pool would hand out dead
 actors after a quiet spell)."""
+OPEN_ATTEMPTS = 3
 
 
 def new_session_id() -> str:
     return uuid.uuid4().hex[:16]
 
 
-def create_session_actor(config: AppConfig, session_id: str) -> ray.actor.ActorHandle:
-    """The session's actor (started, or the live one of that name).
+def new_session_actor(config: AppConfig) -> ray.actor.ActorHandle:
+    """A new, idle session actor (it hosts nothing until `host`).
 
     No Ray task events: a session makes several calls a second for as long
     as it lives, and Ray keeps an event per call in the GCS (and the
     dashboard agent) for the dashboard's task view; the 30-minute soak
     measured the GCS growing ~0.6 MB per session that came and went."""
     return SessionActor.options(
-        name=session_actor_name(session_id), namespace=config.server.namespace,
-        lifetime="detached", get_if_exists=True, enable_task_events=False,
-    ).remote(session_id, config)
+        name=host_actor_name(uuid.uuid4().hex), namespace=config.server.namespace,
+        lifetime="detached", enable_task_events=False,
+    ).remote(config)
 
 
-def find_session(config: AppConfig, session_id: str) -> ray.actor.ActorHandle | None:
-    try:
-        return ray.get_actor(session_actor_name(session_id), namespace=config.server.namespace)
-    except ValueError:
-        return None
+def idle_session_actor(config: AppConfig, directory: ray.actor.ActorHandle) -> ray.actor.ActorHandle:
+    """A spare if the directory has one, else a new actor (blocking: one call
+    to the directory)."""
+    return ray.get(directory.take_spare.remote()) or new_session_actor(config)
 
 
-@ray.remote(num_cpus=0, max_restarts=-1)
-class SessionDirectory:
-    """Shared by every replica: stable names (a device's id) → session ids,
-    and which live session actors each principal holds.
+async def find_session(config: AppConfig, session_id: str,
+                       directory: ray.actor.ActorHandle | None = None) -> SessionRef | None:
+    """The live session `session_id`, or None."""
+    directory = directory or await asyncio.to_thread(session_directory, config)
+    actor = await directory.locate.remote(session_id)
+    return None if actor is None else SessionRef(actor, session_id)
 
-    A device must get its own session back on every connection, yet a session
-    named after the device would always start cold (~1 s for a new Ray worker),
-    while warm sessions are named before anyone asks for them. The directory
-    maps the device to whichever warm session it was given first.
 
-    Live sessions are counted here, not per replica, because each costs a
-    process (~80 MB) wherever it was opened: a caller may hold
-    `per_principal` of them and the cluster `per_node` × alive nodes. A session
-    actor releases its place when it ends; places of actors that died without
-    saying so are found and freed when a cap is reached.
-
-    Every method is async, so all of them run on the actor's one event loop
-    and never beside each other in threads.
-
-    The alias → session map is written through to the session store (the
-    `dict` is its cache), so a device still gets its own session after this
-    actor restarted (Ray restarts it: `max_restarts=-1`) or the whole server
-    did, on any node when the store is PostgreSQL. The live counts are not
-    stored: after a restart they are rebuilt as sessions are admitted again.
-    """
-
-    def __init__(self, namespace: str = "", config: AppConfig | None = None) -> None:
-        self._namespace = namespace
-        self._store = HistoryStore.from_config(config) if config is not None else None
-        self._ids: dict[str, str] = {}
-        self._live: dict[str, str] = {}  # session id -> owner
-        self._nodes = (0.0, 1)  # (when counted, alive nodes)
-
-    async def lookup(self, alias: str) -> str | None:
-        """The session bound to `alias`: from memory, else from the store (a
-        miss is not cached: another directory, or this one before a restart,
-        may bind it)."""
-        sid = self._ids.get(alias)
-        if sid is None and self._store is not None:
-            sid = await self._store.session_for(alias)
-            if sid is not None:
-                self._ids[alias] = sid
-        return sid
-
-    async def bind(self, alias: str, session_id: str) -> str:
-        """Bind unless another replica (or an earlier life of this directory)
-        was first; returns the winner. Written to the store before it is
-        answered, so a binding that was answered survives a restart."""
-        if alias in self._ids:
-            return self._ids[alias]
-        winner = session_id if self._store is None else await self._store.bind_alias(alias, session_id)
-        return self._ids.setdefault(alias, winner)
-
-    async def admit(self, session_id: str, owner: str, per_principal: int, per_node: int) -> str | None:
-        """Count `session_id` as live for `owner`; → None, or the limit code that refuses it."""
-        if self._live.get(session_id) == owner:
-            return None
-        if sum(1 for o in self._live.values() if o == owner) >= per_principal:
-            self._prune(owner)
-            if sum(1 for o in self._live.values() if o == owner) >= per_principal:
-                return "limit.live_sessions"
-        if len(self._live) >= per_node * self._alive_nodes():
-            self._prune(None)
-            if len(self._live) >= per_node * self._alive_nodes():
-                return "limit.cluster_sessions"
-        self._live[session_id] = owner
-        return None
-
-    async def release(self, session_id: str) -> None:
-        self._live.pop(session_id, None)
-
-    async def live(self) -> dict[str, str]:
-        return dict(self._live)
-
-    def _prune(self, owner: str | None) -> None:
-        for sid in [s for s, o in self._live.items() if owner is None or o == owner]:
-            try:
-                ray.get_actor(session_actor_name(sid), namespace=self._namespace)
-            except ValueError:
-                del self._live[sid]
-
-    def _alive_nodes(self) -> int:
-        counted_at, n = self._nodes
-        if time.monotonic() - counted_at > 10:
-            n = max(1, sum(1 for node in ray.nodes() if node.get("Alive")))
-            self._nodes = (time.monotonic(), n)
-        return n
+async def open_session(config: AppConfig, session_id: str,
+                       directory: ray.actor.ActorHandle | None = None) -> SessionRef:
+    """The live session `session_id`, else the same session brought back on
+    an idle actor with what the store kept (a new session if it kept none);
+    → once it is started."""
+    directory = directory or await asyncio.to_thread(session_directory, config)
+    for attempt in range(OPEN_ATTEMPTS):
+        found = await find_session(config, session_id, directory)
+        if found is not None:
+            return found
+        actor = await asyncio.to_thread(idle_session_actor, config, directory)
+        try:
+            await actor.host.remote(session_id, config)
+            return SessionRef(actor, session_id)
+        except ray.exceptions.RayActorError:  # another caller brought it back first, or a spare that had just left
+            if attempt == OPEN_ATTEMPTS - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 class SessionManager:
@@ -155,13 +96,11 @@ class SessionManager:
     def __init__(self, config: AppConfig, warm: int | None = None) -> None:
         self.config = config
         self._target = config.server.warm_sessions if warm is None else warm
-        self._warm: deque[tuple[str, ray.actor.ActorHandle, ray.ObjectRef]] = deque()
+        self._warm: deque[tuple[SessionRef, ray.ObjectRef]] = deque()
         self._lock = threading.Lock()
         self._stopped = threading.Event()
+        self._directory = session_directory(config)  # started now: a device's first connect won't wait
         threading.Thread(target=self._keep_warm, name="warm-pool", daemon=True).start()
-        self._directory = SessionDirectory.options(
-            name=directory_name(), namespace=config.server.namespace, lifetime="detached",
-            get_if_exists=True).remote(config.server.namespace, config)  # started now: a device's first connect won't wait
         self.refill()
 
     def refill(self) -> None:
@@ -170,13 +109,13 @@ class SessionManager:
         starved the live sessions on the same cores (bench: p50 end of speech
         → first audio 1.5 s → 2.4 s at 8 sessions)."""
         with self._lock:
-            starting = [ready for _, _, ready in self._warm]
+            starting = [ready for _, ready in self._warm]
             done = ray.wait(starting, num_returns=len(starting), timeout=0)[0] if starting else []
             in_flight = len(starting) - len(done)
             while len(self._warm) < self._target and in_flight < STARTS_AT_ONCE:
+                actor = idle_session_actor(self.config, self._directory)
                 sid = new_session_id()
-                actor = create_session_actor(self.config, sid)
-                self._warm.append((sid, actor, actor.ready.remote()))
+                self._warm.append((SessionRef(actor, sid), actor.host.remote(sid, self.config)))
                 in_flight += 1
 
     def _keep_warm(self) -> None:
@@ -188,8 +127,8 @@ class SessionManager:
                 if time.monotonic() - touched >= keepalive_every:
                     touched = time.monotonic()
                     with self._lock:
-                        for _, actor, _ in self._warm:
-                            actor.touch.remote()
+                        for ref, _ in self._warm:
+                            ref.touch.remote()
             except Exception:  # Ray shutting down: the thread ends with the process
                 return
 
@@ -204,53 +143,55 @@ class SessionManager:
     def warm_ready(self) -> int:
         """Warm actors started and idle now (for /health and the benchmark)."""
         with self._lock:
-            refs = [ready for _, _, ready in self._warm]
+            refs = [ready for _, ready in self._warm]
         return len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) if refs else 0
 
-    def _take_warm(self) -> tuple[str, ray.actor.ActorHandle] | None:
+    def _take_warm(self) -> SessionRef | None:
         with self._lock:
             for _ in range(len(self._warm)):
-                sid, actor, ready = self._warm.popleft()
-                done, _ = ray.wait([ready], timeout=0)
-                if done:
-                    return sid, actor
-                self._warm.append((sid, actor, ready))  # still starting: keep it for later
+                ref, ready = self._warm.popleft()
+                if not ray.wait([ready], timeout=0)[0]:
+                    self._warm.append((ref, ready))  # still starting: keep it for later
+                    continue
+                try:
+                    ray.get(ready, timeout=0)
+                except Exception:  # a spare that exited before it was taken: drop it
+                    continue
+                return ref
         return None
 
-    def open(self, session_id: str | None = None) -> tuple[str, ray.actor.ActorHandle]:
-        """Resume `session_id` if its actor lives, else start a session (warm if possible)."""
+    async def open(self, session_id: str | None = None) -> SessionRef:
+        """Resume `session_id` (live, or brought back from the store), else a
+        new session: a warm one if one is ready."""
         if session_id:
-            actor = create_session_actor(self.config, session_id)  # get_if_exists: resumes a live one
-            return session_id, actor
-        taken = self._take_warm()
-        if taken is None:
-            sid = new_session_id()
-            taken = (sid, create_session_actor(self.config, sid))
-        self.refill()
-        return taken
+            return await open_session(self.config, session_id, self._directory)
+        ref = await asyncio.to_thread(self._take_warm)
+        if ref is None:
+            ref = await open_session(self.config, new_session_id(), self._directory)
+        await asyncio.to_thread(self.refill)
+        return ref
 
-    async def open_alias(self, alias: str) -> tuple[str, ray.actor.ActorHandle, bool]:
+    async def open_alias(self, alias: str) -> tuple[SessionRef, bool]:
         """The session bound to `alias` (live, or brought back from the store
-        if it was reaped), else a warm one bound to it now."""
+        if it ended), else a warm one bound to it now; → (session, resumed)."""
         directory = self._directory
         sid = await directory.lookup.remote(alias)
         if sid is not None:
-            actor = find_session(self.config, sid)
-            if actor is None:  # reaped or ended: it comes back with its conversation from the store
-                actor = await asyncio.to_thread(create_session_actor, self.config, sid)
-            return sid, actor, True
-        new_sid, actor = await asyncio.to_thread(self.open)
-        winner = await directory.bind.remote(alias, new_sid)
-        if winner != new_sid:  # another replica bound this device a moment ago
+            return await self.open(sid), True
+        ref = await self.open()
+        winner = await directory.bind.remote(alias, ref.session_id)
+        if winner != ref.session_id:  # another replica bound this device a moment ago
+            ref.close.remote()  # back to the spares
             return await self.open_alias(alias)
-        return new_sid, actor, False
+        return ref, False
 
     def shutdown(self) -> None:
         self._stopped.set()
         with self._lock:
-            for _, actor, _ in self._warm:
-                ray.kill(actor)
+            for ref, _ in self._warm:
+                ref.close.remote()  # to the spares, or exit
             self._warm.clear()
+
 
 
 @dataclass
@@ -367,7 +308,7 @@ REFUSAL_GRACE_S = 0.3
 """After input that started no turn, how long to gather the errors it got."""
 
 
-async def collect_turns(actor: ray.actor.ActorHandle, send: Callable[[], Awaitable[int]],
+async def collect_turns(actor: SessionRef, send: Callable[[], Awaitable[int]],
                         timeout_s: float = 60.0) -> TurnResults:
     """Subscribe, run `send()` (which sends input and returns how many turns it
     started: 0 if it was refused or held no speech), and gather those turns'
@@ -400,7 +341,7 @@ async def collect_turns(actor: ray.actor.ActorHandle, send: Callable[[], Awaitab
         reader.close()
 
 
-async def collect_turn(actor: ray.actor.ActorHandle, send: Callable[[], Awaitable[bool]],
+async def collect_turn(actor: SessionRef, send: Callable[[], Awaitable[bool]],
                        timeout_s: float = 60.0) -> TurnResult:
     """Like `collect_turns` for one turn: `send()` returns False if the input
     was refused. → the first turn the input started (the ingress answers one
@@ -415,7 +356,7 @@ async def collect_turn(actor: ray.actor.ActorHandle, send: Callable[[], Awaitabl
     return TurnResult(turn_id=turns.since_turn, errors=turns.errors, events=list(turns.errors))
 
 
-async def send_recording(actor: ray.actor.ActorHandle, frames: list[bytes], per_batch: int = 10) -> int:
+async def send_recording(actor: SessionRef, frames: list[bytes], per_batch: int = 10) -> int:
     """Send a recording in batches as a new audio stream; → how many
     utterances the VAD found in it (each becomes a turn), counted once the
     session has run all of it through the VAD."""
@@ -427,7 +368,7 @@ async def send_recording(actor: ray.actor.ActorHandle, frames: list[bytes], per_
     return await actor.utterances.remote(settle=True) - before
 
 
-async def send_utterance(actor: ray.actor.ActorHandle, frames: list[bytes], per_batch: int = 10) -> bool:
+async def send_utterance(actor: SessionRef, frames: list[bytes], per_batch: int = 10) -> bool:
     """`send_recording`, for callers that only ask: is a turn coming?"""
     return await send_recording(actor, frames, per_batch) > 0
 

@@ -17,7 +17,7 @@ import asyncio
 import time
 
 from bench.run import PORT
-from bench.soak import memory_by_kind, server_config, start_ray
+from bench.soak import census, memory_by_kind, server_config, start_ray
 
 SHOWN = ("VoiceIngress", "ProxyActor", "SessionDirectory", "ServeController", "gcs_server", "raylet",
          "DashboardAgent")
@@ -40,6 +40,7 @@ async def churn(opts: argparse.Namespace) -> None:
     from actors.client import NativeClient
     from actors.ingress.auth import Authenticator
     from actors.pools import ensure_pools
+    from actors.session_directory import directory_name
     from serve_app import build_app
 
     config = server_config("fake", 4, "voice-actors-churn", opts.orphan_timeout_s)
@@ -75,6 +76,11 @@ async def churn(opts: argparse.Namespace) -> None:
             now = long_lived_uss()
             per = {k: round((now[k] - start.get(k, now[k])) * 1024 / done, 1) for k in now}
             print(f"[churn] after {done} ({time.monotonic() - t0:.0f} s): USS MB {now}; KB per connect so far {per}",
+                  flush=True)
+            actors = await census(config.server.namespace)
+            directory = await ray.get_actor(directory_name(), namespace=config.server.namespace).describe.remote()
+            print(f"[churn] session actors alive {actors['session_actors']} (spare {actors['spares']}), "
+                  f"SessionActors alive in the GCS {actors['session_actors_alive_in_gcs']}; directory {directory}",
                   flush=True)
     finally:
         serve.shutdown()

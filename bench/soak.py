@@ -46,7 +46,7 @@ SOAK_PORT = PORT + 20
 SESSION_KIND = "SessionActor"
 TRANSIENT = {SESSION_KIND, "IDLE"}
 """Process kinds whose count follows the traffic, not counted in `long_lived_uss_mb`."""
-SESSION_PREFIX = "session:"
+SESSION_PREFIX = "session-host:"  # actors/session_ref.py HOST_PREFIX
 
 
 # ------------------------------------------------------------------ what the clients saw
@@ -183,7 +183,8 @@ def actor_table() -> dict[str, int | None]:
 
 
 async def census(namespace: str) -> dict[str, Any]:
-    """Session actors alive and what they hold; the directory's live places."""
+    """Session actors alive (hosting a session, or spares) and what they
+    hold; the directory's live places."""
     import ray
 
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
@@ -192,11 +193,16 @@ async def census(namespace: str) -> dict[str, Any]:
     async def stats_of(name: str) -> dict[str, Any] | None:
         try:
             actor = ray.get_actor(name, namespace=namespace)
-            return await asyncio.wait_for(actor.stats.remote(), 5.0)
+            sid = await asyncio.wait_for(actor.hosting.remote(), 5.0)
+            if sid is None:
+                return {"spare": True}
+            return await asyncio.wait_for(actor.stats.remote(session_id=sid), 5.0)
         except Exception:  # ended between listing and asking
             return None
 
-    stats = [s for s in await asyncio.gather(*(stats_of(n) for n in names)) if s is not None]
+    answers = [s for s in await asyncio.gather(*(stats_of(n) for n in names)) if s is not None]
+    spares = sum(1 for s in answers if s.get("spare"))
+    stats = [s for s in answers if not s.get("spare")]
     try:
         directory = ray.get_actor("sessions:directory", namespace=namespace)
         live = len(await asyncio.wait_for(directory.live.remote(), 5.0))
@@ -207,6 +213,7 @@ async def census(namespace: str) -> dict[str, Any]:
     backlogs = [sum(b.values()) if isinstance(b, dict) else b for b in backlogs if b is not None]
     return {
         "session_actors": len(names),
+        "spares": spares,
         "sessions_claimed": sum(1 for s in stats if s.get("owner")),
         "sessions_unclaimed": sum(1 for s in stats if not s.get("owner")),
         "claimed_ids": sorted(s["session_id"] for s in stats if s.get("owner")),
@@ -256,7 +263,7 @@ async def sample(t0: float, phase: str, load: Load, namespace: str, http_base: s
         row[f"procs:{kind}"] = int(k["procs"])
     row["error_kinds"] = sorted(set(w.errors))[:5]
     print(f"[soak] t={row['t_s']:>6}s {phase:<7} clients {row['clients_connected']:>2} "
-          f"sessions {row['session_actors']:>2} (claimed {row['sessions_claimed']}, directory {row['directory_live']}) "
+          f"sessions {row['session_actors']:>2} (claimed {row['sessions_claimed']}, spare {row['spares']}, directory {row['directory_live']}) "
           f"turns {w.turns:>3} errors {len(w.errors)} p50 {lat['p50']} p99 {lat['p99']} ms "
           f"Ray USS {row['ray_uss_mb']:.0f} MB in {row['ray_procs']} procs", flush=True)
     return row
@@ -455,9 +462,12 @@ async def soak(opts: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str
                 "session_actor_processes": memory_by_kind().get(SESSION_KIND, {}).get("procs", 0),
                 "session_actors_alive_in_gcs": final["session_actors_alive_in_gcs"],
                 "actors_alive": final["actors_alive"]}
-        warm = config.server.warm_sessions
-        leak["leaked_actors"] = max(final["sessions_claimed"] + max(0, final["sessions_unclaimed"] - warm),
-                                    (final["session_actors_alive_in_gcs"] or 0) - warm)  # unnamed ones too
+        warm, spares = config.server.warm_sessions, min(final["spares"], config.server.spare_sessions)
+        leak["spares"] = final["spares"]
+        leak["spare_cap"] = config.server.spare_sessions
+        leak["leaked_actors"] = max(final["sessions_claimed"] + max(0, final["sessions_unclaimed"] - warm)
+                                    + final["spares"] - spares,
+                                    (final["session_actors_alive_in_gcs"] or 0) - warm - spares)  # unnamed ones too
         summary = summarize(rows, load, leak, opts, opts.sessions)
         return rows, summary
     finally:

@@ -143,6 +143,18 @@ def tap() -> type[EventTap]:
     return EventTap
 
 
+def hosted_session(session_id: str, namespace: str = TEST_NAMESPACE) -> Any:
+    """The live session `session_id` on its actor (a `SessionRef`), or None:
+    blocking, for test helpers (the product's `find_session` is async)."""
+    import ray
+
+    from actors.session_directory import directory_name
+    from actors.session_ref import SessionRef
+
+    actor = ray.get(ray.get_actor(directory_name(), namespace=namespace).locate.remote(session_id))
+    return None if actor is None else SessionRef(actor, session_id)
+
+
 def frames_of(pcm16: bytes, start_seq: int = 0, frame_ms: int = 60) -> list[tuple[int, bytes]]:
     from actors.audio import split_frames
 

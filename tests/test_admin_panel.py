@@ -28,7 +28,7 @@ from actors.config import UserConfig
 from actors.history_store import HistoryStore
 from actors.ingress.admin import MASK, mask_config
 from actors.ingress.auth import Authenticator, hash_password
-from actors.sessions import create_session_actor, find_session, new_session_id
+from actors.sessions import find_session, new_session_id, open_session
 from tests.browser import find_chromium, wait_for_js
 from tests.conftest import INGRESS_PORT, run_ingress
 from tests.fakes.openai_server import FakeOpenAIServer, Script
@@ -127,7 +127,7 @@ async def wait_closed(client: NativeClient, timeout_s: float = 15.0) -> None:
 
 async def wait_gone(config, session_id: str, timeout_s: float = 15.0) -> None:
     deadline = time.monotonic() + timeout_s
-    while find_session(config, session_id) is not None:
+    while await find_session(config, session_id) is not None:
         assert time.monotonic() < deadline, f"session actor {session_id} still alive"
         await asyncio.sleep(0.2)
 
@@ -319,8 +319,7 @@ async def test_a_sessions_breaker_and_calls_on_a_cloud_provider_show_in_the_pane
     the panel collects them. A slow call is seen in flight; a 429 storm opens
     the session's breaker and the panel says `open`, on the API and the page."""
     sid = new_session_id()
-    actor = create_session_actor(cloud_llm_config(server_config, llm_fake), sid)
-    await actor.ready.remote()
+    actor = await open_session(cloud_llm_config(server_config, llm_fake), sid)
     key = "llm:openai-compatible"
     try:
         async with tap(actor) as t:

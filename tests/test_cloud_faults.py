@@ -15,7 +15,8 @@ import pytest
 import ray
 
 from actors.audio import silence
-from actors.sessions import create_session_actor, new_session_id
+from actors.sessions import new_session_id
+from actors.sessions import open_session as open_session_actor
 from tests.conftest import frames_of, send_frames
 from tests.fakes.dashscope_server import AsrScript, FakeDashScope, Fault, TtsScript
 from tests.fakes.openai_server import FakeOpenAIServer, Script
@@ -60,9 +61,7 @@ def cloud(config: Any, fakes: Any, *, stt_fallback: list[str] = (), llm_fallback
 
 
 async def open_session(config: Any) -> Any:
-    actor = create_session_actor(config, new_session_id())
-    await actor.ready.remote()
-    return actor
+    return await open_session_actor(config, new_session_id())
 
 
 async def end(actor: Any) -> None:

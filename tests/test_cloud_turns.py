@@ -158,9 +158,9 @@ async def test_a_device_keeps_its_memories_across_reconnects_and_actor_restarts(
                     return hello["session_id"]
 
     sid = await say("Remember that my favourite exhibit is the Rosetta Stone.")
-    actor = find_session(cloud_config, sid)
+    actor = await find_session(cloud_config, sid)
     assert actor is not None
-    ray.kill(actor)  # the actor dies; the device's next connection gets a new one
+    ray.kill(actor.actor)  # the actor dies; the device's next connection gets a new one
     await asyncio.sleep(0.5)
     llm.default = Script.text("It is the Rosetta Stone.")
     await say("Which exhibit do I like best?")

@@ -32,7 +32,7 @@ from actors.ingress.auth import Authenticator
 from actors.ingress.drain import CLOSE_CODE, RETRY_AFTER_MS, Drain, ReplicaDrainWatch
 from actors.protocols.native import NativeProtocol
 from actors.protocols.xiaozhi import XiaozhiProtocol
-from tests.conftest import INGRESS_PORT, TEST_NAMESPACE, run_ingress, served_config
+from tests.conftest import INGRESS_PORT, hosted_session, run_ingress, served_config
 
 APP = "voice-actors-drain"
 BASE = f"http://127.0.0.1:{INGRESS_PORT}"
@@ -107,7 +107,7 @@ def replica_names() -> list[str]:
 
 
 def session_actor(sid: str) -> Any:
-    return ray.get_actor(f"session:{sid}", namespace=TEST_NAMESPACE)
+    return hosted_session(sid)
 
 
 async def read_until_closed(client: Any, timeout_s: float = 60) -> tuple[list[dict[str, Any]], ConnectionClosed]:

@@ -485,7 +485,7 @@ async def test_malformed_messages_over_real_sockets(server, fuzz_config) -> None
     for protocol, result in results.items():
         sessions = set().union(*(r["sessions"] for r in result["post"]))
         for sid in sessions:  # every fuzzed session is still there and answers
-            actor = find_session(fuzz_config, sid)
+            actor = await find_session(fuzz_config, sid)
             assert actor is not None, sid
             await asyncio.wait_for(actor.history.remote(), 30)
         got = sum((r["got"] for r in result["post"]), collections.Counter())

@@ -196,11 +196,11 @@ async def test_an_ingested_document_is_answered_from_by_the_default_engine_with_
 
 async def test_a_session_actor_on_the_default_engine_answers_from_an_ingested_document(ray_cluster, config, tap):
     """The wiring: a session actor's default engine gets the node's knowledge pool actor in its prompt."""
-    from actors.sessions import create_session_actor, new_session_id
+    from actors.sessions import new_session_id, open_session
 
     name = "port-ellery-lighthouse.txt"
     await knowledge_api.ingest(config.knowledge, config.server.namespace, name, LIGHTHOUSE.encode(), "text/plain")
-    actor = create_session_actor(config, new_session_id())
+    actor = await open_session(config, new_session_id())
     try:
         await actor.ready.remote()
         async with tap(actor) as t:
@@ -209,5 +209,5 @@ async def test_a_session_actor_on_the_default_engine_answers_from_an_ingested_do
         reply = "".join(e.text for e in t.of("llm.delta", turn))
         assert "1887" in reply and f"Source: {name}" in reply, reply
     finally:
-        ray_cluster.kill(actor)
+        ray_cluster.kill(actor.actor)
         await knowledge_api.remove(config.knowledge, config.server.namespace, name)

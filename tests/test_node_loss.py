@@ -40,7 +40,9 @@ from actors.client import RESTARTED, NativeClient
 from actors.config import load_config
 from actors.ingress.auth import Authenticator
 from actors.pools import ensure_pools
-from actors.session import SessionActor, session_actor_name
+from actors.session import SessionActor
+from actors.session_directory import directory_name
+from actors.session_ref import SessionRef, host_actor_name
 from actors.sessions import new_session_id
 
 PORT = int(sys.argv[1])
@@ -89,12 +91,14 @@ try:
     mark("worker joined")
 
     def pinned_session(node_id, principal):
-        """A session actor on `node_id`, owned by `principal`, as the ingress would make it (named,
-        detached, in the namespace) but placed by the test."""
+        """A session on an actor on `node_id`, owned by `principal`, as the ingress would make it (named,
+        detached, in the namespace, in the directory) but placed by the test."""
         sid = new_session_id()
-        actor = SessionActor.options(
-            name=session_actor_name(sid), namespace=NAMESPACE, lifetime="detached",
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote(sid, config)
+        host = SessionActor.options(
+            name=host_actor_name(new_session_id()), namespace=NAMESPACE, lifetime="detached",
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote(config)
+        assert ray.get(host.host.remote(sid), timeout=60) == sid
+        actor = SessionRef(host, sid)
         assert ray.get(actor.claim.remote(authn.verify_token(tokens[principal]).key), timeout=60)
         return sid, actor
 
@@ -149,7 +153,8 @@ try:
         mark("worker client reconnected")
         out["reconnect_hello"] = {"resumed": bo.hello["resumed"], "session_id": bo.session_id}
         out["worker_history"] = await history_of(bo)
-        recreated = ray.get_actor(session_actor_name(worker_sid), namespace=NAMESPACE)
+        found = ray.get(ray.get_actor(directory_name(), namespace=NAMESPACE).locate.remote(worker_sid), timeout=30)
+        recreated = SessionRef(found, worker_sid)
         out["worker_after"] = ray.get(recreated.stats.remote(), timeout=30)
         follow = await bo.ask_text("What is my name?")
         out["worker_follow_up"] = {"reply": follow.reply, "errors": follow.errors}

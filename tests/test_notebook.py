@@ -37,7 +37,7 @@ async def _gone(config: Any, session_id: str, within_s: float = 10.0) -> bool:
     """Whether the session actor has ended (close() lets it exit on its own)."""
     deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
-        if find_session(config, session_id) is None:
+        if await find_session(config, session_id) is None:
             return True
         await asyncio.sleep(0.1)
     return False

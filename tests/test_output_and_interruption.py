@@ -23,8 +23,8 @@ from actors.client import NativeClient
 from actors.ingress.auth import Authenticator
 from actors.pools import get_pool
 from actors.session import EventStream
-from actors.sessions import create_session_actor, new_session_id
-from tests.conftest import INGRESS_PORT, TEST_NAMESPACE, EventTap, frames_of, run_ingress, send_frames
+from actors.sessions import find_session, new_session_id, open_session
+from tests.conftest import INGRESS_PORT, EventTap, frames_of, run_ingress, send_frames
 
 LONG_REPLY = "Tell me about the Rosetta Stone."
 """~85 words of reply, ~30 s spoken."""
@@ -46,7 +46,7 @@ class OutputTap(EventTap):
 
 
 async def open_actor(config: Any) -> Any:
-    actor = create_session_actor(config, new_session_id())
+    actor = await open_session(config, new_session_id())
     await actor.ready.remote()
     return actor
 
@@ -85,7 +85,7 @@ async def test_text_only_subscriber_does_not_mute_listeners_at_their_own_rates(r
     # the same sentence at either rate: the STT hears the answer in the 16 kHz copy
     heard = await get_pool("stt", "local-whisper", config).transcribe.remote(audio_of(voice, turn))
     assert "84" in heard or "eighty" in heard.lower(), heard
-    ray.kill(actor)
+    ray.kill(actor.actor)
 
 
 async def test_session_with_only_text_subscribers_synthesises_nothing(ray_cluster, config, speech):
@@ -104,7 +104,7 @@ async def test_session_with_only_text_subscribers_synthesises_nothing(ray_cluste
     assert len("".join(e.text for e in text.of("llm.delta", turn))) > 100  # a long reply, all of it text
     assert quiet == (0, 0)
     assert spoken[0] >= 1 and spoken[1] >= spoken[0] and voice.of("tts.audio", turn2)
-    ray.kill(actor)
+    ray.kill(actor.actor)
 
 
 async def test_unpaced_subscriber_gets_the_reply_at_once_only_when_alone(ray_cluster, config, tap):
@@ -126,7 +126,7 @@ async def test_unpaced_subscriber_gets_the_reply_at_once_only_when_alone(ray_clu
     assert alone[1] < alone[0] / 3, alone  # much faster than real time
     prebuffer_s = config.tts.prebuffer_ms / 1000
     assert shared[1] > shared[0] - prebuffer_s - 0.3, shared  # real time: what the device hears
-    ray.kill(actor)
+    ray.kill(actor.actor)
 
 
 # ------------------------------------------------------------------ item 9 over the ingress
@@ -170,7 +170,7 @@ async def test_http_text_turn_alone_synthesises_nothing(server, server_config):
         r = await http.post(f"{server}/api/text/process", headers={"Authorization": f"Bearer {token}"},
                             json={"text": LONG_REPLY})
     assert r.status_code == 200 and len(r.json()["reply"]) > 100, r.text
-    actor = ray.get_actor(f"session:{r.json()['session_id']}", namespace=TEST_NAMESPACE)
+    actor = await find_session(server_config, r.json()["session_id"])
     assert (await actor.stats.remote())["sentences_synthesized"] == 0
 
 
@@ -197,7 +197,7 @@ async def test_short_burst_during_a_reply_does_not_cut_it(ray_cluster, config, s
     assert stats["short_speech_ignored"] == 1  # the VAD did hear speech: it was held back, then dropped
     assert stop.reason == "done" and not t.of("metrics", turn)[0].interrupted
     assert t.of("vad.speech_start") == [] and stats["turn_id"] == turn  # no turn for the noise
-    ray.kill(actor)
+    ray.kill(actor.actor)
 
 
 async def test_question_during_a_reply_cuts_it_once_long_enough_and_is_answered(ray_cluster, config, speech, tap):
@@ -225,7 +225,7 @@ async def test_question_during_a_reply_cuts_it_once_long_enough_and_is_answered(
     assert "It is" in "".join(e.text for e in t.of("llm.delta", start.turn_id))
     assert (await busy.stats.remote())["short_speech_ignored"] == 0
     for actor in (idle, busy):
-        ray.kill(actor)
+        ray.kill(actor.actor)
 
 
 def _vad_onset_ms(config, pcm: bytes) -> int:

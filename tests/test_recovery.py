@@ -21,7 +21,7 @@ from actors.client import RESTARTED, NativeClient, XiaozhiClient, should_reconne
 from actors.ingress.auth import Authenticator
 from actors.pools import PooledTTS, get_pool
 from actors.providers.base import ProviderError
-from tests.conftest import INGRESS_PORT, TEST_NAMESPACE, run_ingress, served_config
+from tests.conftest import INGRESS_PORT, hosted_session, run_ingress, served_config
 
 APP = "voice-actors-recovery"
 BASE = f"http://127.0.0.1:{INGRESS_PORT}"
@@ -54,7 +54,7 @@ async def device_socket(device: str) -> tuple[str, str]:
 
 
 def session_actor(sid: str):
-    return ray.get_actor(f"session:{sid}", namespace=TEST_NAMESPACE)
+    return hosted_session(sid)
 
 
 async def history_of(c: NativeClient) -> list[dict]:
@@ -84,7 +84,7 @@ async def test_native_session_killed_mid_reply_is_reopened_on_the_same_socket(se
         def kill_when_speaking(msg: dict) -> None:
             if msg.get("type") == "tts.start" and not killed:
                 killed.append(msg["turn_id"])
-                ray.kill(session_actor(sid))
+                ray.kill(session_actor(sid).actor)
 
         await c.send_text("Tell me about the museum and its opening hours.")
         cut = await c.receive_turn(kill_when_speaking, timeout_s=60)
@@ -115,7 +115,7 @@ async def test_xiaozhi_session_killed_mid_turn_then_next_turn_works(server, spee
         def kill_on_transcript(msg: dict) -> None:
             if msg.get("type") == "stt" and not killed:
                 killed.append(True)
-                ray.kill(session_actor(sid))
+                ray.kill(session_actor(sid).actor)
 
         cut = await c.ask_audio(question, kill_on_transcript, realtime=False)
         assert killed and RESTARTED in codes(cut), cut.messages

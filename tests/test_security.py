@@ -16,12 +16,11 @@ from typing import Any
 
 import httpx
 import pytest
-import ray
 from pydantic import SecretStr
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.conftest import INGRESS_PORT, run_ingress
+from tests.conftest import INGRESS_PORT, hosted_session, run_ingress
 from actors.audio import wav_bytes
 from actors.client import NativeClient, XiaozhiClient
 from actors.config import UserConfig
@@ -97,9 +96,7 @@ async def ota(http: httpx.AsyncClient, device: str) -> dict:
 async def wait_gone(session_id: str, timeout: float = 15) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            ray.get_actor(f"session:{session_id}", namespace=NS)
-        except ValueError:
+        if hosted_session(session_id, NS) is None:
             return
         await asyncio.sleep(0.2)
     raise AssertionError(f"session {session_id} still alive after {timeout} s")

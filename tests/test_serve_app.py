@@ -21,7 +21,7 @@ from actors.config import UserConfig
 from actors.ingress.auth import Authenticator, hash_password
 from actors.protocols.native import unpack_audio
 from actors.protocols.xiaozhi import pack_frame
-from tests.conftest import INGRESS_PORT, run_ingress, served_config
+from tests.conftest import INGRESS_PORT, hosted_session, run_ingress, served_config
 
 PORT = INGRESS_PORT
 BASE = f"http://127.0.0.1:{PORT}"
@@ -144,7 +144,7 @@ async def test_xiaozhi_query_string_fallback_and_mcp(server):
         await ws.send(json.dumps({"type": "ping-unknown"}))
         err = json.loads(await asyncio.wait_for(ws.recv(), 10))
         assert err["type"] == "error" and err["code"] == "protocol.unknown_type"
-    actor = ray.get_actor(f"session:{hello['session_id']}", namespace="voice-actors-test")
+    actor = hosted_session(hello["session_id"])
     for _ in range(50):  # the ingress delivers what the device sent, also after it hung up
         state = (await actor.stats.remote())["device_state"]
         if "iot" in state:
@@ -267,9 +267,7 @@ async def test_reconnect_resumes_and_delete_ends_the_actor(server, auth):
         gone = await http.delete(f"{BASE}/api/session/{sid}", headers=bearer(token))
         assert gone.status_code == 200 and gone.json()["ended"] is True
         for _ in range(50):
-            try:
-                ray.get_actor(f"session:{sid}", namespace="voice-actors-test")
-            except ValueError:
+            if hosted_session(sid) is None:
                 break
             await asyncio.sleep(0.1)
         else:
@@ -292,7 +290,7 @@ async def test_xiaozhi_device_keeps_its_session_across_connections(server, speec
     # once its session actor has ended (reaped, or ended by hand), the device gets it back on its
     # next connection, conversation and all, from the store
     with contextlib.suppress(ray.exceptions.RayActorError):  # it exits while answering
-        await ray.get_actor(f"session:{ids[0]}", namespace="voice-actors-test").close.remote()
+        await hosted_session(ids[0]).close.remote()
     await asyncio.sleep(0.5)
     async with await XiaozhiClient.connect(info["websocket"]["url"], info["websocket"]["token"], device,
                                            client_id=device) as c:
@@ -591,6 +589,8 @@ async def test_health_reports_real_state_and_503_when_degraded(server, server_co
         body = r.json()
         assert r.status_code == 200 and body["status"] == "ok"
         assert body["checks"]["pool:stt"]["ok"] and body["checks"]["pool:tts"]["ok"] and body["checks"]["store"]["ok"]
+        sessions = body["checks"]["sessions"]
+        assert sessions["ok"] and sessions["hosts"] >= body["warm_sessions_ready"], sessions
         lock = sqlite3.connect(server_config.resolve_path(server_config.session.history_db), timeout=1)
         lock.execute("BEGIN EXCLUSIVE")  # the store cannot take a write while this is held
         try:

@@ -29,7 +29,7 @@ from pydantic import SecretStr
 
 from actors.client import XiaozhiClient
 from actors.ingress.auth import Authenticator
-from tests.conftest import INGRESS_PORT, TEST_NAMESPACE, served_config
+from tests.conftest import INGRESS_PORT, TEST_NAMESPACE, hosted_session, served_config
 from tests.fakes.openai_server import FakeOpenAIServer, Script
 
 APP = "voice-actors-restart"
@@ -69,11 +69,12 @@ def restart_config(config: Any, llm: FakeOpenAIServer) -> Any:
 def stateful_actors() -> list[str]:
     """Every named actor that holds a user's state between requests: session
     actors and the directory of live sessions and device aliases."""
-    from actors.session import directory_name
+    from actors.session_directory import directory_name
+    from actors.session_ref import HOST_PREFIX
 
     return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
             if a["namespace"] == TEST_NAMESPACE
-            and (a["name"].startswith("session:") or a["name"] == directory_name())]
+            and (a["name"].startswith(HOST_PREFIX) or a["name"] == directory_name())]
 
 
 def serve_processes() -> list[str]:
@@ -215,8 +216,10 @@ async def test_memories_and_a_devices_conversation_survive_a_server_restart(serv
         assert "Rosetta Stone" in device_fact["text"]
         await stored_history(restart_config, device_sid, device_told)
 
-    old_sessions = [n for n in stateful_actors() if n.startswith("session:")]
-    assert f"session:{device_sid}" in old_sessions
+    from actors.session_directory import directory_name
+
+    old_sessions = [n for n in stateful_actors() if n != directory_name()]
+    assert hosted_session(device_sid) is not None and old_sessions
     server()  # the restart
     assert not any(n in stateful_actors() for n in old_sessions)
 

@@ -15,16 +15,14 @@ import ray
 
 from actors.audio import rms_dbfs, silence
 from actors.pools import get_pool
-from actors.sessions import SessionHandle, SessionManager, create_session_actor, find_session, new_session_id
+from actors.sessions import SessionHandle, SessionManager, find_session, new_session_id, open_session
 from tests.conftest import TEST_NAMESPACE, frames_of, send_frames
 
 QUESTION = "What is twelve times seven?"
 
 
 async def open_actor(config):
-    actor = create_session_actor(config, new_session_id())
-    await actor.ready.remote()
-    return actor
+    return await open_session(config, new_session_id())
 
 
 async def test_spoken_question_gets_transcript_reply_and_real_speech(ray_cluster, config, speech, tap):
@@ -66,7 +64,7 @@ async def test_spoken_question_gets_transcript_reply_and_real_speech(ray_cluster
     stats = await actor.stats.remote()
     assert stats["stt_decodes"].get("at_pause_used") == 1 and not stats["stt_decodes"].get("final"), stats
     assert stats["mailbox_backlog"] == {"audio_buffer": 0, "stt_stream": 0, "dialogue": 0, "tts": 0}, stats
-    ray.kill(actor)
+    ray.kill(actor.actor)
 
 
 async def test_barge_in_stops_reply_at_once_and_keeps_only_what_was_heard(ray_cluster, config, speech, tap):
@@ -96,7 +94,7 @@ async def test_barge_in_stops_reply_at_once_and_keeps_only_what_was_heard(ray_cl
     heard = cut[0]["content"].split()
     assert 0 < len(heard) < len(full) and full[:len(heard)] == heard, (heard, full[:12])
     assert history[-1]["role"] == "assistant" and history[-1]["content"].startswith("It is")
-    ray.kill(actor)
+    ray.kill(actor.actor)
 
 
 async def test_explicit_interrupt_cancels_reply(ray_cluster, config, tap):
@@ -110,7 +108,7 @@ async def test_explicit_interrupt_cancels_reply(ray_cluster, config, tap):
     assert stop.reason == "interrupted"
     assert not [e for e in t.events[t.events.index(stop):] if e.type == "tts.audio"]
     assert await actor.interrupt.remote() is False  # nothing left to interrupt
-    ray.kill(actor)
+    ray.kill(actor.actor)
 
 
 async def test_out_of_order_and_duplicate_frames(ray_cluster, config, speech, tap):
@@ -131,7 +129,7 @@ async def test_out_of_order_and_duplicate_frames(ray_cluster, config, speech, ta
     stats = await actor.stats.remote()
     assert stats["duplicate_frames"] == len(duplicates)
     assert stats["lost_frames"] == 0
-    ray.kill(actor)
+    ray.kill(actor.actor)
 
 
 @pytest.mark.parametrize("frames, rate, code", [
@@ -152,7 +150,7 @@ async def test_bad_audio_gets_error_event_and_session_keeps_working(ray_cluster,
         turn = await actor.send_text.remote("What is two plus two?")
         await t.wait_for(lambda e: e.type == "metrics" and e.turn_id == turn)
     assert "4" in "".join(e.text for e in t.of("llm.delta", turn))
-    ray.kill(actor)
+    ray.kill(actor.actor)
 
 
 async def test_bad_text_gets_error_event(ray_cluster, config, tap):
@@ -163,7 +161,7 @@ async def test_bad_text_gets_error_event(ray_cluster, config, tap):
         assert await actor.send_text.remote("x" * 5000) is None
         assert (await t.wait_for(lambda e: e.type == "error" and e.code != "text.empty")).code == "text.too_long"
     assert await actor.history.remote() == []
-    ray.kill(actor)
+    ray.kill(actor.actor)
 
 
 async def test_two_sessions_do_not_see_each_other(ray_cluster, config, speech, tap):
@@ -182,8 +180,8 @@ async def test_two_sessions_do_not_see_each_other(ray_cluster, config, speech, t
     hist_b = json.dumps(await b.history.remote())
     assert "84" in hist_a and "Ana" not in hist_a
     assert "Ana" in hist_b and "84" not in hist_b
-    ray.kill(a)
-    ray.kill(b)
+    ray.kill(a.actor)
+    ray.kill(b.actor)
 
 
 async def test_pools_load_each_model_once(ray_cluster, config):
@@ -199,7 +197,7 @@ async def test_pools_load_each_model_once(ray_cluster, config):
     session_pids = {(await a.stats.remote())["pid"] for a in actors}
     assert len(session_pids) == 3 and before["pid"] not in session_pids and tts_stats["pid"] not in session_pids
     for a in actors:
-        ray.kill(a)
+        ray.kill(a.actor)
 
 
 async def test_warm_pool_hands_out_started_actors(ray_cluster, config):
@@ -209,19 +207,20 @@ async def test_warm_pool_hands_out_started_actors(ray_cluster, config):
             break
         await asyncio.sleep(0.1)
     assert manager.warm_ready() == 2
-    warm_ids = [sid for sid, _, _ in manager._warm]
-    sid, actor = manager.open()
+    warm_ids = [ref.session_id for ref, _ in manager._warm]
+    actor = await manager.open()
+    sid = actor.session_id
     assert sid in warm_ids
     assert await actor.ready.remote() == sid
     for _ in range(100):
         if manager.warm_ready() == 2:
             break
         await asyncio.sleep(0.1)
-    assert manager.warm_ready() == 2 and sid not in [s for s, _, _ in manager._warm]  # refilled
-    resumed_sid, resumed = manager.open(sid)
-    assert resumed_sid == sid and (await resumed.stats.remote())["pid"] == (await actor.stats.remote())["pid"]
+    assert manager.warm_ready() == 2 and sid not in [r.session_id for r, _ in manager._warm]  # refilled
+    resumed = await manager.open(sid)
+    assert resumed.session_id == sid and (await resumed.stats.remote())["pid"] == (await actor.stats.remote())["pid"]
     manager.shutdown()
-    ray.kill(actor)
+    ray.kill(actor.actor)
 
 
 def test_second_driver_sees_the_same_session(ray_cluster, config, cluster_address):
@@ -254,17 +253,17 @@ def test_second_driver_sees_the_same_session(ray_cluster, config, cluster_addres
 
 async def test_history_survives_a_crashed_session_actor(ray_cluster, config, tap):
     sid = new_session_id()
-    actor = create_session_actor(config, sid)
+    actor = await open_session(config, sid)
     async with tap(actor) as t:
         turn = await actor.send_text.remote("My name is Ana.")
         await t.wait_for(lambda e: e.type == "metrics" and e.turn_id == turn)
     await asyncio.sleep(0.3)  # the write follows the turn
-    ray.kill(actor)  # a crash: no goodbye, no flush
+    ray.kill(actor.actor)  # a crash: no goodbye, no flush
     for _ in range(50):
-        if find_session(config, sid) is None:
+        if await find_session(config, sid) is None:
             break
         await asyncio.sleep(0.1)
-    revived = create_session_actor(config, sid)
+    revived = await open_session(config, sid)
     history = await revived.history.remote()
     assert [m["content"] for m in history if m["role"] == "user"] == ["My name is Ana."]
     assert "Ana" in history[-1]["content"] and history[-1]["role"] == "assistant"
@@ -275,12 +274,12 @@ async def test_history_survives_a_crashed_session_actor(ray_cluster, config, tap
     with contextlib.suppress(ray.exceptions.RayActorError):
         await revived.close.remote(True)  # forget: the stored conversation goes too
     for _ in range(50):
-        if find_session(config, sid) is None:
+        if await find_session(config, sid) is None:
             break
         await asyncio.sleep(0.1)
-    fresh = create_session_actor(config, sid)
+    fresh = await open_session(config, sid)
     assert await fresh.history.remote() == []
-    ray.kill(fresh)
+    ray.kill(fresh.actor)
 
 
 async def test_the_provider_contracts_from_a_notebook_as_the_readme_shows(ray_cluster, config, speech):
@@ -307,3 +306,89 @@ async def test_the_provider_contracts_from_a_notebook_as_the_readme_shows(ray_cl
     audio = b"".join(piece.audio.pcm16 for piece in pieces if piece.audio)
     rate = next(piece.audio.sample_rate for piece in pieces if piece.audio)
     assert len(audio) / 2 / rate > 1.0 and rms_dbfs(audio) > -40, "a second or more of audible speech"
+
+
+async def test_an_ended_sessions_actor_hosts_the_next_session_and_nothing_of_the_first(ray_cluster, config, tap):
+    """Session actors are reused (a new Ray actor per session grows the
+    long-lived processes for good): the next session gets the process, never
+    the first one's conversation, owner or listeners, and a handle to the
+    first session cannot reach the second."""
+    from actors.session_ref import SessionMoved
+
+    first = await open_actor(config)
+    assert await first.claim.remote("user:alice")
+    async with tap(first) as t:
+        turn = await first.send_text.remote("My name is Ana.")
+        await t.wait_for(lambda e: e.type == "metrics" and e.turn_id == turn)
+        pid = (await first.stats.remote())["pid"]
+        await first.close.remote()
+        closed = await t.wait_for(lambda e: e.type == "error")
+    assert closed.code == "session.closed"
+    assert await find_session(config, first.session_id) is None
+
+    second = None
+    for _ in range(20):  # the spare a new session takes may be another ended one: look for ours
+        candidate = await open_actor(config)
+        if (await candidate.stats.remote())["pid"] == pid:
+            second = candidate
+            break
+        ray.kill(candidate.actor)
+    assert second is not None, "the ended session's actor was not reused"
+    stats = await second.stats.remote()
+    assert stats["owner"] is None and stats["turn_id"] == 0 and stats["subscribers"] == 0 and stats["hosted"] >= 2
+    assert await second.history.remote() == []
+    assert await second.claim.remote("user:bob")  # bob may own it: it is new
+    for call in (first.send_text.remote("hello?"), first.history.remote(), first.claim.remote("user:alice")):
+        with pytest.raises(SessionMoved):
+            await call
+    assert await second.history.remote() == []  # the stale handle's text never arrived
+    # the first session comes back on another actor, from the store, with its conversation
+    back = await open_session(config, first.session_id)
+    assert back.actor._actor_id != second.actor._actor_id
+    assert [m["content"] for m in await back.history.remote() if m["role"] == "user"] == ["My name is Ana."]
+    for ref in (second, back):
+        await ref.close.remote(True)
+
+
+async def test_a_live_session_is_found_on_the_same_actor_after_the_directory_restarts(ray_cluster, config):
+    """The directory's session → actor map is memory; after a restart it is
+    rebuilt from the session actors alive (each says what it hosts), so a
+    resuming client reaches its live session, not a second copy of it."""
+    from actors.session_directory import session_directory
+
+    ref = await open_actor(config)
+    pid = (await ref.stats.remote())["pid"]
+    directory = session_directory(config)
+    ray.kill(directory, no_restart=False)  # Ray restarts it: its maps start empty
+    for _ in range(100):
+        try:
+            found = await find_session(config, ref.session_id)
+            break
+        except ray.exceptions.RayActorError:  # a call that reached the dying directory
+            await asyncio.sleep(0.1)
+    assert found is not None and (await found.stats.remote())["pid"] == pid
+    again = await open_session(config, ref.session_id)
+    assert again.actor._actor_id == ref.actor._actor_id
+    await ref.close.remote()
+
+
+async def test_the_directory_keeps_spares_up_to_its_cap_and_hands_each_out_once(ray_cluster, config):
+    from actors.session_directory import SessionDirectory
+    from actors.sessions import new_session_actor
+
+    capped = config.model_copy(update={"server": config.server.model_copy(update={"spare_sessions": 1})})
+    directory = SessionDirectory.remote("spare-cap-test", capped)
+    a, b = new_session_actor(config), new_session_actor(config)
+    try:
+        assert await directory.recycle.remote(a) is True
+        assert await directory.recycle.remote(a) is True  # already a spare: kept once
+        assert await directory.recycle.remote(b) is False  # over the cap: b exits instead
+        assert await directory.holds.remote(a) and not await directory.holds.remote(b)
+        taken = await directory.take_spare.remote()
+        assert taken._actor_id == a._actor_id and not await directory.holds.remote(a)
+        assert await directory.take_spare.remote() is None
+        counts = await directory.describe.remote()
+        assert counts["spares_taken"] == 1 and counts["spares_turned_away"] == 1 and counts["spares"] == 0
+    finally:
+        for actor in (directory, a, b):
+            ray.kill(actor)

@@ -26,7 +26,7 @@ import ray
 from actors.config import ConfigError, load_config
 from actors.history_store import HistoryStore
 from actors.providers.base import ChatMessage
-from tests.conftest import INGRESS_PORT, TEST_NAMESPACE, run_ingress, served_config
+from tests.conftest import INGRESS_PORT, TEST_NAMESPACE, hosted_session, run_ingress, served_config
 from tests.pg import fresh_pg_schema
 
 ALICE, BOB = "user:alice", "user:bob"
@@ -204,7 +204,7 @@ async def wait_new_life(directory: Any, admitted: str, timeout_s: float = 30.0) 
 
 
 async def test_the_device_directory_survives_its_actors_restart_and_a_new_one(ray_cluster, store_config) -> None:
-    from actors.sessions import SessionDirectory
+    from actors.session_directory import SessionDirectory
 
     directory = SessionDirectory.remote(TEST_NAMESPACE, store_config)
     replacement = None
@@ -254,7 +254,7 @@ async def _until(ws: Any, pred: Callable[[dict], bool], timeout: float = 60) -> 
 async def test_a_device_gets_its_session_and_conversation_back_after_the_directory_restarts(
         server, server_config) -> None:
     from actors.client import XiaozhiClient
-    from actors.session import directory_name
+    from actors.session_directory import directory_name
 
     async with httpx.AsyncClient() as http:
         r = await http.post(f"{BASE}/xiaozhi/ota/", headers={"Device-Id": DEVICE, "Client-Id": DEVICE},
@@ -282,19 +282,17 @@ async def test_a_device_gets_its_session_and_conversation_back_after_the_directo
     # the directory restarts (its memory is gone) and the session's actor is lost, as with a node
     directory = ray.get_actor(directory_name(), namespace=TEST_NAMESPACE)
     assert sid in await directory.live.remote()  # admitted when the device connected, still live
-    ray.kill(ray.get_actor(f"session:{sid}", namespace=TEST_NAMESPACE), no_restart=True)  # gone unannounced
+    ray.kill(hosted_session(sid).actor, no_restart=True)  # gone unannounced
     ray.kill(directory, no_restart=False)
     await wait_new_life(directory, sid)
     for _ in range(100):
-        try:
-            ray.get_actor(f"session:{sid}", namespace=TEST_NAMESPACE)
-        except ValueError:
+        if hosted_session(sid) is None:
             break
         await asyncio.sleep(0.1)
 
     async with await XiaozhiClient.connect(url, token, DEVICE, client_id=DEVICE) as c:
         assert c.session_id == sid  # the same session, found in the store
-        actor = ray.get_actor(f"session:{sid}", namespace=TEST_NAMESPACE)
+        actor = hosted_session(sid)
         resumed = await actor.history.remote()
         assert any(m["role"] == "user" and "twelve times seven" in m["content"] for m in resumed), resumed
         assert any(m["role"] == "assistant" and "84" in m["content"] for m in resumed), resumed

@@ -227,6 +227,7 @@ def get_knowledge_pool(cfg: KnowledgeConfig, namespace: str, node_id: str | None
     return KnowledgePool.options(
         name=knowledge_pool_name(cfg.name, node_id), namespace=namespace, lifetime="detached",
         get_if_exists=True, num_cpus=0, max_concurrency=100,
+        enable_task_events=False,  # a query every turn: no GCS record of each (actors/runtime.py)
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=True),
     ).remote(cfg, str(root))
 

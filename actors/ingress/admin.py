@@ -211,22 +211,14 @@ class AdminPanel:
         return len(ray.get(self.sessions.directory.live.remote(), timeout=CALL_TIMEOUT_S))
 
     async def _session_ids(self) -> tuple[dict[str, str], set[str]]:
-        """(the directory's live places: id → owner, every named session actor's id)."""
-        from actors.session import session_actor_name
-
-        prefix = session_actor_name("")
-        namespace = self.config.server.namespace
+        """(the directory's live places: id → owner, the ids of every hosted session)."""
+        directory = self.sessions.directory
         try:
-            places = await asyncio.wait_for(self.sessions.directory.live.remote(), CALL_TIMEOUT_S)
+            places, hosted = await asyncio.wait_for(
+                asyncio.gather(directory.live.remote(), directory.hosts.remote()), CALL_TIMEOUT_S)
         except Exception:
-            places = {}
-        try:
-            named = await asyncio.to_thread(ray.util.list_named_actors, True)
-        except Exception:
-            named = []
-        actors = {a["name"][len(prefix):] for a in named
-                  if a.get("namespace") == namespace and a["name"].startswith(prefix)}
-        return places, actors
+            places, hosted = {}, []
+        return places, set(hosted)
 
     async def list_sessions(self) -> dict[str, Any]:
         """Every session actor alive in the cluster, newest first. A warm one
@@ -238,7 +230,7 @@ class AdminPanel:
         now = time.time()
 
         async def row(sid: str) -> dict[str, Any] | None:
-            actor = await asyncio.to_thread(find_session, self.config, sid)
+            actor = await find_session(self.config, sid, self.sessions.directory)
             if actor is None:
                 return None  # ended since it was listed (or a stale place the directory prunes later)
             try:
@@ -269,7 +261,7 @@ class AdminPanel:
         None when neither knows it."""
         from actors.sessions import find_session
 
-        actor = await asyncio.to_thread(find_session, self.config, session_id)
+        actor = await find_session(self.config, session_id, self.sessions.directory)
         if actor is not None:
             try:
                 messages, stats = await asyncio.wait_for(
@@ -285,12 +277,12 @@ class AdminPanel:
                 "messages": [m.model_dump() for m in stored.messages]}
 
     async def end(self, session_id: str, forget: bool = False) -> dict[str, Any] | None:
-        """End a live session (its sockets close as its actor exits); with
+        """End a live session (its sockets close as it ends); with
         `forget`, delete its stored conversation too. None: nothing to end or
         forget under this id."""
         from actors.sessions import find_session
 
-        actor = await asyncio.to_thread(find_session, self.config, session_id)
+        actor = await find_session(self.config, session_id, self.sessions.directory)
         stored = self.store is not None and await self.store.known(session_id)
         if actor is None and not (forget and stored):
             return None
@@ -299,12 +291,12 @@ class AdminPanel:
                 await asyncio.wait_for(actor.close.remote(forget), 10.0)
             except ray.exceptions.RayActorError:
                 pass  # it exits while answering
-            except Exception:  # stuck: ended the hard way below
+            except Exception:  # stuck: ended the hard way
+                # close() tells listeners `session.closed` (their streams end, sockets close
+                # normally), saves or forgets the conversation and frees the actor for a later
+                # session; one that does not answer in time is killed instead
                 log.warning("session %s did not close in time; killing it", session_id)
-            # close() tells listeners `session.closed` (their streams end, sockets close
-            # normally), saves or forgets the conversation and exits; a call stuck past it
-            # would keep the process alive, so make sure it is gone
-            ray.kill(actor, no_restart=True)
+                ray.kill(actor.actor, no_restart=True)
             try:
                 await self.sessions.directory.release.remote(session_id)
             except Exception:

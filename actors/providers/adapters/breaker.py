@@ -6,8 +6,9 @@ failures its breaker opens and calls skip it; after `reset_s` one probe call
 goes through (half open): success closes the breaker, failure opens it again.
 
 Breakers live per process and per (stage, provider): every chain a process
-builds for that provider shares one. Session actors run one per process, so
-each session learns of an outage from its own calls; ingress replicas share
+builds for that provider shares one. A session actor hosts one session at a
+time and starts each with none (`forget_breakers`), so each session learns of
+an outage from its own calls, with its own thresholds; ingress replicas share
 theirs across their sessions' HTTP turns. A cluster-wide breaker would put a
 remote call before every provider call, which costs more than the few failed
 calls it saves (DESIGN §3).
@@ -98,6 +99,12 @@ def breaker_for(kind: str, name: str, failures: int, reset_s: float) -> CircuitB
         if found is None:
             found = _breakers[(kind, name)] = CircuitBreaker(f"{kind}:{name}", failures, reset_s)
         return found
+
+
+def forget_breakers() -> None:
+    """Start afresh: a session actor about to host its next session."""
+    with _registry_lock:
+        _breakers.clear()
 
 
 def breaker_states() -> dict[str, dict[str, Any]]:

@@ -17,7 +17,7 @@ import time
 from collections import deque
 from typing import Any
 
-from actors.providers.adapters.breaker import breaker_states
+from actors.providers.adapters.breaker import breaker_states, forget_breakers
 
 LATENCY_WINDOW = 128
 """Calls whose durations are kept for the percentiles."""
@@ -80,6 +80,14 @@ def usage_for(kind: str, name: str) -> ProviderUsage:
         if found is None:
             found = _usage[(kind, name)] = ProviderUsage()
         return found
+
+
+def forget_provider_state() -> None:
+    """This process's breakers and counters start afresh: a session actor
+    hosts its next session with the figures of that session alone."""
+    forget_breakers()
+    with _registry_lock:
+        _usage.clear()
 
 
 def provider_report() -> dict[str, dict[str, Any]]:

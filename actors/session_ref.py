@@ -1,0 +1,76 @@
+"""A session on the actor that hosts it: the handle every caller holds.
+
+Session actors are reused: when a session ends, its actor (a Ray worker
+process) goes back to the directory's spares and later hosts another
+session. Ray keeps state for every actor ever created or called in each
+process that did so (the ingress, the dashboard agent, the GCS: ~60–90 KB
+each, measured by `bench.churn`), so one new actor per session grew a
+server that runs for days without bound; reusing them does not.
+
+A caller that still holds the actor after its session ended must never
+reach the next one. So every call made through a `SessionRef` names the
+session it is for (`session_id=`), and the actor refuses a call for a
+session it no longer hosts with `SessionMoved`: a `RayActorError`, so
+every path that brings back a dead session brings back this one too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError
+
+HOST_PREFIX = "session-host:"
+
+
+def host_actor_name(host_id: str) -> str:
+    """Session actors are named by host, not by session: a name is for life."""
+    return f"{HOST_PREFIX}{host_id}"
+
+
+class SessionMoved(RayActorError):
+    """The actor called no longer hosts this session (it ended, and the actor
+    may host another one now): find the session again, as after a crash."""
+
+    def __init__(self, session_id: str = "") -> None:
+        super().__init__(error_msg=f"session {session_id or '?'} is no longer hosted by this actor")
+        self.session_id = session_id
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (SessionMoved, (self.session_id,))
+
+
+def same_actor(a: ray.actor.ActorHandle, b: ray.actor.ActorHandle) -> bool:
+    return a._actor_id == b._actor_id
+
+
+class _SessionMethod:
+    """`ref.method.remote(...)` = the actor's method, for this session only."""
+
+    def __init__(self, method: Any, session_id: str) -> None:
+        self._method = method
+        self._session_id = session_id
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        return self._method.remote(*args, session_id=self._session_id, **kwargs)
+
+    def options(self, **options: Any) -> _SessionMethod:
+        return _SessionMethod(self._method.options(**options), self._session_id)
+
+
+class SessionRef:
+    """`actor` (the host's Ray handle) bound to `session_id`: use it like the
+    actor handle (`await ref.send_text.remote("hi")`)."""
+
+    def __init__(self, actor: ray.actor.ActorHandle, session_id: str) -> None:
+        self.actor = actor
+        self.session_id = session_id
+
+    def __getattr__(self, name: str) -> _SessionMethod:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return _SessionMethod(getattr(self.actor, name), self.session_id)
+
+    def __repr__(self) -> str:
+        return f"SessionRef({self.session_id!r})"
