@@ -23,6 +23,7 @@ import ray
 from actors.agent.persona import persona_config
 from actors.config import AppConfig
 from actors.events import ErrorCode, ErrorEvent, Event
+from actors.heap import release_memory
 from actors.history_store import HistoryStore, StoredSession
 from actors.providers import build_vad
 from actors.providers.base import SAMPLE_RATE
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 
 
 EVENT_BATCH_MAX = 64
+RELEASE_AFTER_S = 0.5
 
 
 _default_output: contextvars.ContextVar[OutputPrefs | None] = contextvars.ContextVar(
@@ -431,6 +433,8 @@ class SessionActor:
             kept = False
         if not kept:
             ray.actor.exit_actor()
+        # once the callers holding the ended session (close(), the reaper) have returned
+        asyncio.get_running_loop().call_later(RELEASE_AFTER_S, release_memory)
         asyncio.get_running_loop().create_task(self._exit_if_forgotten(binds))
 
     async def _exit_if_forgotten(self, binds: int) -> None:

