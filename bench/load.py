@@ -1,0 +1,255 @@
+"""Pre-encoded load: `python -m bench.load --sessions 1,8,16,32 [--protocol xiaozhi|native]` (issue 13).
+
+bench/run.py's clients share the process that measures, and encode (and
+decode) Opus for every frame of every session: at 16 sessions the load
+generator itself needed a large share of the two cores it measured. Here the
+speech is encoded once, and a separate process replays the packets in real
+time (60 ms frames, each sent once it has been "recorded") and never decodes
+the reply, only notes when its first byte arrives. What the load generator
+costs is reported apart (its own CPU time), and the server's CPU is split by
+process kind (Serve proxy, ingress replica, session actors, pools, the
+session directory, Ray's daemons), per session.
+
+The server is bench/run.py's fake mode (fixed-delay providers; `known` is
+the provider and VAD delay a turn cannot beat), so `overhead` = end of speech
+→ first audio − known is the server's own time. Figures: docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.run import PORT, QUESTION, pct, ray_processes, speech_fixture, wait_for_warm_pool
+from bench.soak import process_kind, server_config, start_ray
+
+FRAME_S = 0.06
+LEAD_MS = 500
+TRAILING_MS = 1200
+
+
+# ------------------------------------------------------------------ the recording, encoded once
+def encoded_turn(speech: bytes) -> tuple[list[bytes], list[bytes], int]:
+    """→ (Opus packets, PCM frames, frames up to the end of speech) of lead
+    silence + speech + trailing silence, 60 ms each."""
+    from actors.audio import silence, split_frames
+    from actors.protocols.opus import OpusEncoder
+
+    speech += b"\x00" * (-len(speech) % 1920)  # whole 60 ms frames: the end of speech is a frame's end
+    frames = split_frames(silence(LEAD_MS) + speech + silence(TRAILING_MS), 60)
+    encoder = OpusEncoder(16000, 60)
+    # the codec holds a little audio back (its look-ahead): two more silent frames push every frame out
+    packets = [p for f in frames + [silence(60)] * 2 for p in encoder.encode(f)][:len(frames)]
+    assert len(packets) == len(frames), (len(packets), len(frames))
+    return packets, frames, len(split_frames(silence(LEAD_MS) + speech, 60))
+
+
+# ------------------------------------------------------------------ the load process
+async def _turns(c: Any, send_frame: Any, frames: list[bytes], n_speech: int, turns: int,
+                 out: dict[str, list[float]], stop_when: Any, before_turn: Any = None) -> None:
+    """Stream the recording `turns` times; note end of speech → first reply byte."""
+    for _ in range(turns):
+        if before_turn is not None:
+            await before_turn()
+        eos: list[float] = []
+        first: list[float] = []
+
+        async def receive() -> None:
+            while True:
+                data = await asyncio.wait_for(c.ws.recv(), 60)
+                if isinstance(data, bytes):
+                    if eos and not first:
+                        first.append(time.monotonic())
+                elif stop_when(json.loads(data)) and first:
+                    return
+
+        receiver = asyncio.create_task(receive())
+        start = time.monotonic()
+        for i, frame in enumerate(frames):
+            due = start + (i + 1) * FRAME_S  # a frame leaves once it has been recorded
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            out["lag_ms"].append(max(0.0, (time.monotonic() - due) * 1000))
+            await send_frame(frame)
+            if i + 1 == n_speech:
+                eos.append(due)
+        await receiver
+        out["e2e_ms"].append((first[0] - eos[0]) * 1000)
+
+
+async def _xiaozhi(base: str, device: str, packets: list[bytes], n_speech: int, turns: int,
+                   out: dict[str, list[float]], delay_s: float) -> None:
+    import httpx
+
+    from actors.client import XiaozhiClient
+
+    await asyncio.sleep(delay_s)
+    async with httpx.AsyncClient() as http:
+        ota = (await http.post(f"http{base[2:]}/xiaozhi/ota/", headers={"Device-Id": device, "Client-Id": device},
+                               json={})).json()["websocket"]
+    t0 = time.monotonic()
+    async with await XiaozhiClient.connect(ota["url"], ota["token"], device, client_id=device) as c:
+        out["connect_ms"].append((time.monotonic() - t0) * 1000)
+        await _turns(c, c.ws.send, packets, n_speech, turns, out,
+                     lambda m: m.get("type") == "tts" and m.get("state") == "stop",
+                     lambda: c.listen("start", "auto"))
+
+
+async def _native(base: str, token: str, frames: list[bytes], n_speech: int, turns: int,
+                  out: dict[str, list[float]], delay_s: float) -> None:
+    from actors.client import NativeClient
+
+    await asyncio.sleep(delay_s)
+    t0 = time.monotonic()
+    async with await NativeClient.connect(f"{base}/ws/voice", token) as c:  # PCM16 frames, as they are
+        out["connect_ms"].append((time.monotonic() - t0) * 1000)
+        await _turns(c, c.ws.send, frames, n_speech, turns, out, lambda m: m.get("type") == "metrics")
+
+
+def load_process(conn: Any, protocol: str, base: str, token: str, media: list[bytes], n_speech: int,
+                 sessions: int, turns: int, stagger_s: float) -> None:
+    """The load generator's own process: `sessions` clients at once; sends
+    back what they saw and the CPU this process used."""
+    out: dict[str, list[float]] = {"e2e_ms": [], "connect_ms": [], "lag_ms": []}
+    failures: list[str] = []
+
+    async def main() -> None:
+        delays = [i * stagger_s / sessions for i in range(sessions)]
+        if protocol == "xiaozhi":
+            coros = [_xiaozhi(base, f"02:00:00:01:{i // 256:02x}:{i % 256:02x}", media, n_speech, turns, out, d)
+                     for i, d in enumerate(delays)]
+        else:
+            coros = [_native(base, token, media, n_speech, turns, out, d) for d in delays]
+        results = await asyncio.gather(*coros, return_exceptions=True)
+        failures.extend(repr(e)[:200] for e in results if isinstance(e, BaseException))
+
+    cpu0, t0 = time.process_time(), time.monotonic()
+    asyncio.run(main())
+    conn.send({**out, "failures": failures, "cpu_s": time.process_time() - cpu0, "wall_s": time.monotonic() - t0})
+    conn.close()
+
+
+# ------------------------------------------------------------------ the server's CPU, by kind
+def cpu_by_pid() -> dict[int, tuple[str, float]]:
+    out: dict[int, tuple[str, float]] = {}
+    for p in ray_processes():
+        try:
+            t = p.cpu_times()
+            out[p.pid] = (process_kind(p), t.user + t.system)
+        except Exception:  # exited meanwhile
+            continue
+    return out
+
+
+KINDS = {"ProxyActor": "Serve proxy", "SessionActor": "session actors", "ProviderPool": "provider pools",
+         "SessionDirectory": "session directory", "KnowledgePool": "knowledge pool"}
+
+
+def kind_group(kind: str) -> str:
+    if kind.startswith("ServeReplica:voice-actors:"):
+        return "ingress replica"
+    if kind in KINDS:
+        return KINDS[kind]
+    if kind in ("gcs_server", "raylet", "DashboardAgent", "agent", "log_monitor", "monitor", "runtime_env_agent",
+                "dashboard", "ServeController", "ray_client_server"):
+        return "Ray and Serve daemons"
+    return f"other ({kind})"
+
+
+def cpu_split(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds per kind group between two snapshots (a process that
+    started meanwhile counts from zero)."""
+    out: dict[str, float] = {}
+    for pid, (kind, cpu) in after.items():
+        used = cpu - before.get(pid, (kind, 0.0))[1]
+        group = kind_group(kind)
+        out[group] = out.get(group, 0.0) + max(0.0, used)
+    return out
+
+
+# ------------------------------------------------------------------ orchestration
+async def run(opts: argparse.Namespace) -> dict[str, Any]:
+    import ray
+    from ray import serve
+
+    from actors.ingress.auth import Authenticator
+    from actors.pools import ensure_pools
+    from bench.fakes import known_delay_ms
+    from serve_app import build_app
+
+    config = server_config("fake", max(opts.sessions), "voice-actors-load", 120.0)
+    if opts.warm is not None:
+        config = config.model_copy(update={"server": config.server.model_copy(update={"warm_sessions": opts.warm})})
+    start_ray(config.server.namespace)
+    ensure_pools(config)
+    serve.start(http_options={"host": "127.0.0.1", "port": opts.port})
+    serve.run(build_app(config), name="voice-actors", route_prefix="/")
+    base = f"ws://127.0.0.1:{opts.port}"
+    token = Authenticator(config.auth).issue_token("load")
+    packets, frames, n_speech = encoded_turn(speech_fixture(QUESTION))
+    media = packets if opts.protocol == "xiaozhi" else frames
+    pause_ms = config.vad.pause_ms if config.stt.decode_at_pause and config.vad.pause_ms < config.vad.end_silence_ms \
+        else None
+    known = known_delay_ms(config.vad.end_silence_ms, pause_ms, config.session.preemptive_generation)
+    print(f"[load] {opts.protocol}; known provider + VAD delay {known:.0f} ms; {len(media)} frames a turn "
+          f"({n_speech} to the end of speech), encoded once", flush=True)
+    report: dict[str, Any] = {"protocol": opts.protocol, "known_ms": known, "turns": opts.turns,
+                              "warm_sessions": config.server.warm_sessions, "runs": []}
+    try:
+        for n in opts.sessions:
+            await wait_for_warm_pool(base)
+            recv, send = multiprocessing.get_context("spawn").Pipe(duplex=False)
+            proc = multiprocessing.get_context("spawn").Process(
+                target=load_process, args=(send, opts.protocol, base, token, media, n_speech, n, opts.turns,
+                                           opts.stagger_s))
+            before, t0 = cpu_by_pid(), time.monotonic()
+            proc.start()
+            result = await asyncio.to_thread(recv.recv)
+            wall = time.monotonic() - t0
+            after = cpu_by_pid()
+            proc.join(10)
+            split = {k: round(100 * v / wall / n, 2) for k, v in sorted(cpu_split(before, after).items())}
+            e2e = pct(result["e2e_ms"])
+            over = pct([x - known for x in result["e2e_ms"]])
+            row = {"sessions": n, "e2e_ms": e2e, "overhead_ms": over, "connect_ms": pct(result["connect_ms"]),
+                   "uplink_lag_ms": pct(result["lag_ms"]), "failures": result["failures"],
+                   "server_cpu_pct_of_core_per_session": split,
+                   "server_cpu_pct_of_core": round(sum(split.values()) * n, 1),
+                   "load_generator_cpu_pct_of_core": round(100 * result["cpu_s"] / result["wall_s"], 1),
+                   "wall_s": round(wall, 1)}
+            report["runs"].append(row)
+            print(f"[load] {n} sessions: e2e p50 {e2e['p50']} p99 {e2e['p99']} ms; overhead p50 {over['p50']} "
+                  f"p99 {over['p99']} ms; connect p50 {row['connect_ms']['p50']} p99 {row['connect_ms']['p99']} ms; "
+                  f"uplink lag p99 {row['uplink_lag_ms']['p99']} ms; failures {len(result['failures'])}", flush=True)
+            print(f"[load]   server CPU {row['server_cpu_pct_of_core']}% of a core "
+                  f"({sum(split.values()):.1f}% per session: {split}); load generator "
+                  f"{row['load_generator_cpu_pct_of_core']}% of a core", flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sessions", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 16, 32])
+    p.add_argument("--protocol", choices=["xiaozhi", "native"], default="xiaozhi")
+    p.add_argument("--turns", type=int, default=3)
+    p.add_argument("--stagger-s", type=float, default=2.0, help="spread the session starts over this long")
+    p.add_argument("--warm", type=int, default=None, help="warm sessions (default: bench/run.py's, up to 8)")
+    p.add_argument("--port", type=int, default=PORT + 40)
+    opts = p.parse_args(argv)
+    report = asyncio.run(run(opts))
+    out = Path(__file__).resolve().parent / "results" / f"load-{opts.protocol}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"[load] wrote {out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
