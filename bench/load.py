@@ -40,13 +40,14 @@ def encoded_turn(speech: bytes) -> tuple[list[bytes], list[bytes], int]:
     from actors.audio import silence, split_frames
     from actors.protocols.opus import OpusEncoder
 
-    speech += b"\x00" * (-len(speech) % 1920)  # whole 60 ms frames: the end of speech is a frame's end
-    frames = split_frames(silence(LEAD_MS) + speech + silence(TRAILING_MS), 60)
+    lead = silence(LEAD_MS)
+    speech += b"\x00" * (-(len(lead) + len(speech)) % 1920)  # the end of speech is a frame's end
+    frames = split_frames(lead + speech + silence(TRAILING_MS), 60)
     encoder = OpusEncoder(16000, 60)
     # the codec holds a little audio back (its look-ahead): two more silent frames push every frame out
     packets = [p for f in frames + [silence(60)] * 2 for p in encoder.encode(f)][:len(frames)]
     assert len(packets) == len(frames), (len(packets), len(frames))
-    return packets, frames, len(split_frames(silence(LEAD_MS) + speech, 60))
+    return packets, frames, (len(lead) + len(speech)) // 1920
 
 
 # ------------------------------------------------------------------ the load process

@@ -109,3 +109,24 @@ def test_soak_report_figures_from_samples(tmp_path: Path):
     plot(rows, summary, tmp_path / "soak.png")
     assert (tmp_path / "soak.csv").read_text().count("\n") == len(rows) + 1
     assert (tmp_path / "soak.png").stat().st_size > 10_000
+
+
+def test_load_generator_replays_whole_opus_frames_and_splits_cpu_by_kind():
+    """bench/load: one Opus packet per 60 ms frame, the end of speech on a
+    frame boundary, and CPU grouped by what each process is."""
+    from actors.audio import silence
+    from actors.protocols.opus import OpusDecoder
+    from bench.load import LEAD_MS, TRAILING_MS, cpu_split, encoded_turn
+
+    speech = b"\x10\x27\xf0\xd8" * 8000 + b"\x00\x01"  # 1 s of a loud square wave and a stray sample
+    packets, frames, n_speech = encoded_turn(speech)
+    assert len(packets) == len(frames) and all(len(f) == 1920 for f in frames)
+    assert n_speech * 1920 >= LEAD_MS * 32 + len(speech) > (n_speech - 1) * 1920
+    assert len(frames) == n_speech + TRAILING_MS // 60
+    decoded = OpusDecoder(16000).decode(packets[n_speech // 2])
+    assert len(decoded) == 1920 and decoded != silence(60)  # real audio, a frame long
+    before = {1: ("SessionActor", 1.0), 2: ("ServeReplica:voice-actors:VoiceIngress", 2.0)}
+    after = {1: ("SessionActor", 1.5), 2: ("ServeReplica:voice-actors:VoiceIngress", 2.25),
+             3: ("SessionActor", 0.5), 4: ("raylet", 0.1)}  # pid 3 started during the run
+    assert cpu_split(before, after) == {"session actors": 1.0, "ingress replica": 0.25,
+                                        "Ray and Serve daemons": 0.1}
