@@ -105,9 +105,14 @@ class SessionDirectory:
         await asyncio.gather(*(ask(n) for n in names))
 
     async def _hosts_it(self, session_id: str, actor: ray.actor.ActorHandle) -> bool:
+        """Does `actor` still host `session_id`? One too busy to answer in
+        time is taken to: replacing a slow host would leave two actors
+        writing one conversation; a dead one raises at once."""
         try:
             return await asyncio.wait_for(actor.hosting.remote(), PING_TIMEOUT_S) == session_id
-        except Exception:  # dead, or too busy to answer: not a host to hand out
+        except asyncio.TimeoutError:
+            return True
+        except Exception:  # dead (RayActorError) or unreachable
             return False
 
     async def locate(self, session_id: str) -> ray.actor.ActorHandle | None:
