@@ -157,15 +157,17 @@ class SessionActor:
             forget_provider_state()  # the last session's breakers and counters are not this one's
         self._created = time.time()
         me = ray.get_runtime_context().current_actor
+        directory = None
         try:
-            winner = await session_directory(self._config).attach.remote(session_id, me)
+            directory = session_directory(self._config)
+            winner = await directory.attach.remote(session_id, me)
         except Exception:
             self._unbind()
-            asyncio.get_running_loop().create_task(self._retire())
+            asyncio.get_running_loop().create_task(self._retire(directory))
             raise
         if not same_actor(winner, me):
             self._unbind()
-            asyncio.get_running_loop().create_task(self._retire())
+            asyncio.get_running_loop().create_task(self._retire(directory))
             raise SessionMoved(session_id)
         await self._ensure_started()
         return session_id
@@ -419,16 +421,20 @@ class SessionActor:
             if memory is not None:
                 await memory.close()
         finally:
+            directory = None
             with contextlib.suppress(Exception):  # no directory: nothing holds a place or a spare
-                session_directory(self._config).release.remote(
-                    core.session_id, ray.get_runtime_context().current_actor)
-            await self._retire()
+                directory = session_directory(self._config)
+                directory.release.remote(core.session_id, ray.get_runtime_context().current_actor)
+            await self._retire(directory)
 
-    async def _retire(self) -> None:
-        """Wait as a spare if the directory wants one, else exit."""
+    async def _retire(self, directory: ray.actor.ActorHandle | None = None) -> None:
+        """Wait as a spare if the directory wants one, else exit. `directory`:
+        the handle the caller already looked up (each lookup is a blocking
+        round trip to Ray's control store on this actor's loop)."""
         binds = self._binds
         try:
-            kept = await session_directory(self._config).recycle.remote(ray.get_runtime_context().current_actor)
+            directory = directory or session_directory(self._config)
+            kept = await directory.recycle.remote(ray.get_runtime_context().current_actor)
         except Exception:
             kept = False
         if not kept:
