@@ -145,7 +145,12 @@ try:
             out["cut"] = {"socket": f"{type(e).__name__}: {e}"[:300], "errors": []}
         await killer
         mark("worker client saw the failure")
-        alive = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+        # the socket can learn of the loss (a failed call to the dead raylet) before the GCS's health
+        # checks declare the node dead, which takes a few missed checks: wait for the GCS to agree
+        deadline = time.monotonic() + 60
+        while (alive := [n["NodeID"] for n in ray.nodes() if n["Alive"]]) != [head_id] and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+        mark("GCS marked the worker node dead")
         out["alive_nodes_are_head_only"] = alive == [head_id]
 
         # the client reconnects by its session id: the session comes back on the head from the store
