@@ -723,8 +723,9 @@ class VoiceIngress:
         client_id, device_id = owner_from if owner_from else (None, None)
         try:
             principal = self._principal(ws, client_id, device_id)
+            device_persona: list[str | None] = []  # its owner's choice, read with its admission: for the first open
             if principal.device_id is not None and principal.kind == "device":
-                await asyncio.to_thread(self.admission.check_socket, principal.device_id)
+                device_persona.append(await asyncio.to_thread(self.admission.check_socket, principal.device_id))
             slot = self.slots.acquire(principal.key)
         except (AuthError, LimitError) as e:
             self.metrics.refused(e.code)
@@ -736,7 +737,8 @@ class VoiceIngress:
 
         async def open_session(session_id: str | None, persona: str | None = None) -> tuple[str, Any, bool]:
             if persona is None and principal.kind == "device" and principal.device_id is not None:
-                persona = await asyncio.to_thread(self.admission.registry.persona_of, principal.device_id)
+                persona = device_persona.pop() if device_persona else \
+                    await asyncio.to_thread(self.admission.registry.persona_of, principal.device_id)
                 if persona is not None and not self.config.has_persona(persona):
                     persona = None  # removed from the config since: the default
             return await self._open(session_id, principal, alias, self._check_persona(persona))

@@ -31,6 +31,7 @@ from actors.providers.stages import chained_llm, chained_stt, chained_tts
 from actors.session_core import SessionCore
 from actors.session_directory import session_directory
 from actors.session_ref import SessionMoved, same_actor
+from actors.session_stores import ActorStores
 from actors.tts import OutputPrefs
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,7 @@ class SessionActor:
 
     def __init__(self, config: AppConfig) -> None:
         self._config = config
+        self._stores = ActorStores()
         self._binds = 0
         """How many sessions this actor has hosted: a spare's timer knows if it was taken."""
         self._unbind()
@@ -190,7 +192,8 @@ class SessionActor:
                     if sid is None:
                         raise SessionMoved("")
                     if self._store is None:
-                        self._store = HistoryStore.from_config(self._config)
+                        self._store = self._stores.history(self._config)
+                        self._stores.open_memory_ahead(self._config, sid)
                     stored = await self._store.snapshot(sid) if self._store else StoredSession()
                     if self._session_id != sid:  # ended while the store answered
                         raise SessionMoved(sid)
@@ -297,18 +300,14 @@ class SessionActor:
     async def _attach_memory(self, core: SessionCore) -> None:
         """The owner's long-term memory, once the owner is known (a claimed
         session; a notebook's unclaimed session has none)."""
-        if self._memory is not None or self._owner is None or not self._config.memory.enabled:
+        if self._memory is not None or self._owner is None:
             return
-        from actors.agent.memory import MemoryStore
-
-        store = MemoryStore(self._config.memory)
         try:
-            await store.open()
+            store = await self._stores.memory(self._config)
         except Exception as e:  # a database that is down must not stop the conversation
             log.warning("session %s: long-term memory unavailable: %s", core.session_id, type(e).__name__)
             return
-        if self._core_or_none is not core:  # ended meanwhile
-            await store.close()
+        if store is None or self._core_or_none is not core:  # memory off, or the session ended meanwhile
             return
         self._memory = store
         core.use_memory(store, self._owner)
@@ -402,24 +401,18 @@ class SessionActor:
     # ------------------------------------------------------------ ending
     async def _finish(self, core: SessionCore, forget: bool = False) -> None:
         """End `core`'s session (its last save included, then `forget`),
-        close its stores, free its place and go back to the spares. Once:
+        free its place and go back to the spares (its stores stay open). Once:
         `close()` and the idle reaper may both get here."""
         if self._core_or_none is not core:
             return
-        store, memory = self._store, self._memory
+        store = self._store
         self._unbind()  # from here on, calls for this session are refused: callers bring it back
         try:
             await core.close()
             if core.subscribers:  # one that joined after the goodbye: its stream must end too, not wait on
                 core.emit_error(ErrorCode.SESSION_CLOSED, "the session was ended")
-            if store is not None:
-                try:
-                    if forget:
-                        await core.forget_history()
-                finally:
-                    await store.close()
-            if memory is not None:
-                await memory.close()
+            if store is not None and forget:  # the stores stay open for the next session (actors/session_stores.py)
+                await core.forget_history()
         finally:
             directory = None
             with contextlib.suppress(Exception):  # no directory: nothing holds a place or a spare

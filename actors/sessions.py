@@ -147,6 +147,19 @@ class SessionManager:
         return len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) if refs else 0
 
     def _take_warm(self) -> SessionRef | None:
+        entry = self._take_warm_entry()
+        return None if entry is None else entry[0]
+
+    def _put_back_warm(self, entry: tuple[SessionRef, ray.ObjectRef]) -> None:
+        """A warm session taken but not used goes back first in line (or to
+        the spares, if the pool refilled meanwhile)."""
+        with self._lock:
+            if len(self._warm) < self._target:
+                self._warm.appendleft(entry)
+                return
+        entry[0].close.remote()
+
+    def _take_warm_entry(self) -> tuple[SessionRef, ray.ObjectRef] | None:
         with self._lock:
             for _ in range(len(self._warm)):
                 ref, ready = self._warm.popleft()
@@ -157,7 +170,7 @@ class SessionManager:
                     ray.get(ready, timeout=0)
                 except Exception:  # a spare that exited before it was taken: drop it
                     continue
-                return ref
+                return ref, ready
         return None
 
     async def open(self, session_id: str | None = None) -> SessionRef:
@@ -173,17 +186,33 @@ class SessionManager:
 
     async def open_alias(self, alias: str) -> tuple[SessionRef, bool]:
         """The session bound to `alias` (live, or brought back from the store
-        if it ended), else a warm one bound to it now; → (session, resumed)."""
+        if it ended), else a warm one bound to it now; → (session, resumed).
+
+        With a warm session ready, one directory call both asks and binds
+        (the warm one is offered; a device bound before gets its own back and
+        the warm one returns to the pool). Without one, the directory is
+        asked first, so a returning device never waits for a new actor it
+        does not need."""
         directory = self._directory
-        sid = await directory.lookup.remote(alias)
-        if sid is not None:
-            return await self.open(sid), True
-        ref = await self.open()
+        entry = await asyncio.to_thread(self._take_warm_entry)
+        if entry is None:
+            sid = await directory.lookup.remote(alias)
+            if sid is not None:
+                return await self.open(sid), True
+            ref = await self.open()
+        else:
+            ref = entry[0]
         winner = await directory.bind.remote(alias, ref.session_id)
-        if winner != ref.session_id:  # another replica bound this device a moment ago
+        if winner == ref.session_id:
+            if entry is not None:
+                await asyncio.to_thread(self.refill)
+            return ref, False
+        # bound before (or by another replica a moment ago): that session, brought back if it ended
+        if entry is not None:
+            await asyncio.to_thread(self._put_back_warm, entry)
+        else:
             ref.close.remote()  # back to the spares
-            return await self.open_alias(alias)
-        return ref, False
+        return await self.open(winner), True
 
     def shutdown(self) -> None:
         self._stopped.set()

@@ -31,6 +31,9 @@ from bench.soak import process_kind, server_config, start_ray
 FRAME_S = 0.06
 LEAD_MS = 500
 TRAILING_MS = 1200
+CONNECT_GAP_S = 1.0
+"""Between two sequential connects (`--connects`): devices arrive apart, and
+the warm pool refills meanwhile."""
 
 
 # ------------------------------------------------------------------ the recording, encoded once
@@ -111,6 +114,55 @@ async def _native(base: str, token: str, frames: list[bytes], n_speech: int, tur
         await _turns(c, c.ws.send, frames, n_speech, turns, out, lambda m: m.get("type") == "metrics")
 
 
+async def _connect_once(protocol: str, base: str, token: str, device: str, session_id: str | None) -> tuple[float, str]:
+    """One connect → hello and close; → (ms, the session id). The xiaozhi
+    OTA request comes first and is not counted (a device makes it once at boot)."""
+    from actors.client import NativeClient, XiaozhiClient
+
+    if protocol == "xiaozhi":
+        import httpx
+
+        async with httpx.AsyncClient() as http:
+            ota = (await http.post(f"http{base[2:]}/xiaozhi/ota/", headers={"Device-Id": device, "Client-Id": device},
+                                   json={})).json()["websocket"]
+        t0 = time.monotonic()
+        c = await XiaozhiClient.connect(ota["url"], ota["token"], device, client_id=device)
+    else:
+        t0 = time.monotonic()
+        c = await NativeClient.connect(f"{base}/ws/voice", token, session_id=session_id)
+    took = (time.monotonic() - t0) * 1000
+    sid = c.session_id
+    await c.close()
+    return took, sid
+
+
+async def _connects(protocol: str, base: str, token: str, n: int, burst: int, out: dict[str, list[float]]) -> None:
+    """`n` new clients one after another (a gap between them, as devices
+    arrive), the same `n` again resuming their sessions, then `burst` new
+    clients at once."""
+    sids = []
+    for i in range(n):
+        took, sid = await _connect_once(protocol, base, token, f"02:00:00:02:{i // 256:02x}:{i % 256:02x}", None)
+        out["new_ms"].append(took)
+        sids.append(sid)
+        await asyncio.sleep(CONNECT_GAP_S)
+    for i, sid in enumerate(sids):
+        took, _ = await _connect_once(protocol, base, token, f"02:00:00:02:{i // 256:02x}:{i % 256:02x}", sid)
+        out["resumed_ms"].append(took)
+        await asyncio.sleep(CONNECT_GAP_S)
+    results = await asyncio.gather(*[
+        _connect_once(protocol, base, token, f"02:00:00:03:{i // 256:02x}:{i % 256:02x}", None) for i in range(burst)])
+    out["burst_ms"].extend(took for took, _ in results)
+
+
+def connect_process(conn: Any, protocol: str, base: str, token: str, n: int, burst: int) -> None:
+    out: dict[str, list[float]] = {"new_ms": [], "resumed_ms": [], "burst_ms": []}
+    cpu0, t0 = time.process_time(), time.monotonic()
+    asyncio.run(_connects(protocol, base, token, n, burst, out))
+    conn.send({**out, "cpu_s": time.process_time() - cpu0, "wall_s": time.monotonic() - t0})
+    conn.close()
+
+
 def load_process(conn: Any, protocol: str, base: str, token: str, media: list[bytes], n_speech: int,
                  sessions: int, turns: int, stagger_s: float) -> None:
     """The load generator's own process: `sessions` clients at once; sends
@@ -182,7 +234,7 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
     from bench.fakes import known_delay_ms
     from serve_app import build_app
 
-    config = server_config("fake", max(opts.sessions), "voice-actors-load", 120.0)
+    config = server_config("fake", max(opts.sessions or [8]), "voice-actors-load", 120.0, opts.uplink_batch_ms)
     if opts.warm is not None:
         config = config.model_copy(update={"server": config.server.model_copy(update={"warm_sessions": opts.warm})})
     start_ray(config.server.namespace)
@@ -201,6 +253,21 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {"protocol": opts.protocol, "known_ms": known, "turns": opts.turns,
                               "warm_sessions": config.server.warm_sessions, "runs": []}
     try:
+        if opts.connects:
+            await wait_for_warm_pool(base)
+            burst = 2 * config.server.warm_sessions
+            recv, send = multiprocessing.get_context("spawn").Pipe(duplex=False)
+            proc = multiprocessing.get_context("spawn").Process(
+                target=connect_process, args=(send, opts.protocol, base, token, opts.connects, burst))
+            proc.start()
+            result = await asyncio.to_thread(recv.recv)
+            proc.join(10)
+            row = {k: pct(result[k]) for k in ("new_ms", "resumed_ms", "burst_ms")}
+            report["connects"] = {**row, "n": opts.connects, "burst": burst}
+            print(f"[load] connect -> hello, {opts.connects} one after another: new p50 {row['new_ms']['p50']} "
+                  f"p99 {row['new_ms']['p99']} ms; resumed p50 {row['resumed_ms']['p50']} p99 "
+                  f"{row['resumed_ms']['p99']} ms; a burst of {burst} new: p50 {row['burst_ms']['p50']} "
+                  f"p99 {row['burst_ms']['p99']} ms", flush=True)
         for n in opts.sessions:
             await wait_for_warm_pool(base)
             recv, send = multiprocessing.get_context("spawn").Pipe(duplex=False)
@@ -237,12 +304,16 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sessions", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 16, 32])
+    p.add_argument("--sessions", type=lambda s: [int(x) for x in s.split(",") if x], default=[1, 8, 16, 32])
     p.add_argument("--protocol", choices=["xiaozhi", "native"], default="xiaozhi")
     p.add_argument("--turns", type=int, default=3)
     p.add_argument("--stagger-s", type=float, default=2.0, help="spread the session starts over this long")
     p.add_argument("--warm", type=int, default=None, help="warm sessions (default: bench/run.py's, up to 8)")
     p.add_argument("--port", type=int, default=PORT + 40)
+    p.add_argument("--uplink-batch-ms", type=int, default=120, help="the ingress's uplink batch (ingress.uplink_batch_ms)")
+    p.add_argument("--connects", type=int, default=0,
+                   help="first time connect -> hello: this many new clients, the same resuming, then a burst "
+                        "of twice the warm pool (pass --sessions '' to do only this)")
     opts = p.parse_args(argv)
     report = asyncio.run(run(opts))
     out = Path(__file__).resolve().parent / "results" / f"load-{opts.protocol}-{time.strftime('%Y%m%d-%H%M%S')}.json"

@@ -379,11 +379,12 @@ def plot(rows: list[dict[str, Any]], summary: dict[str, Any], path: Path) -> Non
 
 
 # ------------------------------------------------------------------ the server under test
-def server_config(mode: str, sessions: int, namespace: str, orphan_timeout_s: float) -> Any:
+def server_config(mode: str, sessions: int, namespace: str, orphan_timeout_s: float,
+                  uplink_batch_ms: int = 120) -> Any:
     """bench/run.py's config in a namespace of its own, with its stores in a
     temporary directory (not the project's data/: a soak writes thousands of
     turns) and the orphan timeout given."""
-    bench_opts = argparse.Namespace(mode=mode, sessions=[sessions], uplink_batch_ms=120,
+    bench_opts = argparse.Namespace(mode=mode, sessions=[sessions], uplink_batch_ms=uplink_batch_ms,
                                     no_preemptive=False, no_decode_at_pause=False, fakes=None)
     config = build_config(bench_opts)
     store = Path(tempfile.mkdtemp(prefix=f"{namespace}-"))

@@ -315,7 +315,9 @@ def test_activation_hands_out_a_code_and_admits_only_after_confirmation(tmp_path
     assert adm.registry.confirm(first.activation.code, "user:ada") == "aa:bb:cc:dd:ee:01"
     assert adm.registry.confirm(first.activation.code, "user:eve") is None  # used up
     assert adm.on_ota("aa:bb:cc:dd:ee:01", "c", "192.168.1.20").admitted
-    adm.check_socket("aa:bb:cc:dd:ee:01")
+    assert adm.check_socket("aa:bb:cc:dd:ee:01") is None  # admitted; no persona chosen: the default
+    assert adm.registry.set_persona("aa:bb:cc:dd:ee:01", "ava")
+    assert adm.check_socket("aa:bb:cc:dd:ee:01") == "ava"  # read with the admission, one query
     assert [d["owner"] for d in adm.registry.list("user:ada")] == ["user:ada"]
     assert adm.registry.list("user:eve") == []
     assert adm.registry.revoke("aa:bb:cc:dd:ee:01")

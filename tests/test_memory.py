@@ -478,3 +478,59 @@ async def test_sqlite_transaction_rolls_back(tmp_path: Path) -> None:
             raise RuntimeError("boom")
     assert await db.execute("INSERT INTO t (v) VALUES (?)", "kept") == 1
     assert await db.fetch("SELECT v FROM t") == [{"v": "kept"}]
+
+
+async def test_sqlite_keeps_one_connection_and_replaces_a_broken_one(tmp_path: Path) -> None:
+    """One connection serves every transaction in the loop (a connect per
+    transaction cost a thread start on every save); one left in an unknown
+    state is replaced, and another event loop gets connections of its own."""
+    db = Database(f"sqlite:///{tmp_path}/t.db")
+    await db.create_schema(["CREATE TABLE IF NOT EXISTS t (v TEXT)"])
+    kept = db._kept
+    assert kept is not None
+    await asyncio.gather(*(db.execute("INSERT INTO t (v) VALUES (?)", str(i)) for i in range(20)))  # taken in turn
+    assert db._kept is kept and len(await db.fetch("SELECT v FROM t")) == 20
+
+    await kept.conn.close()  # gone under it (as if its thread had died): BEGIN fails
+    with pytest.raises(Exception):
+        await db.execute("INSERT INTO t (v) VALUES (?)", "lost")
+    assert db._kept is None
+    assert await db.execute("INSERT INTO t (v) VALUES (?)", "after") == 1  # a fresh connection
+    assert db._kept is not None and db._kept is not kept
+
+    def other_loop() -> list[dict[str, str]]:
+        return asyncio.run(db.fetch("SELECT v FROM t WHERE v = ?", "after"))
+
+    assert await asyncio.to_thread(other_loop) == [{"v": "after"}]
+    await db.close()
+    assert db._kept is None
+
+
+async def test_a_session_actor_keeps_its_stores_open_across_sessions(tmp_path: Path) -> None:
+    """actors/session_stores.py: the stores a session actor hands each session
+    it hosts stay open for the next; other databases in a new config get new ones."""
+    from actors.config import load_config
+    from actors.session_stores import ActorStores
+
+    def config(name: str, memory: bool = True) -> Any:
+        return load_config(env={"VOICE_ACTORS__SESSION__HISTORY_DB": str(tmp_path / f"{name}.sqlite3"),
+                                "VOICE_ACTORS__MEMORY__URL": f"sqlite:///{tmp_path / name}-memory.sqlite3",
+                                "VOICE_ACTORS__MEMORY__ENABLED": str(memory).lower()})
+
+    stores = ActorStores()
+    a, b = config("a"), config("b")
+    history = stores.history(a)
+    assert history is not None and stores.history(a) is history  # the next session: the same store
+    memory = await stores.memory(a)
+    assert memory is not None and await stores.memory(a) is memory
+    assert stores.history(b) is not history and await stores.memory(b) is not memory  # other databases
+    assert await stores.memory(config("c", memory=False)) is None
+
+    (tmp_path / "blocker").write_text("a file where a directory should be")
+    broken = load_config(env={"VOICE_ACTORS__MEMORY__URL": f"sqlite:///{tmp_path}/blocker/memory.sqlite3",
+                              "VOICE_ACTORS__MEMORY__ENABLED": "true"})
+    with pytest.raises(DatabaseError):
+        await stores.memory(broken)
+    assert await stores.memory(b) is not None  # and the next session tries again, afresh
+    await stores.close()
+    await asyncio.sleep(0.1)  # the stores replaced above close in the background

@@ -219,8 +219,23 @@ async def test_warm_pool_hands_out_started_actors(ray_cluster, config):
     assert manager.warm_ready() == 2 and sid not in [r.session_id for r, _ in manager._warm]  # refilled
     resumed = await manager.open(sid)
     assert resumed.session_id == sid and (await resumed.stats.remote())["pid"] == (await actor.stats.remote())["pid"]
+
+    # a device: its first connect binds a warm session to it; when it comes back, the warm session
+    # offered with the same directory call goes back to the pool and the device gets its own
+    device = f"device:{new_session_id()}"
+    first, resumed_flag = await manager.open_alias(device)
+    assert not resumed_flag and first.session_id != sid
+    for _ in range(100):
+        if manager.warm_ready() == 2:
+            break
+        await asyncio.sleep(0.1)
+    warm_before = sorted(ref.session_id for ref, _ in manager._warm)
+    again, resumed_flag = await manager.open_alias(device)
+    assert resumed_flag and again.session_id == first.session_id
+    assert sorted(ref.session_id for ref, _ in manager._warm) == warm_before  # nothing used up
     manager.shutdown()
     ray.kill(actor.actor)
+    ray.kill(first.actor)
 
 
 def test_second_driver_sees_the_same_session(ray_cluster, config, cluster_address):

@@ -10,9 +10,14 @@ Write SQL in the portable subset both accept: `?` placeholders, `TEXT`,
 `INTEGER`, `DOUBLE PRECISION`, `ON CONFLICT ... DO UPDATE/NOTHING`,
 `CREATE TABLE/INDEX IF NOT EXISTS`, ids made in Python.
 
-SQLite: a short-lived connection per transaction (DESIGN §6: several
-processes share the file), WAL, and `BEGIN IMMEDIATE` so a read-then-write
-transaction holds the write lock from its first statement. PostgreSQL: a small
+SQLite: one connection per `Database`, kept open in the event loop that
+first used it, its transactions taken in turn (opening one per transaction
+cost a thread start and a file open, ~2.4 ms and 1.7 ms of CPU each, on
+every turn's save and every connect; docs/benchmarks.md). Several processes
+share the file, so WAL (readers do not wait for a writer) and `BEGIN
+IMMEDIATE` so a read-then-write transaction holds the write lock from its
+first statement. Another event loop (a notebook's helper thread) gets a
+short-lived connection per transaction, as before. PostgreSQL: a small
 connection pool made on first use in the running event loop.
 
 A URL may carry a password; only `redact_url(url)` ever goes into a log
@@ -148,6 +153,38 @@ class _PgTx:
         return dict(row) if row is not None else None
 
 
+class _SqliteConn:
+    """A SQLite connection and whether it is still fit for the next transaction."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.clean = True
+        """False once a BEGIN, COMMIT or ROLLBACK failed: its state is unknown, so it is not used again."""
+
+    @asynccontextmanager
+    async def transaction(self, write: bool) -> AsyncIterator[Tx]:
+        """Commit when the block ends, roll back when it raises (the block's
+        own error is what propagates)."""
+        try:
+            await self.conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        except BaseException:
+            self.clean = False
+            raise
+        try:
+            yield _SqliteTx(self.conn)
+        except BaseException:
+            try:
+                await self.conn.execute("ROLLBACK")
+            except BaseException:
+                self.clean = False
+            raise
+        try:
+            await self.conn.execute("COMMIT")
+        except BaseException:
+            self.clean = False
+            raise
+
+
 class Database:
     """A database named by a URL; every statement runs in a short transaction.
 
@@ -161,6 +198,10 @@ class Database:
         self._path = sqlite_path(url, root) if self.dialect == "sqlite" else None
         self._pool: Any = None
         self._pool_lock: asyncio.Lock | None = None
+        self._kept: _SqliteConn | None = None
+        """The kept SQLite connection, once opened."""
+        self._kept_loop: asyncio.AbstractEventLoop | None = None
+        self._kept_lock: asyncio.Lock | None = None
 
     def __repr__(self) -> str:
         return f"Database({redact_url(self._url)!r})"
@@ -213,34 +254,67 @@ class Database:
                 await tx.execute(statement)
 
     async def close(self) -> None:
-        """Close the PostgreSQL pool (SQLite holds nothing open between transactions)."""
+        """Close the PostgreSQL pool or the kept SQLite connection."""
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()
+        if self._kept is not None and self._kept_lock is not None:
+            async with self._kept_lock:
+                await self._drop_kept()
+
+    async def _drop_kept(self) -> None:
+        kept, self._kept = self._kept, None
+        if kept is not None:
+            try:
+                await kept.conn.close()
+            except Exception:  # its thread is gone already: nothing left to close
+                pass
 
     # ---- drivers
 
-    @asynccontextmanager
-    async def _sqlite_tx(self, write: bool) -> AsyncIterator[Tx]:
+    async def _sqlite_connect(self) -> Any:
         import aiosqlite
 
         assert self._path is not None
         try:
             self._path.parent.mkdir(parents=True, exist_ok=True)
-            conn = await aiosqlite.connect(self._path, timeout=_SQLITE_TIMEOUT_S, isolation_level=None)
+            pending = aiosqlite.connect(self._path, timeout=_SQLITE_TIMEOUT_S, isolation_level=None)
+            # aiosqlite's thread is not a daemon: a kept connection nobody closed (a script that
+            # returns, a test) would hold the process open at exit. SQLite is transactional, so a
+            # write cut by the exit is rolled back by the next opener.
+            thread = getattr(pending, "_thread", None)
+            if thread is not None:
+                thread.daemon = True
+            conn = await pending
+            await conn.execute("PRAGMA journal_mode=WAL")
         except (OSError, sqlite3.Error) as exc:
             raise DatabaseError(f"cannot open {self.display_url}: {type(exc).__name__}") from None
-        try:
-            await conn.execute("PRAGMA journal_mode=WAL")
-            await conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        return conn
+
+    @asynccontextmanager
+    async def _sqlite_tx(self, write: bool) -> AsyncIterator[Tx]:
+        loop = asyncio.get_running_loop()
+        if self._kept_loop is None:
+            self._kept_loop, self._kept_lock = loop, asyncio.Lock()
+        if self._kept_loop is not loop:  # another loop: a connection of its own, for this transaction
+            conn = _SqliteConn(await self._sqlite_connect())
             try:
-                yield _SqliteTx(conn)
-            except BaseException:
-                await conn.execute("ROLLBACK")
-                raise
-            await conn.execute("COMMIT")
-        finally:
-            await conn.close()
+                async with conn.transaction(write) as tx:
+                    yield tx
+            finally:
+                await conn.conn.close()
+            return
+        assert self._kept_lock is not None
+        async with self._kept_lock:
+            if self._kept is None:
+                self._kept = _SqliteConn(await self._sqlite_connect())
+            kept = self._kept
+            try:
+                async with kept.transaction(write) as tx:
+                    yield tx
+            finally:
+                if not kept.clean:
+                    await self._drop_kept()  # the next transaction opens a fresh one
 
     async def _pg_pool(self) -> Any:
         if self._pool is not None:

@@ -73,10 +73,12 @@ class DeviceAdmission:
             raise LimitError("limit.pending_activations")
         return OtaDecision(False, pending)
 
-    def check_socket(self, device_id: str) -> None:
+    def check_socket(self, device_id: str) -> str | None:
         """A device may open a socket only while it is admitted: revoking a
-        device shuts it out even though its token has not expired."""
-        if self._config.device_admission == "open" or device_id in self._allow:
-            return
-        if not self._registry.is_admitted(device_id):
+        device shuts it out even though its token has not expired. → the
+        persona its owner chose for it (None: the default), read in the same
+        query."""
+        admitted, persona = self._registry.lookup(device_id)
+        if not admitted and self._config.device_admission != "open" and device_id not in self._allow:
             raise AuthError("auth.forbidden_device")
+        return persona

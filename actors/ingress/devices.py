@@ -47,8 +47,14 @@ class DeviceRegistry(SqliteStore):
     migrations = (("devices", "persona", "TEXT"),)
 
     def is_admitted(self, device_id: str) -> bool:
+        return self.lookup(device_id)[0]
+
+    def lookup(self, device_id: str) -> tuple[bool, str | None]:
+        """(admitted, the persona its owner chose) in one query: a device's
+        connect asks both, on the way to its `hello`."""
         with self._connect() as db:
-            return db.execute("SELECT 1 FROM devices WHERE device_id = ?", (device_id,)).fetchone() is not None
+            row = db.execute("SELECT persona FROM devices WHERE device_id = ?", (device_id,)).fetchone()
+        return (row is not None, row[0] if row else None)
 
     def admit(self, device_id: str, client_id: str, owner: str | None, how: str) -> None:
         with self._lock, self._connect() as db:
@@ -111,9 +117,7 @@ class DeviceRegistry(SqliteStore):
 
     def persona_of(self, device_id: str) -> str | None:
         """The persona the device's owner chose for it, if any."""
-        with self._connect() as db:
-            row = db.execute("SELECT persona FROM devices WHERE device_id = ?", (device_id,)).fetchone()
-        return row[0] if row else None
+        return self.lookup(device_id)[1]
 
     def set_persona(self, device_id: str, persona: str | None) -> bool:
         with self._lock, self._connect() as db:
