@@ -30,6 +30,7 @@ from actors.ingress.http_guard import BodyGuard, Cors
 from actors.ingress.limits import FailureLimiter, LimitError, RateLimiter, SessionSlots
 from actors.protocols.base import SESSION_ID_PATTERN
 from actors.protocols.base import valid_session_id as _valid_session_id
+from actors.session_ref import StartingSession
 
 log = logging.getLogger("voice_actors.ingress")
 
@@ -240,7 +241,10 @@ class VoiceIngress:
         cluster's session caps."""
         sid, actor, resumed = await self._open_owned(session_id, principal, alias)
         if persona is not None:
-            await actor.set_persona.remote(persona)
+            if isinstance(actor, StartingSession):
+                actor = actor.then(lambda ref: ref.set_persona.remote(persona))
+            else:
+                await actor.set_persona.remote(persona)
         return sid, actor, resumed
 
     def _check_persona(self, persona: str | None) -> str | None:
@@ -269,6 +273,8 @@ class VoiceIngress:
             if not resumed and alias is None:
                 actor.close.remote()  # a fresh warm session nobody may have: its actor goes back to the spares
             raise LimitError(refused)
+        if isinstance(actor, StartingSession):  # a device's session on a new actor: claimed once it is up
+            return sid, actor.then(lambda ref: self._claim_started(ref, owner)), resumed
         try:
             claimed = await actor.claim.remote(owner)
         except ray.exceptions.RayActorError:  # it died or ended since it was handed out: once more
@@ -281,6 +287,11 @@ class VoiceIngress:
         if not claimed:
             raise SessionNotFound(sid)
         return sid, actor, resumed
+
+    @staticmethod
+    async def _claim_started(actor: Any, owner: str) -> None:
+        if not await actor.claim.remote(owner):
+            raise SessionNotFound(actor.session_id)
 
     async def _live_owned(self, session_id: str, principal: Principal) -> Any:
         """The live actor of a session the caller owns, else session.not_found."""
@@ -741,7 +752,10 @@ class VoiceIngress:
                     await asyncio.to_thread(self.admission.registry.persona_of, principal.device_id)
                 if persona is not None and not self.config.has_persona(persona):
                     persona = None  # removed from the config since: the default
-            return await self._open(session_id, principal, alias, self._check_persona(persona))
+            opened = await self._open(session_id, principal, alias, self._check_persona(persona))
+            if isinstance(opened[1], StartingSession):
+                self.metrics.hello_before_session(adapter.name)
+            return opened
 
         self.metrics.connected(adapter.name)
         connection = VoiceConnection(ws, adapter, open_session, self.config, self.metrics.observe,

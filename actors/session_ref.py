@@ -16,6 +16,8 @@ every path that brings back a dead session brings back this one too.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable, Generator
 from typing import Any
 
 import ray
@@ -74,3 +76,30 @@ class SessionRef:
 
     def __repr__(self) -> str:
         return f"SessionRef({self.session_id!r})"
+
+
+class StartingSession:
+    """A session whose actor is still starting: no warm or spare actor was
+    ready, and a new Ray worker takes ~1 s of CPU, seconds in a burst on a
+    busy node. Its id is known already, so a socket says `hello` now (the
+    xiaozhi firmware gives up on a hello after 10 s) and awaits this before
+    it subscribes; the client's first audio waits in the socket meanwhile.
+    Awaiting it gives the `SessionRef`, or raises what starting it raised."""
+
+    def __init__(self, session_id: str, ready: Awaitable[SessionRef]) -> None:
+        self.session_id = session_id
+        self._ready: asyncio.Future[SessionRef] = asyncio.ensure_future(ready)
+
+    def then(self, step: Callable[[SessionRef], Awaitable[Any]]) -> StartingSession:
+        """The same session, with `step` run on it once it is up (a claim, a persona)."""
+        first = self._ready
+
+        async def chained() -> SessionRef:
+            ref = await first
+            await step(ref)
+            return ref
+
+        return StartingSession(self.session_id, chained())
+
+    def __await__(self) -> Generator[Any, None, SessionRef]:
+        return self._ready.__await__()

@@ -28,7 +28,7 @@ from actors.config import AppConfig
 from actors.events import AudioChunk, ErrorEvent, Event, LLMDelta, STTFinal, TurnMetrics
 from actors.session import EventStream, SessionActor
 from actors.session_directory import session_directory
-from actors.session_ref import SessionRef, host_actor_name
+from actors.session_ref import SessionRef, StartingSession, host_actor_name
 
 STARTS_AT_ONCE = 1
 REFILL_PERIOD_S = 0.5
@@ -184,9 +184,11 @@ class SessionManager:
         await asyncio.to_thread(self.refill)
         return ref
 
-    async def open_alias(self, alias: str) -> tuple[SessionRef, bool]:
+    async def open_alias(self, alias: str) -> tuple[SessionRef | StartingSession, bool]:
         """The session bound to `alias` (live, or brought back from the store
         if it ended), else a warm one bound to it now; → (session, resumed).
+        A session that needs a new actor comes back as a `StartingSession`
+        (its id known, its actor still starting) for the caller to await.
 
         With a warm session ready, one directory call both asks and binds
         (the warm one is offered; a device bound before gets its own back and
@@ -196,23 +198,29 @@ class SessionManager:
         directory = self._directory
         entry = await asyncio.to_thread(self._take_warm_entry)
         if entry is None:
-            sid = await directory.lookup.remote(alias)
-            if sid is not None:
-                return await self.open(sid), True
-            ref = await self.open()
-        else:
-            ref = entry[0]
+            bound = await directory.lookup.remote(alias)
+            if bound is not None:
+                return await self._live_or_starting(bound), True
+            sid = new_session_id()
+            winner = await directory.bind.remote(alias, sid)
+            if winner != sid:  # another replica bound this device a moment ago
+                return await self._live_or_starting(winner), True
+            # (the pool's own thread refills it: `refill` here would hold its lock while actors are made)
+            return StartingSession(sid, open_session(self.config, sid, self._directory)), False
+        ref = entry[0]
         winner = await directory.bind.remote(alias, ref.session_id)
         if winner == ref.session_id:
-            if entry is not None:
-                await asyncio.to_thread(self.refill)
+            await asyncio.to_thread(self.refill)
             return ref, False
         # bound before (or by another replica a moment ago): that session, brought back if it ended
-        if entry is not None:
-            await asyncio.to_thread(self._put_back_warm, entry)
-        else:
-            ref.close.remote()  # back to the spares
-        return await self.open(winner), True
+        await asyncio.to_thread(self._put_back_warm, entry)
+        return await self._live_or_starting(winner), True
+
+    async def _live_or_starting(self, session_id: str) -> SessionRef | StartingSession:
+        found = await find_session(self.config, session_id, self._directory)
+        if found is not None:
+            return found
+        return StartingSession(session_id, open_session(self.config, session_id, self._directory))
 
     def shutdown(self) -> None:
         self._stopped.set()

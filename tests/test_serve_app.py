@@ -297,6 +297,34 @@ async def test_xiaozhi_device_keeps_its_session_across_connections(server, speec
         assert c.session_id == ids[0]
 
 
+async def test_xiaozhi_device_whose_session_needs_a_new_actor_hears_hello_first_and_loses_no_audio(server, speech):
+    """A session that must start on a new actor (none ready: a burst, or a
+    device back after its session ended) answers hello at once; the audio
+    sent right after it waits in the socket and makes a normal turn."""
+    device = ALLOWED_DEVICES[3]
+    info = await ota(device)
+    async with await XiaozhiClient.connect(info["websocket"]["url"], info["websocket"]["token"], device,
+                                           client_id=device) as c:
+        sid = c.session_id
+    with contextlib.suppress(ray.exceptions.RayActorError):  # it exits while answering
+        await hosted_session(sid).close.remote()
+    await asyncio.sleep(0.5)
+
+    def hello_first(text: str) -> float:
+        line = [x for x in text.splitlines() if x.startswith('voice_hello_before_session_total{protocol="xiaozhi"}')]
+        return float(line[0].split()[-1]) if line else 0.0
+
+    async with httpx.AsyncClient(timeout=60) as http:
+        before = hello_first((await http.get(f"{BASE}/metrics")).text)
+        async with await XiaozhiClient.connect(info["websocket"]["url"], info["websocket"]["token"], device,
+                                               client_id=device) as c:
+            assert c.session_id == sid and c.hello.get("session_id") == sid
+            turn = await c.ask_audio(silence(300) + speech(QUESTION), realtime=False)  # all of it at once
+        after = hello_first((await http.get(f"{BASE}/metrics")).text)
+    assert after == before + 1
+    assert "12" in turn.transcript and "84" in turn.reply, (turn.transcript, turn.reply)
+
+
 # ------------------------------------------------------------------ auth and limits
 async def test_http_auth_refusals(server, auth, server_config):
     wrong = Authenticator(server_config.auth.model_copy(update={"jwt_secret": SecretStr("another-secret-xxxxxxxxxxxxxxxxxxxxxxxx")}))

@@ -48,6 +48,7 @@ from actors.protocols.base import (
     Text,
 )
 from actors.session import EventStream
+from actors.session_ref import StartingSession
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,8 @@ class ClientSocket(Protocol):
 
 class SessionOpener(Protocol):
     async def __call__(self, session_id: str | None, persona: str | None = None) -> tuple[str, Any, bool]:
-        """→ (session id, actor handle, resumed)"""
+        """→ (session id, actor handle, resumed); the handle may be a
+        `StartingSession`, awaited after the hello is sent."""
 
 
 class ConnectionClosed(Exception):
@@ -157,12 +159,19 @@ class VoiceConnection:
             await self._ws.close(e.close_code if isinstance(e, ProtocolError) else e.ws_close_code, e.code)
             return
         sid, actor, resumed = await self._open_session(hello.session_id, hello.persona)
-        self.session_id, self.actor = sid, actor
+        self.session_id = sid
         rate = self._rate = self._adapter.wants_output_rate or self._config.session.output_sample_rate
+        starting = isinstance(actor, StartingSession)
+        if starting:  # a new actor is starting (seconds in a burst): hello now, the client's audio waits unread
+            await self._send(self._adapter.hello_reply(sid, resumed, rate))
+            await self._send(self._adapter.after_hello())
+            actor = await actor
+        self.actor = actor
         events = self._events = self._subscribe(actor)
         await events.__anext__()  # session.started: subscribed, nothing said from here on is lost
-        await self._send(self._adapter.hello_reply(sid, resumed, rate))
-        await self._send(self._adapter.after_hello())
+        if not starting:
+            await self._send(self._adapter.hello_reply(sid, resumed, rate))
+            await self._send(self._adapter.after_hello())
         if hello.greet and not resumed:
             await actor.greet.remote()
         for action in rest:
@@ -226,6 +235,8 @@ class VoiceConnection:
             while True:
                 try:
                     sid, actor, _ = await self._open_session(self.session_id, None)
+                    if isinstance(actor, StartingSession):
+                        actor = await actor
                     events = self._subscribe(actor)
                     await asyncio.wait_for(events.__anext__(), max(1.0, deadline - time.monotonic()))
                     break

@@ -34,6 +34,9 @@ class IngressMetrics:
         self._connections = Counter("voice_connections", "Sockets opened", ["protocol"], registry=r)
         self._active = Gauge("voice_active_sockets", "Sockets open now", ["protocol"], registry=r)
         self._refused = Counter("voice_refused", "Sockets or requests refused", ["code"], registry=r)
+        self._hello_first = Counter("voice_hello_before_session",
+                                    "Sockets told hello before their session's actor was up (none was ready)",
+                                    ["protocol"], registry=r)
         self._errors = Counter("voice_session_errors", "Error events sent to clients", ["code"], registry=r)
         self._turns = Counter("voice_turns", "Turns finished", ["interrupted"], registry=r)
         self._served = Counter("voice_stage_served", "Turns each provider of a failover chain answered",
@@ -60,6 +63,10 @@ class IngressMetrics:
 
     def disconnected(self, protocol: str) -> None:
         self._active.labels(protocol).dec()
+
+    def hello_before_session(self, protocol: str) -> None:
+        """A socket whose session needed a new actor: many mean the warm pool is too small for the bursts."""
+        self._hello_first.labels(protocol).inc()
 
     def refused(self, code: str) -> None:
         self._refused.labels(code).inc()
