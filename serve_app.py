@@ -233,13 +233,14 @@ class VoiceIngress:
         actor = await find_session(self.config, session_id, self.sessions.directory)
         return actor is not None and await actor.claim.remote(principal.key)
 
-    async def _open(self, session_id: str | None, principal: Principal,
-                    alias: str | None = None, persona: str | None = None) -> tuple[str, Any, bool]:
+    async def _open(self, session_id: str | None, principal: Principal, alias: str | None = None,
+                    persona: str | None = None, soon: bool = False) -> tuple[str, Any, bool]:
         """Open or resume a session (by id, or by a stable alias such as a
         device id) as `persona` when given. Resuming needs the id to be the
         caller's; a new session needs a place under the caller's and the
-        cluster's session caps."""
-        sid, actor, resumed = await self._open_owned(session_id, principal, alias)
+        cluster's session caps. `soon` (a socket): a session that needs a new
+        actor comes back as a `StartingSession`, claimed once it is up."""
+        sid, actor, resumed = await self._open_owned(session_id, principal, alias, soon)
         if persona is not None:
             if isinstance(actor, StartingSession):
                 actor = actor.then(lambda ref: ref.set_persona.remote(persona))
@@ -253,27 +254,31 @@ class VoiceIngress:
         return persona
 
     async def _open_owned(self, session_id: str | None, principal: Principal,
-                          alias: str | None = None) -> tuple[str, Any, bool]:
+                          alias: str | None = None, soon: bool = False) -> tuple[str, Any, bool]:
         import ray
 
         owner = principal.key
+        open_ = self.sessions.open_soon if soon else self.sessions.open
         if alias is not None:
-            actor, resumed = await self.sessions.open_alias(alias)
+            actor, resumed = await self.sessions.open_alias(alias)  # only sockets name an alias
         elif session_id:
             if not await self._owned(session_id, principal):
                 raise SessionNotFound(session_id)
-            actor, resumed = await self.sessions.open(session_id), True
+            actor, resumed = await open_(session_id), True
         else:
-            actor, resumed = await self.sessions.open(None), False
+            actor, resumed = await open_(None), False
         sid = actor.session_id
         limits = self.config.limits
         refused = await self.sessions.directory.admit.remote(
             sid, owner, limits.max_live_sessions_per_principal, limits.max_live_sessions_per_node)
         if refused is not None:
-            if not resumed and alias is None:
-                actor.close.remote()  # a fresh warm session nobody may have: its actor goes back to the spares
+            if not resumed and alias is None:  # a fresh session nobody may have: its actor goes back to the spares
+                if isinstance(actor, StartingSession):
+                    actor.then(lambda ref: ref.close.remote())
+                else:
+                    actor.close.remote()
             raise LimitError(refused)
-        if isinstance(actor, StartingSession):  # a device's session on a new actor: claimed once it is up
+        if isinstance(actor, StartingSession):  # a session on a new actor: claimed once it is up
             return sid, actor.then(lambda ref: self._claim_started(ref, owner)), resumed
         try:
             claimed = await actor.claim.remote(owner)
@@ -752,7 +757,7 @@ class VoiceIngress:
                     await asyncio.to_thread(self.admission.registry.persona_of, principal.device_id)
                 if persona is not None and not self.config.has_persona(persona):
                     persona = None  # removed from the config since: the default
-            opened = await self._open(session_id, principal, alias, self._check_persona(persona))
+            opened = await self._open(session_id, principal, alias, self._check_persona(persona), soon=True)
             if isinstance(opened[1], StartingSession):
                 self.metrics.hello_before_session(adapter.name)
             return opened

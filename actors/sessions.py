@@ -184,6 +184,19 @@ class SessionManager:
         await asyncio.to_thread(self.refill)
         return ref
 
+    async def open_soon(self, session_id: str | None = None) -> SessionRef | StartingSession:
+        """`open`, for a socket: a session that needs a new actor comes back
+        as a `StartingSession` (its id known, its actor still starting) for
+        the caller to await after it said hello."""
+        if session_id:
+            return await self._live_or_starting(session_id)
+        ref = await asyncio.to_thread(self._take_warm)
+        if ref is None:  # the pool's own thread refills it
+            sid = new_session_id()
+            return StartingSession(sid, open_session(self.config, sid, self._directory))
+        await asyncio.to_thread(self.refill)
+        return ref
+
     async def open_alias(self, alias: str) -> tuple[SessionRef | StartingSession, bool]:
         """The session bound to `alias` (live, or brought back from the store
         if it ended), else a warm one bound to it now; → (session, resumed).
@@ -205,7 +218,6 @@ class SessionManager:
             winner = await directory.bind.remote(alias, sid)
             if winner != sid:  # another replica bound this device a moment ago
                 return await self._live_or_starting(winner), True
-            # (the pool's own thread refills it: `refill` here would hold its lock while actors are made)
             return StartingSession(sid, open_session(self.config, sid, self._directory)), False
         ref = entry[0]
         winner = await directory.bind.remote(alias, ref.session_id)

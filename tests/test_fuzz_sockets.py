@@ -476,7 +476,8 @@ async def test_malformed_messages_over_real_sockets(server, fuzz_config) -> None
 
     died = {k: v for k, v in before.items() if after.get(k) != v}
     assert not died, f"actors died or restarted during the fuzz: {died}"
-    restarted = {k: v for k, v in after.items() if v[2]}
+    # (actors from before it are checked above: an earlier module may have restarted a pool on purpose)
+    restarted = {k: v for k, v in after.items() if v[2] and k not in before}
     assert not restarted, f"actors restarted: {restarted}"
     print(f"\n[fuzz] {sum(r['messages'] for r in results.values())} messages in {elapsed:.1f} s; "
           f"{len(before)} actors (Serve controller, proxy, replica, directory, pools, warm sessions) kept their PIDs; "
