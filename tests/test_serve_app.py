@@ -325,6 +325,25 @@ async def test_xiaozhi_device_whose_session_needs_a_new_actor_hears_hello_first_
     assert "12" in turn.transcript and "84" in turn.reply, (turn.transcript, turn.reply)
 
 
+async def test_native_session_resumed_on_a_new_actor_hears_hello_first(server, auth):
+    token = token_for(auth, "returning")
+    async with await NativeClient.connect(f"{WS}/ws/voice", token) as c:
+        sid = c.session_id
+        assert "Ana" in (await c.ask_text("My name is Ana.")).reply
+    with contextlib.suppress(ray.exceptions.RayActorError):  # it exits while answering
+        await hosted_session(sid).close.remote()
+    await asyncio.sleep(0.5)
+    async with httpx.AsyncClient(timeout=60) as http:
+        metric = 'voice_hello_before_session_total{protocol="native"}'
+        count = lambda text: sum(float(x.split()[-1]) for x in text.splitlines() if x.startswith(metric))  # noqa: E731
+        before = count((await http.get(f"{BASE}/metrics")).text)
+        async with await NativeClient.connect(f"{WS}/ws/voice", token, sid) as c:
+            assert c.session_id == sid and c.hello["resumed"]
+            turn = await c.ask_text("What is my name?")
+        assert count((await http.get(f"{BASE}/metrics")).text) == before + 1
+    assert "Ana" in turn.reply and not turn.errors, (turn.reply, turn.errors)
+
+
 # ------------------------------------------------------------------ auth and limits
 async def test_http_auth_refusals(server, auth, server_config):
     wrong = Authenticator(server_config.auth.model_copy(update={"jwt_secret": SecretStr("another-secret-xxxxxxxxxxxxxxxxxxxxxxxx")}))
