@@ -122,6 +122,10 @@ class _Client:
         self.goodbye: dict[str, Any] | None = None
         """The server's last `goodbye` on this socket (it is restarting), if any."""
         self._connect_args: dict[str, Any] = {}
+        self.audio_sent_ms = 0
+        """Audio this client has sent, in ms: the session's `stream_ms` clock
+        (its events say where in the stream they happened), if it sent all of
+        the session's audio."""
 
     async def _connect_again(self) -> _Client:
         raise NotImplementedError
@@ -172,9 +176,11 @@ class _Client:
         await self.close()
 
     async def stream_pcm(self, pcm16: bytes, realtime: bool = True, trailing_silence_ms: int = 1200,
-                         turn: ClientTurn | None = None, lags_ms: list[float] | None = None) -> None:
+                         turn: ClientTurn | None = None, lags_ms: list[float] | None = None,
+                         sent: list[tuple[int, float]] | None = None) -> None:
         """Send speech as 60 ms frames, in real time unless told otherwise;
-        `lags_ms` collects how late each frame left against its schedule."""
+        `lags_ms` collects how late each frame left against its schedule,
+        `sent` (`audio_sent_ms` after the frame, when it left) for each frame."""
         frames = split_frames(pcm16, FRAME_MS)
         tail = split_frames(silence(trailing_silence_ms), FRAME_MS)
         start = time.monotonic()
@@ -184,6 +190,9 @@ class _Client:
             if lags_ms is not None:
                 lags_ms.append(max(0.0, (time.monotonic() - (start + i * FRAME_MS / 1000)) * 1000))
             await self._send_audio_frame(frame)
+            self.audio_sent_ms += len(frame) * 1000 // (2 * 16000)
+            if sent is not None:
+                sent.append((self.audio_sent_ms, time.monotonic()))
             if realtime:
                 delay = start + (i + 1) * FRAME_MS / 1000 - time.monotonic()
                 if delay > 0:

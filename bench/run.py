@@ -130,6 +130,7 @@ class RunResult:
     connect_ms: list[float] = field(default_factory=list)
     lags_ms: list[float] = field(default_factory=list)
     barge_ms: list[float] = field(default_factory=list)
+    barge_after_decision_ms: list[float] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     cpu_cores: float = 0.0
     wall_s: float = 0.0
@@ -212,12 +213,19 @@ async def native_session(base: str, token: str, speech: bytes, turns: int, r: Ru
             if m.get("first_audio_ms") is not None and turn.end_of_speech_to_first_audio_ms is not None:
                 r.eos_to_server_vad_end_ms.append(turn.end_of_speech_to_first_audio_ms - m["first_audio_ms"])
         if barge is not None:
-            r.barge_ms.append(await barge_in(c, barge))
+            total, after_decision = await barge_in(c, barge)
+            r.barge_ms.append(total)
+            if after_decision is not None:
+                r.barge_after_decision_ms.append(after_decision)
 
 
-async def barge_in(c: Any, speech: bytes) -> float:
-    """Ask for a long reply, talk over it; → ms from our first speech frame to
-    the last audio byte of the cut turn."""
+async def barge_in(c: Any, speech: bytes) -> tuple[float, float | None]:
+    """Ask for a long reply, talk over it; → (ms from our first speech frame
+    to the last audio byte of the cut turn, ms from the frame that completed
+    the interruption to that byte). The second is the server's reaction: the
+    cut turn's `tts.stop` says where in our audio stream the session decided
+    (`stream_ms`, after `vad.min_interruption_ms` of speech), and we know when
+    that frame left."""
     from actors.protocols.native import unpack_audio
 
     await c.send_text("please give me a long answer")
@@ -229,7 +237,9 @@ async def barge_in(c: Any, speech: bytes) -> float:
     await asyncio.sleep(0.5)
     started = time.monotonic()
     last_audio = started
-    sender = asyncio.create_task(c.stream_pcm(speech, trailing_silence_ms=1200))
+    sent: list[tuple[int, float]] = []
+    sender = asyncio.create_task(c.stream_pcm(speech, trailing_silence_ms=1200, sent=sent))
+    decided_ms = None
     while True:
         data = await asyncio.wait_for(c.ws.recv(), 30)
         if isinstance(data, bytes):
@@ -238,6 +248,7 @@ async def barge_in(c: Any, speech: bytes) -> float:
             continue
         msg = json.loads(data)
         if msg["type"] == "tts.stop" and msg["turn_id"] == cut_turn:
+            decided_ms = msg.get("stream_ms")
             break
     await sender
     # drain the reply to the barge-in so the socket is quiet for the next run
@@ -246,7 +257,8 @@ async def barge_in(c: Any, speech: bytes) -> float:
         data = await asyncio.wait_for(c.ws.recv(), 30)
         if isinstance(data, str) and json.loads(data)["type"] == "metrics" and json.loads(data)["turn_id"] != cut_turn:
             break
-    return (last_audio - started) * 1000
+    deciding = next((t for ms, t in sent if decided_ms is not None and ms >= decided_ms), None)
+    return (last_audio - started) * 1000, None if deciding is None else (last_audio - deciding) * 1000
 
 
 async def xiaozhi_session(base: str, device: str, speech: bytes, turns: int, r: RunResult,
@@ -468,6 +480,10 @@ async def run_all(opts: argparse.Namespace) -> dict[str, Any]:
             print(f"[bench]   end of speech -> first audio p50 {s['p50']} ms p99 {s['p99']} ms; "
                   f"cpu {100 * run.cpu_cores / n:.1f}% of a core per session; failures {len(run.failures)}",
                   flush=True)
+            if run.barge_ms:
+                b, a = pct(run.barge_ms), pct(run.barge_after_decision_ms)
+                print(f"[bench]   barge-in: speech start -> last cut audio byte p50 {b['p50']} ms; the deciding "
+                      f"frame -> last cut audio byte p50 {a['p50']} p99 {a['p99']} ms (n={a['n']})", flush=True)
             if opts.mode == "cloud-fake":
                 run.delivered = opts.fakes.stats()
                 vad, tr = pct(run.vad_end_client_ms), pct(run.transcript_client_ms)
@@ -533,6 +549,7 @@ def make_report(opts: argparse.Namespace, config: Any, runs: list[RunResult], no
                 "later_turns_llm_first_token_ms": pct([x for x, f in zip(r.llm_ms, r.llm_first_turn) if not f]),
             },
             "barge_in_reaction_ms": pct(r.barge_ms),
+            "barge_in_after_decision_ms": pct(r.barge_after_decision_ms),
             "connect_to_hello_ms": pct(r.connect_ms), "uplink_frame_lag_ms": pct(r.lags_ms),
             "cpu_pct_of_core_per_session": round(100 * r.cpu_cores / r.sessions, 2),
             "session_actor_uss_mb": round(statistics.mean(r.session_uss_mb), 1) if r.session_uss_mb else None,
