@@ -115,6 +115,9 @@ class VoiceConnection:
         self._open_turn: int | None = None
         """The turn whose reply is under way (its events seen, its `metrics` not yet)."""
         self._done_turn = 0
+        self._in_utterance = False
+        """Between the session's `vad.speech_start` and `vad.speech_end`: the
+        end of speech is being decided, so audio goes out a frame at a time."""
         self._turn_idle = asyncio.Event()
         self._turn_idle.set()
         self._drain_requested = asyncio.Event()
@@ -308,7 +311,7 @@ class VoiceConnection:
             self._pending.extend(action.pcm16)
             if self._pending_since is None:
                 self._pending_since = time.monotonic()
-            if len(self._pending) >= self._batch_bytes:
+            if len(self._pending) >= self._batch_bytes or self._in_utterance:
                 self._flush()
             return
         self._flush()  # control follows the audio sent before it
@@ -384,6 +387,10 @@ class VoiceConnection:
         """What the client has been told of the current turn, for a restart
         (the last turn, the one playing) and for a drain (the one under way)."""
         self._last_turn = max(self._last_turn, event.turn_id)
+        if event.type == "vad.speech_start":
+            self._in_utterance = True
+        elif event.type in ("vad.speech_end", "stt.final", "metrics"):
+            self._in_utterance = False
         if event.type == "tts.start":
             self._replying = event.turn_id
         elif event.type == "tts.stop" and event.turn_id == self._replying:
