@@ -56,12 +56,18 @@ def encoded_turn(speech: bytes) -> tuple[list[bytes], list[bytes], int]:
 # ------------------------------------------------------------------ the load process
 async def _turns(c: Any, send_frame: Any, frames: list[bytes], n_speech: int, turns: int,
                  out: dict[str, list[float]], stop_when: Any, before_turn: Any = None) -> None:
-    """Stream the recording `turns` times; note end of speech → first reply byte."""
+    """Stream the recording `turns` times; note end of speech → first reply
+    byte, and (native: its events carry `stream_ms`) where the session's VAD
+    placed the end of speech: `vad_shift_ms` = that frame's departure − the
+    end of speech − `end_silence_ms`, the VAD's own placing, not server time."""
+    stream_ms = 0  # audio sent on this session so far: the session's `stream_ms` clock
     for _ in range(turns):
         if before_turn is not None:
             await before_turn()
         eos: list[float] = []
         first: list[float] = []
+        vad_end: list[int] = []
+        sent: list[tuple[int, float]] = []
 
         async def receive() -> None:
             while True:
@@ -69,7 +75,11 @@ async def _turns(c: Any, send_frame: Any, frames: list[bytes], n_speech: int, tu
                 if isinstance(data, bytes):
                     if eos and not first:
                         first.append(time.monotonic())
-                elif stop_when(json.loads(data)) and first:
+                    continue
+                msg = json.loads(data)
+                if msg.get("type") == "vad.speech_end":
+                    vad_end.append(msg["stream_ms"])
+                if stop_when(msg) and first:
                     return
 
         receiver = asyncio.create_task(receive())
@@ -79,10 +89,15 @@ async def _turns(c: Any, send_frame: Any, frames: list[bytes], n_speech: int, tu
             await asyncio.sleep(max(0.0, due - time.monotonic()))
             out["lag_ms"].append(max(0.0, (time.monotonic() - due) * 1000))
             await send_frame(frame)
+            stream_ms += round(FRAME_S * 1000)
+            sent.append((stream_ms, due))
             if i + 1 == n_speech:
                 eos.append(due)
         await receiver
         out["e2e_ms"].append((first[0] - eos[0]) * 1000)
+        decided = next((t for ms, t in sent if vad_end and ms >= vad_end[0]), None)
+        if decided is not None:
+            out["vad_end_ms"].append((decided - eos[0]) * 1000)
 
 
 async def _xiaozhi(base: str, device: str, packets: list[bytes], n_speech: int, turns: int,
@@ -167,7 +182,7 @@ def load_process(conn: Any, protocol: str, base: str, token: str, media: list[by
                  sessions: int, turns: int, stagger_s: float) -> None:
     """The load generator's own process: `sessions` clients at once; sends
     back what they saw and the CPU this process used."""
-    out: dict[str, list[float]] = {"e2e_ms": [], "connect_ms": [], "lag_ms": []}
+    out: dict[str, list[float]] = {"e2e_ms": [], "connect_ms": [], "lag_ms": [], "vad_end_ms": []}
     failures: list[str] = []
 
     async def main() -> None:
@@ -283,7 +298,13 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
             split = {k: round(100 * v / wall / n, 2) for k, v in sorted(cpu_split(before, after).items())}
             e2e = pct(result["e2e_ms"])
             over = pct([x - known for x in result["e2e_ms"]])
-            row = {"sessions": n, "e2e_ms": e2e, "overhead_ms": over, "connect_ms": pct(result["connect_ms"]),
+            # native: the VAD's own placing of the end of speech taken out (its frame's departure vs
+            # end_silence_ms after the last loud sample), turn by turn
+            shifts = [v - config.vad.end_silence_ms for v in result["vad_end_ms"]]
+            server = pct([x - known - s for x, s in zip(result["e2e_ms"], shifts)]) if len(shifts) == len(
+                result["e2e_ms"]) else None
+            row = {"sessions": n, "e2e_ms": e2e, "overhead_ms": over, "server_ms": server,
+                   "vad_end_after_speech_ms": pct(result["vad_end_ms"]), "connect_ms": pct(result["connect_ms"]),
                    "uplink_lag_ms": pct(result["lag_ms"]), "failures": result["failures"],
                    "server_cpu_pct_of_core_per_session": split,
                    "server_cpu_pct_of_core": round(sum(split.values()) * n, 1),
@@ -293,6 +314,10 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
             print(f"[load] {n} sessions: e2e p50 {e2e['p50']} p99 {e2e['p99']} ms; overhead p50 {over['p50']} "
                   f"p99 {over['p99']} ms; connect p50 {row['connect_ms']['p50']} p99 {row['connect_ms']['p99']} ms; "
                   f"uplink lag p99 {row['uplink_lag_ms']['p99']} ms; failures {len(result['failures'])}", flush=True)
+            if server is not None:
+                print(f"[load]   the VAD ended speech p50 {row['vad_end_after_speech_ms']['p50']} ms after its last "
+                      f"loud sample (end_silence_ms {config.vad.end_silence_ms}); overhead without the VAD's placing "
+                      f"p50 {server['p50']} p99 {server['p99']} ms", flush=True)
             print(f"[load]   server CPU {row['server_cpu_pct_of_core']}% of a core "
                   f"({sum(split.values()):.1f}% per session: {split}); load generator "
                   f"{row['load_generator_cpu_pct_of_core']}% of a core", flush=True)
