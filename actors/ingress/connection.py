@@ -60,8 +60,9 @@ TURN_EVENTS = frozenset({"stt.final", "llm.delta", "llm.emotion", "tool.call", "
                          "tts.sentence", "tts.audio_end"})
 """Events that show a turn's reply under way; its `metrics` event ends it."""
 REOPEN_TIMEOUT_S = 30.0
-"""How long a connection tries to bring its dead session back before it
-gives up and closes the socket (1011 `internal`; clients reconnect)."""
+"""How long a connection tries to bring its dead session back (or waits for
+a session starting on a new actor after its hello) before it gives up and
+closes the socket (1011 `internal`; clients reconnect)."""
 
 
 class ClientSocket(Protocol):
@@ -168,7 +169,13 @@ class VoiceConnection:
         if starting:  # a new actor is starting (seconds in a burst): hello now, the client's audio waits unread
             await self._send(self._adapter.hello_reply(sid, resumed, rate))
             await self._send(self._adapter.after_hello())
-            actor = await actor
+            try:
+                actor = await asyncio.wait_for(actor, REOPEN_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                try:
+                    await self._give_up(ErrorCode.INTERNAL, "the session could not be started in time", 1011)
+                except ConnectionClosed:
+                    return
         self.actor = actor
         events = self._events = self._subscribe(actor)
         await events.__anext__()  # session.started: subscribed, nothing said from here on is lost
