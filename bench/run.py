@@ -436,6 +436,8 @@ def build_config(opts: argparse.Namespace) -> Any:
                     "VOICE_ACTORS__TTS__DASHSCOPE__WEBSOCKET_URL": opts.fakes.dashscope_url,
                     "VOICE_ACTORS__LLM__OPENAI_COMPAT__BASE_URL": opts.fakes.openai_base_url,
                     "VOICE_ACTORS__TTS__FALLBACK": "none"})
+    # any setting can be tried from the command line: VOICE_ACTORS__TTS__CHUNK_MS=240 python -m bench.load ...
+    env.update({k: v for k, v in os.environ.items() if k.startswith("VOICE_ACTORS__")})
     config = load_config(path, env=env)
     auth = config.auth.model_copy(update={"jwt_secret": SecretStr("bench-secret-" + "x" * 32),
                                           "device_secret": SecretStr("bench-device-" + "x" * 32)})
