@@ -266,7 +266,7 @@ class VoiceConnection:
             self.session_id, self.actor, self._events = sid, actor, events
             self._generation += 1
             self._last_turn, self._replying = 0, None  # the new actor counts turns afresh
-            self._open_turn, self._done_turn = None, 0
+            self._open_turn, self._done_turn, self._in_utterance = None, 0, False
             self._turn_idle.set()
             frames = self._adapter.encode(ErrorEvent(
                 session_id=sid, turn_id=lost, code=ErrorCode.SESSION_RESTARTED,
