@@ -175,14 +175,9 @@ class SessionManager:
 
     async def open(self, session_id: str | None = None) -> SessionRef:
         """Resume `session_id` (live, or brought back from the store), else a
-        new session: a warm one if one is ready."""
-        if session_id:
-            return await open_session(self.config, session_id, self._directory)
-        ref = await asyncio.to_thread(self._take_warm)
-        if ref is None:
-            ref = await open_session(self.config, new_session_id(), self._directory)
-        await asyncio.to_thread(self.refill)
-        return ref
+        new session: a warm one if one is ready; → once it is started."""
+        ref = await self.open_soon(session_id)
+        return await ref if isinstance(ref, StartingSession) else ref
 
     async def open_soon(self, session_id: str | None = None) -> SessionRef | StartingSession:
         """`open`, for a socket: a session that needs a new actor comes back
