@@ -102,16 +102,21 @@ async def _turns(c: Any, send_frame: Any, frames: list[bytes], n_speech: int, tu
             out["vad_end_ms"].append((decided - eos[0]) * 1000)
 
 
-async def _xiaozhi(base: str, device: str, packets: list[bytes], n_speech: int, turns: int,
-                   out: dict[str, list[float]], delay_s: float) -> None:
+async def _ota_websocket(base: str, device: str) -> dict[str, str]:
+    """The device's OTA request (once at boot): → its WebSocket `url` and `token`."""
     import httpx
 
+    async with httpx.AsyncClient() as http:
+        r = await http.post(f"http{base[2:]}/xiaozhi/ota/", headers={"Device-Id": device, "Client-Id": device}, json={})
+    return r.json()["websocket"]
+
+
+async def _xiaozhi(base: str, device: str, packets: list[bytes], n_speech: int, turns: int,
+                   out: dict[str, list[float]], delay_s: float) -> None:
     from actors.client import XiaozhiClient
 
     await asyncio.sleep(delay_s)
-    async with httpx.AsyncClient() as http:
-        ota = (await http.post(f"http{base[2:]}/xiaozhi/ota/", headers={"Device-Id": device, "Client-Id": device},
-                               json={})).json()["websocket"]
+    ota = await _ota_websocket(base, device)
     t0 = time.monotonic()
     async with await XiaozhiClient.connect(ota["url"], ota["token"], device, client_id=device) as c:
         out["connect_ms"].append((time.monotonic() - t0) * 1000)
@@ -137,11 +142,7 @@ async def _connect_once(protocol: str, base: str, token: str, device: str, sessi
     from actors.client import NativeClient, XiaozhiClient
 
     if protocol == "xiaozhi":
-        import httpx
-
-        async with httpx.AsyncClient() as http:
-            ota = (await http.post(f"http{base[2:]}/xiaozhi/ota/", headers={"Device-Id": device, "Client-Id": device},
-                                   json={})).json()["websocket"]
+        ota = await _ota_websocket(base, device)
         t0 = time.monotonic()
         c = await XiaozhiClient.connect(ota["url"], ota["token"], device, client_id=device)
     else:
