@@ -225,7 +225,10 @@ class VoiceIngress:
     async def _owned(self, session_id: str, principal: Principal) -> bool:
         """Does `principal` own this session? Asked of the store, which keeps
         the owner as long as the conversation; a session someone else owns and
-        one that never existed look the same to the caller."""
+        one that never existed look the same to the caller. A session this
+        ingress is starting for a socket (its client has the id from the
+        hello) is claimed, its owner stored, once it is up: that is waited for."""
+        await self.sessions.started(session_id)
         if self.store is not None:
             return await self.store.owner_of(session_id) == principal.key
         from actors.sessions import find_session

@@ -84,14 +84,35 @@ class StartingSession:
     busy node. Its id is known already, so a socket says `hello` now (the
     xiaozhi firmware gives up on a hello after 10 s) and awaits this before
     it subscribes; the client's first audio waits in the socket meanwhile.
-    Awaiting it gives the `SessionRef`, or raises what starting it raised."""
+    Awaiting it gives the `SessionRef`, or raises what starting it raised.
 
-    def __init__(self, session_id: str, ready: Awaitable[SessionRef]) -> None:
+    The client has the id from its hello and may use it at once elsewhere
+    (an HTTP text turn for the session its device is on). So a session
+    started in a `registry` (the session manager's) is listed there under
+    its id until every step chained on it (`then`: a claim, a persona, the
+    socket's subscription) has run: another caller asking for the id waits
+    for `settled()` instead of starting it a second time, and its turn
+    comes after the socket is listening."""
+
+    def __init__(self, session_id: str, ready: Awaitable[SessionRef],
+                 registry: dict[str, StartingSession] | None = None,
+                 base: asyncio.Future[SessionRef] | None = None) -> None:
         self.session_id = session_id
         self._ready: asyncio.Future[SessionRef] = asyncio.ensure_future(ready)
+        self._base = base if base is not None else self._ready
+        """The start itself, before any chained step."""
+        self._registry = registry
+        if registry is not None:
+            registry[session_id] = self
+            self._ready.add_done_callback(self._unlist)
+
+    def _unlist(self, _: asyncio.Future[SessionRef]) -> None:
+        if self._registry is not None and self._registry.get(self.session_id) is self:
+            del self._registry[self.session_id]
 
     def then(self, step: Callable[[SessionRef], Awaitable[Any]]) -> StartingSession:
-        """The same session, with `step` run on it once it is up (a claim, a persona)."""
+        """The same session, with `step` run on it once it is up (a claim, a
+        persona, a subscription); listed in the registry in this one's place."""
         first = self._ready
 
         async def chained() -> SessionRef:
@@ -99,7 +120,15 @@ class StartingSession:
             await step(ref)
             return ref
 
-        return StartingSession(self.session_id, chained())
+        return StartingSession(self.session_id, chained(), self._registry, self._base)
+
+    async def settled(self) -> SessionRef:
+        """The session for another caller: once the steps chained so far have
+        run, whether or not they succeeded (a socket that closed before its
+        subscription does not fail the others); raises only if the start did."""
+        await asyncio.wait([self._ready])
+        await asyncio.wait([self._base])
+        return self._base.result()
 
     def __await__(self) -> Generator[Any, None, SessionRef]:
         return self._ready.__await__()

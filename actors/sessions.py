@@ -99,6 +99,9 @@ class SessionManager:
         self._warm: deque[tuple[SessionRef, ray.ObjectRef]] = deque()
         self._lock = threading.Lock()
         self._stopped = threading.Event()
+        self._starting: dict[str, StartingSession] = {}
+        """Sessions this ingress is starting on new actors, by id, until their
+        socket has subscribed (`StartingSession`); used on the event loop only."""
         self._directory = session_directory(config)  # started now: a device's first connect won't wait
         threading.Thread(target=self._keep_warm, name="warm-pool", daemon=True).start()
         self.refill()
@@ -188,7 +191,7 @@ class SessionManager:
         ref = await asyncio.to_thread(self._take_warm)
         if ref is None:  # the pool's own thread refills it
             sid = new_session_id()
-            return StartingSession(sid, open_session(self.config, sid, self._directory))
+            return StartingSession(sid, open_session(self.config, sid, self._directory), self._starting)
         await asyncio.to_thread(self.refill)
         return ref
 
@@ -213,7 +216,7 @@ class SessionManager:
             winner = await directory.bind.remote(alias, sid)
             if winner != sid:  # another replica bound this device a moment ago
                 return await self._live_or_starting(winner), True
-            return StartingSession(sid, open_session(self.config, sid, self._directory)), False
+            return StartingSession(sid, open_session(self.config, sid, self._directory), self._starting), False
         ref = entry[0]
         winner = await directory.bind.remote(alias, ref.session_id)
         if winner == ref.session_id:
@@ -223,11 +226,23 @@ class SessionManager:
         await asyncio.to_thread(self._put_back_warm, entry)
         return await self._live_or_starting(winner), True
 
+    async def started(self, session_id: str) -> None:
+        """Once a session this ingress is starting (for a socket that said
+        hello) is up and claimed, and its socket subscribed; at once for any
+        other. Whether the start failed is for `open` to say."""
+        starting = self._starting.get(session_id)
+        if starting is not None:
+            with contextlib.suppress(Exception):
+                await starting.settled()
+
     async def _live_or_starting(self, session_id: str) -> SessionRef | StartingSession:
+        starting = self._starting.get(session_id)
+        if starting is not None:  # started here a moment ago (its socket said hello): the same start, settled
+            return StartingSession(session_id, starting.settled())
         found = await find_session(self.config, session_id, self._directory)
         if found is not None:
             return found
-        return StartingSession(session_id, open_session(self.config, session_id, self._directory))
+        return StartingSession(session_id, open_session(self.config, session_id, self._directory), self._starting)
 
     def shutdown(self) -> None:
         self._stopped.set()

@@ -135,7 +135,10 @@ def server_config(config: Any) -> Any:
     auth = config.auth.model_copy(update={"jwt_secret": SecretStr("output-test-jwt-secret-0123456789abcdef"),
                                           "device_secret": SecretStr("output-test-device-secret-0123456789")})
     limits = config.limits.model_copy(update={"requests_per_minute": 600, "burst": 40})
-    return config.model_copy(update={"auth": auth, "limits": limits})
+    # no warm sessions: a socket's session starts on a new actor after its hello (StartingSession),
+    # and what the client does with its id meanwhile must still reach it
+    server = config.server.model_copy(update={"warm_sessions": 0})
+    return config.model_copy(update={"auth": auth, "limits": limits, "server": server})
 
 
 @pytest.fixture(scope="module")

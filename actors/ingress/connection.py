@@ -166,19 +166,30 @@ class VoiceConnection:
         self.session_id = sid
         rate = self._rate = self._adapter.wants_output_rate or self._config.session.output_sample_rate
         starting = isinstance(actor, StartingSession)
+        subscribed: list[EventStream] = []
         if starting:  # a new actor is starting (seconds in a burst): hello now, the client's audio waits unread
+            async def subscribe(ref: Any) -> None:  # part of the start: the client's other calls wait for it
+                stream = self._subscribe(ref)
+                subscribed.append(stream)
+                await stream.__anext__()
+
+            actor = actor.then(subscribe)
             await self._send(self._adapter.hello_reply(sid, resumed, rate))
             await self._send(self._adapter.after_hello())
             try:
                 actor = await asyncio.wait_for(actor, REOPEN_TIMEOUT_S)
             except asyncio.TimeoutError:
+                self._events = subscribed[0] if subscribed else None  # closed by _give_up
                 try:
                     await self._give_up(ErrorCode.INTERNAL, "the session could not be started in time", 1011)
                 except ConnectionClosed:
                     return
         self.actor = actor
-        events = self._events = self._subscribe(actor)
-        await events.__anext__()  # session.started: subscribed, nothing said from here on is lost
+        if subscribed:
+            self._events = subscribed[0]
+        else:
+            events = self._events = self._subscribe(actor)
+            await events.__anext__()  # session.started: subscribed, nothing said from here on is lost
         if not starting:
             await self._send(self._adapter.hello_reply(sid, resumed, rate))
             await self._send(self._adapter.after_hello())
