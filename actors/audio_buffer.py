@@ -45,6 +45,15 @@ class ListenControl(Message):
 
 
 @dataclass
+class WordsEndASentence(Message):
+    """The words heard at this turn's pause end a sentence: its silence need
+    only last `vad.sentence_end_ms`."""
+
+    pause: int = 0
+    """The pause they were heard at (`SpeechPaused.pause`): a later pause's silence is not theirs."""
+
+
+@dataclass
 class AudioBatch(Message):
     frames: list[tuple[int | None, bytes]] = field(default_factory=list)
     stream: str = ""
@@ -65,8 +74,14 @@ class AudioBuffer(Child):
         self._start_frames = max(1, cfg.start_ms // self._frame_ms)
         self._interrupt_frames = max(self._start_frames, -(-cfg.min_interruption_ms // self._frame_ms))
         self._end_frames = max(1, cfg.end_silence_ms // self._frame_ms)
+        self._sentence_end_frames = (min(self._end_frames, max(1, -(-cfg.sentence_end_ms // self._frame_ms)))
+                                     if cfg.sentence_end_ms > 0 else self._end_frames)
+        self._turn_end_frames = self._end_frames
+        """The silence that closes this utterance: `_sentence_end_frames` once its words end a sentence."""
         self._pause_frames = max(1, cfg.pause_ms // self._frame_ms)
         self._paused = False
+        self._pauses = 0
+        """Pauses in this utterance so far: the words heard at one name it (`WordsEndASentence.pause`)."""
         self._max_frames = int(config.stt.max_utterance_s * 1000 // self._frame_ms)
         self._reorder_window = config.session.reorder_window
         self._preroll: deque[bytes] = deque(maxlen=max(1, cfg.preroll_ms // self._frame_ms))
@@ -96,6 +111,8 @@ class AudioBuffer(Child):
         """Silence cut from push-to-talk recordings (for stats and tests)."""
         self._listening = True
         self.utterances = 0
+        self.ended_on_sentence = 0
+        """Utterances closed after `vad.sentence_end_ms`, their words a finished sentence."""
         self.ignored = 0
         """Speech bursts during a reply too short to interrupt it."""
 
@@ -106,6 +123,9 @@ class AudioBuffer(Child):
     async def handle(self, message: Message) -> None:
         if isinstance(message, ListenControl):
             self._on_listen(message)
+            return
+        if isinstance(message, WordsEndASentence):
+            self._on_finished_words(message.turn_id, message.pause)
             return
         assert isinstance(message, AudioBatch)
         if message.stream != self._stream:
@@ -206,19 +226,35 @@ class AudioBuffer(Child):
         outgoing.extend(frame)
         self._speech_frames += 1
         self._silent = 0 if speech else self._silent + 1
-        if self._silent >= self._end_frames or self._speech_frames >= self._max_frames:
+        if self._silent >= self._turn_end_frames or self._speech_frames >= self._max_frames:
+            if self._silent < self._end_frames and self._speech_frames < self._max_frames:
+                self.ended_on_sentence += 1
             self._core.stt.post(SpeechAudio(self._turn, bytes(outgoing)))
             self._end()
             return bytearray()
         if speech and self._paused:
             self._paused = False
+            self._turn_end_frames = self._end_frames  # the words go on: they are no longer a finished sentence
             self._core.stt.post(SpeechResumed(self._turn))
         elif self._silent == self._pause_frames < self._end_frames:
             self._paused = True
+            self._pauses += 1
             self._core.stt.post(SpeechAudio(self._turn, bytes(outgoing)))
-            self._core.stt.post(SpeechPaused(self._turn))
+            self._core.stt.post(SpeechPaused(self._turn, self._pauses))
             return bytearray()
         return outgoing
+
+    def _on_finished_words(self, turn: int | None, pause: int) -> None:
+        """The words heard at the pause end a sentence: close the utterance
+        once its silence has lasted `vad.sentence_end_ms` (now, if it has;
+        the decode at the pause often comes later than that). Words of an
+        earlier pause, or of an utterance already over, change nothing."""
+        if turn is None or turn != self._turn or not self._paused or pause != self._pauses:
+            return
+        self._turn_end_frames = self._sentence_end_frames
+        if self._silent >= self._turn_end_frames and self._turn_end_frames < self._end_frames:
+            self.ended_on_sentence += 1
+            self._end()
 
     def _on_confirmed(self) -> None:
         """start_ms of speech: an utterance, at once unless a reply is in
@@ -278,6 +314,8 @@ class AudioBuffer(Child):
         self._silent = 0
         self._speech_frames = 0
         self._paused = False
+        self._pauses = 0
+        self._turn_end_frames = self._end_frames
         self._core.stt.post(SpeechBegan(self._turn, audio))
 
     def _end(self) -> None:

@@ -169,6 +169,13 @@ class VADConfig(_Section):
     Like LiveKit Agents' min_interruption_duration (0.5 s)."""
     end_silence_ms: int = Field(600, ge=90)
     """Silence this long closes it."""
+    sentence_end_ms: int = Field(300, ge=0)
+    """Silence this long closes an utterance whose words so far end a
+    sentence ("… the Rosetta Stone." / "?" / "!"): the words heard at the
+    pause (Whisper's decode there, or a live recogniser's latest), so the
+    turn does not wait out `end_silence_ms` for speech that is finished.
+    Speech that trails off ("I think…", no stop) still gets the full wait.
+    0 = off; at most `end_silence_ms`."""
     pause_ms: int = Field(210, ge=60)
     """Silence this long inside an utterance is a pause: with a streaming
     recogniser the session starts the reply on the words heard so far
@@ -186,6 +193,10 @@ class STTConfig(_StageSection):
     cpu_threads: int = Field(1, ge=1)
     partial_interval_ms: int = Field(0, ge=0)
     """Re-decode the growing utterance this often for partials; 0 = off."""
+    encoder_window_s: float = Field(10.0, ge=0, le=30)
+    """Whisper encodes an utterance in a window this long (or its length and
+    a second, if longer) instead of its 30 s: the encoder's cost follows the
+    window. A decode that loops is redone in 30 s. 0 or 30 = always 30 s."""
     decode_at_pause: bool = True
     """A batch decoder (Whisper) decodes the utterance at a pause
     (`vad.pause_ms`); if the utterance then ends, that decode is the

@@ -98,6 +98,7 @@ class ProviderPool:
             "in_flight": self._in_flight, "max_concurrency": self._limit,
             "node_id": _this_node(),  # where it really runs: soft affinity may have placed it elsewhere
             "latency_ms": self._latency_figures(),
+            "decodes": dict(getattr(self._provider, "decodes", None) or {}),  # Whisper's by window
         }
 
     def _latency_figures(self) -> dict[str, float | int | None]:

@@ -20,7 +20,7 @@ from actors.agent.moderation import build_moderator, safe_reply_for
 from actors.agent.persona import Persona
 from actors.agent.quick_replies import build_quick_replies
 from actors.agent.tools import SessionTools, ToolContext, ToolRegistry, ToolsConfig, clock, default_registry
-from actors.audio_buffer import AudioBatch, AudioBuffer, ListenControl
+from actors.audio_buffer import AudioBatch, AudioBuffer, ListenControl, WordsEndASentence
 from actors.config import AppConfig
 from actors.dialogue import AssistantSays, DialogueState, UserTurn
 from actors.events import (
@@ -38,6 +38,7 @@ from actors.history_store import HistoryStore
 from actors.mailbox import Message
 from actors.providers.base import LLM, SAMPLE_RATE, STT, TTS, VAD, ChatMessage
 from actors.stt_stream import STTStream
+from actors.text import ends_a_sentence
 from actors.tts import OutputPrefs, TTSChild
 
 log = logging.getLogger(__name__)
@@ -395,11 +396,15 @@ class SessionCore:
         self.dialogue.cancel_speculation()
         return turn
 
-    def on_pause(self, turn: int, text: str) -> None:
-        """A pause in the user's speech, with a live recogniser's words so far:
-        the reply may start now (session.preemptive_generation)."""
+    def on_pause(self, turn: int, text: str, pause: int = 0) -> None:
+        """A pause in the user's speech, with the words so far (a live
+        recogniser's latest, or Whisper's decode of the pause): the reply may
+        start now (session.preemptive_generation), and if they end a sentence
+        the utterance ends sooner (vad.sentence_end_ms)."""
         if self.config.session.preemptive_generation and turn == self.turn_id and self.reply_turn is None:
             self.dialogue.speculate(turn, text)
+        if ends_a_sentence(text):
+            self.audio.post(WordsEndASentence(turn, pause))
 
     def on_resume(self, turn: int) -> None:
         self.dialogue.cancel_speculation(turn)
@@ -481,6 +486,7 @@ class SessionCore:
             "duplicate_frames": self.audio.duplicates, "lost_frames": self.audio.lost,
             "history_messages": len(self.dialogue.history),
             "sentences_synthesized": self.tts.synthesized, "short_speech_ignored": self.audio.ignored,
+            "ended_on_sentence": self.audio.ended_on_sentence,
             "preemptive_replies": dict(self.dialogue.preemptive),
             "stt_decodes": dict(self.stt.decodes),
             "mailbox_backlog": {child.name: child.backlog for child in self._children},

@@ -40,6 +40,9 @@ class SpeechEnded(Message):
 class SpeechPaused(Message):
     """`vad.pause_ms` of silence inside the utterance: it may be ending."""
 
+    pause: int = 0
+    """Which pause of the utterance (from 1): the words heard at it are answered with it."""
+
 
 @dataclass
 class SpeechResumed(Message):
@@ -63,8 +66,8 @@ class STTStream(Child):
         self._stream: STTStreamSession | None = None
         self._reader: asyncio.Task[str | ProviderError] | None = None
         self._latest = ""
-        self._paused = False
-        """Between a pause and speech again: a batch decoder's next interim is the decode of the pause."""
+        self._paused = 0
+        """Between a pause and speech again, the pause's number: a batch decoder's next interim is its decode."""
         self.decodes: Counter[str] = Counter()
         """A batch decoder's decodes by kind, summed over utterances (stats: the cost of `decode_at_pause`)."""
 
@@ -74,7 +77,7 @@ class STTStream(Child):
         if isinstance(message, SpeechBegan):
             await self._abandon()
             self._stream = self._stt.open_stream(self._interim_every_s)
-            self._latest, self._paused = "", False
+            self._latest, self._paused = "", 0
             await self._stream.push(message.audio)
             self._reader = asyncio.get_running_loop().create_task(self._read(turn, self._stream))
         elif isinstance(message, SpeechAudio) and self._stream is not None:
@@ -82,12 +85,12 @@ class STTStream(Child):
         elif isinstance(message, SpeechPaused) and self._stream is not None:
             if self._stream.live:  # its latest interim already has the words: the reply may start on them
                 if self._latest:
-                    self._core.on_pause(turn, self._latest)
+                    self._core.on_pause(turn, self._latest, message.pause)
             elif self._decode_at_pause:  # the reply may start when the decode of the pause comes in (`_read`)
-                self._paused = True
+                self._paused = message.pause
                 await self._stream.speech_paused()
         elif isinstance(message, SpeechResumed):
-            self._paused = False
+            self._paused = 0
             if self._stream is not None:
                 await self._stream.speech_resumed()
             self._core.on_resume(turn)
@@ -114,7 +117,7 @@ class STTStream(Child):
                         self._latest = event.text
                         self._core.emit(STTPartial(turn_id=turn, text=event.text))
                         if self._paused and not stream.live:
-                            self._core.on_pause(turn, event.text)
+                            self._core.on_pause(turn, event.text, self._paused)
         except ProviderError as e:
             return e
         except Exception as e:  # a provider's own exception: still a failed utterance, not a crashed child

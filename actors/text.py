@@ -63,6 +63,15 @@ def split_sentences(text: str) -> list[str]:
     return splitter.feed(text) + splitter.flush()
 
 
+_FINISHED = re.compile(r"(?<![.…])[.!?。！？][\"')\]”’）]*$")
+
+
+def ends_a_sentence(words: str) -> bool:
+    """Whether a transcript ends as a finished sentence would: a full stop,
+    question or exclamation mark, not a trailing ellipsis ("I think...")."""
+    return bool(_FINISHED.search(words.strip()))
+
+
 # ---------------------------------------------------------------- emotion
 # The words a reply's emotion may take: xiaozhi devices' face set, which the
 # native protocol passes on as is. Synonyms fold onto them so `[smile]` works.

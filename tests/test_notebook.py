@@ -105,7 +105,7 @@ def test_a_recording_with_pauses_returns_every_turn(ray_cluster, config, paragra
         heard = [t.transcript or "" for t in turns]
         assert "paragraph" in heard[0].lower(), heard
         assert "9" in heard[1] and "4" in heard[1], heard
-        assert "12" in heard[2] and "7" in heard[2], heard
+        assert "12" in heard[2] and ("7" in heard[2] or "seven" in heard[2].lower()), heard
         assert [t.turn_id for t in turns] == [turns[0].turn_id + i for i in range(3)]
         assert all(t.metrics and t.reply for t in turns)  # every turn ended, and each got an answer
         assert turns[0].interrupted  # its long reply was cut short by the next sentence (barge-in)
@@ -160,7 +160,7 @@ def test_the_notebook_runs_in_a_jupyter_kernel(ray_cluster, config, tmp_path: Pa
     assert "reply: 9 plus 4 is 13." in out["ask-text-awaited"]
 
     transcript = out["ask-wav"].split("transcript:", 1)[1].splitlines()[0]
-    assert "12" in transcript and "7" in transcript
+    assert "12" in transcript and ("7" in transcript or "seven" in transcript.lower())
     assert "reply: 12 times 7 is 84." in out["ask-wav"] and "first_audio_ms" in out["ask-wav"]
     reply_audio = read_wav(tmp_path / "reply.wav")
     assert len(reply_audio) > 16000 and rms_dbfs(reply_audio) > -35

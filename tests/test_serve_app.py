@@ -80,7 +80,7 @@ async def test_native_spoken_turn(server, auth, speech):
     async with await NativeClient.connect(f"{WS}/ws/voice", token_for(auth)) as c:
         assert c.hello["audio_out"] == {"format": "pcm16", "sample_rate": 16000, "channels": 1}
         turn = await c.ask_audio(silence(300) + speech(QUESTION), realtime=True)
-    assert "12" in turn.transcript and "7" in turn.transcript, turn.transcript
+    assert "12" in turn.transcript and ("7" in turn.transcript or "seven" in turn.transcript.lower()), turn.transcript
     assert "84" in turn.reply
     assert turn.sample_rate == 16000 and len(turn.audio) / 32000 > 0.8 and rms_dbfs(turn.audio) > -35
     assert turn.end_of_speech_to_first_audio_ms is not None and turn.end_of_speech_to_first_audio_ms > 0
@@ -339,9 +339,16 @@ async def test_native_session_resumed_on_a_new_actor_hears_hello_first(server, a
         before = count((await http.get(f"{BASE}/metrics")).text)
         async with await NativeClient.connect(f"{WS}/ws/voice", token, sid) as c:
             assert c.session_id == sid and c.hello["resumed"]
-            turn = await c.ask_text("What is my name?")
+            # the client uses its session at once over HTTP, while the actor is still starting: the
+            # request waits for the socket's subscription, so the device hears the turn
+            heard = asyncio.create_task(c.receive_turn(timeout_s=60))
+            r = await http.post(f"{BASE}/api/text/process", headers=bearer(token),
+                                json={"text": "What is my name?", "session_id": sid})
+            turn = await heard
         assert count((await http.get(f"{BASE}/metrics")).text) == before + 1
-    assert "Ana" in turn.reply and not turn.errors, (turn.reply, turn.errors)
+    turn_ids = {m["turn_id"] for m in turn.messages if m["type"] == "metrics"}
+    assert r.status_code == 200 and turn_ids == {r.json()["turn_id"]} and "Ana" in r.json()["reply"], r.text
+    assert "Ana" in turn.reply and not turn.errors and len(turn.audio) > 0, (turn.reply, turn.errors)
 
 
 # ------------------------------------------------------------------ auth and limits
@@ -687,7 +694,7 @@ async def test_push_to_talk_is_checked_for_speech_and_trimmed(server, speech):
         await c.stream_pcm(silence(1500) + speech(QUESTION) + silence(1500), realtime=False, trailing_silence_ms=0)
         await c.listen("stop", "manual")
         stt = await _until(c.ws, lambda m: m["type"] in ("error", "stt"))
-        assert stt["type"] == "stt" and "12" in stt["text"] and "7" in stt["text"], stt
+        assert stt["type"] == "stt" and "12" in stt["text"] and ("7" in stt["text"] or "seven" in stt["text"].lower()), stt
         said = await _until(c.ws, lambda m: m["type"] == "tts" and m.get("state") == "sentence_start")
         assert "84" in said["text"]
 

@@ -27,9 +27,11 @@ async def open_actor(config):
 
 async def test_spoken_question_gets_transcript_reply_and_real_speech(ray_cluster, config, speech, tap):
     actor = await open_actor(config)
+    stt_pool = get_pool("stt", "local-whisper", config)
+    window_decodes = (await stt_pool.stats.remote())["decodes"]
     audio = silence(400) + speech(QUESTION) + silence(1200)
     async with tap(actor) as t:
-        await send_frames(actor, frames_of(audio))
+        await send_frames(actor, frames_of(audio), batch=1, realtime=True)  # as a device streams it
         final = await t.wait_for(lambda e: e.type == "stt.final")
         metrics = await t.wait_for(lambda e: e.type == "metrics" and e.turn_id == final.turn_id)
     turn = final.turn_id
@@ -46,8 +48,12 @@ async def test_spoken_question_gets_transcript_reply_and_real_speech(ray_cluster
     assert 0.8 < seconds < 6.0, seconds
     assert rms_dbfs(pcm) > -35.0
     # the reply audio is real speech: the embedded STT hears the answer in it
-    heard = await get_pool("stt", "local-whisper", config).transcribe.remote(pcm)
+    heard = await stt_pool.transcribe.remote(pcm)
     assert "84" in heard or "eighty" in heard.lower(), heard
+    # both decodes ran in the short encoder window (stt.encoder_window_s); the 30 s one only redoes a loop
+    after = (await stt_pool.stats.remote())["decodes"]
+    assert after["short_window"] - window_decodes["short_window"] == 2, (window_decodes, after)
+    assert after["full_window"] - window_decodes["full_window"] == after["loop_redone"] - window_decodes["loop_redone"]
 
     order = [e.type for e in t.events if e.turn_id == turn]
     for earlier, later in [("vad.speech_start", "vad.speech_end"), ("vad.speech_end", "stt.final"),
@@ -63,6 +69,12 @@ async def test_spoken_question_gets_transcript_reply_and_real_speech(ray_cluster
     # (it ran during the end-silence wait): no second decode after the end of speech
     stats = await actor.stats.remote()
     assert stats["stt_decodes"].get("at_pause_used") == 1 and not stats["stt_decodes"].get("final"), stats
+    # that decode ended a sentence ("…times seven?"), so the utterance closed before end_silence_ms
+    # (vad.sentence_end_ms): the speech ends where the silence after it begins
+    speech_over_ms = (len(audio) - len(silence(1200))) / 32
+    vad_end = t.of("vad.speech_end", turn)[0]
+    assert stats["ended_on_sentence"] == 1, stats
+    assert vad_end.stream_ms - speech_over_ms < config.vad.end_silence_ms, (vad_end.stream_ms, speech_over_ms)
     assert stats["mailbox_backlog"] == {"audio_buffer": 0, "stt_stream": 0, "dialogue": 0, "tts": 0}, stats
     ray.kill(actor.actor)
 

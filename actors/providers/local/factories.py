@@ -24,7 +24,7 @@ def whisper(config: AppConfig) -> Any:
     from actors.providers.local.whisper import WhisperSTT
 
     return WhisperSTT(config.stt.model_path, config.stt.language, config.stt.cpu_threads,
-                      workers=config.pools.stt.max_concurrency)
+                      workers=config.pools.stt.max_concurrency, encoder_window_s=config.stt.encoder_window_s)
 
 
 def piper(config: AppConfig) -> Any:
