@@ -69,8 +69,9 @@ class ServerConfig(_Section):
     sessions (the warm pool takes them before starting new ones): a new Ray
     actor per session costs the long-lived processes memory they never give
     back (docs/reliability.md). Each spare is an idle process (~58 MB USS) until
-    it is reused; they do not expire. Set it near the number of sessions
-    that can end at once at your busiest."""
+    it is reused; they do not expire. Per node: a spare hosts sessions of its
+    own node's ingress only. Set it near the number of sessions that can end
+    at once on a node at your busiest."""
     drain_grace_s: float = Field(5.0, ge=0, le=60)
     """When an ingress replica is shut down (`serve deploy` of a new version,
     scale-down, `serve.delete`), a reply in flight on one of its sockets may

@@ -39,6 +39,16 @@ def pool_name(kind: PoolKind, provider: str, node_id: str) -> str:
     return f"pool:{kind}:{provider}:{node_id}"
 
 
+def pinned_to(node_id: str, num_cpus: float) -> NodeAffinitySchedulingStrategy:
+    """Where a per-node pool runs: on its node. With a CPU reservation the
+    affinity is soft, so a node too small for it still gets its pool served
+    elsewhere instead of waiting forever. Without one it is hard: Ray places
+    a zero-resource actor anywhere despite a soft affinity (1 of 9 on their
+    node in a 3-node `Cluster`; bench/cluster.py found the pools off their
+    nodes), and every node fits it."""
+    return NodeAffinitySchedulingStrategy(node_id, soft=num_cpus > 0)
+
+
 def _this_node() -> str:
     return ray.get_runtime_context().get_node_id()
 
@@ -117,9 +127,7 @@ class ProviderPool:
 def get_pool(kind: PoolKind, provider: str, config: AppConfig,
              node_id: str | None = None) -> ray.actor.ActorHandle:
     """The pool for (kind, provider) on `node_id` (default: the caller's
-    node), created on first use by whoever asks. Affinity is soft, so a node
-    too small for `num_cpus` still gets its pool served elsewhere instead of
-    waiting forever."""
+    node), created on first use by whoever asks (`pinned_to`)."""
     node_id = node_id or _this_node()
     pool_cfg = config.pools.stt if kind == "stt" else config.pools.tts
     return ProviderPool.options(
@@ -127,7 +135,7 @@ def get_pool(kind: PoolKind, provider: str, config: AppConfig,
         get_if_exists=True, num_cpus=pool_cfg.num_cpus,
         max_concurrency=max(100, pool_cfg.max_concurrency * 4),
         enable_task_events=False,  # calls every turn: no GCS record of each (actors/runtime.py)
-        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=True),
+        scheduling_strategy=pinned_to(node_id, pool_cfg.num_cpus),
     ).remote(kind, provider, config)
 
 

@@ -427,7 +427,8 @@ class SessionActor:
         binds = self._binds
         try:
             directory = directory or session_directory(self._config)
-            kept = await directory.recycle.remote(ray.get_runtime_context().current_actor)
+            context = ray.get_runtime_context()
+            kept = await directory.recycle.remote(context.current_actor, context.get_node_id())
         except Exception:
             kept = False
         if not kept:

@@ -69,7 +69,10 @@ class SessionDirectory:
         self._spare_cap = config.server.spare_sessions if config is not None else 0
         self._ids: dict[str, str] = {}
         self._hosts: dict[str, ray.actor.ActorHandle] = {}
-        self._spares: list[ray.actor.ActorHandle] = []
+        self._spares: list[tuple[ray.actor.ActorHandle, str | None]] = []
+        """Idle actors kept for new sessions, with their node (None: unknown,
+        after a restart of the directory): a session is started on its
+        ingress's node, so that its socket's traffic stays on one node."""
         self._live: dict[str, str] = {}  # session id -> owner
         self._nodes = (0.0, 1)  # (when counted, alive nodes)
         self._recovered: asyncio.Task[None] | None = None
@@ -100,7 +103,7 @@ class SessionDirectory:
             if hosted is not None:
                 self._hosts.setdefault(hosted, actor)
             elif len(self._spares) < self._spare_cap:
-                self._spares.append(actor)
+                self._spares.append((actor, None))
 
         await asyncio.gather(*(ask(n) for n in names))
 
@@ -142,29 +145,35 @@ class SessionDirectory:
         await self._ready()
         return list(self._hosts)
 
-    async def recycle(self, actor: ray.actor.ActorHandle) -> bool:
-        """Keep an actor whose session ended as a spare; False: enough spares, exit."""
+    async def recycle(self, actor: ray.actor.ActorHandle, node_id: str | None = None) -> bool:
+        """Keep an actor whose session ended as a spare for its node
+        (`server.spare_sessions` per node); False: enough spares, exit."""
         await self._ready()
-        if any(same_actor(a, actor) for a in self._spares):
+        if any(same_actor(a, actor) for a, _ in self._spares):
             return True
-        if len(self._spares) >= self._spare_cap:
+        if sum(1 for _, node in self._spares if node == node_id) >= self._spare_cap:
             self._counts["spares_turned_away"] += 1
             return False
-        self._spares.append(actor)
+        self._spares.append((actor, node_id))
         return True
 
-    async def take_spare(self) -> ray.actor.ActorHandle | None:
+    async def take_spare(self, node_id: str | None = None) -> ray.actor.ActorHandle | None:
+        """The latest spare on `node_id` (any node's when None, and any whose
+        node is unknown), or None."""
         await self._ready()
-        if not self._spares:
-            return None
-        self._counts["spares_taken"] += 1
-        return self._spares.pop()
+        for i in range(len(self._spares) - 1, -1, -1):
+            actor, node = self._spares[i]
+            if node_id is None or node is None or node == node_id:
+                del self._spares[i]
+                self._counts["spares_taken"] += 1
+                return actor
+        return None
 
     async def holds(self, actor: ray.actor.ActorHandle) -> bool:
         """Is `actor` a spare here? One this directory forgot (a restart with
         more spares than the cap) exits."""
         await self._ready()
-        return any(same_actor(spare, actor) for spare in self._spares)
+        return any(same_actor(spare, actor) for spare, _ in self._spares)
 
     # ------------------------------------------------------------ aliases
     async def lookup(self, alias: str) -> str | None:

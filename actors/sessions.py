@@ -26,6 +26,7 @@ import ray
 from actors.audio import write_wav
 from actors.config import AppConfig
 from actors.events import AudioChunk, ErrorEvent, Event, LLMDelta, STTFinal, TurnMetrics
+from actors.pools import pinned_to
 from actors.session import EventStream, SessionActor
 from actors.session_directory import session_directory
 from actors.session_ref import SessionRef, StartingSession, host_actor_name
@@ -49,17 +50,24 @@ def new_session_actor(config: AppConfig) -> ray.actor.ActorHandle:
     No Ray task events: a session makes several calls a second for as long
     as it lives, and Ray keeps an event per call in the GCS (and the
     dashboard agent) for the dashboard's task view; the 30-minute soak
-    measured the GCS growing ~0.6 MB per session that came and went."""
+    measured the GCS growing ~0.6 MB per session that came and went.
+
+    On the caller's node (the ingress replica's, a notebook's): the socket's
+    every batch of frames and of events crosses between the two, and the
+    node's pools serve it. Ray would place a zero-resource actor on any node
+    (bench/cluster.py: 8 of 12 sessions on one of 3 nodes)."""
     return SessionActor.options(
         name=host_actor_name(uuid.uuid4().hex), namespace=config.server.namespace,
         lifetime="detached", enable_task_events=False,
+        scheduling_strategy=pinned_to(ray.get_runtime_context().get_node_id(), num_cpus=0),
     ).remote(config)
 
 
 def idle_session_actor(config: AppConfig, directory: ray.actor.ActorHandle) -> ray.actor.ActorHandle:
-    """A spare if the directory has one, else a new actor (blocking: one call
-    to the directory)."""
-    return ray.get(directory.take_spare.remote()) or new_session_actor(config)
+    """A spare on this node if the directory has one, else a new actor
+    (blocking: one call to the directory)."""
+    node = ray.get_runtime_context().get_node_id()
+    return ray.get(directory.take_spare.remote(node)) or new_session_actor(config)
 
 
 async def find_session(config: AppConfig, session_id: str,

@@ -52,16 +52,26 @@ def actor_kind(name: str, class_name: str) -> str | None:
 
 
 def placement() -> tuple[dict[str, Counter[str]], dict[str, str]]:
-    """Alive actors of interest by node; and actor id → node id."""
-    from ray.util.state import list_actors
+    """Alive actors of interest by node; and actor id → node id. Read from
+    the GCS's actor table as bench/soak.py does (the public state API needs
+    the dashboard, which the bench does not start)."""
+    import ray._private.state as state
 
     by_node: dict[str, Counter[str]] = defaultdict(Counter)
     node_of: dict[str, str] = {}
-    for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000):
-        node_of[a.actor_id] = a.node_id
-        kind = actor_kind(a.name or "", a.class_name or "")
+    for actor_id, a in state.actors().items():
+        if a.get("State") != "ALIVE":
+            continue
+        node = a["Address"]["NodeID"]
+        node_of[actor_id] = node
+        name = a.get("Name") or ""
+        kind = actor_kind(name, a.get("ActorClassName") or "")
         if kind is not None:
-            by_node[a.node_id][kind] += 1
+            by_node[node][kind] += 1
+        if kind == "provider pools":  # pool:<kind>:<provider>:<node>
+            made_for = name.rsplit(":", 1)[-1]
+            by_node[node]["pools: " + ":".join(name.split(":")[1:3])
+                          + ("" if made_for == node else f" (for node {made_for[:6]})")] += 1
     return by_node, node_of
 
 
@@ -118,6 +128,7 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
                                    max_ongoing_requests=ing.max_ongoing_requests).bind(config)
         serve.run(app, name="voice-actors", route_prefix="/")
         nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+        print("[cluster] nodes: " + ", ".join(n[:6] for n in nodes), flush=True)
         label = {n: ("head" if i == 0 else f"node {i + 1}") for i, n in enumerate(
             sorted(nodes, key=lambda n: n != ray.get_runtime_context().get_node_id()))}
         await asyncio.sleep(opts.settle_s)  # the replicas' warm pools fill
@@ -141,7 +152,7 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
             live = Counter()
         proc.join(10)
         report["by_node"] = {label.get(n, n[:8]): {**by_node.get(n, {}), "live sessions": live.get(n, 0)}
-                             for n in nodes}
+                             for n in sorted(nodes, key=lambda n: label[n])}
         report["e2e_ms"] = pct(result["e2e_ms"])
         report["connect_ms"] = pct(result["connect_ms"])
         report["failures"] = result["failures"]
@@ -161,6 +172,8 @@ def print_report(r: dict[str, Any]) -> None:
     print("|---|" + "---|" * len(kinds))
     for node, counts in r["by_node"].items():
         print(f"| {node} | " + " | ".join(str(counts.get(k, 0)) for k in kinds) + " |")
+    for node, counts in r["by_node"].items():
+        print(f"[cluster] {node} pools: " + ", ".join(sorted(k[7:] for k in counts if k.startswith("pools: "))))
     print(f"[cluster] end of speech -> first audio p50 {r['e2e_ms']['p50']} p99 {r['e2e_ms']['p99']} ms; "
           f"connect -> hello p50 {r['connect_ms']['p50']} ms; failures {len(r['failures'])}")
     d = r["directory"]

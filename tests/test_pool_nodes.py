@@ -15,10 +15,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 SCENARIO = r'''
-import asyncio, json, os
+import asyncio, json, os, sys
 import ray
 from ray.cluster_utils import Cluster
 from actors.config import load_config
@@ -28,7 +30,7 @@ NAMESPACE = "voice-actors-pool-nodes-test"
 config = load_config(env={
     "VOICE_ACTORS__SERVER__NAMESPACE": NAMESPACE,
     "VOICE_ACTORS__TTS__PROVIDER": "local-espeak",
-    "VOICE_ACTORS__POOLS__TTS__NUM_CPUS": "0.25",  # fits a 1-CPU node, still a real reservation
+    "VOICE_ACTORS__POOLS__TTS__NUM_CPUS": sys.argv[1],  # "0": the default; "0.25": fits a 1-CPU node
 })
 
 @ray.remote(num_cpus=0)
@@ -37,7 +39,13 @@ def speak(config):
     tts_provider picks for this node."""
     from actors.pools import tts_provider
     seg = asyncio.run(tts_provider("local-espeak", config).synthesize("hello"))
-    return {"node": ray.get_runtime_context().get_node_id(), "bytes": len(seg.pcm16)}
+    from actors.sessions import new_session_actor
+    session = new_session_actor(config)  # started here: runs here
+    ray.get(session.hosting.remote())  # up
+    import ray._private.state as state
+    session_node = state.actors()[session._actor_id.hex()]["Address"]["NodeID"]
+    ray.kill(session)
+    return {"node": ray.get_runtime_context().get_node_id(), "bytes": len(seg.pcm16), "session_node": session_node}
 
 cluster = Cluster(initialize_head=True, head_node_args={
     "num_cpus": 1, "resources": {"node_a": 1}, "include_dashboard": False})
@@ -55,12 +63,13 @@ finally:
 '''
 
 
-def test_each_node_is_served_by_its_own_pool() -> None:
+@pytest.mark.parametrize("num_cpus", ["0", "0.25"])  # no reservation (hard affinity), a reservation (soft)
+def test_each_node_is_served_by_its_own_pool(num_cpus: str) -> None:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.setdefault("HF_HUB_OFFLINE", "1")
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-c", SCENARIO], cwd=ROOT, env=env, capture_output=True,
+    done = subprocess.run([sys.executable, "-c", SCENARIO, num_cpus], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=120)
     took = time.monotonic() - started
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -71,6 +80,7 @@ def test_each_node_is_served_by_its_own_pool() -> None:
     caller_nodes = {c["node"] for c in callers}
     assert len(caller_nodes) == 2, callers  # the custom resources put the callers on different nodes
     assert all(c["bytes"] > 0 for c in callers)
+    assert all(c["session_node"] == c["node"] for c in callers), callers  # a session runs where it was started
     # One pool per caller node, each named for and running on that node, and each served
     # exactly its own node's one call: no caller crossed to the other node's pool.
     assert set(pools) == caller_nodes, pools

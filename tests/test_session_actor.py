@@ -405,19 +405,23 @@ async def test_the_directory_keeps_spares_up_to_its_cap_and_hands_each_out_once(
 
     capped = config.model_copy(update={"server": config.server.model_copy(update={"spare_sessions": 1})})
     directory = SessionDirectory.remote("spare-cap-test", capped)
-    a, b = new_session_actor(config), new_session_actor(config)
+    a, b, c = new_session_actor(config), new_session_actor(config), new_session_actor(config)
     try:
-        assert await directory.recycle.remote(a) is True
-        assert await directory.recycle.remote(a) is True  # already a spare: kept once
-        assert await directory.recycle.remote(b) is False  # over the cap: b exits instead
+        assert await directory.recycle.remote(a, "node-1") is True
+        assert await directory.recycle.remote(a, "node-1") is True  # already a spare: kept once
+        assert await directory.recycle.remote(b, "node-1") is False  # over node-1's cap: b exits instead
+        assert await directory.recycle.remote(c, "node-2") is True  # the cap is per node
         assert await directory.holds.remote(a) and not await directory.holds.remote(b)
-        taken = await directory.take_spare.remote()
+        # a spare serves its own node's sessions only
+        assert await directory.take_spare.remote("node-3") is None
+        taken = await directory.take_spare.remote("node-1")
         assert taken._actor_id == a._actor_id and not await directory.holds.remote(a)
-        assert await directory.take_spare.remote() is None
+        assert await directory.take_spare.remote("node-1") is None
+        assert (await directory.take_spare.remote("node-2"))._actor_id == c._actor_id
         counts = await directory.describe.remote()
-        assert counts["spares_taken"] == 1 and counts["spares_turned_away"] == 1 and counts["spares"] == 0
+        assert counts["spares_taken"] == 2 and counts["spares_turned_away"] == 1 and counts["spares"] == 0
     finally:
-        for actor in (directory, a, b):
+        for actor in (directory, a, b, c):
             ray.kill(actor)
 
 

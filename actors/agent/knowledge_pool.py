@@ -2,7 +2,7 @@
 
 One named, detached Ray actor per (knowledge base, node),
 `pool:knowledge:{name}:{node_id}`, made on first use and pinned to its node
-with soft affinity, as the provider pools are (actors/pools.py, DESIGN §3):
+as the provider pools are (actors/pools.py `pinned_to`, DESIGN §3):
 sessions and ingress replicas ask the pool on their own node, so a search
 never crosses nodes and the index (and any embedding vectors) lives once per
 node, not once per session.
@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.agent.knowledge import MAX_QUERY_CHARS, Chunk, Hit, KnowledgeConfig, KnowledgeIndex, chunk_text
+from actors.pools import pinned_to
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ def get_knowledge_pool(cfg: KnowledgeConfig, namespace: str, node_id: str | None
         name=knowledge_pool_name(cfg.name, node_id), namespace=namespace, lifetime="detached",
         get_if_exists=True, num_cpus=0, max_concurrency=100,
         enable_task_events=False,  # a query every turn: no GCS record of each (actors/runtime.py)
-        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=True),
+        scheduling_strategy=pinned_to(node_id, num_cpus=0),
     ).remote(cfg, str(root))
 
 
