@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import multiprocessing
 import os
 import time
@@ -30,7 +29,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from bench.load import encoded_turn, load_process
+from bench.load import encoded_turn, load_process, write_report
 from bench.run import PORT, QUESTION, pct, speech_fixture
 from bench.soak import server_config
 
@@ -193,10 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = p.parse_args(argv)
     report = asyncio.run(run(opts))
     print_report(report)
-    out = ROOT / "bench" / "results" / f"cluster-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"[cluster] wrote {out}", flush=True)
+    print(f"[cluster] wrote {write_report('cluster', report)}", flush=True)
     return 0
 
 

@@ -361,11 +361,16 @@ def main(argv: list[str] | None = None) -> int:
                         "of twice the warm pool (pass --sessions '' to do only this)")
     opts = p.parse_args(argv)
     report = asyncio.run(run(opts))
-    out = Path(__file__).resolve().parent / "results" / f"load-{opts.protocol}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    print(f"[load] wrote {write_report(f'load-{opts.protocol}', report)}", flush=True)
+    return 0
+
+
+def write_report(name: str, report: dict[str, Any]) -> Path:
+    """bench/results/<name>-<time>.json (git-ignored)."""
+    out = Path(__file__).resolve().parent / "results" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
-    print(f"[load] wrote {out}", flush=True)
-    return 0
+    return out
 
 
 if __name__ == "__main__":
