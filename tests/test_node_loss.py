@@ -9,7 +9,8 @@ tests/test_pool_nodes.py does: the rest of the suite shares the one
 in-process Ray that conftest starts, and a process can only `ray.init` once.
 The Serve app (ingress on the head node only) takes real sockets; one session
 actor is pinned to each node with a node-affinity strategy (the product
-places sessions where Ray likes; pinning makes "one on each" deterministic),
+places a session on its ingress replica's node, here the head; pinning one
+to the worker stands in for a second node's ingress),
 and the worker node is killed (SIGKILL, no graceful drain) while its session
 is speaking a reply.
 """
