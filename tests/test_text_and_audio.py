@@ -30,6 +30,24 @@ def test_long_first_sentence_is_cut_at_a_clause_for_fast_first_audio():
     assert " ".join(pieces) == text
 
 
+def test_long_first_sentence_without_an_early_clause_is_cut_before_a_phrase():
+    text = ("The Rosetta Stone is a granite-like slab carved in 196 BC with a priestly decree honouring King "
+            "Ptolemy the Fifth, written in three scripts. It is in Gallery 1.")
+    assert split_sentences(text)[:2] == [
+        "The Rosetta Stone is a granite-like slab carved in 196 BC",
+        "with a priestly decree honouring King Ptolemy the Fifth, written in three scripts."]
+    streamed, s = [], SentenceSplitter()  # the same, word by word as an LLM streams it
+    for word in text.split(" "):
+        streamed += s.feed(word + " ")
+    assert streamed[0] == "The Rosetta Stone is a granite-like slab carved in 196 BC"
+    assert " ".join(streamed + s.flush()) == text
+    # no phrase-starting word: the clause boundary, however late, is still the cut
+    odd = "Xylophones xylophones " * 6 + "xylophones, then more. Next."
+    assert split_sentences(odd)[0].endswith("xylophones,")
+    # only the first piece is cut this way
+    assert split_sentences("Yes. " + text)[1] == text.split(" It is")[0]
+
+
 def test_wav_round_trip_resamples_and_downmixes():
     t = np.arange(22050) / 22050
     tone = (0.5 * np.sin(2 * np.pi * 440 * t) * 32767).astype("<i2")
