@@ -488,6 +488,7 @@ async def test_panel_in_a_browser_refuses_a_user_and_an_expired_token(browser, a
         assert "this needs the admin role" in await message.inner_text()
         assert await page.locator("#panel").is_hidden()
         assert await page.locator("#sessions tbody tr").count() == 0
+        assert await page.evaluate("sessionStorage.length") == 0  # a reload does not try it again
 
         expired = auth.issue_token("root", roles=("user", "admin"), ttl_s=-120)
         await _sign_in(page, expired)
@@ -495,6 +496,44 @@ async def test_panel_in_a_browser_refuses_a_user_and_an_expired_token(browser, a
                           timeout_ms=15_000)
         assert await page.locator("#panel").is_hidden()
         assert await page.evaluate("sessionStorage.length") == 0  # the refused token is not kept
+    finally:
+        await page.close()
+
+
+async def test_panel_drops_a_slow_answer_for_a_previous_sign_in(browser, auth, admin_token):
+    """A sign-in answered after the next one began must not undo it: the
+    admin token's /api/auth/me is held back until the expired token has been
+    refused, and the refusal stays on screen (the late answer used to sign the
+    page in, or clear the message, depending on which came last)."""
+    page = await browser.new_page()
+    released = asyncio.Event()
+    finished = asyncio.Event()
+
+    async def hold_the_admin_sign_in(route) -> None:
+        if route.request.headers.get("authorization") == f"Bearer {admin_token}":
+            await released.wait()
+        await route.continue_()
+
+    def on_finished(request) -> None:
+        if request.url.endswith("/api/auth/me") and request.headers.get("authorization") == f"Bearer {admin_token}":
+            finished.set()
+
+    page.on("requestfinished", on_finished)
+    try:
+        await page.route("**/api/auth/me", hold_the_admin_sign_in)
+        await _sign_in(page, admin_token)
+        expired = auth.issue_token("root", roles=("user", "admin"), ttl_s=-120)
+        await page.fill("#token", expired)
+        await page.click("#use-token")
+        await wait_for_js(page, "() => document.getElementById('message').textContent.includes('expired')",
+                          timeout_ms=15_000)
+        released.set()
+        await asyncio.wait_for(finished.wait(), 15)
+        await page.evaluate("() => new Promise((r) => setTimeout(r, 300))")  # the late answer's handlers run
+        assert "expired" in await page.locator("#message").inner_text()
+        assert await page.locator("#panel").is_hidden()
+        assert await page.locator("#login").is_visible()
+        assert await page.evaluate("sessionStorage.length") == 0
     finally:
         await page.close()
 

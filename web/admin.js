@@ -58,8 +58,13 @@ class ApiError extends Error {
   }
 }
 
+/** Thrown for an answer to a request made with a token that is no longer the
+ * page's: a slow answer for the previous sign-in must not undo a newer one. */
+const STALE = "client.stale_token";
+
 async function api(method, path, body) {
-  const headers = { Authorization: `Bearer ${token()}` };
+  const used = token();
+  const headers = { Authorization: `Bearer ${used}` };
   if (body !== undefined) headers["Content-Type"] = "application/json";
   let r;
   try {
@@ -70,6 +75,7 @@ async function api(method, path, body) {
   }
   let data = null;
   try { data = await r.json(); } catch { /* not JSON: a proxy's error page */ }
+  if (token() !== used) throw new ApiError(-1, STALE, "answer for a previous sign-in");
   if (!r.ok) {
     const err = (data && data.error) || {};
     throw new ApiError(r.status, err.code || `http.${r.status}`, err.message || r.statusText);
@@ -118,8 +124,11 @@ function schedule() {
   timer = setTimeout(refresh, REFRESH_MS);
 }
 
-/** A refusal of the token itself: shown, and the refresh loop stops until a new token. */
+/** A refusal of the token itself: shown, and the refresh loop stops until a new
+ * token. A refused token is forgotten, so a reload does not sign in with it again.
+ * An answer for a previous token is dropped (handled, nothing shown). */
 function onAuthError(e) {
+  if (e.code === STALE) return true;
   if (e.status === 401) {
     const expired = e.code === "auth.expired";
     setToken("");
@@ -128,6 +137,7 @@ function onAuthError(e) {
     return true;
   }
   if (e.status === 403) {
+    setToken("");
     signedOut("Signed in, but this needs the admin role.");
     return true;
   }
