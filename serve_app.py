@@ -262,18 +262,19 @@ class VoiceIngress:
 
         owner = principal.key
         open_ = self.sessions.open_soon if soon else self.sessions.open
-        if alias is not None:
-            actor, resumed = await self.sessions.open_alias(alias)  # only sockets name an alias
-        elif session_id:
-            if not await self._owned(session_id, principal):
-                raise SessionNotFound(session_id)
-            actor, resumed = await open_(session_id), True
-        else:
-            actor, resumed = await open_(None), False
-        sid = actor.session_id
         limits = self.config.limits
-        refused = await self.sessions.directory.admit.remote(
-            sid, owner, limits.max_live_sessions_per_principal, limits.max_live_sessions_per_node)
+        caps = (limits.max_live_sessions_per_principal, limits.max_live_sessions_per_node)
+        if alias is not None:  # only sockets name an alias
+            actor, resumed, refused = await self.sessions.open_alias(alias, owner, *caps)
+        else:
+            if session_id:
+                if not await self._owned(session_id, principal):
+                    raise SessionNotFound(session_id)
+                actor, resumed = await open_(session_id), True
+            else:
+                actor, resumed = await open_(None), False
+            refused = await self.sessions.directory.admit.remote(actor.session_id, owner, *caps)
+        sid = actor.session_id
         if refused is not None:
             if not resumed and alias is None:  # a fresh session nobody may have: its actor goes back to the spares
                 if isinstance(actor, StartingSession):

@@ -196,6 +196,19 @@ class SessionDirectory:
         winner = session_id if self._store is None else await self._store.bind_alias(alias, session_id)
         return self._ids.setdefault(alias, winner)
 
+    async def bind_and_admit(self, alias: str, offered: str, owner: str, per_principal: int,
+                             per_node: int) -> tuple[str, ray.actor.ActorHandle | None, str | None]:
+        """A device's socket in one round trip instead of three (bind, locate,
+        admit: each ~3-5 ms of a connect → hello here): bind `alias` to
+        `offered` unless it is bound already, count the winner as live for
+        `owner`. → (the winner, its host as last known here, unchecked, or
+        None; the limit code that refuses it, or None). The host is not pinged:
+        the caller's claim is refused (`SessionMoved`) by an actor that no
+        longer hosts the session, and the caller then opens it again."""
+        winner = await self.bind(alias, offered)
+        host = None if winner == offered else self._hosts.get(winner)
+        return winner, host, await self.admit(winner, owner, per_principal, per_node)
+
     # ------------------------------------------------------------ live places
     async def admit(self, session_id: str, owner: str, per_principal: int, per_node: int) -> str | None:
         """Count `session_id` as live for `owner`; → None, or the limit code that refuses it."""

@@ -107,6 +107,7 @@ class SessionManager:
         self._warm: deque[tuple[SessionRef, ray.ObjectRef]] = deque()
         self._lock = threading.Lock()
         self._stopped = threading.Event()
+        self._refills: set[asyncio.Future[None]] = set()
         self._starting: dict[str, StartingSession] = {}
         """Sessions this ingress is starting on new actors, by id, until their
         socket has subscribed (`StartingSession`); used on the event loop only."""
@@ -203,13 +204,16 @@ class SessionManager:
         await asyncio.to_thread(self.refill)
         return ref
 
-    async def open_alias(self, alias: str) -> tuple[SessionRef | StartingSession, bool]:
+    async def open_alias(self, alias: str, owner: str, per_principal: int,
+                         per_node: int) -> tuple[SessionRef | StartingSession, bool, str | None]:
         """The session bound to `alias` (live, or brought back from the store
-        if it ended), else a warm one bound to it now; → (session, resumed).
-        A session that needs a new actor comes back as a `StartingSession`
-        (its id known, its actor still starting) for the caller to await.
+        if it ended), else a warm one bound to it now, counted as live for
+        `owner` (the directory's `admit`); → (session, resumed, the limit
+        code that refuses it or None). A session that needs a new actor comes
+        back as a `StartingSession` (its id known, its actor still starting)
+        for the caller to await.
 
-        With a warm session ready, one directory call both asks and binds
+        With a warm session ready, one directory call binds, finds and admits
         (the warm one is offered; a device bound before gets its own back and
         the warm one returns to the pool). Without one, the directory is
         asked first, so a returning device never waits for a new actor it
@@ -219,20 +223,35 @@ class SessionManager:
         if entry is None:
             bound = await directory.lookup.remote(alias)
             if bound is not None:
-                return await self._live_or_starting(bound), True
-            sid = new_session_id()
-            winner = await directory.bind.remote(alias, sid)
-            if winner != sid:  # another replica bound this device a moment ago
-                return await self._live_or_starting(winner), True
-            return StartingSession(sid, open_session(self.config, sid, self._directory), self._starting), False
+                session: SessionRef | StartingSession = await self._live_or_starting(bound)
+                resumed = True
+            else:
+                sid = new_session_id()
+                winner = await directory.bind.remote(alias, sid)
+                resumed = winner != sid  # another replica bound this device a moment ago
+                session = await self._live_or_starting(winner) if resumed else \
+                    StartingSession(sid, open_session(self.config, sid, self._directory), self._starting)
+            refused = await directory.admit.remote(session.session_id, owner, per_principal, per_node)
+            return session, resumed, refused
         ref = entry[0]
-        winner = await directory.bind.remote(alias, ref.session_id)
+        winner, host, refused = await directory.bind_and_admit.remote(alias, ref.session_id, owner,
+                                                                     per_principal, per_node)
         if winner == ref.session_id:
-            await asyncio.to_thread(self.refill)
-            return ref, False
+            self._refill_soon()
+            return ref, False, refused
         # bound before (or by another replica a moment ago): that session, brought back if it ended
         await asyncio.to_thread(self._put_back_warm, entry)
-        return await self._live_or_starting(winner), True
+        starting = self._starting.get(winner)
+        if starting is None and host is not None:
+            return SessionRef(host, winner), True, refused
+        return await self._live_or_starting(winner), True, refused
+
+    def _refill_soon(self) -> None:
+        """Refill the warm pool off the caller's path (a hello waits for none
+        of it); the pool's own thread would get there within a few seconds."""
+        task = asyncio.get_running_loop().run_in_executor(None, self.refill)
+        self._refills.add(task)
+        task.add_done_callback(self._refills.discard)
 
     async def started(self, session_id: str) -> None:
         """Once a session this ingress is starting (for a socket that said

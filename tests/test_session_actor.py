@@ -235,19 +235,24 @@ async def test_warm_pool_hands_out_started_actors(ray_cluster, config):
     # a device: its first connect binds a warm session to it; when it comes back, the warm session
     # offered with the same directory call goes back to the pool and the device gets its own
     device = f"device:{new_session_id()}"
-    first, resumed_flag = await manager.open_alias(device)
-    assert not resumed_flag and first.session_id != sid
+    first, resumed_flag, refused = await manager.open_alias(device, device, 1, 100)
+    assert not resumed_flag and first.session_id != sid and refused is None
     for _ in range(100):
         if manager.warm_ready() == 2:
             break
         await asyncio.sleep(0.1)
     warm_before = sorted(ref.session_id for ref, _ in manager._warm)
-    again, resumed_flag = await manager.open_alias(device)
-    assert resumed_flag and again.session_id == first.session_id
+    again, resumed_flag, refused = await manager.open_alias(device, device, 1, 100)
+    assert resumed_flag and again.session_id == first.session_id and refused is None
     assert sorted(ref.session_id for ref, _ in manager._warm) == warm_before  # nothing used up
+    assert (await again.stats.remote())["pid"] == (await first.stats.remote())["pid"]  # its host, found in the same call
+    # the same call counts the session against its owner's cap: a second device of one owner is refused
+    other, _, refused = await manager.open_alias(f"device:{new_session_id()}", device, 1, 100)
+    assert refused == "limit.live_sessions"
     manager.shutdown()
     ray.kill(actor.actor)
     ray.kill(first.actor)
+    ray.kill(other.actor)
 
 
 def test_second_driver_sees_the_same_session(ray_cluster, config, cluster_address):

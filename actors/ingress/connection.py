@@ -188,11 +188,18 @@ class VoiceConnection:
         if subscribed:
             self._events = subscribed[0]
         else:
+            # hello as soon as the subscription is asked for; the client's input
+            # waits (unread) until it is in place, so nothing said is lost
             events = self._events = self._subscribe(actor)
-            await events.__anext__()  # session.started: subscribed, nothing said from here on is lost
-        if not starting:
             await self._send(self._adapter.hello_reply(sid, resumed, rate))
             await self._send(self._adapter.after_hello())
+            try:
+                await events.__anext__()  # session.started: subscribed
+            except ray.exceptions.RayActorError:  # died between the claim and the subscription
+                try:
+                    await self._recover(self._generation)
+                except ConnectionClosed:
+                    return
         if hello.greet and not resumed:
             await actor.greet.remote()
         for action in rest:
