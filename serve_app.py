@@ -266,13 +266,15 @@ class VoiceIngress:
         caps = (limits.max_live_sessions_per_principal, limits.max_live_sessions_per_node)
         if alias is not None:  # only sockets name an alias
             actor, resumed, refused = await self.sessions.open_alias(alias, owner, *caps)
+        elif session_id:
+            if not await self._owned(session_id, principal):
+                raise SessionNotFound(session_id)
+            actor, refused = await self.sessions.resume_admitted(session_id, owner, *caps)
+            if not soon and isinstance(actor, StartingSession):
+                actor = await actor
+            resumed = True
         else:
-            if session_id:
-                if not await self._owned(session_id, principal):
-                    raise SessionNotFound(session_id)
-                actor, resumed = await open_(session_id), True
-            else:
-                actor, resumed = await open_(None), False
+            actor, resumed = await open_(None), False
             refused = await self.sessions.directory.admit.remote(actor.session_id, owner, *caps)
         sid = actor.session_id
         if refused is not None:

@@ -209,6 +209,14 @@ class SessionDirectory:
         host = None if winner == offered else self._hosts.get(winner)
         return winner, host, await self.admit(winner, owner, per_principal, per_node)
 
+    async def locate_and_admit(self, session_id: str, owner: str, per_principal: int,
+                               per_node: int) -> tuple[ray.actor.ActorHandle | None, str | None]:
+        """A resume by id in one round trip: → (the host as last known here,
+        unchecked as in `bind_and_admit`, or None; the limit code that refuses
+        the session, or None)."""
+        await self._ready()
+        return self._hosts.get(session_id), await self.admit(session_id, owner, per_principal, per_node)
+
     # ------------------------------------------------------------ live places
     async def admit(self, session_id: str, owner: str, per_principal: int, per_node: int) -> str | None:
         """Count `session_id` as live for `owner`; → None, or the limit code that refuses it."""

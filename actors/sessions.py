@@ -201,8 +201,23 @@ class SessionManager:
         if ref is None:  # the pool's own thread refills it
             sid = new_session_id()
             return StartingSession(sid, open_session(self.config, sid, self._directory), self._starting)
-        await asyncio.to_thread(self.refill)
+        self._refill_soon()
         return ref
+
+    async def resume_admitted(self, session_id: str, owner: str, per_principal: int,
+                              per_node: int) -> tuple[SessionRef | StartingSession, str | None]:
+        """`open_soon(session_id)` and the directory's `admit` in one
+        directory call when the session is live: → (session, the limit code
+        that refuses it or None). The host is the directory's last known one,
+        unchecked: the caller's claim is refused by an actor that moved on."""
+        starting = self._starting.get(session_id)
+        if starting is not None:
+            refused = await self._directory.admit.remote(session_id, owner, per_principal, per_node)
+            return StartingSession(session_id, starting.settled()), refused
+        host, refused = await self._directory.locate_and_admit.remote(session_id, owner, per_principal, per_node)
+        if host is not None:
+            return SessionRef(host, session_id), refused
+        return await self._live_or_starting(session_id), refused
 
     async def open_alias(self, alias: str, owner: str, per_principal: int,
                          per_node: int) -> tuple[SessionRef | StartingSession, bool, str | None]:

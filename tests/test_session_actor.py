@@ -231,6 +231,9 @@ async def test_warm_pool_hands_out_started_actors(ray_cluster, config):
     assert manager.warm_ready() == 2 and sid not in [r.session_id for r, _ in manager._warm]  # refilled
     resumed = await manager.open(sid)
     assert resumed.session_id == sid and (await resumed.stats.remote())["pid"] == (await actor.stats.remote())["pid"]
+    # a resume by id finds the host and counts the session in one directory call
+    again_by_id, refused = await manager.resume_admitted(sid, "user:resumer", 1, 100)
+    assert refused is None and (await again_by_id.stats.remote())["pid"] == (await actor.stats.remote())["pid"]
 
     # a device: its first connect binds a warm session to it; when it comes back, the warm session
     # offered with the same directory call goes back to the pool and the device gets its own
