@@ -240,7 +240,7 @@ class AudioBuffer(Child):
             self._paused = True
             self._pauses += 1
             self._core.stt.post(SpeechAudio(self._turn, bytes(outgoing)))
-            self._core.stt.post(SpeechPaused(self._turn, self._pauses))
+            self._core.stt.post(SpeechPaused(self._turn, self._pauses, self._stream_ms))
             return bytearray()
         return outgoing
 

@@ -78,6 +78,11 @@ class SpeechEnd(_Event):
 class STTPartial(_Event):
     type: Literal["stt.partial"] = "stt.partial"
     text: str
+    stream_ms: int | None = None
+    """For the decode of a pause (`stt.decode_at_pause`): where in the input
+    audio the pause was heard, as `vad.speech_end`'s. With preemptive
+    generation the reply starts on these words, so this, not the end of
+    speech, can be where its critical path begins (bench/load.py)."""
 
 
 class STTFinal(_Event):

@@ -42,6 +42,8 @@ class SpeechPaused(Message):
 
     pause: int = 0
     """Which pause of the utterance (from 1): the words heard at it are answered with it."""
+    stream_ms: int = 0
+    """Where in the input audio it was heard (`STTPartial.stream_ms` of its decode)."""
 
 
 @dataclass
@@ -68,6 +70,7 @@ class STTStream(Child):
         self._latest = ""
         self._paused = 0
         """Between a pause and speech again, the pause's number: a batch decoder's next interim is its decode."""
+        self._paused_ms = 0
         self.decodes: Counter[str] = Counter()
         """A batch decoder's decodes by kind, summed over utterances (stats: the cost of `decode_at_pause`)."""
 
@@ -87,7 +90,7 @@ class STTStream(Child):
                 if self._latest:
                     self._core.on_pause(turn, self._latest, message.pause)
             elif self._decode_at_pause:  # the reply may start when the decode of the pause comes in (`_read`)
-                self._paused = message.pause
+                self._paused, self._paused_ms = message.pause, message.stream_ms
                 await self._stream.speech_paused()
         elif isinstance(message, SpeechResumed):
             self._paused = 0
@@ -115,8 +118,10 @@ class STTStream(Child):
                         return event.text
                     if event.text and event.text != self._latest:
                         self._latest = event.text
-                        self._core.emit(STTPartial(turn_id=turn, text=event.text))
-                        if self._paused and not stream.live:
+                        of_pause = bool(self._paused) and not stream.live
+                        self._core.emit(STTPartial(turn_id=turn, text=event.text,
+                                                   stream_ms=self._paused_ms if of_pause else None))
+                        if of_pause:
                             self._core.on_pause(turn, event.text, self._paused)
         except ProviderError as e:
             return e

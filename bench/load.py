@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.fakes import LLM_FIRST_TOKEN_S, STT_FINAL_S, TTS_FIRST_AUDIO_S
 from bench.run import PORT, QUESTION, pct, ray_processes, speech_fixture, wait_for_warm_pool
 from bench.soak import process_kind, server_config, start_ray
 
@@ -58,8 +59,11 @@ async def _turns(c: Any, send_frame: Any, frames: list[bytes], n_speech: int, tu
                  out: dict[str, list[float]], stop_when: Any, before_turn: Any = None) -> None:
     """Stream the recording `turns` times; note end of speech → first reply
     byte, and (native: its events carry `stream_ms`) where the session's VAD
-    placed the end of speech: `vad_shift_ms` = that frame's departure − the
-    end of speech − `end_silence_ms`, the VAD's own placing, not server time."""
+    placed the end of speech (`vad_end_ms`: that frame's departure − the end
+    of speech) and the pause whose decode the reply started on. `server_ms`:
+    the first reply byte − the fixed-delay fakes' critical path, counted from
+    those frames' departures (the later of the end, and the pause + STT +
+    LLM; then TTS), so the VAD's own placing of both is not counted."""
     stream_ms = 0  # audio sent on this session so far: the session's `stream_ms` clock
     for turn in range(turns):
         if turn == 1:
@@ -69,6 +73,7 @@ async def _turns(c: Any, send_frame: Any, frames: list[bytes], n_speech: int, tu
         eos: list[float] = []
         first: list[float] = []
         vad_end: list[int] = []
+        pauses: list[int] = []
         sent: list[tuple[int, float]] = []
 
         async def receive() -> None:
@@ -81,6 +86,8 @@ async def _turns(c: Any, send_frame: Any, frames: list[bytes], n_speech: int, tu
                 msg = json.loads(data)
                 if msg.get("type") == "vad.speech_end":
                     vad_end.append(msg["stream_ms"])
+                elif msg.get("type") == "stt.partial" and msg.get("stream_ms") is not None:
+                    pauses.append(msg["stream_ms"])  # the decode of a pause: the reply may start on it
                 if stop_when(msg) and first:
                     return
 
@@ -100,6 +107,10 @@ async def _turns(c: Any, send_frame: Any, frames: list[bytes], n_speech: int, tu
         decided = next((t for ms, t in sent if vad_end and ms >= vad_end[0]), None)
         if decided is not None:
             out["vad_end_ms"].append((decided - eos[0]) * 1000)
+            paused = next((t for ms, t in sent if pauses and ms >= pauses[-1]), None)
+            start = decided + STT_FINAL_S + LLM_FIRST_TOKEN_S if paused is None else \
+                max(decided, paused + STT_FINAL_S + LLM_FIRST_TOKEN_S)
+            out["server_ms"].append((first[0] - start - TTS_FIRST_AUDIO_S) * 1000)
 
 
 async def _ota_websocket(base: str, device: str) -> dict[str, str]:
@@ -185,7 +196,7 @@ def load_process(conn: Any, protocol: str, base: str, token: str, media: list[by
                  sessions: int, turns: int, stagger_s: float) -> None:
     """The load generator's own process: `sessions` clients at once; sends
     back what they saw and the CPU this process used."""
-    out: dict[str, list[float]] = {"e2e_ms": [], "connect_ms": [], "lag_ms": [], "vad_end_ms": [],
+    out: dict[str, list[float]] = {"e2e_ms": [], "connect_ms": [], "lag_ms": [], "vad_end_ms": [], "server_ms": [],
                                    "first_turn_done": []}
     failures: list[str] = []
 
@@ -316,11 +327,8 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
             whole = sum(cpu_split(first, after).values()) / (t_end - t_first)
             e2e = pct(result["e2e_ms"])
             over = pct([x - known for x in result["e2e_ms"]])
-            # native: the VAD's own placing of the end of speech taken out (its frame's departure vs
-            # end_silence_ms after the last loud sample), turn by turn
-            shifts = [v - config.vad.end_silence_ms for v in result["vad_end_ms"]]
-            server = pct([x - known - s for x, s in zip(result["e2e_ms"], shifts)]) if len(shifts) == len(
-                result["e2e_ms"]) else None
+            # native: the VAD's own placing of the pause and of the end taken out, turn by turn (`_turns`)
+            server = pct(result["server_ms"]) if len(result["server_ms"]) == len(result["e2e_ms"]) else None
             row = {"sessions": n, "e2e_ms": e2e, "overhead_ms": over, "server_ms": server,
                    "vad_end_after_speech_ms": pct(result["vad_end_ms"]), "connect_ms": pct(result["connect_ms"]),
                    "uplink_lag_ms": pct(result["lag_ms"]), "failures": result["failures"],
@@ -336,7 +344,7 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
             if server is not None:
                 print(f"[load]   the VAD ended speech p50 {row['vad_end_after_speech_ms']['p50']} ms after its last "
                       f"loud sample (end_silence_ms {config.vad.end_silence_ms}); overhead without the VAD's placing "
-                      f"p50 {server['p50']} p99 {server['p99']} ms", flush=True)
+                      f"of the pause and the end p50 {server['p50']} p99 {server['p99']} ms", flush=True)
             print(f"[load]   server CPU after every session's first turn {row['server_cpu_pct_of_core']}% of a core "
                   f"({sum(split.values()):.1f}% per session: {split}); whole run (actor starts and model loads "
                   f"included) {row['server_cpu_pct_of_core_whole_run']}%; load generator "

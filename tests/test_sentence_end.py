@@ -5,6 +5,7 @@ gets the full `vad.end_silence_ms`. The audio buffer alone, its VAD scripted
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from actors.audio_buffer import AudioBatch, AudioBuffer, WordsEndASentence
 from actors.config import load_config
 from actors.providers.base import VAD
-from actors.stt_stream import SpeechEnded, SpeechPaused
+from actors.stt_stream import SpeechAudio, SpeechEnded, SpeechPaused, SpeechResumed
 from actors.text import ends_a_sentence
 
 FRAME_MS = 30
@@ -74,7 +75,8 @@ SPEECH_MS = 900
 async def test_finished_words_close_the_utterance_after_the_short_silence():
     buf, core = buffer()
     await feed(buf, [LOUD] * ms(SPEECH_MS) + [QUIET] * ms(240))
-    assert any(isinstance(m, SpeechPaused) for m in core.to_stt) and not core.ends
+    [paused] = [m for m in core.to_stt if isinstance(m, SpeechPaused)]
+    assert paused.stream_ms == SPEECH_MS + 210 and not core.ends  # where the pause was heard: vad.pause_ms in
     await buf.handle(WordsEndASentence(1, 1))  # the decode of the pause came in 240 ms into the silence
     assert not core.ends
     await feed(buf, [QUIET] * ms(60))
@@ -127,3 +129,58 @@ async def test_without_finished_words_of_this_turn_the_wait_is_end_silence(sente
 ])
 def test_which_words_end_a_sentence(words: str, finished: bool):
     assert ends_a_sentence(words) is finished
+
+
+async def test_the_decode_of_a_pause_says_where_the_pause_was_heard():
+    """`stt.partial` of a pause's decode carries the pause's `stream_ms` (a
+    client, or bench/load.py, can then tell where a preemptive reply's
+    critical path began); other partials carry none."""
+    from actors.providers.base import STT
+    from actors.stt_stream import SpeechBegan, STTStream
+
+    class Core:
+        session_id = "s"
+
+        def __init__(self) -> None:
+            self.events: list[Any] = []
+            self.pauses: list[tuple[int, str, int]] = []
+            self.transcripts: list[str] = []
+
+        def child_crashed(self, name: str, error: BaseException) -> None:
+            raise error
+
+        def emit(self, event: Any) -> None:
+            self.events.append(event)
+
+        def on_pause(self, turn: int, text: str, pause: int) -> None:
+            self.pauses.append((turn, text, pause))
+
+        def on_resume(self, turn: int) -> None:
+            pass
+
+        def on_transcript(self, turn: int, text: str) -> None:
+            self.transcripts.append(text)
+
+    heard: list[int] = []
+
+    class Words(STT):
+        async def transcribe(self, pcm16: bytes) -> str:
+            heard.append(len(pcm16))
+            return f"{len(pcm16)} bytes."
+
+    core = Core()
+    child = STTStream(core, Words(), partial_interval_ms=0)  # type: ignore[arg-type]
+    await child.handle(SpeechBegan(1, LOUD * 10))
+    await child.handle(SpeechPaused(1, 1, 1110))
+    for _ in range(100):
+        if core.events:
+            break
+        await asyncio.sleep(0.01)
+    [partial] = core.events
+    assert partial.type == "stt.partial" and partial.stream_ms == 1110
+    assert core.pauses == [(1, partial.text, 1)]
+    await child.handle(SpeechResumed(1))
+    await child.handle(SpeechAudio(1, LOUD * 5))
+    await child.handle(SpeechEnded(1))
+    assert core.transcripts == [f"{len(LOUD) * 15} bytes."]
+    assert all(e.stream_ms is None for e in core.events[1:])  # a later decode is not the pause's
