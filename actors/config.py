@@ -68,10 +68,16 @@ class ServerConfig(_Section):
     """Session actors kept, idle, after their session ended, to host later
     sessions (the warm pool takes them before starting new ones): a new Ray
     actor per session costs the long-lived processes memory they never give
-    back (docs/reliability.md). Each spare is an idle process (~58 MB USS) until
-    it is reused; they do not expire. Per node: a spare hosts sessions of its
-    own node's ingress only. Set it near the number of sessions that can end
-    at once on a node at your busiest."""
+    back (docs/reliability.md). Each spare is an idle process (~58 MB USS,
+    ~0.9 % of a core in Ray's own timers) until it is reused or, after
+    `spare_idle_s`, let go. Per node: a spare hosts sessions of its own node's
+    ingress only. Set it near the number of sessions that can end at once on
+    a node at your busiest."""
+    spare_idle_s: float = Field(1800.0, ge=0)
+    """A spare not taken for this long exits (within another
+    `session.idle_timeout_s` / 4 + 30 s, when it next asks the directory),
+    so a quiet server sheds what its last busy spell left; 0 keeps spares
+    for good."""
     drain_grace_s: float = Field(5.0, ge=0, le=60)
     """When an ingress replica is shut down (`serve deploy` of a new version,
     scale-down, `serve.delete`), a reply in flight on one of its sockets may

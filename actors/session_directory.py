@@ -44,8 +44,11 @@ class SessionDirectory:
       handed out, so a dead or moved host is never given to a caller.
     - **spares**: actors whose session ended, idle until a warm pool takes
       one (at most `server.spare_sessions`; beyond that an ended actor exits).
-      They do not expire: one that did would be replaced by a new actor at
-      the next busy spell, and each new actor costs memory for good.
+      One not taken within `server.spare_idle_s` is let go (it exits at its
+      next `holds` check): a spare is a process (~58 MB, ~0.9 % of a core
+      in Ray's own timers) and a quiet server should not keep paying for
+      the last busy spell; the limit is long because every new actor costs
+      the control store a little for good.
     - **aliases**, stable names (a device's id) → session ids. A device must
       get its own session back on every connection, yet it is given whichever
       warm session was free at its first. Written through to the session
@@ -67,16 +70,18 @@ class SessionDirectory:
         self._namespace = namespace
         self._store = HistoryStore.from_config(config) if config is not None else None
         self._spare_cap = config.server.spare_sessions if config is not None else 0
+        self._spare_idle_s = config.server.spare_idle_s if config is not None else 0.0
         self._ids: dict[str, str] = {}
         self._hosts: dict[str, ray.actor.ActorHandle] = {}
-        self._spares: list[tuple[ray.actor.ActorHandle, str | None]] = []
+        self._spares: list[tuple[ray.actor.ActorHandle, str | None, float]] = []
         """Idle actors kept for new sessions, with their node (None: unknown,
-        after a restart of the directory): a session is started on its
-        ingress's node, so that its socket's traffic stays on one node."""
+        after a restart of the directory; a session is started on its
+        ingress's node, so that its socket's traffic stays on one node) and
+        since when (monotonic)."""
         self._live: dict[str, str] = {}  # session id -> owner
         self._nodes = (0.0, 1)  # (when counted, alive nodes)
         self._recovered: asyncio.Task[None] | None = None
-        self._counts = {"spares_taken": 0, "spares_turned_away": 0}
+        self._counts = {"spares_taken": 0, "spares_turned_away": 0, "spares_expired": 0}
 
     # ------------------------------------------------------------ hosts
     async def _ready(self) -> None:
@@ -103,7 +108,7 @@ class SessionDirectory:
             if hosted is not None:
                 self._hosts.setdefault(hosted, actor)
             elif len(self._spares) < self._spare_cap:
-                self._spares.append((actor, None))
+                self._spares.append((actor, None, time.monotonic()))
 
         await asyncio.gather(*(ask(n) for n in names))
 
@@ -149,12 +154,12 @@ class SessionDirectory:
         """Keep an actor whose session ended as a spare for its node
         (`server.spare_sessions` per node); False: enough spares, exit."""
         await self._ready()
-        if any(same_actor(a, actor) for a, _ in self._spares):
+        if any(same_actor(a, actor) for a, _, _ in self._spares):
             return True
-        if sum(1 for _, node in self._spares if node == node_id) >= self._spare_cap:
+        if sum(1 for _, node, _ in self._spares if node == node_id) >= self._spare_cap:
             self._counts["spares_turned_away"] += 1
             return False
-        self._spares.append((actor, node_id))
+        self._spares.append((actor, node_id, time.monotonic()))
         return True
 
     async def take_spare(self, node_id: str | None = None) -> ray.actor.ActorHandle | None:
@@ -162,7 +167,7 @@ class SessionDirectory:
         node is unknown), or None."""
         await self._ready()
         for i in range(len(self._spares) - 1, -1, -1):
-            actor, node = self._spares[i]
+            actor, node, _ = self._spares[i]
             if node_id is None or node is None or node == node_id:
                 del self._spares[i]
                 self._counts["spares_taken"] += 1
@@ -171,9 +176,17 @@ class SessionDirectory:
 
     async def holds(self, actor: ray.actor.ActorHandle) -> bool:
         """Is `actor` a spare here? One this directory forgot (a restart with
-        more spares than the cap) exits."""
+        more spares than the cap), or let go after `server.spare_idle_s`
+        without a session, exits (each spare asks now and then)."""
         await self._ready()
-        return any(same_actor(spare, actor) for spare, _ in self._spares)
+        for i, (spare, _, since) in enumerate(self._spares):
+            if same_actor(spare, actor):
+                if self._spare_idle_s and time.monotonic() - since > self._spare_idle_s:
+                    del self._spares[i]
+                    self._counts["spares_expired"] += 1
+                    return False
+                return True
+        return False
 
     # ------------------------------------------------------------ aliases
     async def lookup(self, alias: str) -> str | None:

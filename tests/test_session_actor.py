@@ -433,6 +433,28 @@ async def test_the_directory_keeps_spares_up_to_its_cap_and_hands_each_out_once(
             ray.kill(actor)
 
 
+async def test_a_spare_not_taken_in_time_is_let_go(ray_cluster, config):
+    """`server.spare_idle_s`: a spare's own check (`holds`) tells it to go
+    once it has waited that long; a newer spare stays."""
+    from actors.session_directory import SessionDirectory
+    from actors.sessions import new_session_actor
+
+    brief = config.model_copy(update={"server": config.server.model_copy(update={"spare_idle_s": 2.0})})
+    directory = SessionDirectory.remote("spare-idle-test", brief)
+    old, new = new_session_actor(config), new_session_actor(config)
+    try:
+        assert await directory.recycle.remote(old, "node-1") is True
+        await asyncio.sleep(2.2)
+        assert await directory.recycle.remote(new, "node-1") is True
+        assert not await directory.holds.remote(old) and await directory.holds.remote(new)
+        assert (await directory.take_spare.remote("node-1"))._actor_id == new._actor_id
+        assert await directory.take_spare.remote("node-1") is None  # the one let go is not handed out
+        assert (await directory.describe.remote())["spares_expired"] == 1
+    finally:
+        for actor in (directory, old, new):
+            ray.kill(actor)
+
+
 def test_the_vad_model_loads_only_when_someone_speaks_and_decides_the_same(ray_cluster, speech):
     """Silero is ~15 MB per session process: an idle (warm, spare) session
     never loads it; `prepare` (run in a thread when a client arrives) and a
