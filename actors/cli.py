@@ -179,6 +179,8 @@ def _serve(args: argparse.Namespace) -> int:
     server = config.server.model_copy(update={k: v for k, v in (("host", args.host), ("port", args.port)) if v})
     config = config.model_copy(update={"server": server})
     print(f"ray: {connect_ray(config, args.address)}", file=sys.stderr)
+    if config.auth.enabled:  # before the server answers: a script that waits for /health then reads it
+        refresh_dev_token(config, DEV_TOKEN_FILE)
     print("loading models...", file=sys.stderr)
     ensure_pools(config)
     serve.start(http_options={"host": server.host, "port": server.port})
@@ -186,7 +188,6 @@ def _serve(args: argparse.Namespace) -> int:
     print(f"voice-actors listening on http://{server.host}:{server.port} (Ctrl-C to stop)", file=sys.stderr)
     print(reachability_message(server.host, server.port), file=sys.stderr)
     if config.auth.enabled:
-        refresh_dev_token(config, DEV_TOKEN_FILE)
         print(f"a development token is in {DEV_TOKEN_FILE} (mode 600, renewed while the server runs); "
               "`voice-actors client` reads it", file=sys.stderr)
     try:

@@ -118,3 +118,33 @@ def test_serve_deploy_refuses_it_too(monkeypatch):
     monkeypatch.delenv("DASHSCOPE_API_KEY", raising=False)
     with pytest.raises(ConfigError, match=r"\$DASHSCOPE_API_KEY"):
         build_app(load_config(PROJECT_ROOT / "config" / "cloud-zh.yaml", env={}))
+
+
+def test_serve_writes_the_development_token_before_the_server_answers(tmp_path, monkeypatch, capsys):
+    """A script that waits for /health and then reads ~/.voice-actors-token
+    must find this server's token there, not an earlier one's."""
+    from ray import serve
+
+    import actors.cli as cli
+    import actors.pools
+    import actors.runtime
+
+    token_file = tmp_path / "token"
+    token_file.write_text("an earlier server's token")
+    monkeypatch.setattr(cli, "DEV_TOKEN_FILE", token_file)
+    monkeypatch.setenv("VOICE_ACTORS__AUTH__SECRETS_FILE", str(tmp_path / "secrets.json"))
+    seen_when_answering: list[str] = []
+    monkeypatch.setattr(actors.runtime, "connect_ray", lambda config, address: "(not started)")
+    monkeypatch.setattr(actors.pools, "ensure_pools", lambda config: None)
+    monkeypatch.setattr(serve, "start", lambda **kwargs: None)
+    monkeypatch.setattr(serve, "run", lambda *a, **kw: seen_when_answering.append(token_file.read_text()))
+    monkeypatch.setattr(serve, "shutdown", lambda: None)
+
+    def stop(_: float) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.time, "sleep", stop)
+    assert main(["serve"]) == 0
+    [token] = seen_when_answering
+    config = with_secrets(load_config(env={"VOICE_ACTORS__AUTH__SECRETS_FILE": str(tmp_path / "secrets.json")}))
+    assert Authenticator(config.auth).verify_token(token).subject == "local-dev"
