@@ -210,13 +210,12 @@ class SessionManager:
         directory call when the session is live: → (session, the limit code
         that refuses it or None). The host is the directory's last known one,
         unchecked: the caller's claim is refused by an actor that moved on."""
-        starting = self._starting.get(session_id)
-        if starting is not None:
+        if session_id in self._starting:  # started here a moment ago: `_live_or_starting` waits for it
             refused = await self._directory.admit.remote(session_id, owner, per_principal, per_node)
-            return StartingSession(session_id, starting.settled()), refused
-        host, refused = await self._directory.locate_and_admit.remote(session_id, owner, per_principal, per_node)
-        if host is not None:
-            return SessionRef(host, session_id), refused
+        else:
+            host, refused = await self._directory.locate_and_admit.remote(session_id, owner, per_principal, per_node)
+            if host is not None:
+                return SessionRef(host, session_id), refused
         return await self._live_or_starting(session_id), refused
 
     async def open_alias(self, alias: str, owner: str, per_principal: int,
