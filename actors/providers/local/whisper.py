@@ -21,12 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from actors.audio import pcm16_to_float
-from actors.providers.base import STT
+from actors.providers.base import SAMPLE_RATE, STT
 
 MODELS_LOADED = 0
 """Loads in this process; the pool test reads it to prove one load per pool."""
 
-SAMPLE_RATE = 16000
 FULL_WINDOW_S = 30
 """The window Whisper was trained on; faster-whisper pads every segment to it."""
 LOOP_COMPRESSION_RATIO = 2.4
