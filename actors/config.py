@@ -370,6 +370,16 @@ class IngressConfig(_Section):
     uplink_batch_ms: int = Field(120, ge=20)
     """Audio is gathered this long before one call to the session actor."""
     xiaozhi_output_sample_rate: int = 24000
+    gateway_port: int = Field(0, ge=0, le=65535)
+    """Serve device sockets on this port too, from one gateway actor per node
+    (actors/ingress/gateway.py) instead of through the Serve proxy: the OTA
+    hands devices this port, and each frame skips a process hop
+    (docs/benchmarks.md). It listens on `server.host`. 0: off, devices use
+    Serve's `/xiaozhi/v1/`."""
+    gateway_public_url: str | None = None
+    """Base URL devices should use for the gateway (e.g. wss://voice.example.com:8443)
+    when something stands in front of it. With `public_url` set and this unset,
+    the OTA keeps handing out `public_url`."""
     cors_allowed_origins: list[str] = ["*"]
     """Origins whose browser pages may call the HTTP API and OTA (CORS). `*`
     is safe here because no route uses cookies: every call carries its own

@@ -238,7 +238,8 @@ def cpu_by_pid() -> dict[int, tuple[str, float]]:
 
 
 KINDS = {"ProxyActor": "Serve proxy", "SessionActor": "session actors", "ProviderPool": "provider pools",
-         "SessionDirectory": "session directory", "KnowledgePool": "knowledge pool"}
+         "SessionDirectory": "session directory", "KnowledgePool": "knowledge pool",
+         "DeviceGateway": "device gateway"}
 
 
 def kind_group(kind: str) -> str:
@@ -276,11 +277,16 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
     config = server_config("fake", max(opts.sessions or [8]), "voice-actors-load", 120.0, opts.uplink_batch_ms)
     if opts.warm is not None:
         config = config.model_copy(update={"server": config.server.model_copy(update={"warm_sessions": opts.warm})})
+    if opts.gateway_port:  # device sockets through the per-node gateway (the OTA hands out its URL)
+        config = config.model_copy(update={"ingress": config.ingress.model_copy(
+            update={"gateway_port": opts.gateway_port})})
     start_ray(config.server.namespace)
     ensure_pools(config)
     serve.start(http_options={"host": "127.0.0.1", "port": opts.port})
     serve.run(build_app(config), name="voice-actors", route_prefix="/")
     base = f"ws://127.0.0.1:{opts.port}"
+    # native clients connect to the gateway when it is on; xiaozhi devices learn its URL from the OTA
+    client_base = f"ws://127.0.0.1:{opts.gateway_port}" if opts.gateway_port and opts.protocol == "native" else base
     token = Authenticator(config.auth).issue_token("load")
     packets, frames, n_speech = encoded_turn(speech_fixture(QUESTION))
     media = packets if opts.protocol == "xiaozhi" else frames
@@ -297,7 +303,7 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
             burst = 2 * config.server.warm_sessions
             recv, send = multiprocessing.get_context("spawn").Pipe(duplex=False)
             proc = multiprocessing.get_context("spawn").Process(
-                target=connect_process, args=(send, opts.protocol, base, token, opts.connects, burst))
+                target=connect_process, args=(send, opts.protocol, client_base, token, opts.connects, burst))
             proc.start()
             result = await asyncio.to_thread(recv.recv)
             proc.join(10)
@@ -311,7 +317,7 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
             await wait_for_warm_pool(base)
             recv, send = multiprocessing.get_context("spawn").Pipe(duplex=False)
             proc = multiprocessing.get_context("spawn").Process(
-                target=load_process, args=(send, opts.protocol, base, token, media, n_speech, n, opts.turns,
+                target=load_process, args=(send, opts.protocol, client_base, token, media, n_speech, n, opts.turns,
                                            opts.stagger_s))
             first, t_first = cpu_by_pid(), time.monotonic()
             proc.start()
@@ -363,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stagger-s", type=float, default=2.0, help="spread the session starts over this long")
     p.add_argument("--warm", type=int, default=None, help="warm sessions (default: bench/run.py's, up to 8)")
     p.add_argument("--port", type=int, default=PORT + 40)
+    p.add_argument("--gateway-port", type=int, default=0,
+                   help="serve device sockets from the per-node gateway on this port (ingress.gateway_port)")
     p.add_argument("--uplink-batch-ms", type=int, default=120, help="the ingress's uplink batch (ingress.uplink_batch_ms)")
     p.add_argument("--connects", type=int, default=0,
                    help="first time connect -> hello: this many new clients, the same resuming, then a burst "

@@ -299,7 +299,9 @@ async def wait_for_warm_pool(base: str, timeout_s: float = 90.0) -> None:
     async with httpx.AsyncClient() as http:
         while time.monotonic() < deadline:
             health = (await http.get(f"http{base[2:]}/health")).json()
-            if health["warm_sessions_ready"] >= health["warm_sessions_target"]:
+            gateway = health["checks"].get("device_gateway", {"warm_sessions_ready": 0, "warm_sessions_target": 0})
+            if health["warm_sessions_ready"] >= health["warm_sessions_target"] and \
+                    gateway.get("warm_sessions_ready", 0) >= gateway.get("warm_sessions_target", 1):
                 return
             await asyncio.sleep(0.5)
 

@@ -672,7 +672,7 @@ async def test_metrics_are_the_deployments_not_one_replicas(ray_cluster):
     assert 'voice_connections_total{protocol="xiaozhi"} 5' in text
     assert 'voice_active_sockets{protocol="xiaozhi"} 5' in text
     assert 'voice_refused_total{code="auth.bad_token"} 1' in text
-    assert "# TYPE voice_first_audio_seconds histogram" in text and "replicas reporting: 2" in text
+    assert "# TYPE voice_first_audio_seconds histogram" in text and "ingress processes reporting (replicas and device gateways): 2" in text
     ray.kill(hub)
 
 

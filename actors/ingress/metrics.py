@@ -131,7 +131,7 @@ class MetricsHub:
                 family = totals.setdefault(name, {})
                 for sample, labels, value in samples:
                     family[(sample, labels)] = family.get((sample, labels), 0.0) + value
-        lines = [f"# voice-actors ingress replicas reporting: {len(self._snapshots)}"]
+        lines = [f"# voice-actors ingress processes reporting (replicas and device gateways): {len(self._snapshots)}"]
         for name in sorted(totals):
             kind, doc = meta[name]
             lines += [f"# HELP {name} {doc}", f"# TYPE {name} {kind}"]

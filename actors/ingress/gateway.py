@@ -1,0 +1,205 @@
+"""The per-node device gateway: voice sockets served without the Serve proxy.
+
+Through Serve, each WebSocket message crosses a process twice before it
+reaches the session actor: the proxy takes the socket and hands every
+message to the ingress replica as a Ray call. The gateway is one Ray actor
+per node running a plain ASGI server (uvicorn) on `ingress.gateway_port`: a
+device's socket ends in it, and its frames go straight to the session actor.
+It runs the same socket code as the replica (`IngressCore`: auth, device
+admission, caps, drain), so the two cannot disagree; the HTTP API, the OTA
+and the web pages stay on Serve. Measured in docs/benchmarks.md ("Device
+sockets without the Serve proxy").
+
+Lifetime. The gateway is detached and named per node and per configuration,
+so every replica on a node shares one, and a redeploy with the same
+configuration keeps its sockets. Replicas renew its lease; a gateway whose
+lease lapses (the app deleted, every replica gone) or that a replica with a
+new configuration replaces stops listening at once, says `goodbye` on each
+socket (after the reply in flight, within `server.drain_grace_s`) and exits.
+Session actors live outside it: a device that reconnects resumes its session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ipaddress
+import logging
+import threading
+import time
+from typing import Any
+
+import ray
+
+from actors.config import AppConfig
+from actors.ingress.core import IngressCore
+
+log = logging.getLogger(__name__)
+
+NAME_PREFIX = "device-gateway:"
+LEASE_S = 30.0
+"""A gateway no replica has renewed for this long retires (the app is gone)."""
+RENEW_S = 5.0
+BIND_TRIES_S = 10.0
+"""How long a new gateway retries its port while a retiring one lets it go."""
+RETIRE_EXTRA_S = 5.0
+"""Past the drain grace: the sockets' goodbye and close, before the exit."""
+
+
+def config_fingerprint(config: AppConfig) -> str:
+    """Which configuration a gateway serves: a replica with another one replaces it."""
+    return hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:12]
+
+
+def gateway_name(node_id: str, fingerprint: str) -> str:
+    return f"{NAME_PREFIX}{node_id}:{fingerprint}"
+
+
+class DeviceGateway(IngressCore):
+    """The actor (see the module's docstring)."""
+
+    def __init__(self, config: AppConfig) -> None:
+        super().__init__(config)
+        self._server: Any = None
+        self._serving: asyncio.Task[None] | None = None
+        self._renewed = time.monotonic()
+        self._retiring = False
+
+    async def start(self) -> int:
+        """Listen on `server.host`:`ingress.gateway_port`; → the port. Tries
+        for a while: a gateway being replaced may still hold it."""
+        import uvicorn
+        from starlette.applications import Starlette
+        from starlette.routing import WebSocketRoute
+
+        if self._server is not None and self._server.started:
+            return int(self.config.ingress.gateway_port)
+        app = Starlette(routes=[WebSocketRoute("/xiaozhi/v1/", self.serve_xiaozhi_socket),
+                                WebSocketRoute("/ws/voice", self.serve_native_socket)])
+        ingress, limits = self.config.ingress, self.config.limits
+        deadline = time.monotonic() + BIND_TRIES_S
+        while True:
+            server = uvicorn.Server(uvicorn.Config(
+                app, host=self.config.server.host, port=ingress.gateway_port, ws="websockets", loop="none",
+                lifespan="off", log_level="warning", ws_max_size=limits.max_ws_message_bytes,
+                timeout_graceful_shutdown=self.config.server.drain_grace_s + RETIRE_EXTRA_S))
+            serving = asyncio.get_running_loop().create_task(server.serve())
+            while not server.started and not serving.done():
+                await asyncio.sleep(0.02)
+            if server.started:
+                self._server, self._serving = server, serving
+                asyncio.get_running_loop().create_task(self._watch_lease())
+                return int(ingress.gateway_port)
+            if time.monotonic() >= deadline:  # uvicorn logged why (the port is taken)
+                raise RuntimeError(f"device gateway: cannot listen on {self.config.server.host}:"
+                                   f"{ingress.gateway_port}")
+            await asyncio.sleep(0.25)
+
+    def renew(self) -> None:
+        self._renewed = time.monotonic()
+
+    def stats(self) -> dict[str, Any]:
+        """For /health: whether it listens, its sockets and its warm pool."""
+        return {"listening": bool(self._server is not None and self._server.started and not self._retiring),
+                "port": self.config.ingress.gateway_port, "sockets": self.drain.open_connections,
+                "warm_sessions_ready": self.sessions.warm_ready(), "warm_sessions_target": self.sessions.warm_target}
+
+    async def retire(self) -> None:
+        """Stop listening now (the port is free for the gateway that replaces
+        this one), goodbye on every socket, exit once they closed."""
+        if self._retiring:
+            return
+        self._retiring = True
+        log.info("device gateway retiring: %d socket(s) told goodbye", self.drain.open_connections)
+        if self._server is not None:
+            for listener in self._server.servers:
+                listener.close()
+        self.drain.start()
+        asyncio.get_running_loop().create_task(self._exit_when_drained())
+
+    async def _exit_when_drained(self) -> None:
+        deadline = time.monotonic() + self.config.server.drain_grace_s + RETIRE_EXTRA_S
+        while self.drain.open_connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        self.sessions.shutdown()
+        ray.actor.exit_actor()
+
+    async def _watch_lease(self) -> None:
+        while not self._retiring:
+            await asyncio.sleep(RENEW_S)
+            if time.monotonic() - self._renewed > LEASE_S:
+                log.info("device gateway: no replica renewed its lease for %.0f s", LEASE_S)
+                await self.retire()
+
+
+DeviceGatewayActor = ray.remote(num_cpus=0, max_restarts=0, max_concurrency=10_000)(DeviceGateway)
+
+
+class GatewayLease:
+    """A replica's hold on its node's gateway: started (or found) on this
+    node, stale ones replaced, the lease renewed from a thread."""
+
+    def __init__(self, config: AppConfig) -> None:
+        self.config = config
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.node_ip = ray.util.get_node_ip_address()
+        self.handle = self._ensure()
+        threading.Thread(target=self._renew, name="gateway-lease", daemon=True).start()
+
+    def _ensure(self) -> Any:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        namespace = self.config.server.namespace
+        mine = gateway_name(self.node_id, config_fingerprint(self.config))
+        for name in ray.util.list_named_actors(all_namespaces=True):
+            entry = name if isinstance(name, dict) else {"name": name, "namespace": namespace}
+            stale = entry["name"]
+            if entry.get("namespace") == namespace and stale.startswith(f"{NAME_PREFIX}{self.node_id}:") \
+                    and stale != mine:
+                with _suppress_gone():
+                    ray.get(ray.get_actor(stale, namespace=namespace).retire.remote(), timeout=30)
+        handle = DeviceGatewayActor.options(
+            name=mine, namespace=namespace, lifetime="detached", get_if_exists=True,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(self.node_id, soft=False)).remote(self.config)
+        ray.get(handle.start.remote(), timeout=120)
+        return handle
+
+    def _renew(self) -> None:
+        while True:
+            time.sleep(RENEW_S)
+            try:
+                self.handle.renew.remote()
+            except Exception:  # Ray shutting down: the thread ends with the process
+                return
+
+    def url(self, request_host: str | None, path: str) -> str:
+        """The socket URL to hand a device that reached this replica as
+        `request_host`: that host when it is this node (how the device
+        reaches it), else this node's address; `ingress.gateway_public_url`
+        when set (a NAT or a TLS terminator in front)."""
+        ingress = self.config.ingress
+        if ingress.gateway_public_url:
+            return ingress.gateway_public_url.rstrip("/") + path
+        host = request_host if request_host and _is_this_node(request_host, self.node_ip) else self.node_ip
+        if ":" in host:
+            host = f"[{host}]"
+        return f"ws://{host}:{ingress.gateway_port}{path}"
+
+
+def _is_this_node(host: str, node_ip: str) -> bool:
+    if host in ("localhost", node_ip):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name: trusted to be this node's (the device used it to reach us)
+        return True
+
+
+class _suppress_gone:
+    """A gateway that exits while it is asked to retire is what was wanted."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, error: Any, tb: Any) -> bool:
+        return kind is not None and issubclass(kind, (ray.exceptions.RayActorError, ValueError))

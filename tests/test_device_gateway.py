@@ -1,0 +1,170 @@
+"""Issue 13: device sockets through the per-node gateway, not the Serve proxy.
+
+The OTA hands a device the gateway's URL (its own port), and the device does
+all it did through Serve: hello, a spoken turn answered with speech, its
+session kept across reconnects, refused without a valid token. A redeploy
+with a new config replaces the gateway: its device hears `goodbye` and close
+1012, reconnects to the new one on the same port and resumes its session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from typing import Any
+
+import httpx
+import pytest
+import ray
+from pydantic import SecretStr
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from actors.audio import rms_dbfs, silence
+from actors.client import XiaozhiClient
+from actors.ingress.auth import Authenticator
+from actors.ingress.gateway import NAME_PREFIX, GatewayLease
+from tests.conftest import INGRESS_PORT, run_ingress, served_config
+
+APP = "voice-actors-gateway"
+BASE = f"http://127.0.0.1:{INGRESS_PORT}"
+DEVICES = ["02:00:00:00:13:01", "02:00:00:00:13:02", "02:00:00:00:13:03"]
+QUESTION = "What is twelve times seven?"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+GATEWAY_PORT = free_port()
+
+
+@pytest.fixture(scope="module")
+def server_config(config):
+    config = served_config(config, DEVICES)
+    ingress = config.ingress.model_copy(update={"gateway_port": GATEWAY_PORT})
+    server = config.server.model_copy(update={"drain_grace_s": 0.0})
+    return config.model_copy(update={"ingress": ingress, "server": server})
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, server_config):
+    yield from run_ingress(server_config, APP)
+    for gateway in gateways():  # detached: it would otherwise wait out its lease
+        ray.kill(ray.get_actor(gateway["name"], namespace=gateway["namespace"]))
+
+
+def gateways() -> list[dict[str, Any]]:
+    return [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(NAME_PREFIX)]
+
+
+async def ota(device_id: str) -> dict[str, str]:
+    async with httpx.AsyncClient() as http:
+        r = await http.post(f"{BASE}/xiaozhi/ota/", headers={"Device-Id": device_id, "Client-Id": device_id},
+                            json={"application": {"version": "1.6.0"}})
+    assert r.status_code == 200, r.text
+    return r.json()["websocket"]
+
+
+async def test_a_device_talks_through_the_gateway_and_keeps_its_session(server, speech):
+    device = DEVICES[0]
+    ws = await ota(device)
+    assert ws["url"] == f"ws://127.0.0.1:{GATEWAY_PORT}/xiaozhi/v1/"  # not the Serve port
+    assert len(gateways()) == 1
+    async with await XiaozhiClient.connect(ws["url"], ws["token"], device, client_id=device) as c:
+        first = c.session_id
+        turn = await c.ask_audio(silence(300) + speech(QUESTION), realtime=True)
+    kinds = [(m["type"], m.get("state")) for m in turn.messages]
+    assert kinds.index(("stt", None)) < kinds.index(("tts", "start")) < kinds.index(("tts", "sentence_start"))
+    assert kinds[-1] == ("tts", "stop")
+    assert "12" in turn.transcript and "84" in turn.reply
+    assert len(turn.audio) / 48000 > 0.8 and rms_dbfs(turn.audio) > -35
+    async with await XiaozhiClient.connect(ws["url"], ws["token"], device, client_id=device) as c:
+        assert c.session_id == first  # a device keeps its session across connections, as through Serve
+        async with httpx.AsyncClient() as http:
+            health = (await http.get(f"{BASE}/health")).json()
+            gateway = health["checks"]["device_gateway"]
+            assert gateway["ok"] and gateway["port"] == GATEWAY_PORT and gateway["sockets"] == 1
+            # the gateway's sockets are in the deployment's metrics (it pushes to the hub as a replica does)
+            wanted = ('voice_active_sockets{protocol="xiaozhi"} 1\n', 'voice_connections_total{protocol="xiaozhi"} 2\n')
+            deadline, text = time.monotonic() + 30, ""
+            while not all(w in text for w in wanted) and time.monotonic() < deadline:
+                await asyncio.sleep(0.5)
+                text = (await http.get(f"{BASE}/metrics")).text
+            assert all(w in text for w in wanted), text
+
+
+async def test_the_gateway_refuses_what_the_serve_route_refuses(server, server_config):
+    device, stranger = DEVICES[1], "0a:0b:0c:0d:0e:13"
+    ws = await ota(device)
+    url = ws["url"]
+    signed_for_a_stranger = Authenticator(server_config.auth).issue_device_token(stranger, stranger)
+    forged = Authenticator(server_config.auth.model_copy(update={"device_secret": SecretStr("x" * 40)})) \
+        .issue_device_token(device, device)
+    for headers, close in (({"Device-Id": device, "Client-Id": device}, (4401, "auth.missing_token")),
+                           ({"Device-Id": device, "Client-Id": device, "Authorization": f"Bearer {forged}"},
+                            (4401, "auth.bad_device_token")),
+                           ({"Client-Id": device, "Authorization": f"Bearer {ws['token']}"},
+                            (4400, "xiaozhi.missing_device_id")),
+                           ({"Device-Id": DEVICES[0], "Client-Id": DEVICES[0], "Authorization": f"Bearer {ws['token']}"},
+                            (4401, "auth.bad_device_token")),  # another device's token
+                           ({"Device-Id": stranger, "Client-Id": stranger,
+                             "Authorization": f"Bearer {signed_for_a_stranger}"}, (4403, "auth.forbidden_device"))):
+        async with connect(url, additional_headers=headers) as sock:
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(sock.recv(), 10)
+        assert closed.value.rcvd is not None and (closed.value.rcvd.code, closed.value.rcvd.reason) == close, headers
+    with pytest.raises(InvalidStatus):  # only the two socket routes are served here
+        async with connect(url.replace("/xiaozhi/v1/", "/ws/text/stream")):
+            pass
+
+
+async def test_a_new_config_replaces_the_gateway_and_its_device_comes_back(server, server_config):
+    from ray import serve
+
+    from serve_app import build_app
+
+    device = DEVICES[2]
+    ws = await ota(device)
+    c = await XiaozhiClient.connect(ws["url"], ws["token"], device, client_id=device)
+    sid = c.session_id
+    old = gateways()
+    changed = server_config.model_copy(update={"ingress": server_config.ingress.model_copy(
+                                                   update={"xiaozhi_output_sample_rate": 16000})})
+    redeploy = asyncio.create_task(asyncio.to_thread(serve.run, build_app(changed), name=APP, route_prefix="/"))
+    messages: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 90
+    try:
+        while True:
+            data = await asyncio.wait_for(c.ws.recv(), max(0.1, deadline - time.monotonic()))
+            if isinstance(data, str):
+                messages.append(json.loads(data))
+    except ConnectionClosed as e:
+        closed = e
+    await redeploy
+    assert {"session_id": sid, "type": "goodbye"} in messages
+    assert closed.rcvd is not None and closed.rcvd.code == 1012
+    new = gateways()
+    assert len(new) == 1 and new[0]["name"] != old[0]["name"]  # one gateway per node and config
+    ws = await ota(device)
+    assert ws["url"] == f"ws://127.0.0.1:{GATEWAY_PORT}/xiaozhi/v1/"
+    async with await XiaozhiClient.connect(ws["url"], ws["token"], device, client_id=device) as again:
+        assert again.session_id == sid
+        assert again.hello["audio_params"]["sample_rate"] == 16000  # the new config's gateway answered
+
+
+def test_the_url_handed_out_is_the_gateway_on_the_node_that_answered(config):
+    lease = object.__new__(GatewayLease)
+    lease.node_ip = "10.0.0.7"
+    lease.config = config.model_copy(update={"ingress": config.ingress.model_copy(update={"gateway_port": 8100})})
+    assert lease.url("127.0.0.1", "/xiaozhi/v1/") == "ws://127.0.0.1:8100/xiaozhi/v1/"  # as the device reached us
+    assert lease.url("10.0.0.7", "/xiaozhi/v1/") == "ws://10.0.0.7:8100/xiaozhi/v1/"
+    assert lease.url("10.0.0.9", "/xiaozhi/v1/") == "ws://10.0.0.7:8100/xiaozhi/v1/"  # another node's proxy
+    assert lease.url("voice.lan", "/xiaozhi/v1/") == "ws://voice.lan:8100/xiaozhi/v1/"
+    lease.config = lease.config.model_copy(update={"ingress": lease.config.ingress.model_copy(
+        update={"gateway_public_url": "wss://voice.example.com:8443/"})})
+    assert lease.url("10.0.0.9", "/xiaozhi/v1/") == "wss://voice.example.com:8443/xiaozhi/v1/"
