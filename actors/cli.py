@@ -178,6 +178,9 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"warning: {skipped}", file=sys.stderr)
     server = config.server.model_copy(update={k: v for k, v in (("host", args.host), ("port", args.port)) if v})
     config = config.model_copy(update={"server": server})
+    if args.gateway_port is not None:
+        config = config.model_copy(update={"ingress": config.ingress.model_copy(
+            update={"gateway_port": args.gateway_port})})
     print(f"ray: {connect_ray(config, args.address)}", file=sys.stderr)
     if config.auth.enabled:  # before the server answers: a script that waits for /health then reads it
         refresh_dev_token(config, DEV_TOKEN_FILE)
@@ -187,6 +190,9 @@ def _serve(args: argparse.Namespace) -> int:
     serve.run(build_app(config), name="voice-actors", route_prefix="/")
     print(f"voice-actors listening on http://{server.host}:{server.port} (Ctrl-C to stop)", file=sys.stderr)
     print(reachability_message(server.host, server.port), file=sys.stderr)
+    if config.ingress.gateway_port:
+        print(f"device sockets: the device gateway on port {config.ingress.gateway_port} (the OTA hands devices "
+              "its URL; actors/ingress/gateway.py)", file=sys.stderr)
     if config.auth.enabled:
         print(f"a development token is in {DEV_TOKEN_FILE} (mode 600, renewed while the server runs); "
               "`voice-actors client` reads it", file=sys.stderr)
@@ -262,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", help="address to listen on (default server.host, 127.0.0.1; 0.0.0.0 for devices "
                                   "on your network)")
     p.add_argument("--port", type=int, help="port (default server.port, 8000)")
+    p.add_argument("--gateway-port", type=int, help="also serve device sockets from the per-node device gateway "
+                                                    "on this port, without the Serve proxy's hop (default "
+                                                    "ingress.gateway_port, 0: off)")
     p.set_defaults(fn=_serve)
 
     p = sub.add_parser("turn", help="one full turn through a session actor")

@@ -23,7 +23,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from actors.audio import rms_dbfs, silence
-from actors.client import XiaozhiClient
+from actors.client import NativeClient, XiaozhiClient
 from actors.ingress.auth import Authenticator
 from actors.ingress.gateway import NAME_PREFIX, GatewayLease
 from tests.conftest import INGRESS_PORT, run_ingress, served_config
@@ -56,6 +56,13 @@ def server(ray_cluster, server_config):
     yield from run_ingress(server_config, APP)
     for gateway in gateways():  # detached: it would otherwise wait out its lease
         ray.kill(ray.get_actor(gateway["name"], namespace=gateway["namespace"]))
+
+
+async def _next_json(ws: Any, kind: str) -> dict[str, Any]:
+    while True:
+        data = await asyncio.wait_for(ws.recv(), 30)
+        if isinstance(data, str) and (message := json.loads(data))["type"] == kind:
+            return message
 
 
 def gateways() -> list[dict[str, Any]]:
@@ -118,6 +125,19 @@ async def test_the_gateway_refuses_what_the_serve_route_refuses(server, server_c
             with pytest.raises(ConnectionClosed) as closed:
                 await asyncio.wait_for(sock.recv(), 10)
         assert closed.value.rcvd is not None and (closed.value.rcvd.code, closed.value.rcvd.reason) == close, headers
+    # an oversized message gets the error it gets through Serve, and the socket lives on; a huge
+    # one closes the socket before it is read whole
+    native = url.replace("/xiaozhi/v1/", "/ws/voice")
+    async with await NativeClient.connect(native, Authenticator(server_config.auth).issue_token("big")) as c:
+        await c.ws.send(b"\x00" * 200_000)
+        err = await _next_json(c.ws, "error")
+        assert err["code"] == "limit.too_large"
+        assert "4" in (await c.ask_text("What is two plus two?")).reply
+        with pytest.raises(ConnectionClosed) as closed:
+            await c.ws.send(b"\x00" * (2 << 20))
+            while True:  # what the turn left to send, then the close
+                await asyncio.wait_for(c.ws.recv(), 10)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
     with pytest.raises(InvalidStatus):  # only the two socket routes are served here
         async with connect(url.replace("/xiaozhi/v1/", "/ws/text/stream")):
             pass

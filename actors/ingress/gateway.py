@@ -10,9 +10,9 @@ admission, caps, drain), so the two cannot disagree; the HTTP API, the OTA
 and the web pages stay on Serve. Measured in docs/benchmarks.md ("Device
 sockets without the Serve proxy").
 
-Lifetime. The gateway is detached and named per node and per configuration,
-so every replica on a node shares one, and a redeploy with the same
-configuration keeps its sockets. Replicas renew its lease; a gateway whose
+Lifetime. The gateway is detached and named per node, configuration and
+code, so every replica on a node shares one, and a redeploy of the same
+configuration and code keeps its sockets. Replicas renew its lease; a gateway whose
 lease lapses (the app deleted, every replica gone) or that a replica with a
 new configuration replaces stops listening at once, says `goodbye` on each
 socket (after the reply in flight, within `server.drain_grace_s`) and exits.
@@ -22,11 +22,13 @@ Session actors live outside it: a device that reconnects resumes its session.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import ipaddress
 import logging
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -42,13 +44,29 @@ LEASE_S = 30.0
 RENEW_S = 5.0
 BIND_TRIES_S = 10.0
 """How long a new gateway retries its port while a retiring one lets it go."""
+READ_LIMIT_BYTES = 1 << 20
+"""The most of one WebSocket message the gateway reads: up to it, a message over
+`limits.max_ws_message_bytes` gets the same `limit.too_large` error as through
+Serve and the socket lives on; past it the socket closes 1009 before the rest
+is read (through Serve, the proxy reads up to 16 MiB first)."""
 RETIRE_EXTRA_S = 5.0
 """Past the drain grace: the sockets' goodbye and close, before the exit."""
 
 
 def config_fingerprint(config: AppConfig) -> str:
-    """Which configuration a gateway serves: a replica with another one replaces it."""
-    return hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:12]
+    """Which configuration and code a gateway serves: a replica with another
+    replaces it (a new config, or an upgrade installed on the node)."""
+    return hashlib.sha256(config.model_dump_json().encode() + _code_digest()).hexdigest()[:12]
+
+
+@functools.cache
+def _code_digest() -> bytes:
+    import actors
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(actors.__file__).parent.rglob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.digest()
 
 
 def gateway_name(node_id: str, fingerprint: str) -> str:
@@ -81,7 +99,7 @@ class DeviceGateway(IngressCore):
         while True:
             server = uvicorn.Server(uvicorn.Config(
                 app, host=self.config.server.host, port=ingress.gateway_port, ws="websockets", loop="none",
-                lifespan="off", log_level="warning", ws_max_size=limits.max_ws_message_bytes,
+                lifespan="off", log_level="warning", ws_max_size=max(READ_LIMIT_BYTES, limits.max_ws_message_bytes),
                 timeout_graceful_shutdown=self.config.server.drain_grace_s + RETIRE_EXTRA_S))
             serving = asyncio.get_running_loop().create_task(server.serve())
             while not server.started and not serving.done():
