@@ -96,8 +96,10 @@ class StartingSession:
 
     def __init__(self, session_id: str, ready: Awaitable[SessionRef],
                  registry: dict[str, StartingSession] | None = None,
-                 base: asyncio.Future[SessionRef] | None = None) -> None:
+                 base: asyncio.Future[SessionRef] | None = None, starts_actor: bool = True) -> None:
         self.session_id = session_id
+        self.starts_actor = starts_actor
+        """False: a live actor whose claim follows the hello (a warm session), not a start."""
         self._ready: asyncio.Future[SessionRef] = asyncio.ensure_future(ready)
         self._base = base if base is not None else self._ready
         """The start itself, before any chained step."""
@@ -120,7 +122,7 @@ class StartingSession:
             await step(ref)
             return ref
 
-        return StartingSession(self.session_id, chained(), self._registry, self._base)
+        return StartingSession(self.session_id, chained(), self._registry, self._base, self.starts_actor)
 
     async def settled(self) -> SessionRef:
         """The session for another caller: once the steps chained so far have

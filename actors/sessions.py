@@ -260,6 +260,12 @@ class SessionManager:
             return SessionRef(host, winner), True, refused
         return await self._live_or_starting(winner), True, refused
 
+    def after_hello(self, session_id: str, ready: Awaitable[SessionRef]) -> StartingSession:
+        """A live session whose last step before use (`ready`: its claim)
+        runs after the socket's hello; listed as starting until it has, so
+        another caller naming the id waits for it (`started`)."""
+        return StartingSession(session_id, ready, self._starting, starts_actor=False)
+
     def _refill_soon(self) -> None:
         """Refill the warm pool off the caller's path (a hello waits for none
         of it); the pool's own thread would get there within a few seconds."""

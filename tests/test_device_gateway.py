@@ -82,6 +82,11 @@ async def test_a_device_talks_through_the_gateway_and_keeps_its_session(server, 
     ws = await ota(device)
     assert ws["url"] == f"ws://127.0.0.1:{GATEWAY_PORT}/xiaozhi/v1/"  # not the Serve port
     assert len(gateways()) == 1
+    async with httpx.AsyncClient() as http:  # the gateway keeps the node's warm pool for devices
+        deadline = time.monotonic() + 60
+        while (await http.get(f"{BASE}/health")).json()["checks"]["device_gateway"]["warm_sessions_ready"] < 1:
+            assert time.monotonic() < deadline, "the gateway's warm pool never filled"
+            await asyncio.sleep(0.5)
     async with await XiaozhiClient.connect(ws["url"], ws["token"], device, client_id=device) as c:
         first = c.session_id
         turn = await c.ask_audio(silence(300) + speech(QUESTION), realtime=True)
@@ -103,6 +108,9 @@ async def test_a_device_talks_through_the_gateway_and_keeps_its_session(server, 
                 await asyncio.sleep(0.5)
                 text = (await http.get(f"{BASE}/metrics")).text
             assert all(w in text for w in wanted), text
+            # both took warm or live sessions (the first one's claim followed its hello): neither
+            # counts as a hello before a new actor
+            assert 'voice_hello_before_session_total{protocol="xiaozhi"}' not in text
 
 
 async def test_the_gateway_refuses_what_the_serve_route_refuses(server, server_config):

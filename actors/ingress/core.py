@@ -139,8 +139,6 @@ class IngressCore:
 
     async def _open_owned(self, session_id: str | None, principal: Principal,
                           alias: str | None = None, soon: bool = False) -> tuple[str, Any, bool]:
-        import ray
-
         owner = principal.key
         open_ = self.sessions.open_soon if soon else self.sessions.open
         limits = self.config.limits
@@ -167,18 +165,27 @@ class IngressCore:
             raise LimitError(refused)
         if isinstance(actor, StartingSession):  # a session on a new actor: claimed once it is up
             return sid, actor.then(lambda ref: self._claim_started(ref, owner)), resumed
+        if soon and not resumed:
+            # a warm session handed to this socket just now: nobody else has its id, so its claim
+            # (a store write) may follow the hello; the socket reads nothing from its client until
+            # the claim and its subscription are done
+            return sid, self.sessions.after_hello(sid, self._claimed(actor, sid, owner)), resumed
+        return sid, await self._claimed(actor, sid, owner), resumed
+
+    async def _claimed(self, actor: Any, sid: str, owner: str) -> Any:
+        """`actor` once claimed for `owner`; one that died or ended since it
+        was handed out is opened once more under the same id. → the actor."""
+        import ray
+
         try:
             claimed = await actor.claim.remote(owner)
-        except ray.exceptions.RayActorError:  # it died or ended since it was handed out: once more
+        except ray.exceptions.RayActorError:
             await self.sessions.directory.release.remote(sid)
-            if alias is not None or session_id:
-                actor = await self.sessions.open(sid)
-            else:
-                return await self._open_owned(None, principal)
+            actor = await self.sessions.open(sid)
             claimed = await actor.claim.remote(owner)
         if not claimed:
             raise SessionNotFound(sid)
-        return sid, actor, resumed
+        return actor
 
     @staticmethod
     async def _claim_started(actor: Any, owner: str) -> None:
@@ -266,7 +273,7 @@ class IngressCore:
                 if persona is not None and not self.config.has_persona(persona):
                     persona = None  # removed from the config since: the default
             opened = await self._open(session_id, principal, alias, self._check_persona(persona), soon=True)
-            if isinstance(opened[1], StartingSession):
+            if isinstance(opened[1], StartingSession) and opened[1].starts_actor:
                 self.metrics.hello_before_session(adapter.name)
             return opened
 
