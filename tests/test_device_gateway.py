@@ -185,6 +185,17 @@ async def test_a_new_config_replaces_the_gateway_and_its_device_comes_back(serve
         assert again.hello["audio_params"]["sample_rate"] == 16000  # the new config's gateway answered
 
 
+def test_a_new_signing_secret_or_setting_makes_a_new_gateway(server_config):
+    from actors.ingress.gateway import config_fingerprint
+
+    same = config_fingerprint(server_config)
+    assert config_fingerprint(server_config.model_copy()) == same
+    rotated = server_config.auth.model_copy(update={"device_secret": SecretStr("rotated-" + "y" * 40)})
+    assert config_fingerprint(server_config.model_copy(update={"auth": rotated})) != same
+    slower = server_config.vad.model_copy(update={"end_silence_ms": server_config.vad.end_silence_ms + 1})
+    assert config_fingerprint(server_config.model_copy(update={"vad": slower})) != same
+
+
 def test_the_url_handed_out_is_the_gateway_on_the_node_that_answered(config):
     lease = object.__new__(GatewayLease)
     lease.node_ip = "10.0.0.7"

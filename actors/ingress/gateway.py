@@ -55,8 +55,15 @@ RETIRE_EXTRA_S = 5.0
 
 def config_fingerprint(config: AppConfig) -> str:
     """Which configuration and code a gateway serves: a replica with another
-    replaces it (a new config, or an upgrade installed on the node)."""
-    return hashlib.sha256(config.model_dump_json().encode() + _code_digest()).hexdigest()[:12]
+    replaces it (a new config, or an upgrade installed on the node). The
+    signing secrets count too (the JSON masks them): a gateway left with
+    rotated-out secrets would refuse every new token."""
+    secrets = [s.get_secret_value() if s is not None else "" for s in (config.auth.jwt_secret,
+                                                                      config.auth.device_secret)]
+    digest = hashlib.sha256(config.model_dump_json().encode() + _code_digest())
+    for secret in secrets:
+        digest.update(hashlib.sha256(secret.encode()).digest())
+    return digest.hexdigest()[:12]
 
 
 @functools.cache
