@@ -422,7 +422,8 @@ def build_config(opts: argparse.Namespace) -> Any:
            "VOICE_ACTORS__LIMITS__REQUESTS_PER_MINUTE": "100000", "VOICE_ACTORS__LIMITS__BURST": "10000",
            "VOICE_ACTORS__INGRESS__UPLINK_BATCH_MS": str(opts.uplink_batch_ms),
            "VOICE_ACTORS__SESSION__PREEMPTIVE_GENERATION": "false" if opts.no_preemptive else "true",
-           "VOICE_ACTORS__STT__DECODE_AT_PAUSE": "false" if opts.no_decode_at_pause else "true"}
+           "VOICE_ACTORS__STT__DECODE_AT_PAUSE": "false" if opts.no_decode_at_pause else "true",
+           "VOICE_ACTORS__INGRESS__GATEWAY_PORT": str(opts.gateway_port)}
     if opts.mode == "fake":
         # fakes only sleep: no pool queueing, so the server's own overhead is all that is left
         env.update({"VOICE_ACTORS__STT__PROVIDER": FAKE["stt"], "VOICE_ACTORS__LLM__PROVIDER": FAKE["llm"],
@@ -471,6 +472,8 @@ async def run_all(opts: argparse.Namespace) -> dict[str, Any]:
     serve.run(build_app(config), name="voice-actors", route_prefix="/")
     serve.run(echo_app, name="echo", route_prefix="/echo")
     base = f"ws://127.0.0.1:{opts.port}"
+    # native sessions connect to the device gateway when it is on; xiaozhi devices learn its URL from the OTA
+    sockets = f"ws://127.0.0.1:{opts.gateway_port}" if opts.gateway_port else base
     print(f"[bench] {len(ray_processes())} Ray processes belong to this run", flush=True)
     token = Authenticator(config.auth).issue_token("bench")
     speech = speech_fixture(QUESTION)
@@ -487,7 +490,7 @@ async def run_all(opts: argparse.Namespace) -> dict[str, Any]:
             delays = [i * STAGGER_S / n for i in range(n)]
             if protocol == "native":
                 barge = speech if opts.barge_in else None
-                coros = [native_session(base, token, speech, opts.turns, run, barge, d) for d in delays]
+                coros = [native_session(sockets, token, speech, opts.turns, run, barge, d) for d in delays]
             else:
                 coros = [xiaozhi_session(base, f"02:00:00:00:{i // 256:02x}:{i % 256:02x}", speech, opts.turns, run,
                                          d) for i, d in enumerate(delays)]
@@ -646,6 +649,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-decode-at-pause", action="store_true",
                    help="stt.decode_at_pause off: a batch STT decodes only after the end of speech (for a before/after)")
     p.add_argument("--port", type=int, default=PORT)
+    p.add_argument("--gateway-port", type=int, default=0,
+                   help="serve the sessions' sockets from the device gateway on this port (ingress.gateway_port)")
     p.add_argument("--out", default="bench/results")
     cloud = p.add_argument_group("cloud-fake latencies (ms)")
     cloud.add_argument("--stt-final-ms", type=float, default=150.0, help="finish-task → final transcript")

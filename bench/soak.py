@@ -385,7 +385,7 @@ def server_config(mode: str, sessions: int, namespace: str, orphan_timeout_s: fl
     temporary directory (not the project's data/: a soak writes thousands of
     turns) and the orphan timeout given."""
     bench_opts = argparse.Namespace(mode=mode, sessions=[sessions], uplink_batch_ms=uplink_batch_ms,
-                                    no_preemptive=False, no_decode_at_pause=False, fakes=None)
+                                    no_preemptive=False, no_decode_at_pause=False, fakes=None, gateway_port=0)
     config = build_config(bench_opts)
     store = Path(tempfile.mkdtemp(prefix=f"{namespace}-"))
     return config.model_copy(update={

@@ -26,6 +26,7 @@ from actors.audio import rms_dbfs, silence
 from actors.client import NativeClient, XiaozhiClient
 from actors.ingress.auth import Authenticator
 from actors.ingress.gateway import NAME_PREFIX, GatewayLease
+from actors.ingress.metrics import HUB_NAME
 from tests.conftest import INGRESS_PORT, run_ingress, served_config
 
 APP = "voice-actors-gateway"
@@ -77,7 +78,7 @@ async def ota(device_id: str) -> dict[str, str]:
     return r.json()["websocket"]
 
 
-async def test_a_device_talks_through_the_gateway_and_keeps_its_session(server, speech):
+async def test_a_device_talks_through_the_gateway_and_keeps_its_session(server, server_config, speech):
     device = DEVICES[0]
     ws = await ota(device)
     assert ws["url"] == f"ws://127.0.0.1:{GATEWAY_PORT}/xiaozhi/v1/"  # not the Serve port
@@ -101,7 +102,10 @@ async def test_a_device_talks_through_the_gateway_and_keeps_its_session(server, 
             health = (await http.get(f"{BASE}/health")).json()
             gateway = health["checks"]["device_gateway"]
             assert gateway["ok"] and gateway["port"] == GATEWAY_PORT and gateway["sockets"] == 1
-            # the gateway's sockets are in the deployment's metrics (it pushes to the hub as a replica does)
+            # the gateway's sockets are in the deployment's metrics (it pushes to the hub as a replica
+            # does). The hub is shared by every module's app in this test run and keeps a gone
+            # replica's counts for minutes: started afresh, it holds only this app's processes'
+            ray.kill(ray.get_actor(HUB_NAME, namespace=server_config.server.namespace), no_restart=False)
             wanted = ('voice_active_sockets{protocol="xiaozhi"} 1\n', 'voice_connections_total{protocol="xiaozhi"} 2\n')
             deadline, text = time.monotonic() + 30, ""
             while not all(w in text for w in wanted) and time.monotonic() < deadline:
@@ -151,6 +155,25 @@ async def test_the_gateway_refuses_what_the_serve_route_refuses(server, server_c
             pass
 
 
+async def test_a_gateway_that_dies_is_started_again(server):
+    device = DEVICES[1]
+    ws = await ota(device)
+    async with await XiaozhiClient.connect(ws["url"], ws["token"], device, client_id=device) as c:
+        sid = c.session_id
+    [gateway] = gateways()
+    ray.kill(ray.get_actor(gateway["name"], namespace=gateway["namespace"]))
+    async with httpx.AsyncClient() as http:
+        deadline = time.monotonic() + 60
+        while True:  # the replica's lease thread notices within a renewal period and starts it again
+            check = (await http.get(f"{BASE}/health")).json()["checks"]["device_gateway"]
+            if check["ok"]:
+                break
+            assert time.monotonic() < deadline, check
+            await asyncio.sleep(0.5)
+    async with await XiaozhiClient.connect(ws["url"], ws["token"], device, client_id=device) as c:
+        assert c.session_id == sid  # sessions live outside the gateway
+
+
 async def test_a_new_config_replaces_the_gateway_and_its_device_comes_back(server, server_config):
     from ray import serve
 
@@ -198,12 +221,13 @@ def test_a_new_signing_secret_or_setting_makes_a_new_gateway(server_config):
 
 def test_the_url_handed_out_is_the_gateway_on_the_node_that_answered(config):
     lease = object.__new__(GatewayLease)
-    lease.node_ip = "10.0.0.7"
+    lease.node_ip, lease.other_node_ips = "10.0.0.7", frozenset({"10.0.0.9"})
     lease.config = config.model_copy(update={"ingress": config.ingress.model_copy(update={"gateway_port": 8100})})
     assert lease.url("127.0.0.1", "/xiaozhi/v1/") == "ws://127.0.0.1:8100/xiaozhi/v1/"  # as the device reached us
-    assert lease.url("10.0.0.7", "/xiaozhi/v1/") == "ws://10.0.0.7:8100/xiaozhi/v1/"
-    assert lease.url("10.0.0.9", "/xiaozhi/v1/") == "ws://10.0.0.7:8100/xiaozhi/v1/"  # another node's proxy
+    assert lease.url("192.168.1.5", "/xiaozhi/v1/") == "ws://192.168.1.5:8100/xiaozhi/v1/"  # a LAN address of ours
     assert lease.url("voice.lan", "/xiaozhi/v1/") == "ws://voice.lan:8100/xiaozhi/v1/"
+    assert lease.url("10.0.0.9", "/xiaozhi/v1/") == "ws://10.0.0.7:8100/xiaozhi/v1/"  # another node's proxy
+    assert lease.url("::1", "/xiaozhi/v1/") == "ws://[::1]:8100/xiaozhi/v1/"
     lease.config = lease.config.model_copy(update={"ingress": lease.config.ingress.model_copy(
         update={"gateway_public_url": "wss://voice.example.com:8443/"})})
     assert lease.url("10.0.0.9", "/xiaozhi/v1/") == "wss://voice.example.com:8443/xiaozhi/v1/"

@@ -22,9 +22,9 @@ Session actors live outside it: a device that reconnects resumes its session.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
-import ipaddress
 import logging
 import threading
 import time
@@ -168,21 +168,25 @@ class GatewayLease:
         self.config = config
         self.node_id = ray.get_runtime_context().get_node_id()
         self.node_ip = ray.util.get_node_ip_address()
+        self.other_node_ips = self._other_node_ips()
         self.handle = self._ensure()
         threading.Thread(target=self._renew, name="gateway-lease", daemon=True).start()
 
-    def _ensure(self) -> Any:
+    def _ensure(self, replace_others: bool = True) -> Any:
+        """This node's gateway for this configuration, started if need be;
+        None when another one serves the node and `replace_others` is False."""
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         namespace = self.config.server.namespace
         mine = gateway_name(self.node_id, config_fingerprint(self.config))
-        for name in ray.util.list_named_actors(all_namespaces=True):
-            entry = name if isinstance(name, dict) else {"name": name, "namespace": namespace}
-            stale = entry["name"]
-            if entry.get("namespace") == namespace and stale.startswith(f"{NAME_PREFIX}{self.node_id}:") \
-                    and stale != mine:
-                with _suppress_gone():
-                    ray.get(ray.get_actor(stale, namespace=namespace).retire.remote(), timeout=30)
+        for entry in ray.util.list_named_actors(all_namespaces=True):
+            name = entry["name"]
+            if entry["namespace"] == namespace and name.startswith(f"{NAME_PREFIX}{self.node_id}:") and name != mine:
+                if not replace_others:
+                    return None
+                # another configuration's or release's: it stops listening before this one binds
+                with contextlib.suppress(ray.exceptions.RayActorError, ValueError):  # gone meanwhile
+                    ray.get(ray.get_actor(name, namespace=namespace).retire.remote(), timeout=30)
         handle = DeviceGatewayActor.options(
             name=mine, namespace=namespace, lifetime="detached", get_if_exists=True,
             scheduling_strategy=NodeAffinitySchedulingStrategy(self.node_id, soft=False)).remote(self.config)
@@ -190,41 +194,42 @@ class GatewayLease:
         return handle
 
     def _renew(self) -> None:
+        """Renew the lease; a gateway that died (it is not restarted by Ray:
+        listening is a step after its start) is made again here, so devices
+        are away at most one renewal period plus its start. One retired for
+        a newer configuration is not: this replica is on its way out."""
         while True:
             time.sleep(RENEW_S)
             try:
-                self.handle.renew.remote()
+                self.other_node_ips = self._other_node_ips()
+                ray.get(self.handle.renew.remote(), timeout=RENEW_S)
+            except ray.exceptions.RayActorError:
+                try:
+                    handle = self._ensure(replace_others=False)
+                except Exception:  # tried again next period
+                    continue
+                if handle is None:
+                    return  # a newer replica's gateway serves the node now
+                log.warning("device gateway on this node died; started it again")
+                self.handle = handle
+            except ray.exceptions.GetTimeoutError:
+                continue  # busy: renewed next time, well within the lease
             except Exception:  # Ray shutting down: the thread ends with the process
                 return
 
+    def _other_node_ips(self) -> frozenset[str]:
+        return frozenset(n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]) - {self.node_ip}
+
     def url(self, request_host: str | None, path: str) -> str:
         """The socket URL to hand a device that reached this replica as
-        `request_host`: that host when it is this node (how the device
-        reaches it), else this node's address; `ingress.gateway_public_url`
-        when set (a NAT or a TLS terminator in front)."""
+        `request_host`: that host (the way the device reaches this machine),
+        unless it is another node's address (Serve's proxy there sent the
+        request here), then this node's; `ingress.gateway_public_url` when
+        set (a NAT or a TLS terminator in front)."""
         ingress = self.config.ingress
         if ingress.gateway_public_url:
             return ingress.gateway_public_url.rstrip("/") + path
-        host = request_host if request_host and _is_this_node(request_host, self.node_ip) else self.node_ip
+        host = request_host if request_host and request_host not in self.other_node_ips else self.node_ip
         if ":" in host:
             host = f"[{host}]"
         return f"ws://{host}:{ingress.gateway_port}{path}"
-
-
-def _is_this_node(host: str, node_ip: str) -> bool:
-    if host in ("localhost", node_ip):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a name: trusted to be this node's (the device used it to reach us)
-        return True
-
-
-class _suppress_gone:
-    """A gateway that exits while it is asked to retire is what was wanted."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: Any, error: Any, tb: Any) -> bool:
-        return kind is not None and issubclass(kind, (ray.exceptions.RayActorError, ValueError))
