@@ -100,9 +100,6 @@ class IngressCore:
     def _client_ip(request: Request | WebSocket) -> str:
         return request.client.host if request.client else "unknown"
 
-    async def _body_bytes(self, request: Request) -> bytes:
-        return await request.body()  # the size was checked by BodyGuard, from the declared length
-
     async def _owned(self, session_id: str, principal: Principal) -> bool:
         """Does `principal` own this session? Asked of the store, which keeps
         the owner as long as the conversation; a session someone else owns and
