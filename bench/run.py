@@ -573,6 +573,9 @@ def make_report(opts: argparse.Namespace, config: Any, runs: list[RunResult], no
             "connect_to_hello_ms": pct(r.connect_ms), "uplink_frame_lag_ms": pct(r.lags_ms),
             "cpu_pct_of_core_per_session": round(100 * r.cpu_cores / r.sessions, 2),
             "session_actor_uss_mb": round(statistics.mean(r.session_uss_mb), 1) if r.session_uss_mb else None,
+            # the run's sessions are the largest session actors (the rest are warm spares)
+            "live_session_actor_uss_mb": round(statistics.mean(sorted(r.session_uss_mb)[-r.sessions:]), 1)
+            if r.session_uss_mb else None,
             "ray_uss_mb_added_per_session": round(r.ray_uss_mb / r.sessions, 1),
             "ray_uss_mb_total_per_session": round(r.ray_uss_total_mb / r.sessions, 1),
             "vs_no_ray_p50": ratio(e2e["p50"], base_no_ray["p50"]), "vs_no_ray_p99": ratio(e2e["p99"], base_no_ray["p99"]),

