@@ -227,36 +227,26 @@ class SessionManager:
         back as a `StartingSession` (its id known, its actor still starting)
         for the caller to await.
 
-        With a warm session ready, one directory call binds, finds and admits
-        (the warm one is offered; a device bound before gets its own back and
-        the warm one returns to the pool). Without one, the directory is
-        asked first, so a returning device never waits for a new actor it
-        does not need."""
-        directory = self._directory
+        One directory call binds, finds and admits: the offered id is a warm
+        session's when one is ready, else a new one, whose actor starts only
+        once the directory has answered that it won (a returning device
+        never waits for a new actor it does not need; the three calls this
+        used to make without a warm one stretched a burst's hellos to 1-2 s
+        while new workers booted on the same cores)."""
         entry = await asyncio.to_thread(self._take_warm_entry)
-        if entry is None:
-            bound = await directory.lookup.remote(alias)
-            if bound is not None:
-                session: SessionRef | StartingSession = await self._live_or_starting(bound)
-                resumed = True
-            else:
-                sid = new_session_id()
-                winner = await directory.bind.remote(alias, sid)
-                resumed = winner != sid  # another replica bound this device a moment ago
-                session = await self._live_or_starting(winner) if resumed else \
-                    StartingSession(sid, open_session(self.config, sid, self._directory), self._starting)
-            refused = await directory.admit.remote(session.session_id, owner, per_principal, per_node)
-            return session, resumed, refused
-        ref = entry[0]
-        winner, host, refused = await directory.bind_and_admit.remote(alias, ref.session_id, owner,
-                                                                     per_principal, per_node)
-        if winner == ref.session_id:
-            self._refill_soon()
-            return ref, False, refused
+        offered = entry[0].session_id if entry is not None else new_session_id()
+        winner, host, refused = await self._directory.bind_and_admit.remote(alias, offered, owner,
+                                                                           per_principal, per_node)
+        if winner == offered:
+            if entry is not None:
+                self._refill_soon()
+                return entry[0], False, refused
+            return StartingSession(offered, open_session(self.config, offered, self._directory),
+                                   self._starting), False, refused
         # bound before (or by another replica a moment ago): that session, brought back if it ended
-        await asyncio.to_thread(self._put_back_warm, entry)
-        starting = self._starting.get(winner)
-        if starting is None and host is not None:
+        if entry is not None:
+            await asyncio.to_thread(self._put_back_warm, entry)
+        if self._starting.get(winner) is None and host is not None:
             return SessionRef(host, winner), True, refused
         return await self._live_or_starting(winner), True, refused
 
