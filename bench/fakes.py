@@ -66,6 +66,19 @@ class FixedDelayTTS(TTS):
         return AudioSegment(float_to_pcm16(tone), self.sample_rate)
 
 
+class InSessionFixedDelaySTT(FixedDelaySTT):
+    """The same STT opened by the session itself, as a cloud client is
+    (`pooled = False`): the path without the pool's two hops a turn."""
+
+    pooled = False
+
+
+class InSessionFixedDelayTTS(FixedDelayTTS):
+    """As InSessionFixedDelaySTT, for speech synthesis."""
+
+    pooled = False
+
+
 def known_delay_ms(end_silence_ms: int, pause_ms: int | None = None, preemptive: bool = False) -> float:
     """End of user speech → first reply audio if the server itself took no time.
 

@@ -79,3 +79,25 @@ def test_vendor_sections_are_validated_by_the_vendor_at_load(env, field):
     with pytest.raises(ConfigError) as err:
         load_config(env=env)
     assert field in str(err.value)
+
+
+def test_a_plugin_is_pooled_unless_its_class_says_it_is_a_remote_client():
+    """A plug-in (`module:Class`) may load a model, so it gets a pool; one
+    whose class says `pooled = False` is opened by the session itself, as the
+    cloud providers are (no pool hop for its audio)."""
+    from actors.config import load_config
+    from actors.pools import stt_provider, tts_provider
+    from actors.providers import registry
+    from bench.fakes import InSessionFixedDelaySTT, InSessionFixedDelayTTS
+
+    assert registry.spec("stt", "bench.fakes:FixedDelaySTT").pooled
+    assert not registry.spec("stt", "bench.fakes:InSessionFixedDelaySTT").pooled
+    assert not registry.spec("tts", "bench.fakes:InSessionFixedDelayTTS").pooled
+    cfg = load_config(env={"VOICE_ACTORS__STT__PROVIDER": "bench.fakes:InSessionFixedDelaySTT",
+                           "VOICE_ACTORS__TTS__PROVIDER": "bench.fakes:InSessionFixedDelayTTS",
+                           "VOICE_ACTORS__TTS__FALLBACK": "none"})
+    assert isinstance(stt_provider(cfg.stt.provider, cfg), InSessionFixedDelaySTT)  # built here: no Ray needed
+    assert isinstance(tts_provider(cfg.tts.provider, cfg), InSessionFixedDelayTTS)
+    from actors.pools import pooled_providers
+
+    assert pooled_providers(cfg) == []

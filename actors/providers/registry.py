@@ -54,8 +54,10 @@ def is_plugin(name: str) -> bool:
 
 
 def spec(kind: Kind, name: str) -> ProviderSpec:
-    if is_plugin(name):  # pooled, as a plug-in may load a model; the bench's fakes ran that way too
-        return ProviderSpec(factory=name, pooled=True)
+    if is_plugin(name):
+        # a plug-in may load a model, so it is pooled unless its class says
+        # `pooled = False` (a client of a remote service, opened by its caller)
+        return ProviderSpec(factory=name, pooled=bool(getattr(_load(name), "pooled", True)))
     try:
         return specs()[(kind, name)]
     except KeyError:
