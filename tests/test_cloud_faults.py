@@ -150,7 +150,9 @@ async def test_tts_stalling_past_its_timeout_falls_back_to_the_local_voice(ray_c
 async def test_barge_in_during_cloud_speech_stops_within_a_chunk_and_cancels_the_task(
         ray_cluster, config, clean, tap):
     dashscope, llm = clean
-    dashscope.tts = TtsScript(chunk_delay_s=0.1, ms_per_char=60)
+    # 47 chunks 0.25 s apart: ~12 s of synthesis, so a slow CI run still interrupts it mid-way (at
+    # 0.1 s apart it once finished before the barge-in); one sentence under 100 characters, one task
+    dashscope.tts = TtsScript(chunk_delay_s=0.25, ms_per_char=60)
     llm.default = Script.text("This is a long answer that the visitor will certainly interrupt before it ends.")
     actor = await open_session(cloud(config, clean))
     async with tap(actor) as t:

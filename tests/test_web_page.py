@@ -287,7 +287,13 @@ async def test_speech_barges_in_on_the_reply(page):
     before = await type_question(page, LONG_QUESTION)
     await wait_playing(page, 0.5)
     reply_turn = await page.evaluate("window.voiceTest.receivedTurns.at(-1)")
-    await page.check('input[name="mode"][value="handsfree"]')  # the fake microphone speaks the question
+    # the fake microphone loops the question and 9 s of silence, at any phase: start listening in
+    # the silence, so the first utterance heard is the whole question (a CI run once started
+    # mid-question and heard only its end). Push to talk runs the microphone without sending.
+    await page.check('input[name="mode"][value="ptt"]')
+    await wait_for_js(page, "q => window.voiceTest.micPeaks.length >= 15 && "
+                      "window.voiceTest.micPeaks.slice(-15).every(p => p < q)", QUIET, poll_ms=20)
+    await page.check('input[name="mode"][value="handsfree"]')
     stop = await _json_value(page, """([after, turn]) => {
         const evs = window.voiceTest.events.slice(after);
         const cut = evs.find(e => e.type === 'tts.stop' && e.turn_id === turn && e.reason === 'interrupted');

@@ -4,9 +4,10 @@ is redone in the full window. The real embedded models, no Ray."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from actors.audio import resample_pcm16
+from actors.audio import float_to_pcm16, resample_pcm16
 from actors.providers.local.tts import PiperTTS
 from actors.providers.local.whisper import FULL_WINDOW_S, WhisperSTT, _looks_like_a_loop
 
@@ -17,8 +18,14 @@ def voice() -> PiperTTS:
 
 
 def spoken(voice: PiperTTS, text: str) -> bytes:
-    seg = voice.synthesize_sync(text)
-    return resample_pcm16(seg.pcm16, seg.sample_rate, 16000)
+    """Piper without its sampling noise: the same audio every run, so what
+    Whisper hears does not change between runs (with the noise, "Hello."
+    was once heard as "Oh well.")."""
+    from piper import SynthesisConfig
+
+    steady = SynthesisConfig(noise_scale=0.0, noise_w_scale=0.0)
+    audio = np.concatenate([c.audio_float_array for c in voice._voice.synthesize(text, syn_config=steady)])
+    return resample_pcm16(float_to_pcm16(audio), voice.sample_rate, 16000)
 
 
 def test_window_follows_the_speech_up_to_the_full_window() -> None:
