@@ -160,6 +160,53 @@ async def test_a_database_made_by_the_old_code_is_migrated_with_its_data(databas
 # ------------------------------------------------------------------ configuration
 
 
+def _open_fresh_file(path: str, start: Any, out: Any) -> None:
+    """One process opening the store at `path` (its own event loop), its
+    imports done before the start so the openers meet at the file."""
+    import aiosqlite  # noqa: F401
+
+    from actors.agent.db import Database
+
+    async def one() -> None:
+        db = Database(f"sqlite:///{path}")
+        try:
+            await db.execute("CREATE TABLE IF NOT EXISTS seen (who TEXT)")
+            await db.execute("INSERT INTO seen VALUES (?)", "me")
+        finally:
+            await db.close()
+
+    start.wait()
+    try:
+        asyncio.run(one())
+        out.put("ok")
+    except Exception as e:  # what the parent asserts on
+        out.put(repr(e))
+
+
+def test_processes_opening_a_new_sqlite_file_at_once_all_open_it(tmp_path: Path) -> None:
+    """SQLite answers the switch to WAL "database is locked" at once (no busy
+    wait) when processes open a new file together: session actors starting
+    together on a fresh store failed their start that way (a probe with
+    plain sqlite3: 3 of 120 openers refused; this test failed one run in two
+    before the switch was retried)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    for trial in range(6):
+        path = str(tmp_path / f"fresh-{trial}.sqlite3")
+        start, out = ctx.Barrier(6), ctx.Queue()
+        procs = [ctx.Process(target=_open_fresh_file, args=(path, start, out)) for _ in range(6)]
+        for p in procs:
+            p.start()
+        results = [out.get(timeout=60) for _ in procs]
+        for p in procs:
+            p.join(10)
+        assert results == ["ok"] * 6, results
+        with sqlite3.connect(path) as conn:
+            assert conn.execute("SELECT count(*) FROM seen").fetchone()[0] == 6
+            assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
 def test_the_store_url_comes_from_history_db_or_its_env_variable(tmp_path: Path) -> None:
     session = load_config(env={}).session
     assert session.store_url(env={}) == "sqlite:///data/history.sqlite3"  # a plain path keeps working

@@ -44,6 +44,21 @@ _PG_COMMAND_TIMEOUT_S = 30.0
 _SCHEMA_LOCK_KEY = 0x766F_6963  # pg advisory lock id: schema creation by several processes at once
 
 
+async def _set_wal(conn: Any, attempts: int = 40, pause_s: float = 0.05) -> None:
+    """WAL mode, retried while another connection holds the file: SQLite
+    answers the mode switch "database is locked" at once, without its busy
+    timeout, when processes open a new file together (two sessions starting
+    at once on a fresh store failed their start that way)."""
+    for attempt in range(attempts):
+        try:
+            await conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == attempts - 1:
+                raise
+            await asyncio.sleep(pause_s)
+
+
 class DatabaseError(RuntimeError):
     """The database could not be reached or opened; the message never holds a password."""
 
@@ -286,7 +301,7 @@ class Database:
             if thread is not None:
                 thread.daemon = True
             conn = await pending
-            await conn.execute("PRAGMA journal_mode=WAL")
+            await _set_wal(conn)
         except (OSError, sqlite3.Error) as exc:
             raise DatabaseError(f"cannot open {self.display_url}: {type(exc).__name__}") from None
         return conn
