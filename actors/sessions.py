@@ -32,6 +32,12 @@ from actors.session_directory import session_directory
 from actors.session_ref import SessionRef, StartingSession, host_actor_name
 
 STARTS_AT_ONCE = 1
+COLD_STARTS_AT_ONCE = 2
+"""Sessions that need a new actor (a burst beyond the warm pool) start at
+most this many at a time: each new Ray worker boots on ~1 s of CPU, and
+eight at once on two cores slowed every hello and live session for seconds,
+while started in turn the first of them are ready sooner. The warm pool's
+refill waits while any of them waits (`refill`)."""
 REFILL_PERIOD_S = 0.5
 KEEPALIVE_SHARE = 0.25
 """Warm actors are touched every idle_timeout_s × this, so they never reap
@@ -111,6 +117,9 @@ class SessionManager:
         self._starting: dict[str, StartingSession] = {}
         """Sessions this ingress is starting on new actors, by id, until their
         socket has subscribed (`StartingSession`); used on the event loop only."""
+        self._cold_starts = asyncio.Semaphore(COLD_STARTS_AT_ONCE)
+        self._cold_waiting = 0
+        """Sessions waiting for, or in, a start on a new actor (`_start`); read by `refill`'s thread."""
         self._directory = session_directory(config)  # started now: a device's first connect won't wait
         threading.Thread(target=self._keep_warm, name="warm-pool", daemon=True).start()
         self.refill()
@@ -119,7 +128,10 @@ class SessionManager:
         """Start warm actors up to the target, at most `STARTS_AT_ONCE` at a
         time: starting a Ray worker costs ~1 s of CPU, and a burst of them
         starved the live sessions on the same cores (bench: p50 end of speech
-        → first audio 1.5 s → 2.4 s at 8 sessions)."""
+        → first audio 1.5 s → 2.4 s at 8 sessions). None while a session
+        waits for its own actor: a client that is here comes first."""
+        if self._cold_waiting:
+            return
         with self._lock:
             starting = [ready for _, ready in self._warm]
             done = ray.wait(starting, num_returns=len(starting), timeout=0)[0] if starting else []
@@ -200,7 +212,7 @@ class SessionManager:
         ref = await asyncio.to_thread(self._take_warm)
         if ref is None:  # the pool's own thread refills it
             sid = new_session_id()
-            return StartingSession(sid, open_session(self.config, sid, self._directory), self._starting)
+            return StartingSession(sid, self._start(sid), self._starting)
         self._refill_soon()
         return ref
 
@@ -241,8 +253,7 @@ class SessionManager:
             if entry is not None:
                 self._refill_soon()
                 return entry[0], False, refused
-            return StartingSession(offered, open_session(self.config, offered, self._directory),
-                                   self._starting), False, refused
+            return StartingSession(offered, self._start(offered), self._starting), False, refused
         # bound before (or by another replica a moment ago): that session, brought back if it ended
         if entry is not None:
             await asyncio.to_thread(self._put_back_warm, entry)
@@ -279,7 +290,16 @@ class SessionManager:
         found = await find_session(self.config, session_id, self._directory)
         if found is not None:
             return found
-        return StartingSession(session_id, open_session(self.config, session_id, self._directory), self._starting)
+        return StartingSession(session_id, self._start(session_id), self._starting)
+
+    async def _start(self, session_id: str) -> SessionRef:
+        """`open_session`, at most `COLD_STARTS_AT_ONCE` at a time."""
+        self._cold_waiting += 1
+        try:
+            async with self._cold_starts:
+                return await open_session(self.config, session_id, self._directory)
+        finally:
+            self._cold_waiting -= 1
 
     def shutdown(self) -> None:
         self._stopped.set()

@@ -258,6 +258,41 @@ async def test_warm_pool_hands_out_started_actors(ray_cluster, config):
     ray.kill(other.actor)
 
 
+async def test_sessions_beyond_the_warm_pool_start_two_at_a_time(ray_cluster, config, monkeypatch):
+    """A burst beyond the warm pool: each new actor boots on ~1 s of CPU, so
+    at most COLD_STARTS_AT_ONCE start together (the hellos and live sessions
+    keep the cores), every one still comes up, and the warm pool's refill
+    waits until they have."""
+    import actors.sessions as sessions_module
+
+    manager = SessionManager(config, warm=0)
+    in_flight, most = 0, 0
+    real_open = sessions_module.open_session
+
+    async def counted(*args, **kwargs):
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        try:
+            return await real_open(*args, **kwargs)
+        finally:
+            in_flight -= 1
+
+    monkeypatch.setattr(sessions_module, "open_session", counted)
+    monkeypatch.setattr(manager, "_target", 1)  # a pool to refill, so a refill would start an actor
+    starting = [await manager.open_soon() for _ in range(4)]
+    await asyncio.sleep(0)  # each start's task has begun
+    assert all(s.starts_actor for s in starting) and manager._cold_waiting == 4
+    manager.refill()  # as the pool's thread would, while four wait: it starts nothing
+    assert manager.warm_ready() == 0 and not manager._warm
+    refs = await asyncio.gather(*starting)
+    assert most == sessions_module.COLD_STARTS_AT_ONCE and manager._cold_waiting == 0
+    assert [await r.ready.remote() for r in refs] == [s.session_id for s in starting]
+    manager.shutdown()
+    for r in refs:
+        ray.kill(r.actor)
+
+
 def test_second_driver_sees_the_same_session(ray_cluster, config, cluster_address):
     handle = SessionHandle.open(config=config)
     first = handle.ask_text("My name is Ana.")
