@@ -45,13 +45,16 @@ _SCHEMA_LOCK_KEY = 0x766F_6963  # pg advisory lock id: schema creation by severa
 
 
 async def _set_wal(conn: Any, attempts: int = 40, pause_s: float = 0.05) -> None:
-    """WAL mode, retried while another connection holds the file: SQLite
-    answers the mode switch "database is locked" at once, without its busy
-    timeout, when processes open a new file together (two sessions starting
-    at once on a fresh store failed their start that way)."""
+    """WAL mode, retried while another process holds the file: SQLite
+    answers the switch "database is locked" at once, without its busy
+    timeout, while processes open a new file together (two sessions starting
+    at once on a fresh store failed their start that way). The pragma answers
+    a row: its cursor is closed, or the open statement keeps a read lock that
+    refuses the other processes' writes (their BEGIN IMMEDIATE, at once)."""
     for attempt in range(attempts):
         try:
-            await conn.execute("PRAGMA journal_mode=WAL")
+            cursor = await conn.execute("PRAGMA journal_mode=WAL")
+            await cursor.close()
             return
         except sqlite3.OperationalError as exc:
             if "locked" not in str(exc) or attempt == attempts - 1:
