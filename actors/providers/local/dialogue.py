@@ -66,6 +66,8 @@ def _math_text(lower: str) -> str:
     t = re.sub(r"-(?=[a-z])", " ", t)
     for pattern, symbol in (
         (r"\bmultiplied by\b|\btimes\b", " * "),
+        # Whisper tiny hears "twelve times seven" as "12th time 7" now and then (CI, 2026-11-30)
+        (r"(?<=\d)(?:st|nd|rd|th)?\s+time\b(?=\s*\d)", " * "),
         (r"(?<=\d)\s*[x×]\s*(?=\d)", " * "),
         (r"\bdivided by\b|\bover\b|÷", " / "),
         (r"\bplus\b", " + "),
