@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from actors.config import AppConfig, load_config
     from actors.notebook import SessionHandle
-    from actors.sessions import SessionManager, TurnResult, TurnResults
+    from actors.session_manager import SessionManager
+    from actors.sessions import TurnResult, TurnResults
 
 __all__ = ["AppConfig", "load_config", "SessionHandle", "SessionManager", "TurnResult", "TurnResults"]
 
@@ -21,7 +22,7 @@ __all__ = ["AppConfig", "load_config", "SessionHandle", "SessionManager", "TurnR
 # imports any `actors.*` module (each session actor, each pool) would
 # otherwise load the notebook and client side too.
 _LAZY = {"AppConfig": "actors.config", "load_config": "actors.config", "SessionHandle": "actors.notebook",
-         "SessionManager": "actors.sessions", "TurnResult": "actors.sessions", "TurnResults": "actors.sessions"}
+         "SessionManager": "actors.session_manager", "TurnResult": "actors.sessions", "TurnResults": "actors.sessions"}
 
 
 def __getattr__(name: str) -> Any:

@@ -1,21 +1,19 @@
-"""Opening sessions: the warm pool and a handle for scripts and notebooks.
+"""Opening sessions: new and idle session actors, finding and bringing back
+a session, and collecting the turns an input started.
 
-A cold Ray actor takes ~0.4 s to start (DESIGN §2), so `SessionManager`
-keeps `server.warm_sessions` idle session actors started ahead, each already
-hosting the id it will be handed out under; it takes the directory's spares
-(actors whose session ended) before it starts new ones. `collect_turns`
-gathers the turns an input started from a session's events, for the ingress
-and for `SessionHandle` (actors/notebook.py: notebooks, scripts and the CLI).
+`open_session` finds a live session or brings it back on a spare (an actor
+whose session ended) or a new actor; the ingress's warm pool is
+actors/session_manager.py. `collect_turns` gathers the turns an input
+started from a session's events, for the ingress and for `SessionHandle`
+(actors/notebook.py: notebooks, scripts and the CLI).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,20 +27,8 @@ from actors.events import AudioChunk, ErrorEvent, Event, LLMDelta, STTFinal, Tur
 from actors.pools import pinned_to
 from actors.session import EventStream, SessionActor
 from actors.session_directory import session_directory
-from actors.session_ref import SessionRef, StartingSession, host_actor_name
+from actors.session_ref import SessionRef, host_actor_name
 
-STARTS_AT_ONCE = 1
-COLD_STARTS_AT_ONCE = 2
-"""Sessions that need a new actor (a burst beyond the warm pool) start at
-most this many at a time: each new Ray worker boots on ~1 s of CPU, and
-eight at once on two cores slowed every hello and live session for seconds,
-while started in turn the first of them are ready sooner. The warm pool's
-refill waits while any of them waits (`refill`)."""
-REFILL_PERIOD_S = 0.5
-KEEPALIVE_SHARE = 0.25
-"""Warm actors are touched every idle_timeout_s × this, so they never reap
-themselves while their pool holds them (else the pool would hand out dead
-actors after a quiet spell)."""
 OPEN_ATTEMPTS = 3
 
 
@@ -102,212 +88,6 @@ async def open_session(config: AppConfig, session_id: str,
             if attempt == OPEN_ATTEMPTS - 1:
                 raise
     raise AssertionError("unreachable")
-
-
-class SessionManager:
-    """Hands out session actors, from the warm pool when it has one."""
-
-    def __init__(self, config: AppConfig, warm: int | None = None) -> None:
-        self.config = config
-        self._target = config.server.warm_sessions if warm is None else warm
-        self._warm: deque[tuple[SessionRef, ray.ObjectRef]] = deque()
-        self._lock = threading.Lock()
-        self._stopped = threading.Event()
-        self._refills: set[asyncio.Future[None]] = set()
-        self._starting: dict[str, StartingSession] = {}
-        """Sessions this ingress is starting on new actors, by id, until their
-        socket has subscribed (`StartingSession`); used on the event loop only."""
-        self._cold_starts = asyncio.Semaphore(COLD_STARTS_AT_ONCE)
-        self._cold_waiting = 0
-        """Sessions waiting for, or in, a start on a new actor (`_start`); read by `refill`'s thread."""
-        self._directory = session_directory(config)  # started now: a device's first connect won't wait
-        threading.Thread(target=self._keep_warm, name="warm-pool", daemon=True).start()
-        self.refill()
-
-    def refill(self) -> None:
-        """Start warm actors up to the target, at most `STARTS_AT_ONCE` at a
-        time: starting a Ray worker costs ~1 s of CPU, and a burst of them
-        starved the live sessions on the same cores (bench: p50 end of speech
-        → first audio 1.5 s → 2.4 s at 8 sessions). None while a session
-        waits for its own actor: a client that is here comes first."""
-        if self._cold_waiting:
-            return
-        with self._lock:
-            starting = [ready for _, ready in self._warm]
-            done = ray.wait(starting, num_returns=len(starting), timeout=0)[0] if starting else []
-            in_flight = len(starting) - len(done)
-            while len(self._warm) < self._target and in_flight < STARTS_AT_ONCE:
-                actor = idle_session_actor(self.config, self._directory)
-                sid = new_session_id()
-                self._warm.append((SessionRef(actor, sid), actor.host.remote(sid, self.config)))
-                in_flight += 1
-
-    def _keep_warm(self) -> None:
-        keepalive_every = self.config.session.idle_timeout_s * KEEPALIVE_SHARE
-        touched = time.monotonic()
-        while not self._stopped.wait(min(REFILL_PERIOD_S, keepalive_every)):
-            try:
-                self.refill()
-                if time.monotonic() - touched >= keepalive_every:
-                    touched = time.monotonic()
-                    with self._lock:
-                        for ref, _ in self._warm:
-                            ref.touch.remote()
-            except Exception:  # Ray shutting down: the thread ends with the process
-                return
-
-    @property
-    def directory(self) -> ray.actor.ActorHandle:
-        return self._directory
-
-    @property
-    def warm_target(self) -> int:
-        return self._target
-
-    def warm_ready(self) -> int:
-        """Warm actors started and idle now (for /health and the benchmark)."""
-        with self._lock:
-            refs = [ready for _, ready in self._warm]
-        return len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) if refs else 0
-
-    def _take_warm(self) -> SessionRef | None:
-        entry = self._take_warm_entry()
-        return None if entry is None else entry[0]
-
-    def _put_back_warm(self, entry: tuple[SessionRef, ray.ObjectRef]) -> None:
-        """A warm session taken but not used goes back first in line (or to
-        the spares, if the pool refilled meanwhile)."""
-        with self._lock:
-            if len(self._warm) < self._target:
-                self._warm.appendleft(entry)
-                return
-        entry[0].close.remote()
-
-    def _take_warm_entry(self) -> tuple[SessionRef, ray.ObjectRef] | None:
-        with self._lock:
-            for _ in range(len(self._warm)):
-                ref, ready = self._warm.popleft()
-                if not ray.wait([ready], timeout=0)[0]:
-                    self._warm.append((ref, ready))  # still starting: keep it for later
-                    continue
-                try:
-                    ray.get(ready, timeout=0)
-                except Exception:  # a spare that exited before it was taken: drop it
-                    continue
-                return ref, ready
-        return None
-
-    async def open(self, session_id: str | None = None) -> SessionRef:
-        """Resume `session_id` (live, or brought back from the store), else a
-        new session: a warm one if one is ready; → once it is started."""
-        ref = await self.open_soon(session_id)
-        return await ref if isinstance(ref, StartingSession) else ref
-
-    async def open_soon(self, session_id: str | None = None) -> SessionRef | StartingSession:
-        """`open`, for a socket: a session that needs a new actor comes back
-        as a `StartingSession` (its id known, its actor still starting) for
-        the caller to await after it said hello."""
-        if session_id:
-            return await self._live_or_starting(session_id)
-        ref = await asyncio.to_thread(self._take_warm)
-        if ref is None:  # the pool's own thread refills it
-            sid = new_session_id()
-            return StartingSession(sid, self._start(sid), self._starting)
-        self._refill_soon()
-        return ref
-
-    async def resume_admitted(self, session_id: str, owner: str, per_principal: int,
-                              per_node: int) -> tuple[SessionRef | StartingSession, str | None]:
-        """`open_soon(session_id)` and the directory's `admit` in one
-        directory call when the session is live: → (session, the limit code
-        that refuses it or None). The host is the directory's last known one,
-        unchecked: the caller's claim is refused by an actor that moved on."""
-        if session_id in self._starting:  # started here a moment ago: `_live_or_starting` waits for it
-            refused = await self._directory.admit.remote(session_id, owner, per_principal, per_node)
-        else:
-            host, refused = await self._directory.locate_and_admit.remote(session_id, owner, per_principal, per_node)
-            if host is not None:
-                return SessionRef(host, session_id), refused
-        return await self._live_or_starting(session_id), refused
-
-    async def open_alias(self, alias: str, owner: str, per_principal: int,
-                         per_node: int) -> tuple[SessionRef | StartingSession, bool, str | None]:
-        """The session bound to `alias` (live, or brought back from the store
-        if it ended), else a warm one bound to it now, counted as live for
-        `owner` (the directory's `admit`); → (session, resumed, the limit
-        code that refuses it or None). A session that needs a new actor comes
-        back as a `StartingSession` (its id known, its actor still starting)
-        for the caller to await.
-
-        One directory call binds, finds and admits: the offered id is a warm
-        session's when one is ready, else a new one, whose actor starts only
-        once the directory has answered that it won (a returning device
-        never waits for a new actor it does not need; the three calls this
-        used to make without a warm one stretched a burst's hellos to 1-2 s
-        while new workers booted on the same cores)."""
-        entry = await asyncio.to_thread(self._take_warm_entry)
-        offered = entry[0].session_id if entry is not None else new_session_id()
-        winner, host, refused = await self._directory.bind_and_admit.remote(alias, offered, owner,
-                                                                           per_principal, per_node)
-        if winner == offered:
-            if entry is not None:
-                self._refill_soon()
-                return entry[0], False, refused
-            return StartingSession(offered, self._start(offered), self._starting), False, refused
-        # bound before (or by another replica a moment ago): that session, brought back if it ended
-        if entry is not None:
-            await asyncio.to_thread(self._put_back_warm, entry)
-        if self._starting.get(winner) is None and host is not None:
-            return SessionRef(host, winner), True, refused
-        return await self._live_or_starting(winner), True, refused
-
-    def after_hello(self, session_id: str, ready: Awaitable[SessionRef]) -> StartingSession:
-        """A live session whose last step before use (`ready`: its claim)
-        runs after the socket's hello; listed as starting until it has, so
-        another caller naming the id waits for it (`started`)."""
-        return StartingSession(session_id, ready, self._starting, starts_actor=False)
-
-    def _refill_soon(self) -> None:
-        """Refill the warm pool off the caller's path (a hello waits for none
-        of it); the pool's own thread would get there within a few seconds."""
-        task = asyncio.get_running_loop().run_in_executor(None, self.refill)
-        self._refills.add(task)
-        task.add_done_callback(self._refills.discard)
-
-    async def started(self, session_id: str) -> None:
-        """Once a session this ingress is starting (for a socket that said
-        hello) is up and claimed, and its socket subscribed; at once for any
-        other. Whether the start failed is for `open` to say."""
-        starting = self._starting.get(session_id)
-        if starting is not None:
-            with contextlib.suppress(Exception):
-                await starting.settled()
-
-    async def _live_or_starting(self, session_id: str) -> SessionRef | StartingSession:
-        starting = self._starting.get(session_id)
-        if starting is not None:  # started here a moment ago (its socket said hello): the same start, settled
-            return StartingSession(session_id, starting.settled())
-        found = await find_session(self.config, session_id, self._directory)
-        if found is not None:
-            return found
-        return StartingSession(session_id, self._start(session_id), self._starting)
-
-    async def _start(self, session_id: str) -> SessionRef:
-        """`open_session`, at most `COLD_STARTS_AT_ONCE` at a time."""
-        self._cold_waiting += 1
-        try:
-            async with self._cold_starts:
-                return await open_session(self.config, session_id, self._directory)
-        finally:
-            self._cold_waiting -= 1
-
-    def shutdown(self) -> None:
-        self._stopped.set()
-        with self._lock:
-            for ref, _ in self._warm:
-                ref.close.remote()  # to the spares, or exit
-            self._warm.clear()
-
 
 
 @dataclass

@@ -15,7 +15,8 @@ import ray
 
 from actors.audio import rms_dbfs, silence
 from actors.pools import get_pool
-from actors.sessions import SessionHandle, SessionManager, find_session, new_session_id, open_session
+from actors.session_manager import SessionManager
+from actors.sessions import SessionHandle, find_session, new_session_id, open_session
 from tests.conftest import TEST_NAMESPACE, frames_of, send_frames
 
 QUESTION = "What is twelve times seven?"
@@ -263,11 +264,11 @@ async def test_sessions_beyond_the_warm_pool_start_two_at_a_time(ray_cluster, co
     at most COLD_STARTS_AT_ONCE start together (the hellos and live sessions
     keep the cores), every one still comes up, and the warm pool's refill
     waits until they have."""
-    import actors.sessions as sessions_module
+    import actors.session_manager as manager_module
 
     manager = SessionManager(config, warm=0)
     in_flight, most = 0, 0
-    real_open = sessions_module.open_session
+    real_open = manager_module.open_session
 
     async def counted(*args, **kwargs):
         nonlocal in_flight, most
@@ -278,7 +279,7 @@ async def test_sessions_beyond_the_warm_pool_start_two_at_a_time(ray_cluster, co
         finally:
             in_flight -= 1
 
-    monkeypatch.setattr(sessions_module, "open_session", counted)
+    monkeypatch.setattr(manager_module, "open_session", counted)
     monkeypatch.setattr(manager, "_target", 1)  # a pool to refill, so a refill would start an actor
     starting = [await manager.open_soon() for _ in range(4)]
     await asyncio.sleep(0)  # each start's task has begun
@@ -286,7 +287,7 @@ async def test_sessions_beyond_the_warm_pool_start_two_at_a_time(ray_cluster, co
     manager.refill()  # as the pool's thread would, while four wait: it starts nothing
     assert manager.warm_ready() == 0 and not manager._warm
     refs = await asyncio.gather(*starting)
-    assert most == sessions_module.COLD_STARTS_AT_ONCE and manager._cold_waiting == 0
+    assert most == manager_module.COLD_STARTS_AT_ONCE and manager._cold_waiting == 0
     assert [await r.ready.remote() for r in refs] == [s.session_id for s in starting]
     manager.shutdown()
     for r in refs:

@@ -54,7 +54,7 @@ class IngressCore:
         from actors.ingress.devices import DeviceRegistry
         from actors.ingress.drain import Drain
         from actors.ingress.metrics import HUB_NAME, IngressMetrics, MetricsHub
-        from actors.sessions import SessionManager
+        from actors.session_manager import SessionManager
 
         self.config = config
         self.sessions = SessionManager(config, warm)
