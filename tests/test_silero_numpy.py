@@ -90,3 +90,24 @@ def test_wrong_window_and_unknown_model_file_are_refused(tmp_path: Path):
     truncated.write_bytes(model_path().read_bytes()[:100_000])
     with pytest.raises(ValueError, match="truncated"):
         load_weights(truncated)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field."""
+    size, length = bytearray(), len(payload)
+    while True:
+        size.append((length & 0x7F) | (0x80 if length > 0x7F else 0))
+        length >>= 7
+        if not length:
+            break
+    return bytes([number << 3 | 2]) + bytes(size) + payload
+
+
+def test_a_model_file_nesting_graphs_too_deep_is_refused(tmp_path: Path):
+    graph = b""
+    for _ in range(12):  # GraphProto.node → NodeProto.attribute → AttributeProto{name, g}
+        graph = _field(1, _field(5, _field(1, b"then_branch") + _field(6, graph)))
+    deep = tmp_path / "deep.onnx"
+    deep.write_bytes(_field(7, graph))  # ModelProto.graph
+    with pytest.raises(ValueError, match="deeper"):
+        load_weights(deep)

@@ -109,10 +109,16 @@ def _tensor(buf: bytes) -> np.ndarray:
     return np.frombuffer(raw or floats, dtype="<f4").reshape(dims).copy()
 
 
-def _constants(graph: bytes, branch: str | None, out: dict[str, bytes]) -> None:
+MAX_GRAPH_DEPTH = 8
+"""Nested subgraphs followed (the model's Ifs nest four deep)."""
+
+
+def _constants(graph: bytes, branch: str | None, out: dict[str, bytes], depth: int = 0) -> None:
     """Every Constant node's TensorProto (undecoded) by output name,
     descending into the top If node's `branch` subgraph (the 16 kHz one) and
     its nested graphs."""
+    if depth > MAX_GRAPH_DEPTH:
+        raise ValueError("the model file nests its graphs deeper than this reader follows")
     for number, _, node in _fields(graph):
         if number != 1:  # GraphProto.node
             continue
@@ -136,7 +142,7 @@ def _constants(graph: bytes, branch: str | None, out: dict[str, bytes]) -> None:
             if op == "Constant" and tensor is not None and outputs:
                 out[outputs[0]] = tensor
             elif subgraph is not None and (branch is None or name == branch):
-                _constants(subgraph, None, out)
+                _constants(subgraph, None, out, depth + 1)
 
 
 def load_weights(path: Path) -> dict[str, np.ndarray]:
