@@ -46,7 +46,6 @@ class TwoStageVAD(VAD):
         # a spare, a warm actor or a text-only session never loads numpy (~5 MB)
         # or the weights.
         self._silero: Any = None
-        self._window = SILERO_WINDOW
         self._threshold = threshold
         self._pending: Any = None
         """Float samples not yet given to silero (None: none yet, as after `reset`)."""
@@ -66,14 +65,14 @@ class TwoStageVAD(VAD):
                     self._silero.reset()
                 self._last_prob = 0.0
             # keep one window of context for when the gate opens again
-            self._pending = pending[-self._window:]
+            self._pending = pending[-SILERO_WINDOW:]
             return False
         self._gated_off = 0
         self._pending = pending
         silero = self._model()
-        while len(self._pending) >= self._window:
-            chunk = np.ascontiguousarray(self._pending[: self._window])
-            self._pending = self._pending[self._window:]
+        while len(self._pending) >= SILERO_WINDOW:
+            chunk = np.ascontiguousarray(self._pending[: SILERO_WINDOW])
+            self._pending = self._pending[SILERO_WINDOW:]
             self._last_prob = silero.process(chunk)
         return self._last_prob >= self._threshold
 
