@@ -376,6 +376,11 @@ class IngressConfig(_Section):
     hands devices this port, and each frame skips a process hop
     (docs/benchmarks.md). It listens on `server.host`. 0: off, devices use
     Serve's `/xiaozhi/v1/`."""
+    session_channel: bool = True
+    """A socket whose session actor runs on the same node speaks to it over a
+    Unix socket (actors/session_channel.py) rather than a Ray call per audio
+    batch and a streamed item per event batch (~6x less CPU a message,
+    docs/benchmarks.md). False: everything through Ray (for measuring)."""
     gateway_public_url: str | None = None
     """Base URL devices should use for the gateway (e.g. wss://voice.example.com:8443)
     when something stands in front of it. With `public_url` set and this unset,

@@ -28,6 +28,7 @@ from actors.history_store import HistoryStore, StoredSession
 from actors.providers import build_vad
 from actors.providers.base import SAMPLE_RATE
 from actors.providers.stages import chained_llm, chained_stt, chained_tts
+from actors.session_channel import ActorChannel, ChannelHost, serve_session_channel
 from actors.session_core import SessionCore
 from actors.session_directory import session_directory
 from actors.session_ref import SessionMoved, same_actor
@@ -58,6 +59,13 @@ def subscribing_as(*, sample_rate: int | None = None, speak: bool | None = None,
         _default_output.reset(token)
 
 
+def current_output(sample_rate: int | None = None, speak: bool | None = None,
+                   pace: bool | None = None) -> OutputPrefs:
+    """A new subscriber's output: these settings, the unset ones from an
+    enclosing `subscribing_as`."""
+    return OutputPrefs(sample_rate, speak, pace).over(_default_output.get())
+
+
 class EventStream:
     """One subscriber's view of a session's events, one event at a time.
 
@@ -68,8 +76,7 @@ class EventStream:
 
     def __init__(self, actor: ray.actor.ActorHandle, exclusive: str | None = None, *,
                  sample_rate: int | None = None, speak: bool | None = None, pace: bool | None = None) -> None:
-        output = OutputPrefs(sample_rate, speak, pace).over(_default_output.get())
-        self._gen = actor.events.remote(exclusive, output)
+        self._gen = actor.events.remote(exclusive, current_output(sample_rate, speak, pace))
         self._buffer: deque[Event] = deque()
 
     def __aiter__(self) -> EventStream:
@@ -122,6 +129,7 @@ class SessionActor:
         self._stores = ActorStores()
         self._binds = 0
         """How many sessions this actor has hosted: a spare's timer knows if it was taken."""
+        self._channels = ChannelHost(self._serve_channel)
         self._unbind()
 
     def _unbind(self) -> None:
@@ -363,6 +371,21 @@ class SessionActor:
             core.unsubscribe(q)
             if self._exclusive is q:
                 self._exclusive = None
+
+    async def open_channel(self, node_id: str, exclusive: str | None = None, output: OutputPrefs | None = None,
+                           session_id: str = "") -> tuple[str, bytes] | None:
+        """A same-node data path for one listener (actors/session_channel.py):
+        → (socket path, one-time secret), served as `events(exclusive,
+        output)` plus the socket's calls; None when the caller runs on
+        another node (`node_id`) or this process cannot offer one."""
+        await self._session(session_id)
+        if node_id != ray.get_runtime_context().get_node_id():
+            return None
+        return await self._channels.grant((session_id, exclusive, output))
+
+    async def _serve_channel(self, grant: tuple[str, str | None, OutputPrefs | None], channel: ActorChannel) -> None:
+        session_id, exclusive, output = grant
+        await serve_session_channel(self, session_id, self.events(exclusive, output, session_id=session_id), channel)
 
     async def history(self, session_id: str = "") -> list[dict[str, Any]]:
         return [m.model_dump() for m in (await self._session(session_id)).history()]

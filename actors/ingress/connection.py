@@ -47,7 +47,7 @@ from actors.protocols.base import (
     Reply,
     Text,
 )
-from actors.session import EventStream
+from actors.session_channel import SessionLink
 from actors.session_ref import StartingSession
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ class VoiceConnection:
         self.session_id: str | None = None
         self.actor: Any = None
         self._rate = config.session.output_sample_rate
-        self._events: EventStream | None = None
+        self._events: SessionLink | None = None
         self._generation = 0
         """Counts session actors this socket has had: one more per reopen."""
         self._recover_lock = asyncio.Lock()
@@ -166,7 +166,7 @@ class VoiceConnection:
         self.session_id = sid
         rate = self._rate = self._adapter.wants_output_rate or self._config.session.output_sample_rate
         starting = isinstance(actor, StartingSession)
-        subscribed: list[EventStream] = []
+        subscribed: list[SessionLink] = []
         if starting:  # a new actor is starting (seconds in a burst): hello now, the client's audio waits unread
             async def subscribe(ref: Any) -> None:  # part of the start: the client's other calls wait for it
                 stream = self._subscribe(ref)
@@ -226,18 +226,21 @@ class VoiceConnection:
                 caller.cancel()
             self._events.close()
 
-    def _subscribe(self, actor: Any) -> EventStream:
-        return EventStream(actor, exclusive=self._stream if self._exclusive else None,
-                           sample_rate=self._rate, speak=self._adapter.speaks)  # this socket's output only
+    def _subscribe(self, actor: Any) -> SessionLink:
+        return SessionLink(actor, exclusive=self._stream if self._exclusive else None,
+                           sample_rate=self._rate, speak=self._adapter.speaks,  # this socket's output only
+                           use_channel=self._config.ingress.session_channel)
 
     async def _call(self, method: str, *args: Any) -> Any:
         """A call to the session; if its actor is dead, once more on the
         reopened one (input the dead actor got died with it, so a retry
         cannot count twice). None if it failed twice or the socket is closing."""
         for attempt in (1, 2):
-            generation = self._generation
+            generation, link = self._generation, self._events
             try:
-                return await getattr(self.actor, method).remote(*args)
+                if link is None:
+                    return await getattr(self.actor, method).remote(*args)
+                return await link.call(method, *args)
             except ray.exceptions.RayActorError:
                 if self._closed or attempt == 2:
                     log.warning("connection %s: %s lost (session actor dead)", self.session_id, method)
@@ -522,7 +525,7 @@ class VoiceConnection:
             await asyncio.sleep(min(left + 0.05, 30.0))
 
 
-def with_suppress_close(events: EventStream | None) -> None:
+def with_suppress_close(events: SessionLink | None) -> None:
     """Close a dead actor's stream; cancelling it may itself fail."""
     if events is not None:
         try:

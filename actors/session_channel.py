@@ -1,0 +1,422 @@
+"""A same-node data path between a client's socket and its session actor.
+
+Every frame batch in and every event batch out used to be a Ray call or a
+streamed item: measured (`python -m bench.ray_costs`), 1.2–1.9 ms of CPU a
+message in the session actor, against 0.16–0.26 ms for the same bytes over
+a plain socket, and ~85 % of a live session actor's CPU went to the two
+threads Ray's call path runs on. That per-message cost capped density.
+
+So a connection (the device gateway, an ingress replica) whose session
+actor runs on its own node asks the actor once, through Ray, for a channel
+(`SessionActor.open_channel`), and then speaks to it over a Unix socket:
+its calls (audio batches, text, listen, abort, ...) and the session's
+event stream. Ray stays the control plane: finding, starting and ending
+sessions; a session on another node is reached through Ray as before
+(`EventStream`), and so is everything that is not a socket's hot path.
+
+The channel behaves as the Ray path does, so the connection has one code
+path: calls are answered in order, with the actor's own exceptions
+(`SessionMoved` once the session ended); the event stream starts with
+`session.started` and ends when the session's does; when the actor's
+process dies the socket closes and every pending call and the stream raise
+`RayActorError`, which the connection already answers by reopening the
+session.
+
+Who may connect: the socket lives in a directory only this user can enter
+(checked, not assumed), and each channel is granted by a one-time secret
+that only the Ray call returns, for one session and one listener, used
+within `GRANT_TTL_S`. Frames are pickles, as Ray's own messages between
+these two processes are; each side caps a frame's size before reading it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import itertools
+import logging
+import os
+import pickle
+import secrets
+import stat
+import struct
+import tempfile
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError
+
+log = logging.getLogger(__name__)
+
+GRANT_TTL_S = 10.0
+"""A granted channel must be connected within this long."""
+MAX_CALL_BYTES = 16 << 20
+"""The largest call the actor reads (an audio batch is a few KB; the
+socket's own message cap is far below this)."""
+MAX_EVENTS_BYTES = 256 << 20
+"""The largest event batch the connection reads (an unpaced reply's audio)."""
+CALLS = frozenset({"send_audio", "send_text", "interrupt", "listen", "greet", "device_message", "history",
+                   "stats"})
+"""What a channel may call: a socket's traffic, nothing that starts, moves or ends a session."""
+
+_HEAD = struct.Struct(">IB")
+_GRANT, _CALL = b"G"[0], b"C"[0]  # connection → actor
+_EVENTS, _END, _FAILED, _REPLY = b"E"[0], b"Z"[0], b"X"[0], b"R"[0]  # actor → connection
+
+
+class ChannelClosed(RayActorError):
+    """The channel's socket closed under a call or the event stream: the
+    actor's process died (or is exiting), as a `RayActorError` from Ray
+    would say."""
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(error_msg=f"session channel closed{': ' + detail if detail else ''}")
+        self.detail = detail
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (ChannelClosed, (self.detail,))
+
+
+def _frame(kind: int, payload: bytes) -> bytes:
+    return _HEAD.pack(len(payload), kind) + payload
+
+
+async def _read_frame(reader: asyncio.StreamReader, limit: int) -> tuple[int, bytes]:
+    size, kind = _HEAD.unpack(await reader.readexactly(_HEAD.size))
+    if size > limit:
+        raise ValueError(f"channel frame of {size} bytes, over the {limit}-byte cap")
+    return kind, await reader.readexactly(size)
+
+
+def _dumps(value: Any) -> bytes:
+    return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _dumps_error(error: BaseException) -> bytes:
+    try:
+        return _dumps(error)
+    except Exception:  # an exception that does not pickle still says what it was
+        return _dumps(RuntimeError(f"{type(error).__name__}: {error}"))
+
+
+# ---------------------------------------------------------------- actor side
+def socket_dir() -> Path | None:
+    """This user's private directory for channel sockets; None when it is
+    not private (another user's, or open to others): no channel then."""
+    path = Path(tempfile.gettempdir()) / f"voice-actors-{os.getuid()}"
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700)
+    info = path.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        log.warning("session channels off: %s is not a private directory of this user", path)
+        return None
+    return path
+
+
+def _sweep(directory: Path) -> None:
+    """Sockets of processes that died without cleaning up (killed): a
+    server up for days starts thousands of session actors."""
+    for sock in directory.glob("*.sock"):
+        with contextlib.suppress(ValueError, OSError):
+            pid = int(sock.stem)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                sock.unlink()
+
+
+ChannelHandler = Callable[[Any, "ActorChannel"], Awaitable[None]]
+
+
+class ChannelHost:
+    """The actor's side: one Unix socket a process, listening from the first
+    grant on; hands each connection that shows a live grant to `handler`."""
+
+    def __init__(self, handler: ChannelHandler) -> None:
+        self._handler = handler
+        self._grants: dict[bytes, tuple[float, Any]] = {}
+        self._server: asyncio.AbstractServer | None = None
+        self._path: str | None = None
+        self._starting = asyncio.Lock()
+
+    async def grant(self, grant: Any) -> tuple[str, bytes] | None:
+        """A channel for `grant` (what the handler will serve): → (socket
+        path, one-time secret), or None if this process cannot offer one."""
+        if self._server is None:
+            async with self._starting:
+                if self._server is None and not await self._listen():
+                    return None
+        now = time.monotonic()
+        for token, (expires, _) in list(self._grants.items()):
+            if expires < now:
+                del self._grants[token]
+        token = secrets.token_bytes(32)
+        self._grants[token] = (now + GRANT_TTL_S, grant)
+        assert self._path is not None
+        return self._path, token
+
+    async def _listen(self) -> bool:
+        directory = socket_dir()
+        if directory is None:
+            return False
+        _sweep(directory)
+        path = directory / f"{os.getpid()}.sock"
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        try:
+            self._server = await asyncio.start_unix_server(self._serve, path=str(path))
+        except OSError as e:
+            log.warning("session channels off: cannot listen on %s: %r", path, e)
+            return False
+        os.chmod(path, 0o600)
+        self._path = str(path)
+        atexit.register(_unlink_quietly, str(path))
+        return True
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            kind, token = await asyncio.wait_for(_read_frame(reader, 64), GRANT_TTL_S)
+            entry = self._grants.pop(token, None) if kind == _GRANT else None
+            if entry is None or entry[0] < time.monotonic():
+                log.warning("session channel refused: no live grant shown")
+                return
+            await self._handler(entry[1], ActorChannel(reader, writer))
+        except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError, ValueError):
+            pass
+        finally:
+            writer.close()
+
+
+def _unlink_quietly(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+class ActorChannel:
+    """One connection as the actor's handler sees it: calls in, events and
+    replies out. Whole frames are written at once, so the event task and the
+    call loop never interleave bytes."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader, self._writer = reader, writer
+
+    async def next_call(self) -> tuple[int, str, tuple[Any, ...]] | None:
+        """(call id, method, args); None once the connection left."""
+        try:
+            kind, payload = await _read_frame(self._reader, MAX_CALL_BYTES)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return None
+        if kind != _CALL:
+            raise ValueError(f"unexpected channel frame {kind!r}")
+        call_id, method, args = pickle.loads(payload)
+        return int(call_id), str(method), tuple(args)
+
+    async def _write(self, kind: int, payload: bytes) -> None:
+        self._writer.write(_frame(kind, payload))
+        await self._writer.drain()
+
+    async def reply(self, call_id: int, value: Any = None, error: BaseException | None = None) -> None:
+        await self._write(_REPLY, _dumps((call_id, False, error)) if error is not None
+                          else _dumps((call_id, True, value)))
+
+    async def events(self, batch: list[Any]) -> None:
+        await self._write(_EVENTS, _dumps(batch))
+
+    async def end(self, error: BaseException | None = None) -> None:
+        await self._write(_FAILED, _dumps_error(error)) if error is not None else await self._write(_END, b"")
+
+
+async def serve_session_channel(actor: Any, session_id: str, events: AsyncIterator[list[Any]],
+                                channel: ActorChannel) -> None:
+    """Serve one granted channel on `actor` (a `SessionActor`): stream
+    `events` (its `events()` generator for this listener) and answer calls
+    in the order they came, each for `session_id` only."""
+
+    async def stream() -> None:
+        try:
+            async for batch in events:
+                await channel.events(batch)
+        except (ConnectionError, asyncio.CancelledError):
+            raise
+        except Exception as e:  # the session ended before the stream began (SessionMoved), or failed
+            await channel.end(e)
+            return
+        await channel.end()
+
+    streaming = asyncio.get_running_loop().create_task(stream())
+    try:
+        while (call := await channel.next_call()) is not None:
+            call_id, method, args = call
+            if method not in CALLS:
+                await channel.reply(call_id, error=ValueError(f"{method!r} is not a channel call"))
+                continue
+            try:
+                value = await getattr(actor, method)(*args, session_id=session_id)
+            except Exception as e:
+                await channel.reply(call_id, error=_unpicklable_as_runtime(e))
+            else:
+                await channel.reply(call_id, value)
+    except Exception as e:  # a frame over the cap, one that does not unpickle: drop this channel, not the actor
+        log.warning("session %s: channel dropped: %r", session_id, e)
+    finally:
+        streaming.cancel()
+        with contextlib.suppress(BaseException):
+            await streaming
+
+
+def _unpicklable_as_runtime(error: Exception) -> BaseException:
+    try:
+        pickle.dumps(error)
+        return error
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {error}")
+
+
+# ---------------------------------------------------------------- connection side
+class SessionLink:
+    """A socket's link to its session: its event stream (`async for`) and
+    its calls (`await link.call("send_audio", frames, ...)`). Over a
+    channel when the session actor is on this node and
+    `ingress.session_channel` is on, else through Ray (`EventStream` and
+    actor calls): the same answers either way.
+
+    The channel is asked for on the first `__anext__` (the connection's
+    wait for `session.started`), so creating a link costs nothing."""
+
+    def __init__(self, actor: Any, exclusive: str | None = None, *, sample_rate: int | None = None,
+                 speak: bool | None = None, use_channel: bool = True) -> None:
+        from actors.session import EventStream, current_output
+
+        self._actor = actor
+        self._output = current_output(sample_rate, speak)
+        self._exclusive = exclusive
+        self._use_channel = use_channel
+        self._ray: EventStream | None = None
+        self._make_ray_stream = lambda: EventStream(actor, exclusive, sample_rate=self._output.sample_rate,
+                                                    speak=self._output.speak, pace=self._output.pace)
+        self._opening: asyncio.Future[None] | None = None
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._reading: asyncio.Task[None] | None = None
+        self._events: deque[Any] = deque()
+        self._events_ready = asyncio.Event()
+        self._events_done: BaseException | None = None
+        """Set when the stream ended: StopAsyncIteration, or what ended it."""
+        self._replies: dict[int, asyncio.Future[Any]] = {}
+        self._ids = itertools.count(1)
+        self._closed = False
+
+    @property
+    def over_channel(self) -> bool:
+        return self._writer is not None
+
+    async def _opened(self) -> None:
+        """Open once, whoever asks first (the stream's first read, a call)."""
+        if self._opening is None:
+            self._opening = asyncio.ensure_future(self._open())
+        await asyncio.shield(self._opening)
+
+    async def _open(self) -> None:
+        if self._use_channel:
+            offer = await self._actor.open_channel.remote(ray.get_runtime_context().get_node_id(),
+                                                          self._exclusive, self._output)
+            if offer is not None:
+                path, token = offer
+                try:
+                    self._reader, self._writer = await asyncio.open_unix_connection(path)
+                except OSError as e:  # not on this machine after all (containers): Ray works anywhere
+                    log.warning("session channel %s unreachable (%r); using Ray calls", path, e)
+                else:
+                    self._writer.write(_frame(_GRANT, token))
+                    self._reading = asyncio.get_running_loop().create_task(self._read())
+                    return
+        self._ray = self._make_ray_stream()
+
+    async def _read(self) -> None:
+        assert self._reader is not None
+        error: BaseException = ChannelClosed("the session actor's process closed it")
+        try:
+            while True:
+                kind, payload = await _read_frame(self._reader, MAX_EVENTS_BYTES)
+                if kind == _EVENTS:
+                    self._events.extend(pickle.loads(payload))
+                    self._events_ready.set()
+                elif kind == _REPLY:
+                    call_id, ok, value = pickle.loads(payload)
+                    future = self._replies.pop(call_id, None)
+                    if future is not None and not future.done():
+                        future.set_result(value) if ok else future.set_exception(value)
+                elif kind in (_END, _FAILED):
+                    self._finish_events(StopAsyncIteration() if kind == _END else pickle.loads(payload))
+                else:
+                    raise ValueError(f"unexpected channel frame {kind!r}")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        except Exception as e:  # a frame over the cap or that does not unpickle: the channel is unusable
+            error = ChannelClosed(repr(e))
+            log.warning("session channel dropped: %r", e)
+        finally:
+            self._finish_events(error)
+            for future in self._replies.values():
+                if not future.done():
+                    future.set_exception(error)
+            self._replies.clear()
+            if self._writer is not None:
+                self._writer.close()
+
+    def _finish_events(self, outcome: BaseException) -> None:
+        if self._events_done is None:
+            self._events_done = outcome
+            self._events_ready.set()
+
+    # ------------------------------------------------------------ the event stream
+    def __aiter__(self) -> SessionLink:
+        return self
+
+    async def __anext__(self) -> Any:
+        await self._opened()
+        if self._ray is not None:
+            return await self._ray.__anext__()
+        while not self._events:
+            if self._events_done is not None:
+                raise self._events_done
+            self._events_ready.clear()
+            await self._events_ready.wait()
+        return self._events.popleft()
+
+    # ------------------------------------------------------------ calls
+    async def call(self, method: str, *args: Any) -> Any:
+        """`method` on the session, answered in the order called."""
+        await self._opened()
+        if self._writer is None:
+            return await getattr(self._actor, method).remote(*args)
+        if self._reading is not None and self._reading.done():
+            raise ChannelClosed("the session actor's process closed it")
+        call_id = next(self._ids)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._replies[call_id] = future
+        try:
+            self._writer.write(_frame(_CALL, _dumps((call_id, method, args))))
+            await self._writer.drain()
+        except ConnectionError as e:
+            self._replies.pop(call_id, None)
+            raise ChannelClosed(repr(e)) from e
+        return await future
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._ray is not None:
+            self._ray.close()
+        if self._opening is not None and not self._opening.done():
+            self._opening.cancel()
+        if self._reading is not None:
+            self._reading.cancel()
+        if self._writer is not None:
+            self._writer.close()
