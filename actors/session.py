@@ -407,6 +407,7 @@ class SessionActor:
                 # for the control panel (actors/ingress/admin.py)
                 "owner": self._owner, "persona": core.dialogue.persona.id, "state": state,
                 "closed": core.closed, "idle_s": round(time.monotonic() - core.last_activity, 1),
+                "channels_open": self._channels.open,  # listeners on this node's data path (session_channel.py)
                 "node_id": ray.get_runtime_context().get_node_id(),
                 # this process's breakers and provider counters: the session's own (one per process)
                 "providers": provider_report()}

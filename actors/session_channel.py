@@ -143,6 +143,8 @@ class ChannelHost:
         self._server: asyncio.AbstractServer | None = None
         self._path: str | None = None
         self._starting = asyncio.Lock()
+        self.open = 0
+        """Channels being served now (in the session's stats)."""
 
     async def grant(self, grant: Any) -> tuple[str, bytes] | None:
         """A channel for `grant` (what the handler will serve): → (socket
@@ -185,7 +187,11 @@ class ChannelHost:
             if entry is None or entry[0] < time.monotonic():
                 log.warning("session channel refused: no live grant shown")
                 return
-            await self._handler(entry[1], ActorChannel(reader, writer))
+            self.open += 1
+            try:
+                await self._handler(entry[1], ActorChannel(reader, writer))
+            finally:
+                self.open -= 1
         except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError, ValueError):
             pass
         finally:

@@ -104,6 +104,7 @@ async def _turns(c: Any, send_frame: Any, frames: list[bytes], n_speech: int, tu
                 eos.append(due)
         await receiver
         out["e2e_ms"].append((first[0] - eos[0]) * 1000)
+        out["eos_at"].append(eos[0])
         decided = next((t for ms, t in sent if vad_end and ms >= vad_end[0]), None)
         if decided is not None:
             out["vad_end_ms"].append((decided - eos[0]) * 1000)
@@ -196,8 +197,8 @@ def load_process(conn: Any, protocol: str, base: str, token: str, media: list[by
                  sessions: int, turns: int, stagger_s: float) -> None:
     """The load generator's own process: `sessions` clients at once; sends
     back what they saw and the CPU this process used."""
-    out: dict[str, list[float]] = {"e2e_ms": [], "connect_ms": [], "lag_ms": [], "vad_end_ms": [], "server_ms": [],
-                                   "first_turn_done": []}
+    out: dict[str, list[float]] = {"e2e_ms": [], "eos_at": [], "connect_ms": [], "lag_ms": [],
+                                   "vad_end_ms": [], "server_ms": [], "first_turn_done": []}
     failures: list[str] = []
 
     async def say_when_steady() -> None:
@@ -218,6 +219,10 @@ def load_process(conn: Any, protocol: str, base: str, token: str, media: list[by
             coros = [_native(base, token, media, n_speech, turns, out, d) for d in delays]
         results = await asyncio.gather(*coros, return_exceptions=True)
         failures.extend(repr(e)[:200] for e in results if isinstance(e, BaseException))
+        # what a device streaming along sees once no session is starting: turns whose speech ended
+        # after every session finished its first turn (each first turn waits for its actor to start)
+        steady_from = max(out["first_turn_done"]) if len(out["first_turn_done"]) == sessions else float("inf")
+        out["steady_e2e_ms"] = [e2e for e2e, at in zip(out["e2e_ms"], out["eos_at"]) if at >= steady_from]
 
     cpu0, t0 = time.process_time(), time.monotonic()
     asyncio.run(main())
@@ -254,16 +259,20 @@ def kind_group(kind: str) -> str:
 
 
 def cpu_split(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]],
-              idle_below_s: float = 0.0) -> dict[str, float]:
+              live: int | None = None) -> dict[str, float]:
     """CPU seconds per kind group between two snapshots (a process that
-    started meanwhile counts from zero). A session actor that used less than
-    `idle_below_s` is counted apart as idle (a warm spare, or a session
-    whose client left): live sessions cost what the rest shows."""
+    started meanwhile counts from zero). With `live` (the run's sessions),
+    only the `live` busiest session actors count as the sessions; the rest
+    are counted apart as idle (warm spares, sessions whose client left)."""
+    used_by = {pid: max(0.0, cpu - before.get(pid, (kind, 0.0))[1]) for pid, (kind, cpu) in after.items()}
+    sessions = sorted((pid for pid, (kind, _) in after.items() if kind_group(kind) == "session actors"),
+                      key=lambda pid: used_by[pid], reverse=True)
+    idle = set(sessions[live:]) if live is not None else set()
     out: dict[str, float] = {}
-    for pid, (kind, cpu) in after.items():
-        used = cpu - before.get(pid, (kind, 0.0))[1]
+    for pid, (kind, _) in after.items():
+        used = used_by[pid]
         group = kind_group(kind)
-        if group == "session actors" and used < idle_below_s:
+        if pid in idle:
             group = "session actors (idle: spares)"
         out[group] = out.get(group, 0.0) + max(0.0, used)
     return out
@@ -334,15 +343,13 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
             after, t_end = cpu_by_pid(), time.monotonic()
             wall = t_end - t0
             proc.join(10)
-            # a live session actor uses 5-15 % of a core here, a spare ~0.9 %: 2 % tells them apart
-            split = {k: round(100 * v / wall / n, 2)
-                     for k, v in sorted(cpu_split(before, after, idle_below_s=0.02 * wall).items())}
+            split = {k: round(100 * v / wall / n, 2) for k, v in sorted(cpu_split(before, after, live=n).items())}
             whole = sum(cpu_split(first, after).values()) / (t_end - t_first)
-            e2e = pct(result["e2e_ms"])
+            e2e, steady = pct(result["e2e_ms"]), pct(result["steady_e2e_ms"])
             over = pct([x - known for x in result["e2e_ms"]])
             # native: the VAD's own placing of the pause and of the end taken out, turn by turn (`_turns`)
             server = pct(result["server_ms"]) if len(result["server_ms"]) == len(result["e2e_ms"]) else None
-            row = {"sessions": n, "e2e_ms": e2e, "overhead_ms": over, "server_ms": server,
+            row = {"sessions": n, "e2e_ms": e2e, "e2e_steady_ms": steady, "overhead_ms": over, "server_ms": server,
                    "vad_end_after_speech_ms": pct(result["vad_end_ms"]), "connect_ms": pct(result["connect_ms"]),
                    "uplink_lag_ms": pct(result["lag_ms"]), "failures": result["failures"],
                    "server_cpu_pct_of_core_per_session": split,
@@ -354,6 +361,8 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
             print(f"[load] {n} sessions: e2e p50 {e2e['p50']} p99 {e2e['p99']} ms; overhead p50 {over['p50']} "
                   f"p99 {over['p99']} ms; connect p50 {row['connect_ms']['p50']} p99 {row['connect_ms']['p99']} ms; "
                   f"uplink lag p99 {row['uplink_lag_ms']['p99']} ms; failures {len(result['failures'])}", flush=True)
+            print(f"[load]   turns after every session's first (no actor starting): e2e p50 {steady['p50']} "
+                  f"p99 {steady['p99']} ms (n={steady['n']})", flush=True)
             if server is not None:
                 print(f"[load]   the VAD ended speech p50 {row['vad_end_after_speech_ms']['p50']} ms after its last "
                       f"loud sample (end_silence_ms {config.vad.end_silence_ms}); overhead without the VAD's placing "

@@ -134,7 +134,10 @@ def test_load_generator_replays_whole_opus_frames_and_splits_cpu_by_kind():
              3: ("SessionActor", 0.5), 4: ("raylet", 0.1)}  # pid 3 started during the run
     assert cpu_split(before, after) == {"session actors": 1.0, "ingress replica": 0.25,
                                         "Ray and Serve daemons": 0.1}
-    after[5] = ("SessionActor", 0.05)  # a spare: idle through the window
-    assert cpu_split(before, after, idle_below_s=0.2) == {
+    after[5] = ("SessionActor", 0.05)  # a spare: the least busy of three session actors, with two sessions
+    assert cpu_split(before, after, live=2) == {
         "session actors": 1.0, "session actors (idle: spares)": 0.05, "ingress replica": 0.25,
+        "Ray and Serve daemons": 0.1}
+    assert cpu_split(before, after, live=1) == {
+        "session actors": 0.5, "session actors (idle: spares)": 0.55, "ingress replica": 0.25,
         "Ray and Serve daemons": 0.1}

@@ -27,6 +27,7 @@ from actors.client import NativeClient, XiaozhiClient
 from actors.ingress.auth import Authenticator
 from actors.ingress.gateway import NAME_PREFIX, GatewayLease
 from actors.ingress.metrics import HUB_NAME
+from actors.sessions import find_session
 from tests.conftest import INGRESS_PORT, run_ingress, served_config
 
 APP = "voice-actors-gateway"
@@ -98,6 +99,9 @@ async def test_a_device_talks_through_the_gateway_and_keeps_its_session(server, 
     assert len(turn.audio) / 48000 > 0.8 and rms_dbfs(turn.audio) > -35
     async with await XiaozhiClient.connect(ws["url"], ws["token"], device, client_id=device) as c:
         assert c.session_id == first  # a device keeps its session across connections, as through Serve
+        # the gateway and the session actor share the node: its audio and events take the channel, not Ray
+        session = await find_session(server_config, first)
+        assert (await session.stats.remote())["channels_open"] == 1
         async with httpx.AsyncClient() as http:
             health = (await http.get(f"{BASE}/health")).json()
             gateway = health["checks"]["device_gateway"]
