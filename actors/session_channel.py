@@ -329,8 +329,12 @@ class SessionLink:
 
     async def _open(self) -> None:
         if self._use_channel:
-            offer = await self._actor.open_channel.remote(ray.get_runtime_context().get_node_id(),
-                                                          self._exclusive, self._output)
+            try:
+                open_channel = self._actor.open_channel
+            except AttributeError:  # an actor started by an older release, still hosting through an upgrade
+                open_channel = None
+            offer = None if open_channel is None else await open_channel.remote(
+                ray.get_runtime_context().get_node_id(), self._exclusive, self._output)
             if offer is not None:
                 path, token = offer
                 try:

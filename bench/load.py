@@ -112,6 +112,7 @@ async def _turns(c: Any, send_frame: Any, frames: list[bytes], n_speech: int, tu
             start = decided + STT_FINAL_S + LLM_FIRST_TOKEN_S if paused is None else \
                 max(decided, paused + STT_FINAL_S + LLM_FIRST_TOKEN_S)
             out["server_ms"].append((first[0] - start - TTS_FIRST_AUDIO_S) * 1000)
+            out["server_eos_at"].append(eos[0])
 
 
 async def _ota_websocket(base: str, device: str) -> dict[str, str]:
@@ -198,7 +199,7 @@ def load_process(conn: Any, protocol: str, base: str, token: str, media: list[by
     """The load generator's own process: `sessions` clients at once; sends
     back what they saw and the CPU this process used."""
     out: dict[str, list[float]] = {"e2e_ms": [], "eos_at": [], "connect_ms": [], "lag_ms": [],
-                                   "vad_end_ms": [], "server_ms": [], "first_turn_done": []}
+                                   "vad_end_ms": [], "server_ms": [], "server_eos_at": [], "first_turn_done": []}
     failures: list[str] = []
 
     async def say_when_steady() -> None:
@@ -223,6 +224,7 @@ def load_process(conn: Any, protocol: str, base: str, token: str, media: list[by
         # after every session finished its first turn (each first turn waits for its actor to start)
         steady_from = max(out["first_turn_done"]) if len(out["first_turn_done"]) == sessions else float("inf")
         out["steady_e2e_ms"] = [e2e for e2e, at in zip(out["e2e_ms"], out["eos_at"]) if at >= steady_from]
+        out["steady_server_ms"] = [ms for ms, at in zip(out["server_ms"], out["server_eos_at"]) if at >= steady_from]
 
     cpu0, t0 = time.process_time(), time.monotonic()
     asyncio.run(main())
@@ -349,7 +351,9 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
             over = pct([x - known for x in result["e2e_ms"]])
             # native: the VAD's own placing of the pause and of the end taken out, turn by turn (`_turns`)
             server = pct(result["server_ms"]) if len(result["server_ms"]) == len(result["e2e_ms"]) else None
+            steady_server = pct(result["steady_server_ms"]) if server is not None else None
             row = {"sessions": n, "e2e_ms": e2e, "e2e_steady_ms": steady, "overhead_ms": over, "server_ms": server,
+                   "server_steady_ms": steady_server,
                    "vad_end_after_speech_ms": pct(result["vad_end_ms"]), "connect_ms": pct(result["connect_ms"]),
                    "uplink_lag_ms": pct(result["lag_ms"]), "failures": result["failures"],
                    "server_cpu_pct_of_core_per_session": split,
@@ -366,7 +370,8 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
             if server is not None:
                 print(f"[load]   the VAD ended speech p50 {row['vad_end_after_speech_ms']['p50']} ms after its last "
                       f"loud sample (end_silence_ms {config.vad.end_silence_ms}); overhead without the VAD's placing "
-                      f"of the pause and the end p50 {server['p50']} p99 {server['p99']} ms", flush=True)
+                      f"of the pause and the end p50 {server['p50']} p99 {server['p99']} ms; in the turns after every "
+                      f"session's first p50 {steady_server['p50']} p99 {steady_server['p99']} ms", flush=True)
             print(f"[load]   server CPU after every session's first turn {row['server_cpu_pct_of_core']}% of a core "
                   f"({sum(split.values()):.1f}% per session: {split}); whole run (actor starts and model loads "
                   f"included) {row['server_cpu_pct_of_core_whole_run']}%; load generator "
