@@ -97,11 +97,13 @@ def _dumps(value: Any) -> bytes:
     return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def _dumps_error(error: BaseException) -> bytes:
+def _picklable(error: BaseException) -> BaseException:
+    """`error`, or what it was as a RuntimeError if it does not pickle."""
     try:
-        return _dumps(error)
-    except Exception:  # an exception that does not pickle still says what it was
-        return _dumps(RuntimeError(f"{type(error).__name__}: {error}"))
+        pickle.dumps(error)
+        return error
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {error}")
 
 
 # ---------------------------------------------------------------- actor side
@@ -227,14 +229,14 @@ class ActorChannel:
         await self._writer.drain()
 
     async def reply(self, call_id: int, value: Any = None, error: BaseException | None = None) -> None:
-        await self._write(_REPLY, _dumps((call_id, False, error)) if error is not None
+        await self._write(_REPLY, _dumps((call_id, False, _picklable(error))) if error is not None
                           else _dumps((call_id, True, value)))
 
     async def events(self, batch: list[Any]) -> None:
         await self._write(_EVENTS, _dumps(batch))
 
     async def end(self, error: BaseException | None = None) -> None:
-        await self._write(_FAILED, _dumps_error(error)) if error is not None else await self._write(_END, b"")
+        await self._write(_FAILED, _dumps(_picklable(error))) if error is not None else await self._write(_END, b"")
 
 
 async def serve_session_channel(actor: Any, session_id: str, events: AsyncIterator[list[Any]],
@@ -264,7 +266,7 @@ async def serve_session_channel(actor: Any, session_id: str, events: AsyncIterat
             try:
                 value = await getattr(actor, method)(*args, session_id=session_id)
             except Exception as e:
-                await channel.reply(call_id, error=_unpicklable_as_runtime(e))
+                await channel.reply(call_id, error=e)
             else:
                 await channel.reply(call_id, value)
     except Exception as e:  # a frame over the cap, one that does not unpickle: drop this channel, not the actor
@@ -273,14 +275,6 @@ async def serve_session_channel(actor: Any, session_id: str, events: AsyncIterat
         streaming.cancel()
         with contextlib.suppress(BaseException):
             await streaming
-
-
-def _unpicklable_as_runtime(error: Exception) -> BaseException:
-    try:
-        pickle.dumps(error)
-        return error
-    except Exception:
-        return RuntimeError(f"{type(error).__name__}: {error}")
 
 
 # ---------------------------------------------------------------- connection side
