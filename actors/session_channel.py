@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 
 GRANT_TTL_S = 10.0
 """A granted channel must be connected within this long."""
+MAX_GRANTS = 64
+"""Grants not yet shown, per process; past it the oldest lapses."""
 MAX_CALL_BYTES = 16 << 20
 """The largest call the actor reads (an audio batch is a few KB; the
 socket's own message cap is far below this)."""
@@ -159,6 +161,8 @@ class ChannelHost:
         for token, (expires, _) in list(self._grants.items()):
             if expires < now:
                 del self._grants[token]
+        while len(self._grants) >= MAX_GRANTS:
+            del self._grants[next(iter(self._grants))]  # dicts keep insertion order: the oldest
         token = secrets.token_bytes(32)
         self._grants[token] = (now + GRANT_TTL_S, grant)
         assert self._path is not None

@@ -140,6 +140,39 @@ async def test_an_ended_session_refuses_the_channel_calls(ray_cluster, config):
     link.close()
 
 
+async def test_grants_not_shown_are_capped(monkeypatch, tmp_path):
+    """A caller granted channels it never opens cannot grow the actor's
+    table without bound: past the cap, the oldest grant lapses."""
+    from actors.session_channel import MAX_GRANTS, ChannelHost
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    (tmp_path / f"voice-actors-{os.getuid()}").mkdir(mode=0o700)
+    served = []
+
+    async def handler(grant, channel):
+        served.append(grant)
+        await channel.end()
+
+    host = ChannelHost(handler)
+    offers = [await host.grant(i) for i in range(MAX_GRANTS + 5)]
+    assert len(host._grants) == MAX_GRANTS
+
+    async def show(offer) -> bool:
+        reader, writer = await asyncio.open_unix_connection(offer[0])
+        writer.write(_frame(_GRANT, offer[1]))
+        try:
+            await asyncio.wait_for(_read_frame(reader, 1 << 20), 10)
+            return True
+        except asyncio.IncompleteReadError:
+            return False
+        finally:
+            writer.close()
+
+    assert not await show(offers[0])  # the oldest lapsed
+    assert await show(offers[-1])
+    assert served == [MAX_GRANTS + 4]
+
+
 def test_no_channel_from_a_directory_others_can_enter(monkeypatch, tmp_path):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     shared = tmp_path / f"voice-actors-{os.getuid()}"
