@@ -20,7 +20,8 @@ path: calls are answered in order, with the actor's own exceptions
 `session.started` and ends when the session's does; when the actor's
 process dies the socket closes and every pending call and the stream raise
 `RayActorError`, which the connection already answers by reopening the
-session.
+session. This module is the wire and the actor's side; the connection's is
+actors/session_link.py.
 
 Who may connect: the socket lives in a directory only this user can enter
 (checked, not assumed), and each channel is granted by a one-time secret
@@ -34,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
-import itertools
 import logging
 import os
 import pickle
@@ -43,12 +43,10 @@ import stat
 import struct
 import tempfile
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import ray
 from ray.exceptions import RayActorError
 
 log = logging.getLogger(__name__)
@@ -60,15 +58,13 @@ MAX_GRANTS = 64
 MAX_CALL_BYTES = 16 << 20
 """The largest call the actor reads (an audio batch is a few KB; the
 socket's own message cap is far below this)."""
-MAX_EVENTS_BYTES = 256 << 20
-"""The largest event batch the connection reads (an unpaced reply's audio)."""
 CALLS = frozenset({"send_audio", "send_text", "interrupt", "listen", "greet", "device_message", "history",
                    "stats"})
 """What a channel may call: a socket's traffic, nothing that starts, moves or ends a session."""
 
-_HEAD = struct.Struct(">IB")
-_GRANT, _CALL = b"G"[0], b"C"[0]  # connection → actor
-_EVENTS, _END, _FAILED, _REPLY = b"E"[0], b"Z"[0], b"X"[0], b"R"[0]  # actor → connection
+HEAD = struct.Struct(">IB")
+GRANT, CALL = b"G"[0], b"C"[0]  # connection → actor
+EVENTS, END, FAILED, REPLY = b"E"[0], b"Z"[0], b"X"[0], b"R"[0]  # actor → connection
 
 
 class ChannelClosed(RayActorError):
@@ -84,18 +80,18 @@ class ChannelClosed(RayActorError):
         return (ChannelClosed, (self.detail,))
 
 
-def _frame(kind: int, payload: bytes) -> bytes:
-    return _HEAD.pack(len(payload), kind) + payload
+def frame(kind: int, payload: bytes) -> bytes:
+    return HEAD.pack(len(payload), kind) + payload
 
 
-async def _read_frame(reader: asyncio.StreamReader, limit: int) -> tuple[int, bytes]:
-    size, kind = _HEAD.unpack(await reader.readexactly(_HEAD.size))
+async def read_frame(reader: asyncio.StreamReader, limit: int) -> tuple[int, bytes]:
+    size, kind = HEAD.unpack(await reader.readexactly(HEAD.size))
     if size > limit:
         raise ValueError(f"channel frame of {size} bytes, over the {limit}-byte cap")
     return kind, await reader.readexactly(size)
 
 
-def _dumps(value: Any) -> bytes:
+def dumps(value: Any) -> bytes:
     return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
 
 
@@ -188,8 +184,8 @@ class ChannelHost:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            kind, token = await asyncio.wait_for(_read_frame(reader, 64), GRANT_TTL_S)
-            entry = self._grants.pop(token, None) if kind == _GRANT else None
+            kind, token = await asyncio.wait_for(read_frame(reader, 64), GRANT_TTL_S)
+            entry = self._grants.pop(token, None) if kind == GRANT else None
             if entry is None or entry[0] < time.monotonic():
                 log.warning("session channel refused: no live grant shown")
                 return
@@ -220,27 +216,27 @@ class ActorChannel:
     async def next_call(self) -> tuple[int, str, tuple[Any, ...]] | None:
         """(call id, method, args); None once the connection left."""
         try:
-            kind, payload = await _read_frame(self._reader, MAX_CALL_BYTES)
+            kind, payload = await read_frame(self._reader, MAX_CALL_BYTES)
         except (asyncio.IncompleteReadError, ConnectionError):
             return None
-        if kind != _CALL:
+        if kind != CALL:
             raise ValueError(f"unexpected channel frame {kind!r}")
         call_id, method, args = pickle.loads(payload)
         return int(call_id), str(method), tuple(args)
 
     async def _write(self, kind: int, payload: bytes) -> None:
-        self._writer.write(_frame(kind, payload))
+        self._writer.write(frame(kind, payload))
         await self._writer.drain()
 
     async def reply(self, call_id: int, value: Any = None, error: BaseException | None = None) -> None:
-        await self._write(_REPLY, _dumps((call_id, False, _picklable(error))) if error is not None
-                          else _dumps((call_id, True, value)))
+        await self._write(REPLY, dumps((call_id, False, _picklable(error))) if error is not None
+                          else dumps((call_id, True, value)))
 
     async def events(self, batch: list[Any]) -> None:
-        await self._write(_EVENTS, _dumps(batch))
+        await self._write(EVENTS, dumps(batch))
 
     async def end(self, error: BaseException | None = None) -> None:
-        await self._write(_FAILED, _dumps(_picklable(error))) if error is not None else await self._write(_END, b"")
+        await self._write(FAILED, dumps(_picklable(error))) if error is not None else await self._write(END, b"")
 
 
 async def serve_session_channel(actor: Any, session_id: str, events: AsyncIterator[list[Any]],
@@ -279,152 +275,3 @@ async def serve_session_channel(actor: Any, session_id: str, events: AsyncIterat
         streaming.cancel()
         with contextlib.suppress(BaseException):
             await streaming
-
-
-# ---------------------------------------------------------------- connection side
-class SessionLink:
-    """A socket's link to its session: its event stream (`async for`) and
-    its calls (`await link.call("send_audio", frames, ...)`). Over a
-    channel when the session actor is on this node and
-    `ingress.session_channel` is on, else through Ray (`EventStream` and
-    actor calls): the same answers either way.
-
-    The channel is asked for on the first `__anext__` (the connection's
-    wait for `session.started`), so creating a link costs nothing."""
-
-    def __init__(self, actor: Any, exclusive: str | None = None, *, sample_rate: int | None = None,
-                 speak: bool | None = None, use_channel: bool = True) -> None:
-        from actors.session import EventStream, current_output
-
-        self._actor = actor
-        self._output = current_output(sample_rate, speak)
-        self._exclusive = exclusive
-        self._use_channel = use_channel
-        self._ray: EventStream | None = None
-        self._make_ray_stream = lambda: EventStream(actor, exclusive, sample_rate=self._output.sample_rate,
-                                                    speak=self._output.speak, pace=self._output.pace)
-        self._opening: asyncio.Future[None] | None = None
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
-        self._reading: asyncio.Task[None] | None = None
-        self._events: deque[Any] = deque()
-        self._events_ready = asyncio.Event()
-        self._events_done: BaseException | None = None
-        """Set when the stream ended: StopAsyncIteration, or what ended it."""
-        self._replies: dict[int, asyncio.Future[Any]] = {}
-        self._ids = itertools.count(1)
-        self._closed = False
-
-    @property
-    def over_channel(self) -> bool:
-        return self._writer is not None
-
-    async def _opened(self) -> None:
-        """Open once, whoever asks first (the stream's first read, a call)."""
-        if self._opening is None:
-            self._opening = asyncio.ensure_future(self._open())
-        await asyncio.shield(self._opening)
-
-    async def _open(self) -> None:
-        if self._use_channel:
-            try:
-                open_channel = self._actor.open_channel
-            except AttributeError:  # an actor started by an older release, still hosting through an upgrade
-                open_channel = None
-            offer = None if open_channel is None else await open_channel.remote(
-                ray.get_runtime_context().get_node_id(), self._exclusive, self._output)
-            if offer is not None:
-                path, token = offer
-                try:
-                    self._reader, self._writer = await asyncio.open_unix_connection(path)
-                except OSError as e:  # not on this machine after all (containers): Ray works anywhere
-                    log.warning("session channel %s unreachable (%r); using Ray calls", path, e)
-                else:
-                    self._writer.write(_frame(_GRANT, token))
-                    self._reading = asyncio.get_running_loop().create_task(self._read())
-                    return
-        self._ray = self._make_ray_stream()
-
-    async def _read(self) -> None:
-        assert self._reader is not None
-        error: BaseException = ChannelClosed("the session actor's process closed it")
-        try:
-            while True:
-                kind, payload = await _read_frame(self._reader, MAX_EVENTS_BYTES)
-                if kind == _EVENTS:
-                    self._events.extend(pickle.loads(payload))
-                    self._events_ready.set()
-                elif kind == _REPLY:
-                    call_id, ok, value = pickle.loads(payload)
-                    future = self._replies.pop(call_id, None)
-                    if future is not None and not future.done():
-                        future.set_result(value) if ok else future.set_exception(value)
-                elif kind in (_END, _FAILED):
-                    self._finish_events(StopAsyncIteration() if kind == _END else pickle.loads(payload))
-                else:
-                    raise ValueError(f"unexpected channel frame {kind!r}")
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        except Exception as e:  # a frame over the cap or that does not unpickle: the channel is unusable
-            error = ChannelClosed(repr(e))
-            log.warning("session channel dropped: %r", e)
-        finally:
-            self._finish_events(error)
-            for future in self._replies.values():
-                if not future.done():
-                    future.set_exception(error)
-            self._replies.clear()
-            if self._writer is not None:
-                self._writer.close()
-
-    def _finish_events(self, outcome: BaseException) -> None:
-        if self._events_done is None:
-            self._events_done = outcome
-            self._events_ready.set()
-
-    # ------------------------------------------------------------ the event stream
-    def __aiter__(self) -> SessionLink:
-        return self
-
-    async def __anext__(self) -> Any:
-        await self._opened()
-        if self._ray is not None:
-            return await self._ray.__anext__()
-        while not self._events:
-            if self._events_done is not None:
-                raise self._events_done
-            self._events_ready.clear()
-            await self._events_ready.wait()
-        return self._events.popleft()
-
-    # ------------------------------------------------------------ calls
-    async def call(self, method: str, *args: Any) -> Any:
-        """`method` on the session, answered in the order called."""
-        await self._opened()
-        if self._writer is None:
-            return await getattr(self._actor, method).remote(*args)
-        if self._reading is not None and self._reading.done():
-            raise ChannelClosed("the session actor's process closed it")
-        call_id = next(self._ids)
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._replies[call_id] = future
-        try:
-            self._writer.write(_frame(_CALL, _dumps((call_id, method, args))))
-            await self._writer.drain()
-        except ConnectionError as e:
-            self._replies.pop(call_id, None)
-            raise ChannelClosed(repr(e)) from e
-        return await future
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if self._ray is not None:
-            self._ray.close()
-        if self._opening is not None and not self._opening.done():
-            self._opening.cancel()
-        if self._reading is not None:
-            self._reading.cancel()
-        if self._writer is not None:
-            self._writer.close()

@@ -13,7 +13,8 @@ import pytest
 import ray
 from ray.exceptions import RayActorError
 
-from actors.session_channel import _GRANT, _HEAD, SessionLink, _frame, _read_frame, socket_dir
+from actors.session_channel import GRANT, HEAD, frame, read_frame, socket_dir
+from actors.session_link import SessionLink
 from actors.sessions import new_session_id, open_session
 
 QUESTION = "What is twelve times seven?"
@@ -79,9 +80,9 @@ async def test_a_channel_needs_its_one_time_secret(ray_cluster, config):
     async def connect(secret: bytes) -> bytes | None:
         """The first frame's kind the actor sends, None if it hangs up."""
         reader, writer = await asyncio.open_unix_connection(path)
-        writer.write(_frame(_GRANT, secret))
+        writer.write(frame(GRANT, secret))
         try:
-            kind, _ = await asyncio.wait_for(_read_frame(reader, 1 << 20), 10)
+            kind, _ = await asyncio.wait_for(read_frame(reader, 1 << 20), 10)
             return bytes([kind])
         except asyncio.IncompleteReadError:
             return None
@@ -98,13 +99,13 @@ async def test_an_oversized_frame_drops_the_channel_not_the_session(ray_cluster,
     ref = await open_session(config, new_session_id())
     path, token = await ref.open_channel.remote(ray.get_runtime_context().get_node_id(), None, None)
     reader, writer = await asyncio.open_unix_connection(path)
-    writer.write(_frame(_GRANT, token))
-    await _read_frame(reader, 1 << 20)  # session.started
-    writer.write(_HEAD.pack(1 << 30, b"C"[0]))  # a call claiming 1 GiB
+    writer.write(frame(GRANT, token))
+    await read_frame(reader, 1 << 20)  # session.started
+    writer.write(HEAD.pack(1 << 30, b"C"[0]))  # a call claiming 1 GiB
     await writer.drain()
     with pytest.raises(asyncio.IncompleteReadError):
         while True:
-            await asyncio.wait_for(_read_frame(reader, 1 << 20), 10)
+            await asyncio.wait_for(read_frame(reader, 1 << 20), 10)
     writer.close()
     assert (await ref.stats.remote())["closed"] is False
     await ref.close.remote()
@@ -159,9 +160,9 @@ async def test_grants_not_shown_are_capped(monkeypatch, tmp_path):
 
     async def show(offer) -> bool:
         reader, writer = await asyncio.open_unix_connection(offer[0])
-        writer.write(_frame(_GRANT, offer[1]))
+        writer.write(frame(GRANT, offer[1]))
         try:
-            await asyncio.wait_for(_read_frame(reader, 1 << 20), 10)
+            await asyncio.wait_for(read_frame(reader, 1 << 20), 10)
             return True
         except asyncio.IncompleteReadError:
             return False

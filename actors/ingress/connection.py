@@ -47,7 +47,7 @@ from actors.protocols.base import (
     Reply,
     Text,
 )
-from actors.session_channel import SessionLink
+from actors.session_link import SessionLink
 from actors.session_ref import StartingSession
 
 log = logging.getLogger(__name__)
