@@ -15,7 +15,7 @@ import contextlib
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
 import ray
 
@@ -31,6 +31,11 @@ most this many at a time: each new Ray worker boots on ~1 s of CPU, and
 eight at once on two cores slowed every hello and live session for seconds,
 while started in turn the first of them are ready sooner. The warm pool's
 refill waits while any of them waits (`refill`)."""
+HELLOS_FIRST_MAX_S = 0.3
+"""A new actor's start waits at most this long for the hellos in flight on
+this ingress (`hello_in_flight`): a Ray worker boots on ~1 s of CPU, and
+in a burst of connects two boots took both cores while the hellos waited
+(bench.load `--connects`). Its own session's first turn is ~1 s away anyway."""
 REFILL_PERIOD_S = 0.5
 KEEPALIVE_SHARE = 0.25
 """Warm actors are touched every idle_timeout_s × this, so they never reap
@@ -54,6 +59,8 @@ class SessionManager:
         self._cold_starts = asyncio.Semaphore(COLD_STARTS_AT_ONCE)
         self._cold_waiting = 0
         """Sessions waiting for, or in, a start on a new actor (`_start`); read by `refill`'s thread."""
+        self.hellos_waiting = 0
+        """Sockets accepted here whose hello is not out yet (`hello_in_flight`); read by `refill`'s thread."""
         self._directory = session_directory(config)  # started now: a device's first connect won't wait
         threading.Thread(target=self._keep_warm, name="warm-pool", daemon=True).start()
         self.refill()
@@ -63,8 +70,9 @@ class SessionManager:
         time: starting a Ray worker costs ~1 s of CPU, and a burst of them
         starved the live sessions on the same cores (bench: p50 end of speech
         → first audio 1.5 s → 2.4 s at 8 sessions). None while a session
-        waits for its own actor: a client that is here comes first."""
-        if self._cold_waiting:
+        waits for its own actor, or a socket for its hello: a client that is
+        here comes first."""
+        if self._cold_waiting or self.hellos_waiting:
             return
         with self._lock:
             starting = [ready for _, ready in self._warm]
@@ -226,10 +234,28 @@ class SessionManager:
             return found
         return StartingSession(session_id, self._start(session_id), self._starting)
 
+    def hello_in_flight(self) -> Callable[[], None]:
+        """A socket here is on its way to its hello: new actors wait for it
+        (`_start`, `refill`). → the call that says it went out (or that the
+        socket gave up); calling it again does nothing."""
+        self.hellos_waiting += 1
+        pending = [True]
+
+        def sent() -> None:
+            if pending:
+                pending.clear()
+                self.hellos_waiting -= 1
+
+        return sent
+
     async def _start(self, session_id: str) -> SessionRef:
-        """`open_session`, at most `COLD_STARTS_AT_ONCE` at a time."""
+        """`open_session`, at most `COLD_STARTS_AT_ONCE` at a time, once the
+        hellos in flight are out (at most `HELLOS_FIRST_MAX_S` later)."""
         self._cold_waiting += 1
         try:
+            deadline = time.monotonic() + HELLOS_FIRST_MAX_S
+            while self.hellos_waiting and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
             async with self._cold_starts:
                 return await open_session(self.config, session_id, self._directory)
         finally:

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import ray
@@ -291,6 +292,45 @@ async def test_sessions_beyond_the_warm_pool_start_two_at_a_time(ray_cluster, co
     assert [await r.ready.remote() for r in refs] == [s.session_id for s in starting]
     manager.shutdown()
     for r in refs:
+        ray.kill(r.actor)
+
+
+async def test_a_new_actor_boots_once_the_hellos_in_flight_are_out(ray_cluster, config, monkeypatch):
+    """A socket on its way to its hello holds back new actors' boots (each
+    ~1 s of CPU) and the warm pool's refill, for at most HELLOS_FIRST_MAX_S."""
+    import actors.session_manager as manager_module
+
+    manager = SessionManager(config, warm=0)
+    began = []
+    real_open = manager_module.open_session
+
+    async def noted(*args, **kwargs):
+        began.append(time.monotonic())
+        return await real_open(*args, **kwargs)
+
+    monkeypatch.setattr(manager_module, "open_session", noted)
+    monkeypatch.setattr(manager, "_target", 1)
+    sent = manager.hello_in_flight()
+    starting = await manager.open_soon()
+    manager.refill()  # as the pool's thread would: a hello is in flight, it starts nothing
+    assert not manager._warm
+    await asyncio.sleep(0.1)
+    assert not began  # the start waits for the hello
+    hello_at = time.monotonic()
+    sent()
+    sent()  # once only
+    assert manager.hellos_waiting == 0
+    ref = await starting
+    assert began and began[0] >= hello_at
+    # a hello that never goes out holds a start back for HELLOS_FIRST_MAX_S only
+    stuck = manager.hello_in_flight()
+    t0 = time.monotonic()
+    other = await manager.open_soon()
+    await other
+    assert manager_module.HELLOS_FIRST_MAX_S <= began[1] - t0 < manager_module.HELLOS_FIRST_MAX_S + 30
+    stuck()
+    manager.shutdown()
+    for r in (ref, await other):
         ray.kill(r.actor)
 
 

@@ -26,6 +26,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import ray
@@ -86,8 +87,11 @@ class ConnectionClosed(Exception):
 
 class VoiceConnection:
     def __init__(self, ws: ClientSocket, adapter: ProtocolAdapter, open_session: SessionOpener,
-                 config: AppConfig, observe: Any = None, exclusive: bool = False) -> None:
+                 config: AppConfig, observe: Any = None, exclusive: bool = False,
+                 on_hello: Callable[[], None] | None = None) -> None:
         self._ws = ws
+        self._on_hello = on_hello or (lambda: None)
+        """Called once the hello is out (new actors' boots wait for it: session_manager.py)."""
         self._exclusive = exclusive
         self._last_traffic = time.monotonic()
         self._adapter = adapter
@@ -175,6 +179,7 @@ class VoiceConnection:
 
             actor = actor.then(subscribe)
             await self._send(self._adapter.hello_reply(sid, resumed, rate))
+            self._on_hello()
             await self._send(self._adapter.after_hello())
             try:
                 actor = await asyncio.wait_for(actor, REOPEN_TIMEOUT_S)
@@ -192,6 +197,7 @@ class VoiceConnection:
             # waits (unread) until it is in place, so nothing said is lost
             events = self._events = self._subscribe(actor)
             await self._send(self._adapter.hello_reply(sid, resumed, rate))
+            self._on_hello()
             await self._send(self._adapter.after_hello())
             try:
                 await events.__anext__()  # session.started: subscribed
