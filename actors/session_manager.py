@@ -245,6 +245,8 @@ class SessionManager:
             if pending:
                 pending.clear()
                 self.hellos_waiting -= 1
+                if not self.hellos_waiting and len(self._warm) < self._target:
+                    self._refill_soon()  # what it held back, now rather than at the pool thread's next turn
 
         return sent
 
