@@ -235,9 +235,11 @@ class SessionManager:
         return StartingSession(session_id, self._start(session_id), self._starting)
 
     def hello_in_flight(self) -> Callable[[], None]:
-        """A socket here is on its way to its hello: new actors wait for it
-        (`_start`, `refill`). → the call that says it went out (or that the
-        socket gave up); calling it again does nothing."""
+        """A client's hello arrived here and is being answered: new actors
+        wait for the answer (`_start`, `refill`). → the call that says it went
+        out (or that the socket ended first); calling it again does nothing.
+        Counted from the client's hello, not the socket's accept: a socket
+        that never says hello must not hold the warm pool back."""
         self.hellos_waiting += 1
         pending = [True]
 

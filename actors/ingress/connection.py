@@ -88,10 +88,13 @@ class ConnectionClosed(Exception):
 class VoiceConnection:
     def __init__(self, ws: ClientSocket, adapter: ProtocolAdapter, open_session: SessionOpener,
                  config: AppConfig, observe: Any = None, exclusive: bool = False,
-                 on_hello: Callable[[], None] | None = None) -> None:
+                 hello_in_flight: Callable[[], Callable[[], None]] | None = None) -> None:
         self._ws = ws
-        self._on_hello = on_hello or (lambda: None)
-        """Called once the hello is out (new actors' boots wait for it: session_manager.py)."""
+        self._hello_in_flight = hello_in_flight or (lambda: lambda: None)
+        """Called when the client's hello arrives; what it returns, once the answer is
+        out: new actors' boots wait for the hellos being answered (session_manager.py).
+        A client that has not said hello yet holds nothing back."""
+        self._hello_out: Callable[[], None] = lambda: None
         self._exclusive = exclusive
         self._last_traffic = time.monotonic()
         self._adapter = adapter
@@ -156,6 +159,12 @@ class VoiceConnection:
     # ------------------------------------------------------------ lifecycle
     async def serve(self) -> None:
         try:
+            await self._serve()
+        finally:
+            self._hello_out()  # ended before its hello went out: nothing waits for it any longer
+
+    async def _serve(self) -> None:
+        try:
             hello, rest = await asyncio.wait_for(self._await_hello(), HELLO_TIMEOUT_S)
         except asyncio.TimeoutError:
             await self._ws.close(4408, "protocol.hello_timeout")
@@ -166,6 +175,7 @@ class VoiceConnection:
             await self._send(self._adapter.error(e.code, e.message))
             await self._ws.close(e.close_code if isinstance(e, ProtocolError) else e.ws_close_code, e.code)
             return
+        self._hello_out = self._hello_in_flight()
         sid, actor, resumed = await self._open_session(hello.session_id, hello.persona)
         self.session_id = sid
         rate = self._rate = self._adapter.wants_output_rate or self._config.session.output_sample_rate
@@ -179,7 +189,7 @@ class VoiceConnection:
 
             actor = actor.then(subscribe)
             await self._send(self._adapter.hello_reply(sid, resumed, rate))
-            self._on_hello()
+            self._hello_out()
             await self._send(self._adapter.after_hello())
             try:
                 actor = await asyncio.wait_for(actor, REOPEN_TIMEOUT_S)
@@ -197,7 +207,7 @@ class VoiceConnection:
             # waits (unread) until it is in place, so nothing said is lost
             events = self._events = self._subscribe(actor)
             await self._send(self._adapter.hello_reply(sid, resumed, rate))
-            self._on_hello()
+            self._hello_out()
             await self._send(self._adapter.after_hello())
             try:
                 await events.__anext__()  # session.started: subscribed

@@ -275,9 +275,8 @@ class IngressCore:
             return opened
 
         self.metrics.connected(adapter.name)
-        hello_sent = self.sessions.hello_in_flight()  # new actors boot once it is out
         connection = VoiceConnection(ws, adapter, open_session, self.config, self.metrics.observe,
-                                     exclusive=alias is not None, on_hello=hello_sent)
+                                     exclusive=alias is not None, hello_in_flight=self.sessions.hello_in_flight)
         self.drain.add(connection)  # a shutdown of this process says goodbye on it (drain.py)
         try:
             await connection.serve()
@@ -287,7 +286,6 @@ class IngressCore:
                 await ws.send_text(json.dumps({"type": "error", "code": e.code, "message": e.message}))
                 await ws.close(e.ws_close_code, e.code)
         finally:
-            hello_sent()
             self.drain.discard(connection)
             slot.release()
             self.metrics.disconnected(adapter.name)
