@@ -43,6 +43,31 @@ themselves while their pool holds them (else the pool would hand out dead
 actors after a quiet spell)."""
 
 
+class PendingHellos:
+    """Hellos being answered on one ingress: `pending()` when a client's
+    hello arrives → the call that says the answer went out (or the socket
+    ended first; calling it again does nothing). Counted from the client's
+    hello, not the socket's accept: a socket that never says hello must not
+    hold the warm pool back. `all_out` runs when the count falls to zero."""
+
+    def __init__(self, all_out: Callable[[], None] = lambda: None) -> None:
+        self.count = 0
+        self._all_out = all_out
+
+    def __call__(self) -> Callable[[], None]:
+        self.count += 1
+        pending = [True]
+
+        def sent() -> None:
+            if pending:
+                pending.clear()
+                self.count -= 1
+                if not self.count:
+                    self._all_out()
+
+        return sent
+
+
 class SessionManager:
     """Hands out session actors, from the warm pool when it has one."""
 
@@ -59,8 +84,9 @@ class SessionManager:
         self._cold_starts = asyncio.Semaphore(COLD_STARTS_AT_ONCE)
         self._cold_waiting = 0
         """Sessions waiting for, or in, a start on a new actor (`_start`); read by `refill`'s thread."""
-        self.hellos_waiting = 0
-        """Sockets accepted here whose hello is not out yet (`hello_in_flight`); read by `refill`'s thread."""
+        self.hello_in_flight = PendingHellos(self._after_hellos)
+        """Hellos being answered here (a socket calls it when its client's hello
+        arrives); new actors wait for them (`_start`, `refill`, whose thread reads its count)."""
         self._directory = session_directory(config)  # started now: a device's first connect won't wait
         threading.Thread(target=self._keep_warm, name="warm-pool", daemon=True).start()
         self.refill()
@@ -72,7 +98,7 @@ class SessionManager:
         → first audio 1.5 s → 2.4 s at 8 sessions). None while a session
         waits for its own actor, or a socket for its hello: a client that is
         here comes first."""
-        if self._cold_waiting or self.hellos_waiting:
+        if self._cold_waiting or self.hello_in_flight.count:
             return
         with self._lock:
             starting = [ready for _, ready in self._warm]
@@ -234,23 +260,11 @@ class SessionManager:
             return found
         return StartingSession(session_id, self._start(session_id), self._starting)
 
-    def hello_in_flight(self) -> Callable[[], None]:
-        """A client's hello arrived here and is being answered: new actors
-        wait for the answer (`_start`, `refill`). → the call that says it went
-        out (or that the socket ended first); calling it again does nothing.
-        Counted from the client's hello, not the socket's accept: a socket
-        that never says hello must not hold the warm pool back."""
-        self.hellos_waiting += 1
-        pending = [True]
-
-        def sent() -> None:
-            if pending:
-                pending.clear()
-                self.hellos_waiting -= 1
-                if not self.hellos_waiting and len(self._warm) < self._target:
-                    self._refill_soon()  # what it held back, now rather than at the pool thread's next turn
-
-        return sent
+    def _after_hellos(self) -> None:
+        """The last hello being answered went out: the refill it held back
+        starts now rather than at the pool thread's next turn."""
+        if len(self._warm) < self._target:
+            self._refill_soon()
 
     async def _start(self, session_id: str) -> SessionRef:
         """`open_session`, at most `COLD_STARTS_AT_ONCE` at a time, once the
@@ -258,7 +272,7 @@ class SessionManager:
         self._cold_waiting += 1
         try:
             deadline = time.monotonic() + HELLOS_FIRST_MAX_S
-            while self.hellos_waiting and time.monotonic() < deadline:
+            while self.hello_in_flight.count and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
             async with self._cold_starts:
                 return await open_session(self.config, session_id, self._directory)

@@ -14,6 +14,7 @@ from actors.config import load_config
 from actors.ingress.connection import VoiceConnection
 from actors.ingress.limits import LimitError
 from actors.protocols.native import NativeProtocol
+from actors.session_manager import PendingHellos
 
 
 class ScriptedSocket:
@@ -42,24 +43,7 @@ class ScriptedSocket:
         pass
 
 
-class HelloCounter:
-    def __init__(self) -> None:
-        self.waiting, self.asked = 0, 0
-
-    def __call__(self):
-        self.waiting += 1
-        self.asked += 1
-        pending = [True]
-
-        def sent() -> None:
-            if pending:
-                pending.clear()
-                self.waiting -= 1
-
-        return sent
-
-
-def connection(ws: ScriptedSocket, counter: HelloCounter, open_session: Any) -> VoiceConnection:
+def connection(ws: ScriptedSocket, counter: PendingHellos, open_session: Any) -> VoiceConnection:
     config = load_config(env={})
     return VoiceConnection(ws, NativeProtocol(config.session.max_frame_bytes), open_session, config,
                            hello_in_flight=counter)
@@ -70,29 +54,29 @@ async def refuse(*_: Any) -> Any:
 
 
 async def test_a_socket_that_never_says_hello_holds_nothing_back() -> None:
-    counter = HelloCounter()
+    counter = PendingHellos()
     silent = asyncio.ensure_future(connection(ScriptedSocket([], then_disconnect=False), counter, refuse).serve())
     await asyncio.sleep(0.1)
-    assert counter.asked == 0  # the warm pool's refill and new actors do not wait for it
+    assert counter.count == 0  # the warm pool's refill and new actors do not wait for it
     silent.cancel()
     gone = connection(ScriptedSocket([]), counter, refuse)
     await gone.serve()  # left before a hello
-    assert counter.asked == 0
+    assert counter.count == 0
 
 
 async def test_a_hello_is_counted_until_its_answer_or_the_socket_ends() -> None:
-    counter = HelloCounter()
+    counter = PendingHellos()
     hello = {"type": "websocket.receive", "text": json.dumps({"type": "hello"})}
     with pytest.raises(LimitError):  # refused at the open: the core answers it with an error and a close
         await connection(ScriptedSocket([hello]), counter, refuse).serve()
-    assert counter.asked == 1 and counter.waiting == 0
+    assert counter.count == 0
 
     seen_while_opening = []
 
     async def open_and_note(*_: Any) -> Any:
-        seen_while_opening.append(counter.waiting)
+        seen_while_opening.append(counter.count)
         raise LimitError("limit.live_sessions")
 
     with pytest.raises(LimitError):
         await connection(ScriptedSocket([hello]), counter, open_and_note).serve()
-    assert seen_while_opening == [1] and counter.waiting == 0
+    assert seen_while_opening == [1] and counter.count == 0

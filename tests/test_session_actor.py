@@ -319,7 +319,7 @@ async def test_a_new_actor_boots_once_the_hellos_in_flight_are_out(ray_cluster, 
     hello_at = time.monotonic()
     sent()
     sent()  # once only
-    assert manager.hellos_waiting == 0
+    assert manager.hello_in_flight.count == 0
     ref = await starting
     assert began and began[0] >= hello_at
     # a hello that never goes out holds a start back for HELLOS_FIRST_MAX_S only
