@@ -44,9 +44,9 @@ actors after a quiet spell)."""
 
 
 class PendingHellos:
-    """Hellos being answered on one ingress: `pending()` when a client's
-    hello arrives → the call that says the answer went out (or the socket
-    ended first; calling it again does nothing). Counted from the client's
+    """Hellos being answered on one ingress. Called when a client's hello
+    arrives → the call that says the answer went out (or the socket ended
+    first; calling it again does nothing). Counted from the client's
     hello, not the socket's accept: a socket that never says hello must not
     hold the warm pool back. `all_out` runs when the count falls to zero."""
 
