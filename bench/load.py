@@ -272,11 +272,8 @@ def cpu_split(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, 
     idle = set(sessions[live:]) if live is not None else set()
     out: dict[str, float] = {}
     for pid, (kind, _) in after.items():
-        used = used_by[pid]
-        group = kind_group(kind)
-        if pid in idle:
-            group = "session actors (idle: spares)"
-        out[group] = out.get(group, 0.0) + max(0.0, used)
+        group = "session actors (idle: spares)" if pid in idle else kind_group(kind)
+        out[group] = out.get(group, 0.0) + used_by[pid]
     return out
 
 
