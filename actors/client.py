@@ -17,6 +17,11 @@ replica: the reply in flight finishes or is cut, then the server sends
 `goodbye` (kept in `.goodbye`, with `retry_after_ms`) and closes with 1012
 "service restart". That is a reconnect-and-resume too: `reconnect()` waits
 the hinted time, jittered, and lands on whichever replica serves next.
+
+A burst of new sessions beyond what the server can start at once is refused
+before `hello` with an `error` carrying `retry_after_ms`
+(`limit.starting_sessions`, close 4503): `ServerBusy`, which `connect_patiently`
+and `reconnect()` answer by trying again after the hint.
 """
 
 from __future__ import annotations
@@ -26,9 +31,9 @@ import json
 import random
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
@@ -55,6 +60,44 @@ class ServerRestarting(ConnectionError):
         super().__init__(f"server restarting: {goodbye}")
         self.goodbye = goodbye
 
+    @property
+    def retry_after_s(self) -> float:
+        return _retry_after_s(self.goodbye)
+
+
+class ServerBusy(ConnectionError):
+    """The server refused a new socket for now (`limit.starting_sessions`:
+    as many new sessions as it starts at once wait already), with a hint of
+    when to come back; nothing of the session exists yet."""
+
+    BUSY_CODES = frozenset({"limit.starting_sessions"})
+
+    def __init__(self, error: dict[str, Any]) -> None:
+        super().__init__(f"server busy: {error}")
+        self.error = error
+
+    @property
+    def retry_after_s(self) -> float:
+        return _retry_after_s(self.error)
+
+
+class HelloRefused(ConnectionError):
+    """The server answered our hello with an error (a session cap, a session
+    that is not ours): trying again would get the same answer."""
+
+    def __init__(self, reply: dict[str, Any]) -> None:
+        super().__init__(f"server refused hello: {reply}")
+        self.error = reply
+
+
+def _refused_hello(reply: dict[str, Any]) -> ConnectionError:
+    """What a reply other than `hello` to our hello means."""
+    if reply.get("type") == GOODBYE:
+        return ServerRestarting(reply)
+    if reply.get("type") == "error" and reply.get("code") in ServerBusy.BUSY_CODES:
+        return ServerBusy(reply)
+    return HelloRefused(reply)
+
 
 def closed_for_restart(error: BaseException) -> bool:
     """Did the server close this socket because it is restarting (1012)?"""
@@ -62,9 +105,10 @@ def closed_for_restart(error: BaseException) -> bool:
             isinstance(error, ConnectionClosed) and error.rcvd is not None and error.rcvd.code == SERVICE_RESTART)
 
 
-def _retry_after_s(goodbye: dict[str, Any] | None) -> float:
-    """The server's reconnect hint, bounded so a bad value cannot stall us."""
-    value = goodbye.get("retry_after_ms") if goodbye else None
+def _retry_after_s(message: dict[str, Any] | None) -> float:
+    """The server's reconnect hint (a `goodbye`'s or a refusal's), bounded so
+    a bad value cannot stall us."""
+    value = message.get("retry_after_ms") if message else None
     if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 30_000:
         return value / 1000
     return 0.0
@@ -72,12 +116,14 @@ def _retry_after_s(goodbye: dict[str, Any] | None) -> float:
 
 def should_reconnect(error: BaseException) -> bool:
     """Is this socket failure one to answer by reconnecting? Yes for a
-    dropped connection or a server that is (re)starting (1012 after a
-    `goodbye`: an upgrade); no for a refusal (close codes 4400–4499: auth, a
-    session that is not yours, limits) or a normal close (1000: the
-    conversation ended)."""
-    if isinstance(error, ServerRestarting):
+    dropped connection, a server that is (re)starting (1012 after a
+    `goodbye`: an upgrade) or busy starting sessions; no for a refusal (an
+    `error` in answer to hello, close codes 4400–4499: auth, a session that
+    is not yours, limits) or a normal close (1000: the conversation ended)."""
+    if isinstance(error, (ServerRestarting, ServerBusy)):
         return True
+    if isinstance(error, HelloRefused):
+        return False
     if isinstance(error, ConnectionClosed):
         frame = error.rcvd
         return frame is None or not (frame.code == 1000 or 4400 <= frame.code < 4500)
@@ -112,6 +158,27 @@ class ClientTurn:
 
 
 OnEvent = Callable[[dict[str, Any]], None]
+C = TypeVar("C")
+
+
+async def connect_patiently(open_socket: Callable[[], Awaitable[C]], timeout_s: float = 60.0,
+                            first_wait_s: float = 0.0) -> C:
+    """`open_socket()` until it succeeds, retrying what `should_reconnect`
+    allows (unreachable, restarting, busy) with jittered backoff, each wait at
+    least the server's hint, until `timeout_s`; a refusal is raised at once."""
+    deadline = time.monotonic() + timeout_s
+    if first_wait_s:
+        await asyncio.sleep(min(first_wait_s, max(0.0, deadline - time.monotonic())))
+    delay = 0.2
+    while True:
+        try:
+            return await asyncio.wait_for(open_socket(), max(1.0, deadline - time.monotonic()))
+        except Exception as e:
+            if not should_reconnect(e) or time.monotonic() + delay >= deadline:
+                raise
+            hint = e.retry_after_s if isinstance(e, (ServerRestarting, ServerBusy)) else 0.0
+            await asyncio.sleep(max(delay, hint) * random.uniform(0.8, 1.2))
+            delay = min(2.0, delay * 2)
 
 
 class _Client:
@@ -138,21 +205,7 @@ class _Client:
         first try waits its `retry_after_ms`, so a drained replica's clients
         spread out. A refusal (auth, not your session) is raised at once. The
         old socket is dropped."""
-        deadline = time.monotonic() + timeout_s
-        first = _retry_after_s(self.goodbye)
-        if first:
-            await asyncio.sleep(min(first, max(0.0, deadline - time.monotonic())))
-        delay = 0.2
-        while True:
-            try:
-                fresh = await asyncio.wait_for(self._connect_again(), max(1.0, deadline - time.monotonic()))
-                break
-            except Exception as e:
-                if not should_reconnect(e) or time.monotonic() + delay >= deadline:
-                    raise
-                wait = max(delay, _retry_after_s(e.goodbye)) if isinstance(e, ServerRestarting) else delay
-                await asyncio.sleep(wait * random.uniform(0.8, 1.2))
-                delay = min(2.0, delay * 2)
+        fresh = await connect_patiently(self._connect_again, timeout_s, first_wait_s=_retry_after_s(self.goodbye))
         old, self.ws = self.ws, fresh.ws
         self.hello = fresh.hello
         self.goodbye = None
@@ -233,11 +286,9 @@ class NativeClient(_Client):
             hello["greet"] = True
         await ws.send(json.dumps(hello))
         reply = json.loads(await ws.recv())
-        if reply.get("type") == GOODBYE:
-            await ws.close()
-            raise ServerRestarting(reply)
         if reply.get("type") != "hello":
-            raise ConnectionError(f"server refused hello: {reply}")
+            await ws.close()
+            raise _refused_hello(reply)
         client.hello = reply
         if output_opus:
             client._decoder = OpusDecoder(reply["audio_out"]["sample_rate"])
@@ -357,11 +408,9 @@ class XiaozhiClient(_Client):
                                   "audio_params": {"format": "opus", "sample_rate": 16000, "channels": 1,
                                                    "frame_duration": FRAME_MS}}))
         reply = json.loads(await ws.recv())
-        if reply.get("type") == GOODBYE:
-            await ws.close()
-            raise ServerRestarting(reply)
         if reply.get("type") != "hello" or reply.get("transport") != "websocket":
-            raise ConnectionError(f"server refused hello: {reply}")
+            await ws.close()
+            raise _refused_hello(reply)
         client.hello = reply
         client.session_id = reply.get("session_id", "")
         client._connect_args = {"url": url, "token": token, "device_id": device_id, "client_id": client_id,

@@ -349,6 +349,11 @@ class LimitsConfig(_Section):
     """Live session actors one user or device may hold, cluster-wide."""
     max_live_sessions_per_node: int = Field(64, ge=1)
     """Live session actors per alive Ray node (~80 MB each)."""
+    max_starting_sessions: int = Field(16, ge=1)
+    """Sessions one ingress (or device gateway) may have waiting for a new
+    actor at once (beyond the warm pool; two start at a time, ~1 s of CPU
+    each). The next is refused at once, `limit.starting_sessions` with a
+    retry hint, instead of waiting up to 30 s and being closed."""
     socket_idle_timeout_s: float = Field(300, gt=0)
     """A socket with no message either way for this long is closed (a
     listening device streams audio, so it is never idle)."""

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 import ray
 
 from actors.config import AppConfig
+from actors.ingress.limits import LimitError
 from actors.session_directory import session_directory
 from actors.session_ref import SessionRef, StartingSession
 from actors.sessions import find_session, idle_session_actor, new_session_id, open_session
@@ -31,6 +32,9 @@ most this many at a time: each new Ray worker boots on ~1 s of CPU, and
 eight at once on two cores slowed every hello and live session for seconds,
 while started in turn the first of them are ready sooner. The warm pool's
 refill waits while any of them waits (`refill`)."""
+COLD_START_CPU_S = 1.0
+"""About what one new session actor's start costs the node (its worker's
+boot and imports, the raylet's and the GCS's share): the retry hint's unit."""
 HELLOS_FIRST_MAX_S = 0.3
 """A new actor's start waits at most this long for the hellos in flight on
 this ingress (`hello_in_flight`): a Ray worker boots on ~1 s of CPU, and
@@ -179,8 +183,7 @@ class SessionManager:
             return await self._live_or_starting(session_id)
         ref = await asyncio.to_thread(self._take_warm)
         if ref is None:  # the pool's own thread refills it
-            sid = new_session_id()
-            return StartingSession(sid, self._start(sid), self._starting)
+            return self._new_actor(new_session_id())
         self._refill_soon()
         return ref
 
@@ -221,7 +224,11 @@ class SessionManager:
             if entry is not None:
                 self._refill_soon()
                 return entry[0], False, refused
-            return StartingSession(offered, self._start(offered), self._starting), False, refused
+            try:
+                return self._new_actor(offered), False, refused
+            except LimitError:
+                await self._directory.release.remote(offered)  # its place; the alias finds it on the retry
+                raise
         # bound before (or by another replica a moment ago): that session, brought back if it ended
         if entry is not None:
             await asyncio.to_thread(self._put_back_warm, entry)
@@ -258,6 +265,18 @@ class SessionManager:
         found = await find_session(self.config, session_id, self._directory)
         if found is not None:
             return found
+        return self._new_actor(session_id)
+
+    def _new_actor(self, session_id: str) -> StartingSession:
+        """`session_id` on a new actor, unless `limits.max_starting_sessions`
+        wait for theirs already: then `LimitError("limit.starting_sessions")`
+        at once, with the time the queue ahead takes to start as the retry
+        hint (a burst past what the node starts in 30 s used to close the last
+        sockets with 1011 after waiting all that time)."""
+        waiting = sum(1 for s in self._starting.values() if s.starts_actor)
+        if waiting >= self.config.limits.max_starting_sessions:
+            raise LimitError("limit.starting_sessions",
+                             retry_after_s=max(1.0, waiting * COLD_START_CPU_S / COLD_STARTS_AT_ONCE))
         return StartingSession(session_id, self._start(session_id), self._starting)
 
     def _after_hellos(self) -> None:

@@ -22,12 +22,15 @@ import asyncio
 import json
 import multiprocessing
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from bench.fakes import LLM_FIRST_TOKEN_S, STT_FINAL_S, TTS_FIRST_AUDIO_S
 from bench.run import PORT, QUESTION, pct, ray_processes, speech_fixture, wait_for_warm_pool
 from bench.soak import process_kind, server_config, start_ray
+
+C = TypeVar("C")
 
 FRAME_S = 0.06
 LEAD_MS = 500
@@ -124,6 +127,22 @@ async def _ota_websocket(base: str, device: str) -> dict[str, str]:
     return r.json()["websocket"]
 
 
+async def _patiently(open_socket: Callable[[], Awaitable[C]], out: dict[str, list[float]]) -> C:
+    """A client's first connect as a device's: a server busy starting other
+    sessions (`limit.starting_sessions`) is tried again after its hint; each
+    such refusal is counted (`busy`), and connect → hello includes the waits."""
+    from actors.client import ServerBusy, connect_patiently
+
+    async def counted() -> C:
+        try:
+            return await open_socket()
+        except ServerBusy:
+            out["busy"].append(1.0)
+            raise
+
+    return await connect_patiently(counted, timeout_s=120.0)
+
+
 async def _xiaozhi(base: str, device: str, packets: list[bytes], n_speech: int, turns: int,
                    out: dict[str, list[float]], delay_s: float) -> None:
     from actors.client import XiaozhiClient
@@ -131,7 +150,8 @@ async def _xiaozhi(base: str, device: str, packets: list[bytes], n_speech: int, 
     await asyncio.sleep(delay_s)
     ota = await _ota_websocket(base, device)
     t0 = time.monotonic()
-    async with await XiaozhiClient.connect(ota["url"], ota["token"], device, client_id=device) as c:
+    async with await _patiently(lambda: XiaozhiClient.connect(ota["url"], ota["token"], device, client_id=device),
+                                out) as c:
         out["connect_ms"].append((time.monotonic() - t0) * 1000)
         await _turns(c, c.ws.send, packets, n_speech, turns, out,
                      lambda m: m.get("type") == "tts" and m.get("state") == "stop",
@@ -144,7 +164,7 @@ async def _native(base: str, token: str, frames: list[bytes], n_speech: int, tur
 
     await asyncio.sleep(delay_s)
     t0 = time.monotonic()
-    async with await NativeClient.connect(f"{base}/ws/voice", token) as c:  # PCM16 frames, as they are
+    async with await _patiently(lambda: NativeClient.connect(f"{base}/ws/voice", token), out) as c:  # PCM16 frames
         out["connect_ms"].append((time.monotonic() - t0) * 1000)
         await _turns(c, c.ws.send, frames, n_speech, turns, out, lambda m: m.get("type") == "metrics")
 
@@ -198,7 +218,7 @@ def load_process(conn: Any, protocol: str, base: str, token: str, media: list[by
                  sessions: int, turns: int, stagger_s: float) -> None:
     """The load generator's own process: `sessions` clients at once; sends
     back what they saw and the CPU this process used."""
-    out: dict[str, list[float]] = {"e2e_ms": [], "eos_at": [], "connect_ms": [], "lag_ms": [],
+    out: dict[str, list[float]] = {"e2e_ms": [], "eos_at": [], "connect_ms": [], "lag_ms": [], "busy": [],
                                    "vad_end_ms": [], "server_ms": [], "server_eos_at": [], "first_turn_done": []}
     failures: list[str] = []
 
@@ -353,6 +373,7 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
                    "server_steady_ms": steady_server,
                    "vad_end_after_speech_ms": pct(result["vad_end_ms"]), "connect_ms": pct(result["connect_ms"]),
                    "uplink_lag_ms": pct(result["lag_ms"]), "failures": result["failures"],
+                   "refused_busy_then_retried": len(result["busy"]),
                    "server_cpu_pct_of_core_per_session": split,
                    "server_cpu_pct_of_core": round(sum(split.values()) * n, 1),
                    "server_cpu_pct_of_core_whole_run": round(100 * whole, 1),
@@ -361,7 +382,8 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
             report["runs"].append(row)
             print(f"[load] {n} sessions: e2e p50 {e2e['p50']} p99 {e2e['p99']} ms; overhead p50 {over['p50']} "
                   f"p99 {over['p99']} ms; connect p50 {row['connect_ms']['p50']} p99 {row['connect_ms']['p99']} ms; "
-                  f"uplink lag p99 {row['uplink_lag_ms']['p99']} ms; failures {len(result['failures'])}", flush=True)
+                  f"uplink lag p99 {row['uplink_lag_ms']['p99']} ms; failures {len(result['failures'])}; refused "
+                  f"busy (limit.starting_sessions) and retried {row['refused_busy_then_retried']}", flush=True)
             print(f"[load]   turns after every session's first (no actor starting): e2e p50 {steady['p50']} "
                   f"p99 {steady['p99']} ms (n={steady['n']})", flush=True)
             if server is not None:

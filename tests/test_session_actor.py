@@ -295,6 +295,35 @@ async def test_sessions_beyond_the_warm_pool_start_two_at_a_time(ray_cluster, co
         ray.kill(r.actor)
 
 
+async def test_a_burst_past_max_starting_sessions_is_refused_at_once(ray_cluster, config):
+    """Sessions waiting for a new actor are capped per ingress: the next one
+    is refused at once (limit.starting_sessions, 4503, a retry hint) rather
+    than closed after 30 s of waiting; a device's refused place goes back to
+    the directory, its alias finds the same id on the retry, and new
+    sessions start again once the queue ahead has."""
+    from actors.ingress.limits import LimitError
+
+    capped = config.model_copy(update={"limits": config.limits.model_copy(update={"max_starting_sessions": 2})})
+    manager = SessionManager(capped, warm=0)
+    queued = [await manager.open_soon() for _ in range(2)]
+    with pytest.raises(LimitError) as refused:
+        await manager.open_soon()
+    assert refused.value.code == "limit.starting_sessions" and refused.value.ws_close_code == 4503
+    assert refused.value.retry_after_s >= 1.0
+    device = f"device:cap-{new_session_id()}"
+    with pytest.raises(LimitError):
+        await manager.open_alias(device, device, 8, 64)
+    assert device not in (await manager.directory.live.remote()).values()
+    refs = await asyncio.gather(*queued)
+    again, resumed, limit = await manager.open_alias(device, device, 8, 64)
+    assert resumed and limit is None and again.starts_actor
+    refs.append(await again)
+    assert [await r.ready.remote() for r in refs] == [s.session_id for s in queued] + [again.session_id]
+    manager.shutdown()
+    for r in refs:
+        ray.kill(r.actor)
+
+
 async def test_a_new_actor_boots_once_the_hellos_in_flight_are_out(ray_cluster, config, monkeypatch):
     """A socket on its way to its hello holds back new actors' boots (each
     ~1 s of CPU) and the warm pool's refill, for at most HELLOS_FIRST_MAX_S."""

@@ -282,8 +282,11 @@ class IngressCore:
             await connection.serve()
         except (AuthError, LimitError, ApiError) as e:
             self.metrics.refused(e.code)
+            error = {"type": "error", "code": e.code, "message": e.message}
+            if getattr(e, "retry_after_s", None):
+                error["retry_after_ms"] = round(e.retry_after_s * 1000)
             with contextlib.suppress(Exception):  # the client may already be gone
-                await ws.send_text(json.dumps({"type": "error", "code": e.code, "message": e.message}))
+                await ws.send_text(json.dumps(error))
                 await ws.close(e.ws_close_code, e.code)
         finally:
             self.drain.discard(connection)

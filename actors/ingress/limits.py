@@ -23,6 +23,7 @@ _LIMIT_ERRORS: dict[str, tuple[int, int, str]] = {
     "limit.live_sessions": (429, 4429, "this caller holds as many live sessions as it may"),
     "limit.cluster_sessions": (503, 4503, "the server holds as many live sessions as its nodes allow"),
     "limit.pending_activations": (429, 4429, "too many devices are waiting for activation"),
+    "limit.starting_sessions": (503, 4503, "too many new sessions are starting; try again shortly"),
 }
 
 
