@@ -69,7 +69,7 @@ def _client(args: argparse.Namespace) -> int:
     import httpx
 
     from actors.audio import AudioFormatError, read_wav, write_wav
-    from actors.client import NativeClient, XiaozhiClient
+    from actors.client import NativeClient, XiaozhiClient, connect_patiently, server_busy
 
     try:
         pcm = read_wav(args.wav) if args.wav else b""
@@ -113,10 +113,12 @@ def _client(args: argparse.Namespace) -> int:
     async def run() -> object:
         if args.xiaozhi:
             ws_info = await _device_websocket(base, args.device_id)
-            async with await XiaozhiClient.connect(ws_info["url"], ws_info["token"] or token, args.device_id,
-                                                   client_id=args.device_id, version=args.protocol_version) as c:
+            async with await connect_patiently(lambda: XiaozhiClient.connect(
+                    ws_info["url"], ws_info["token"] or token, args.device_id, client_id=args.device_id,
+                    version=args.protocol_version), retry=server_busy) as c:
                 return await c.ask_audio(pcm, on_event=show)
-        async with await NativeClient.connect(f"{ws_base}/ws/voice", token, args.session) as c:
+        async with await connect_patiently(lambda: NativeClient.connect(f"{ws_base}/ws/voice", token,
+                                                                        args.session), retry=server_busy) as c:
             print(f"session {c.session_id}")
             if args.text:
                 return await c.ask_text(args.text, on_event=show)

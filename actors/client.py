@@ -20,8 +20,9 @@ the hinted time, jittered, and lands on whichever replica serves next.
 
 A burst of new sessions beyond what the server can start at once is refused
 before `hello` with an `error` carrying `retry_after_ms`
-(`limit.starting_sessions`, close 4503): `ServerBusy`, which `connect_patiently`
-and `reconnect()` answer by trying again after the hint.
+(`limit.starting_sessions`, close 4503): `ServerBusy`, which
+`connect_patiently(..., retry=server_busy)` (a first connect) and
+`reconnect()` answer by trying again after the hint.
 """
 
 from __future__ import annotations
@@ -161,11 +162,19 @@ OnEvent = Callable[[dict[str, Any]], None]
 C = TypeVar("C")
 
 
+def server_busy(error: BaseException) -> bool:
+    """A first connect's only reason to try again: the server said when."""
+    return isinstance(error, ServerBusy)
+
+
 async def connect_patiently(open_socket: Callable[[], Awaitable[C]], timeout_s: float = 60.0,
-                            first_wait_s: float = 0.0) -> C:
-    """`open_socket()` until it succeeds, retrying what `should_reconnect`
-    allows (unreachable, restarting, busy) with jittered backoff, each wait at
-    least the server's hint, until `timeout_s`; a refusal is raised at once."""
+                            first_wait_s: float = 0.0,
+                            retry: Callable[[BaseException], bool] = should_reconnect) -> C:
+    """`open_socket()` until it succeeds, retrying what `retry` allows
+    (`should_reconnect`: unreachable, restarting, busy; a first connect
+    passes `server_busy`, so a wrong address fails at once) with jittered
+    backoff, each wait at least the server's hint, until `timeout_s`; a
+    refusal is raised at once."""
     deadline = time.monotonic() + timeout_s
     if first_wait_s:
         await asyncio.sleep(min(first_wait_s, max(0.0, deadline - time.monotonic())))
@@ -174,7 +183,7 @@ async def connect_patiently(open_socket: Callable[[], Awaitable[C]], timeout_s: 
         try:
             return await asyncio.wait_for(open_socket(), max(1.0, deadline - time.monotonic()))
         except Exception as e:
-            if not should_reconnect(e) or time.monotonic() + delay >= deadline:
+            if not retry(e) or time.monotonic() + delay >= deadline:
                 raise
             hint = e.retry_after_s if isinstance(e, (ServerRestarting, ServerBusy)) else 0.0
             await asyncio.sleep(max(delay, hint) * random.uniform(0.8, 1.2))

@@ -131,7 +131,7 @@ async def _patiently(open_socket: Callable[[], Awaitable[C]], out: dict[str, lis
     """A client's first connect as a device's: a server busy starting other
     sessions (`limit.starting_sessions`) is tried again after its hint; each
     such refusal is counted (`busy`), and connect → hello includes the waits."""
-    from actors.client import ServerBusy, connect_patiently
+    from actors.client import ServerBusy, connect_patiently, server_busy
 
     async def counted() -> C:
         try:
@@ -140,7 +140,7 @@ async def _patiently(open_socket: Callable[[], Awaitable[C]], out: dict[str, lis
             out["busy"].append(1.0)
             raise
 
-    return await connect_patiently(counted, timeout_s=120.0)
+    return await connect_patiently(counted, timeout_s=120.0, retry=server_busy)
 
 
 async def _xiaozhi(base: str, device: str, packets: list[bytes], n_speech: int, turns: int,

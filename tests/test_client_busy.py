@@ -15,7 +15,14 @@ from collections.abc import AsyncIterator
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
-from actors.client import NativeClient, ServerBusy, XiaozhiClient, connect_patiently, should_reconnect
+from actors.client import (
+    NativeClient,
+    ServerBusy,
+    XiaozhiClient,
+    connect_patiently,
+    server_busy,
+    should_reconnect,
+)
 
 HINT_MS = 150
 
@@ -77,7 +84,8 @@ async def test_a_busy_refusal_is_server_busy_with_its_hint(busy_twice):
 
 async def test_connect_patiently_comes_back_after_the_hint(busy_twice):
     server, url = busy_twice
-    client = await connect_patiently(lambda: NativeClient.connect(f"{url}/ws/voice", "token"), timeout_s=10)
+    client = await connect_patiently(lambda: NativeClient.connect(f"{url}/ws/voice", "token"), timeout_s=10,
+                                     retry=server_busy)
     try:
         assert client.session_id == "s1" and len(server.hellos) == 3
         gaps = [b - a for a, b in zip(server.hellos, server.hellos[1:])]
@@ -101,3 +109,18 @@ async def test_connect_patiently_gives_up_at_its_timeout():
         with pytest.raises(ServerBusy):
             await connect_patiently(lambda: NativeClient.connect(f"{url}/ws/voice", "token"), timeout_s=0.5)
         assert 2 <= len(server.hellos) <= 5  # tried again after the hint, then gave up
+
+
+async def test_a_first_connect_to_a_wrong_address_fails_at_once():
+    """`retry=server_busy` (the CLI's and the bench's first connect): only a
+    busy server is waited for; nothing listening is an error now."""
+    tries = 0
+
+    async def nowhere() -> NativeClient:
+        nonlocal tries
+        tries += 1
+        return await NativeClient.connect("ws://127.0.0.1:9/ws/voice", "token")
+
+    with pytest.raises(OSError):
+        await connect_patiently(nowhere, timeout_s=30, retry=server_busy)
+    assert tries == 1
