@@ -53,20 +53,29 @@ SERVICE_RESTART = 1012
 """WebSocket close code "service restart": reconnect (after `retry_after_ms`) and resume."""
 
 
-class ServerRestarting(ConnectionError):
+class _Refusal(ConnectionError):
+    """The server answered a socket with `reply` instead of `hello`."""
+
+    def __init__(self, what: str, reply: dict[str, Any]) -> None:
+        super().__init__(f"{what}: {reply}")
+        self.reply = reply
+
+    @property
+    def retry_after_s(self) -> float:
+        """The server's hint of when to come back (0 without one)."""
+        return _retry_after_s(self.reply)
+
+
+class ServerRestarting(_Refusal):
     """The server answered a new socket with `goodbye`: the replica it reached
     is shutting down; try again shortly (another one will take it)."""
 
     def __init__(self, goodbye: dict[str, Any]) -> None:
-        super().__init__(f"server restarting: {goodbye}")
+        super().__init__("server restarting", goodbye)
         self.goodbye = goodbye
 
-    @property
-    def retry_after_s(self) -> float:
-        return _retry_after_s(self.goodbye)
 
-
-class ServerBusy(ConnectionError):
+class ServerBusy(_Refusal):
     """The server refused a new socket for now (`limit.starting_sessions`:
     as many new sessions as it starts at once wait already), with a hint of
     when to come back; nothing of the session exists yet."""
@@ -74,21 +83,15 @@ class ServerBusy(ConnectionError):
     BUSY_CODES = frozenset({"limit.starting_sessions"})
 
     def __init__(self, error: dict[str, Any]) -> None:
-        super().__init__(f"server busy: {error}")
-        self.error = error
-
-    @property
-    def retry_after_s(self) -> float:
-        return _retry_after_s(self.error)
+        super().__init__("server busy", error)
 
 
-class HelloRefused(ConnectionError):
+class HelloRefused(_Refusal):
     """The server answered our hello with an error (a session cap, a session
     that is not ours): trying again would get the same answer."""
 
-    def __init__(self, reply: dict[str, Any]) -> None:
-        super().__init__(f"server refused hello: {reply}")
-        self.error = reply
+    def __init__(self, error: dict[str, Any]) -> None:
+        super().__init__("server refused hello", error)
 
 
 def _refused_hello(reply: dict[str, Any]) -> ConnectionError:
@@ -185,7 +188,7 @@ async def connect_patiently(open_socket: Callable[[], Awaitable[C]], timeout_s: 
         except Exception as e:
             if not retry(e) or time.monotonic() + delay >= deadline:
                 raise
-            hint = e.retry_after_s if isinstance(e, (ServerRestarting, ServerBusy)) else 0.0
+            hint = e.retry_after_s if isinstance(e, _Refusal) else 0.0
             await asyncio.sleep(max(delay, hint) * random.uniform(0.8, 1.2))
             delay = min(2.0, delay * 2)
 

@@ -78,7 +78,7 @@ async def test_a_busy_refusal_is_server_busy_with_its_hint(busy_twice):
     with pytest.raises(ServerBusy) as device:
         await XiaozhiClient.connect(f"{url}/xiaozhi/v1/", "token", "02:00:00:00:00:01")
     for refused in (native.value, device.value):
-        assert refused.error["code"] == "limit.starting_sessions"
+        assert refused.reply["code"] == "limit.starting_sessions"
         assert refused.retry_after_s == HINT_MS / 1000 and should_reconnect(refused)
 
 
