@@ -202,13 +202,16 @@ class SessionManager:
         return await self._live_or_starting(session_id), refused
 
     async def open_alias(self, alias: str, owner: str, per_principal: int,
-                         per_node: int) -> tuple[SessionRef | StartingSession, bool, str | None]:
+                         per_node: int) -> tuple[SessionRef | StartingSession, bool]:
         """The session bound to `alias` (live, or brought back from the store
         if it ended), else a warm one bound to it now, counted as live for
-        `owner` (the directory's `admit`); → (session, resumed, the limit
-        code that refuses it or None). A session that needs a new actor comes
-        back as a `StartingSession` (its id known, its actor still starting)
-        for the caller to await.
+        `owner` (the directory's `admit`); → (session, resumed). A session
+        that needs a new actor comes back as a `StartingSession` (its id
+        known, its actor still starting) for the caller to await. Refused by
+        a session cap: `LimitError`, and nothing starts for it (a warm
+        session taken for it ends, its actor back to the spares), so a
+        device knocking on a full server does not leave an idle actor behind
+        each time.
 
         One directory call binds, finds and admits: the offered id is a warm
         session's when one is ready, else a new one, whose actor starts only
@@ -220,12 +223,19 @@ class SessionManager:
         offered = entry[0].session_id if entry is not None else new_session_id()
         winner, host, refused = await self._directory.bind_and_admit.remote(alias, offered, owner,
                                                                            per_principal, per_node)
+        if refused is not None:
+            if entry is not None and winner == offered:  # bound to the alias now: nobody else may get it
+                entry[0].close.remote()
+                self._refill_soon()
+            elif entry is not None:
+                await asyncio.to_thread(self._put_back_warm, entry)
+            raise LimitError(refused)
         if winner == offered:
             if entry is not None:
                 self._refill_soon()
-                return entry[0], False, refused
+                return entry[0], False
             try:
-                return self._new_actor(offered), False, refused
+                return self._new_actor(offered), False
             except LimitError:
                 await self._directory.release.remote(offered)  # its place; the alias finds it on the retry
                 raise
@@ -233,8 +243,8 @@ class SessionManager:
         if entry is not None:
             await asyncio.to_thread(self._put_back_warm, entry)
         if self._starting.get(winner) is None and host is not None:
-            return SessionRef(host, winner), True, refused
-        return await self._live_or_starting(winner), True, refused
+            return SessionRef(host, winner), True
+        return await self._live_or_starting(winner), True
 
     def after_hello(self, session_id: str, ready: Awaitable[SessionRef]) -> StartingSession:
         """A live session whose last step before use (`ready`: its claim)

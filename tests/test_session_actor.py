@@ -15,8 +15,10 @@ import pytest
 import ray
 
 from actors.audio import rms_dbfs, silence
+from actors.ingress.limits import LimitError
 from actors.pools import get_pool
 from actors.session_manager import SessionManager
+from actors.session_ref import SessionMoved
 from actors.sessions import SessionHandle, find_session, new_session_id, open_session
 from tests.conftest import TEST_NAMESPACE, frames_of, send_frames
 
@@ -240,24 +242,40 @@ async def test_warm_pool_hands_out_started_actors(ray_cluster, config):
     # a device: its first connect binds a warm session to it; when it comes back, the warm session
     # offered with the same directory call goes back to the pool and the device gets its own
     device = f"device:{new_session_id()}"
-    first, resumed_flag, refused = await manager.open_alias(device, device, 1, 100)
-    assert not resumed_flag and first.session_id != sid and refused is None
+    first, resumed_flag = await manager.open_alias(device, device, 1, 100)
+    assert not resumed_flag and first.session_id != sid
     for _ in range(100):
         if manager.warm_ready() == 2:
             break
         await asyncio.sleep(0.1)
     warm_before = sorted(ref.session_id for ref, _ in manager._warm)
-    again, resumed_flag, refused = await manager.open_alias(device, device, 1, 100)
-    assert resumed_flag and again.session_id == first.session_id and refused is None
+    again, resumed_flag = await manager.open_alias(device, device, 1, 100)
+    assert resumed_flag and again.session_id == first.session_id
     assert sorted(ref.session_id for ref, _ in manager._warm) == warm_before  # nothing used up
     assert (await again.stats.remote())["pid"] == (await first.stats.remote())["pid"]  # its host, found in the same call
-    # the same call counts the session against its owner's cap: a second device of one owner is refused
-    other, _, refused = await manager.open_alias(f"device:{new_session_id()}", device, 1, 100)
-    assert refused == "limit.live_sessions"
+    # the same call counts the session against its owner's cap: a second device of one owner is
+    # refused, and nothing is left behind for it: the warm session it was offered ends (its actor
+    # back to the spares, the pool refilled), no actor starts
+    for _ in range(100):
+        if manager.warm_ready() == 2:
+            break
+        await asyncio.sleep(0.1)
+    offered = manager._warm[0][0]
+    with pytest.raises(LimitError) as refused:
+        await manager.open_alias(f"device:{new_session_id()}", device, 1, 100)
+    assert refused.value.code == "limit.live_sessions" and not manager._starting
+    assert offered.session_id not in [r.session_id for r, _ in manager._warm]
+    for _ in range(50):  # ended (the close is not awaited): its actor hosts it no longer
+        try:
+            await offered.ready.remote()
+        except SessionMoved:
+            break
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError("the warm session offered to a refused device was not ended")
     manager.shutdown()
     ray.kill(actor.actor)
     ray.kill(first.actor)
-    ray.kill(other.actor)
 
 
 async def test_sessions_beyond_the_warm_pool_start_two_at_a_time(ray_cluster, config, monkeypatch):
@@ -301,8 +319,6 @@ async def test_a_burst_past_max_starting_sessions_is_refused_at_once(ray_cluster
     than closed after 30 s of waiting; a device's refused place goes back to
     the directory, its alias finds the same id on the retry, and new
     sessions start again once the queue ahead has."""
-    from actors.ingress.limits import LimitError
-
     capped = config.model_copy(update={"limits": config.limits.model_copy(update={"max_starting_sessions": 2})})
     manager = SessionManager(capped, warm=0)
     queued = [await manager.open_soon() for _ in range(2)]
@@ -315,8 +331,8 @@ async def test_a_burst_past_max_starting_sessions_is_refused_at_once(ray_cluster
         await manager.open_alias(device, device, 8, 64)
     assert device not in (await manager.directory.live.remote()).values()
     refs = await asyncio.gather(*queued)
-    again, resumed, limit = await manager.open_alias(device, device, 8, 64)
-    assert resumed and limit is None and again.starts_actor
+    again, resumed = await manager.open_alias(device, device, 8, 64)
+    assert resumed and again.starts_actor
     refs.append(await again)
     assert [await r.ready.remote() for r in refs] == [s.session_id for s in queued] + [again.session_id]
     manager.shutdown()
@@ -453,7 +469,6 @@ async def test_an_ended_sessions_actor_hosts_the_next_session_and_nothing_of_the
     long-lived processes for good): the next session gets the process, never
     the first one's conversation, owner or listeners, and a handle to the
     first session cannot reach the second."""
-    from actors.session_ref import SessionMoved
 
     first = await open_actor(config)
     assert await first.claim.remote("user:alice")

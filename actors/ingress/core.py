@@ -141,7 +141,7 @@ class IngressCore:
         limits = self.config.limits
         caps = (limits.max_live_sessions_per_principal, limits.max_live_sessions_per_node)
         if alias is not None:  # only sockets name an alias
-            actor, resumed, refused = await self.sessions.open_alias(alias, owner, *caps)
+            (actor, resumed), refused = await self.sessions.open_alias(alias, owner, *caps), None
         elif session_id:
             if not await self._owned(session_id, principal):
                 raise SessionNotFound(session_id)
