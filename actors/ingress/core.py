@@ -141,7 +141,8 @@ class IngressCore:
         limits = self.config.limits
         caps = (limits.max_live_sessions_per_principal, limits.max_live_sessions_per_node)
         if alias is not None:  # only sockets name an alias
-            (actor, resumed), refused = await self.sessions.open_alias(alias, owner, *caps), None
+            actor, resumed = await self.sessions.open_alias(alias, owner, *caps)  # raises when refused
+            refused = None
         elif session_id:
             if not await self._owned(session_id, principal):
                 raise SessionNotFound(session_id)
