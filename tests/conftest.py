@@ -187,6 +187,24 @@ def served_config(config: Any, devices: list[str], admission: str = "allowlist",
     return config.model_copy(update={"auth": auth_cfg, "limits": limits})
 
 
+def _empty_metrics_hub(namespace: str) -> None:
+    """Each module's server starts with an empty metrics hub (restarted: the
+    named actor stays, its snapshots go). The hub sums every ingress
+    process's last snapshot until it is SNAPSHOT_MAX_AGE_S old, so an
+    earlier module's replicas and gateways, gone, aged out of the sums in the
+    middle of a test that read a counter before and after a connect (6, then
+    4)."""
+    import ray
+
+    from actors.ingress.metrics import HUB_NAME
+
+    try:
+        hub = ray.get_actor(HUB_NAME, namespace=namespace)
+    except ValueError:  # none yet
+        return
+    ray.kill(hub, no_restart=False)
+
+
 def run_ingress(config: Any, name: str) -> Iterator[str]:
     """Serve the ingress built from `config` at / on INGRESS_PORT for one
     module (use with `yield from` in a module fixture); → its base URL."""
@@ -194,6 +212,7 @@ def run_ingress(config: Any, name: str) -> Iterator[str]:
 
     from serve_app import build_app
 
+    _empty_metrics_hub(config.server.namespace)
     serve.start(http_options={"host": "127.0.0.1", "port": INGRESS_PORT})
     serve.run(build_app(config), name=name, route_prefix="/")
     yield f"http://127.0.0.1:{INGRESS_PORT}"
