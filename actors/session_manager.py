@@ -223,16 +223,17 @@ class SessionManager:
         offered = entry[0].session_id if entry is not None else new_session_id()
         winner, host, refused = await self._directory.bind_and_admit.remote(alias, offered, owner,
                                                                            per_principal, per_node)
+        if entry is not None and winner != offered:  # the alias had a session: the warm one offered goes back
+            await asyncio.to_thread(self._put_back_warm, entry)
+            entry = None
+        if entry is not None:  # taken for good (bound to the alias: nobody else may get it)
+            self._refill_soon()
         if refused is not None:
-            if entry is not None and winner == offered:  # bound to the alias now: nobody else may get it
-                entry[0].close.remote()
-                self._refill_soon()
-            elif entry is not None:
-                await asyncio.to_thread(self._put_back_warm, entry)
+            if entry is not None:
+                entry[0].close.remote()  # its actor back to the spares
             raise LimitError(refused)
         if winner == offered:
             if entry is not None:
-                self._refill_soon()
                 return entry[0], False
             try:
                 return self._new_actor(offered), False
@@ -240,8 +241,6 @@ class SessionManager:
                 await self._directory.release.remote(offered)  # its place; the alias finds it on the retry
                 raise
         # bound before (or by another replica a moment ago): that session, brought back if it ended
-        if entry is not None:
-            await asyncio.to_thread(self._put_back_warm, entry)
         if self._starting.get(winner) is None and host is not None:
             return SessionRef(host, winner), True
         return await self._live_or_starting(winner), True
