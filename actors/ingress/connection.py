@@ -188,9 +188,7 @@ class VoiceConnection:
                 await stream.__anext__()
 
             actor = actor.then(subscribe)
-            await self._send(self._adapter.hello_reply(sid, resumed, rate))
-            self._hello_out()
-            await self._send(self._adapter.after_hello())
+            await self._say_hello(sid, resumed, rate)
             try:
                 actor = await asyncio.wait_for(actor, REOPEN_TIMEOUT_S)
             except asyncio.TimeoutError:
@@ -206,9 +204,7 @@ class VoiceConnection:
             # hello as soon as the subscription is asked for; the client's input
             # waits (unread) until it is in place, so nothing said is lost
             events = self._events = self._subscribe(actor)
-            await self._send(self._adapter.hello_reply(sid, resumed, rate))
-            self._hello_out()
-            await self._send(self._adapter.after_hello())
+            await self._say_hello(sid, resumed, rate)
             try:
                 await events.__anext__()  # session.started: subscribed
             except ray.exceptions.RayActorError:  # died between the claim and the subscription
@@ -241,6 +237,13 @@ class VoiceConnection:
             except (asyncio.TimeoutError, Exception):
                 caller.cancel()
             self._events.close()
+
+    async def _say_hello(self, sid: str, resumed: bool, rate: int) -> None:
+        """The hello reply (the hello no longer holds new actors back once it
+        is out), then what the protocol sends right after it."""
+        await self._send(self._adapter.hello_reply(sid, resumed, rate))
+        self._hello_out()
+        await self._send(self._adapter.after_hello())
 
     def _subscribe(self, actor: Any) -> SessionLink:
         return SessionLink(actor, exclusive=self._stream if self._exclusive else None,
