@@ -173,7 +173,9 @@ def test_list_names_every_exhibit(engine, kb):
         ("What's the date today?", "Today is Wednesday, May 1, 2024."),
         ("What is 12 times 7?", "12 times 7 is 84."),
         ("what's twelve times seven", "12 times 7 is 84."),
-        ("What is 12th time 7?", "12 times 7 is 84."),  # Whisper tiny's mishearing, seen in CI
+        ("What is 12th time 7?", "12 times 7 is 84."),  # Whisper tiny's mishearings, seen in CI
+        ("What is 12, time 7?", "12 times 7 is 84."),
+        ("What is 12, times 7?", "12 times 7 is 84."),
         ("What is 5 minus 12?", "5 minus 12 is minus 7."),
         ("What is 10 divided by 4?", "10 divided by 4 is 2.5."),
         ("What is 1 divided by 3?", "1 divided by 3 is about 0.333333."),
@@ -372,6 +374,8 @@ def test_arithmetic_is_not_found_in_ordinary_questions():
     assert find_expression("what is 12 x 7.") == "12 * 7"
     assert find_expression("what is 12th time 7?") == "12 * 7"  # Whisper's mishearing of "twelve times seven"
     assert find_expression("the 5th time I asked") is None
+    assert find_expression("what is 12, time 7?") == "12 * 7"
+    assert find_expression("one, two, three") is None
 
 
 def test_parse_timer():

@@ -66,8 +66,8 @@ def _math_text(lower: str) -> str:
     t = re.sub(r"-(?=[a-z])", " ", t)
     for pattern, symbol in (
         (r"\bmultiplied by\b|\btimes\b", " * "),
-        # Whisper tiny hears "twelve times seven" as "12th time 7" now and then (CI, 2026-11-30)
-        (r"(?<=\d)(?:st|nd|rd|th)?\s+time\b(?=\s*\d)", " * "),
+        # Whisper tiny hears "twelve times seven" as "12th time 7" or "12, time 7" now and then (CI)
+        (r"(?<=\d)(?:st|nd|rd|th)?,?\s+time\b(?=\s*\d)", " * "),
         (r"(?<=\d)\s*[x×]\s*(?=\d)", " * "),
         (r"\bdivided by\b|\bover\b|÷", " / "),
         (r"\bplus\b", " + "),
@@ -79,7 +79,8 @@ def _math_text(lower: str) -> str:
         (r"\^", " ** "),
     ):
         t = re.sub(pattern, symbol, t)
-    return t
+    # a pause Whisper wrote as a comma: "12, times 7"
+    return re.sub(r"(?<=\d),(?=\s*(?:\*\*|[-+*/%]))", "", t)
 
 
 _BINARY = re.compile(r"[\d)]\s*(?:\*\*|[-+*/%])\s*[-+(]*\s*\d")
