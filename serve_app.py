@@ -18,13 +18,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from ray import serve
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from actors.config import AppConfig, load_config
 from actors.ingress.auth import Authenticator, AuthError, Principal, check_device_ids
 from actors.ingress.core import ApiError, IngressCore, SessionNotFound
-from actors.ingress.http_guard import BodyGuard, Cors
-from actors.ingress.limits import FailureLimiter, LimitError
+from actors.ingress.http_errors import ERROR_HANDLERS, error_response
+from actors.ingress.http_guard import BodyGuard, Cors, json_body
+from actors.ingress.limits import FailureLimiter
+from actors.ingress.ota import ACTIVATE_PATH, OTA_PATH, activation_status, answer_ota, ota_info
 from actors.protocols.base import SESSION_ID_PATTERN
 from actors.protocols.base import valid_session_id as _valid_session_id
 
@@ -39,38 +40,15 @@ api = FastAPI(
 
 
 
-def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
-
-
-@api.exception_handler(ApiError)
-async def _api_error(_: Request, e: ApiError) -> JSONResponse:
-    return _error(e.status, e.code, e.message)
-
-
-@api.exception_handler(AuthError)
-async def _auth_error(_: Request, e: AuthError) -> JSONResponse:
-    return _error(e.http_status, e.code, e.message, {"WWW-Authenticate": "Bearer"} if e.http_status == 401 else None)
-
-
-@api.exception_handler(LimitError)
-async def _limit_error(_: Request, e: LimitError) -> JSONResponse:
-    headers = {"Retry-After": str(max(1, round(e.retry_after_s)))} if e.retry_after_s else None
-    return _error(e.http_status, e.code, e.message, headers)
+for _exception, _handler in ERROR_HANDLERS.items():  # the one envelope (actors/ingress/http_errors.py)
+    api.add_exception_handler(_exception, _handler)
 
 
 @api.exception_handler(RequestValidationError)
 async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
     first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
     where = ".".join(str(p) for p in first["loc"])
-    return _error(422, "request.invalid", f"{where}: {first['msg']}")
-
-
-@api.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
-    """The framework's own refusals (unknown path, wrong method, a body it
-    could not parse) in the same envelope as ours, never `{"detail": ...}`."""
-    return _error(e.status_code, f"http.{e.status_code}", str(e.detail), dict(e.headers or {}) or None)
+    return error_response(422, "request.invalid", f"{where}: {first['msg']}")
 
 
 WARM_BESIDE_GATEWAY = 2
@@ -135,8 +113,8 @@ class VoiceIngress(IngressCore):
         from actors.pools import ensure_pools
         from actors.providers.stages import chained_stt, chained_tts
 
-        http_guard.body_limits.set(config.limits.max_json_bytes, config.limits.max_request_bytes, UPLOAD_ROUTES)
-        http_guard.cors_origins[:] = config.ingress.cors_allowed_origins
+        http_guard.configure(config.limits.max_json_bytes, config.limits.max_request_bytes, UPLOAD_ROUTES,
+                             config.ingress.cors_allowed_origins)
         ensure_pools(config)
         # devices take their sessions from the gateway's warm pool when it is on; this replica keeps a
         # few for the HTTP API and the web page (each spare: ~58 MB and ~0.9 % of a core, DESIGN §5)
@@ -564,45 +542,14 @@ class VoiceIngress(IngressCore):
         return await request.body()  # the size was checked by BodyGuard, from the declared length
 
     # ------------------------------------------------------------ xiaozhi OTA and device admission
-    @api.post("/xiaozhi/ota/")
+    @api.post(OTA_PATH)
     async def xiaozhi_ota(self, request: Request) -> dict[str, Any]:
-        """The firmware's version check. An admitted device gets its WebSocket
-        URL and token; any other gets an activation code to show or speak
-        (docs/security.md), and no token until its owner confirms the code."""
-        device_id, client_id = self._device_headers(request)
-        ip = self._client_ip(request)
-        self.rate.check("ota:ip:" + ip)
-        self.rate.check("ota:" + device_id)
-        body = await self._json_body(request)
-        application = body.get("application") if isinstance(body, dict) else None
-        version = application.get("version") if isinstance(application, dict) else None
-        decision = await asyncio.to_thread(self.admission.on_ota, device_id, client_id, ip)
-        answer: dict[str, Any] = {
-            "server_time": {"timestamp": int(time.time() * 1000), "timezone_offset": 0},
-            "firmware": {"version": version if isinstance(version, str) and len(version) <= 32 else "0.0.0",
-                         "url": ""},
-        }
-        if decision.activation is not None:
-            code = decision.activation.code
-            answer["activation"] = {"code": code, "message": f"{self._public_host(request)}\n{code}",
-                                    "challenge": decision.activation.challenge, "timeout_ms": 30000}
-            return answer
-        token = ""
-        if self.config.auth.enabled and self.config.auth.device_secret is not None:
-            token = self.auth.issue_device_token(client_id, device_id)
-        answer["websocket"] = {"url": self._ws_url(request, "/xiaozhi/v1/"), "token": token}
-        return answer
+        """The firmware's version check (actors/ingress/ota.py)."""
+        return await answer_ota(self, request)
 
-    @api.post("/xiaozhi/ota/activate")
+    @api.post(ACTIVATE_PATH)
     async def xiaozhi_activate_poll(self, request: Request) -> Response:
-        """The firmware polls here while it shows its code: 202 while it
-        waits, 200 once its owner confirmed it (then it asks OTA again)."""
-        device_id, _ = self._device_headers(request)
-        self.rate.check("ota:" + device_id)
-        admitted = await asyncio.to_thread(self.admission.registry.is_admitted, device_id)
-        if admitted:
-            return JSONResponse({"status": "activated"}, status_code=200)
-        return JSONResponse({"status": "waiting"}, status_code=202)
+        return await activation_status(self, request)
 
     @api.post("/api/devices/activate")
     async def devices_activate(self, body: ActivateBody, request: Request) -> dict[str, Any]:
@@ -713,7 +660,7 @@ class VoiceIngress(IngressCore):
     async def memories_add(self, request: Request) -> dict[str, Any]:
         from actors.agent.memory_api import add_memory
 
-        return await self._memories(request, add_memory, await self._json_body(request))
+        return await self._memories(request, add_memory, await json_body(request))
 
     @api.delete("/api/memories/{memory_id}")
     async def memories_delete(self, memory_id: str, request: Request) -> dict[str, Any]:
@@ -793,35 +740,9 @@ class VoiceIngress(IngressCore):
             raise ApiError(404, "device.not_found", "no device with this id belongs to you")
         return device_id
 
-    def _device_headers(self, request: Request) -> tuple[str, str]:
-        device_id = request.headers.get("device-id") or request.query_params.get("device-id")
-        client_id = request.headers.get("client-id") or request.query_params.get("client-id")
-        if not device_id:
-            raise ApiError(400, "xiaozhi.missing_device_id", "the Device-Id header is required")
-        device, client = check_device_ids(device_id, client_id or device_id)
-        assert device is not None and client is not None
-        return device, client
-
-    @staticmethod
-    async def _json_body(request: Request) -> Any:
-        """The body as JSON, or None: BodyGuard has already refused JSON it
-        could not parse safely, so this never sees deep nesting."""
-        from actors import safe_json
-
-        data = await request.body()
-        if not data:
-            return None
-        try:
-            return safe_json.loads(data)
-        except safe_json.JSONLimitError:
-            return None
-
-    def _public_host(self, request: Request) -> str:
-        return self.config.ingress.public_url or f"{request.url.scheme}://{request.url.netloc}"
-
-    @api.get("/xiaozhi/ota/")
+    @api.get(OTA_PATH)
     async def xiaozhi_ota_info(self, request: Request) -> dict[str, Any]:
-        return {"websocket": {"url": self._ws_url(request, "/xiaozhi/v1/")}, "method": "POST with Device-Id"}
+        return ota_info(self, request)
 
     def _ws_url(self, request: Request, path: str) -> str:
         ingress = self.config.ingress

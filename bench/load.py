@@ -177,13 +177,17 @@ async def _native(base: str, token: str, frames: list[bytes], n_speech: int, tur
         await _turns(c, c.ws.send, frames, n_speech, turns, out, lambda m: m.get("type") == "metrics")
 
 
-async def _connect_once(protocol: str, base: str, token: str, device: str, session_id: str | None) -> tuple[float, str]:
+async def _connect_once(protocol: str, base: str, token: str, device: str, session_id: str | None,
+                        ota_ms: list[float]) -> tuple[float, str]:
     """One connect → hello and close; → (ms, the session id). The xiaozhi
-    OTA request comes first and is not counted (a device makes it once at boot)."""
+    OTA request comes first and is not counted in it (a device makes it once
+    at boot): its own time goes to `ota_ms`."""
     from actors.client import NativeClient, XiaozhiClient
 
     if protocol == "xiaozhi":
+        t0 = time.monotonic()
         ota = await _ota_websocket(base, device)
+        ota_ms.append((time.monotonic() - t0) * 1000)
         t0 = time.monotonic()
         c = await XiaozhiClient.connect(ota["url"], ota["token"], device, client_id=device)
     else:
@@ -201,21 +205,23 @@ async def _connects(protocol: str, base: str, token: str, n: int, burst: int, ou
     clients at once."""
     sids = []
     for i in range(n):
-        took, sid = await _connect_once(protocol, base, token, f"02:00:00:02:{i // 256:02x}:{i % 256:02x}", None)
+        took, sid = await _connect_once(protocol, base, token, f"02:00:00:02:{i // 256:02x}:{i % 256:02x}", None,
+                                        out["new_ota_ms"])
         out["new_ms"].append(took)
         sids.append(sid)
         await asyncio.sleep(CONNECT_GAP_S)
     for i, sid in enumerate(sids):
-        took, _ = await _connect_once(protocol, base, token, f"02:00:00:02:{i // 256:02x}:{i % 256:02x}", sid)
+        took, _ = await _connect_once(protocol, base, token, f"02:00:00:02:{i // 256:02x}:{i % 256:02x}", sid, [])
         out["resumed_ms"].append(took)
         await asyncio.sleep(CONNECT_GAP_S)
     results = await asyncio.gather(*[
-        _connect_once(protocol, base, token, f"02:00:00:03:{i // 256:02x}:{i % 256:02x}", None) for i in range(burst)])
+        _connect_once(protocol, base, token, f"02:00:00:03:{i // 256:02x}:{i % 256:02x}", None, out["burst_ota_ms"])
+        for i in range(burst)])
     out["burst_ms"].extend(took for took, _ in results)
 
 
 def connect_process(conn: Any, protocol: str, base: str, token: str, n: int, burst: int) -> None:
-    out: dict[str, list[float]] = {"new_ms": [], "resumed_ms": [], "burst_ms": []}
+    out: dict[str, list[float]] = {"new_ms": [], "resumed_ms": [], "burst_ms": [], "new_ota_ms": [], "burst_ota_ms": []}
     cpu0, t0 = time.process_time(), time.monotonic()
     asyncio.run(_connects(protocol, base, token, n, burst, out))
     conn.send({**out, "cpu_s": time.process_time() - cpu0, "wall_s": time.monotonic() - t0})
@@ -326,8 +332,10 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
     serve.start(http_options={"host": "127.0.0.1", "port": opts.port})
     serve.run(build_app(config), name="voice-actors", route_prefix="/")
     base = f"ws://127.0.0.1:{opts.port}"
-    # native clients connect to the gateway when it is on; xiaozhi devices learn its URL from the OTA
-    client_base = f"ws://127.0.0.1:{opts.gateway_port}" if opts.gateway_port and opts.protocol == "native" else base
+    # native clients connect to the gateway when it is on; xiaozhi devices learn its URL from the OTA,
+    # asked of Serve or (`--ota gateway`) of the gateway's own port
+    on_gateway = opts.gateway_port and (opts.protocol == "native" or opts.ota == "gateway")
+    client_base = f"ws://127.0.0.1:{opts.gateway_port}" if on_gateway else base
     token = Authenticator(config.auth).issue_token("load")
     packets, frames, n_speech = encoded_turn(speech_fixture(QUESTION))
     media = packets if opts.protocol == "xiaozhi" else frames
@@ -336,7 +344,7 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
     known = known_delay_ms(config.vad.end_silence_ms, pause_ms, config.session.preemptive_generation)
     print(f"[load] {opts.protocol}; known provider + VAD delay {known:.0f} ms; {len(media)} frames a turn "
           f"({n_speech} to the end of speech), encoded once", flush=True)
-    report: dict[str, Any] = {"protocol": opts.protocol, "known_ms": known, "turns": opts.turns,
+    report: dict[str, Any] = {"protocol": opts.protocol, "ota": opts.ota, "known_ms": known, "turns": opts.turns,
                               "warm_sessions": config.server.warm_sessions, "runs": []}
     try:
         if opts.connects:
@@ -345,15 +353,23 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
             recv, send = multiprocessing.get_context("spawn").Pipe(duplex=False)
             proc = multiprocessing.get_context("spawn").Process(
                 target=connect_process, args=(send, opts.protocol, client_base, token, opts.connects, burst))
+            before = cpu_by_pid()
             proc.start()
             result = await asyncio.to_thread(recv.recv)
+            split = {k: round(v, 2) for k, v in sorted(cpu_split(before, cpu_by_pid()).items()) if v >= 0.005}
             proc.join(10)
-            row = {k: pct(result[k]) for k in ("new_ms", "resumed_ms", "burst_ms")}
-            report["connects"] = {**row, "n": opts.connects, "burst": burst}
+            row = {k: pct(result[k]) for k in ("new_ms", "resumed_ms", "burst_ms", "new_ota_ms", "burst_ota_ms")}
+            report["connects"] = {**row, "n": opts.connects, "burst": burst, "server_cpu_s": split}
             print(f"[load] connect -> hello, {opts.connects} one after another: new p50 {row['new_ms']['p50']} "
                   f"p99 {row['new_ms']['p99']} ms; resumed p50 {row['resumed_ms']['p50']} p99 "
                   f"{row['resumed_ms']['p99']} ms; a burst of {burst} new: p50 {row['burst_ms']['p50']} "
                   f"p99 {row['burst_ms']['p99']} ms", flush=True)
+            if opts.protocol == "xiaozhi":
+                print(f"[load]   their OTA requests (before connect, not in the figures above; asked of "
+                      f"{opts.ota if opts.gateway_port else 'serve'}): one after another p50 "
+                      f"{row['new_ota_ms']['p50']} p99 {row['new_ota_ms']['p99']} ms; the burst's p50 "
+                      f"{row['burst_ota_ms']['p50']} p99 {row['burst_ota_ms']['p99']} ms", flush=True)
+            print(f"[load]   server CPU over the connects, actor starts included: {split} s", flush=True)
         for n in opts.sessions:
             await wait_for_warm_pool(base)
             recv, send = multiprocessing.get_context("spawn").Pipe(duplex=False)
@@ -419,6 +435,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=PORT + 40)
     p.add_argument("--gateway-port", type=int, default=0,
                    help="serve device sockets from the per-node gateway on this port (ingress.gateway_port)")
+    p.add_argument("--ota", choices=["serve", "gateway"], default="serve",
+                   help="where xiaozhi devices ask OTA: Serve's port, or the gateway's (with --gateway-port)")
     p.add_argument("--uplink-batch-ms", type=int, default=120, help="the ingress's uplink batch (ingress.uplink_batch_ms)")
     p.add_argument("--connects", type=int, default=0,
                    help="first time connect -> hello: this many new clients, the same resuming, then a burst "

@@ -1,8 +1,9 @@
 """Issue 13: device sockets through the per-node gateway, not the Serve proxy.
 
-The OTA hands a device the gateway's URL (its own port), and the device does
-all it did through Serve: hello, a spoken turn answered with speech, its
-session kept across reconnects, refused without a valid token. A redeploy
+The OTA (through Serve, or on the gateway's own port) hands a device the
+gateway's URL, and the device does all it did through Serve: hello, a spoken
+turn answered with speech, its session kept across reconnects, refused
+without a valid token. A redeploy
 with a new config replaces the gateway: its device hears `goodbye` and close
 1012, reconnects to the new one on the same port and resumes its session.
 """
@@ -157,6 +158,47 @@ async def test_the_gateway_refuses_what_the_serve_route_refuses(server, server_c
     with pytest.raises(InvalidStatus):  # only the two socket routes are served here
         async with connect(url.replace("/xiaozhi/v1/", "/ws/text/stream")):
             pass
+
+
+async def test_a_device_whose_ota_url_is_the_gateways_gets_what_serve_would_answer(server, server_config):
+    """The firmware's OTA on the gateway's port (its boot request skips the
+    Serve hop too) answers as the replica does, refusals included."""
+    device, stranger = DEVICES[1], "0a:0b:0c:0d:0e:14"
+    gateway = f"http://127.0.0.1:{GATEWAY_PORT}"
+    headers = {"Device-Id": device, "Client-Id": device}
+    async with httpx.AsyncClient() as http:
+        answers = [await http.post(f"{base}/xiaozhi/ota/", headers=headers, json={"application": {"version": "1.6.0"}})
+                   for base in (BASE, gateway)]
+        assert [r.status_code for r in answers] == [200, 200], answers[1].text
+        via_serve, direct = (r.json() for r in answers)
+        assert direct["websocket"]["url"] == via_serve["websocket"]["url"] == f"ws://127.0.0.1:{GATEWAY_PORT}/xiaozhi/v1/"
+        assert direct["firmware"] == via_serve["firmware"] == {"version": "1.6.0", "url": ""}
+        async with await XiaozhiClient.connect(direct["websocket"]["url"], direct["websocket"]["token"], device,
+                                               client_id=device) as c:
+            assert c.session_id  # the gateway's token opens the socket
+        poll = await http.post(f"{gateway}/xiaozhi/ota/activate", headers=headers)
+        assert (poll.status_code, poll.json()) == (200, {"status": "activated"})
+        info = (await http.get(f"{gateway}/xiaozhi/ota/")).json()
+        assert info["websocket"]["url"] == f"ws://127.0.0.1:{GATEWAY_PORT}/xiaozhi/v1/"
+        json_type = {"Content-Type": "application/json"}
+        refused = (
+            ({"headers": {"Client-Id": device}, "json": {}}, 400, "xiaozhi.missing_device_id"),
+            ({"headers": {"Device-Id": stranger, "Client-Id": stranger}, "json": {}}, 403, "auth.forbidden_device"),
+            ({"headers": {**headers, **json_type}, "content": b"[" * 1000 + b"]" * 1000}, 400, "request.bad_json"),
+            ({"headers": {**headers, **json_type}, "content": b" " * (server_config.limits.max_json_bytes + 1)},
+             413, "limit.too_large"),
+        )
+        for kwargs, status, code in refused:
+            for base in (BASE, gateway):
+                r = await http.post(f"{base}/xiaozhi/ota/", **kwargs)
+                assert (r.status_code, r.json()["error"]["code"]) == (status, code), (base, code, r.text)
+        r = await http.get(f"{gateway}/api/sessions")  # the HTTP API stays on Serve
+        assert (r.status_code, r.json()["error"]["code"]) == (404, "http.404")
+        # a browser test page asks OTA from its own origin: the preflight is answered
+        r = await http.options(f"{gateway}/xiaozhi/ota/", headers={
+            "Origin": "http://page.example", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "device-id,client-id,content-type"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] in ("*", "http://page.example")
 
 
 async def test_a_gateway_that_dies_is_started_again(server):

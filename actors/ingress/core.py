@@ -100,6 +100,14 @@ class IngressCore:
     def _client_ip(request: Request | WebSocket) -> str:
         return request.client.host if request.client else "unknown"
 
+    def _public_host(self, request: Request) -> str:
+        """Where people reach the HTTP API and pages (an activation code names it)."""
+        return self.config.ingress.public_url or f"{request.url.scheme}://{request.url.netloc}"
+
+    def _ws_url(self, request: Request, path: str) -> str:
+        """The socket URL to hand a caller that reached this process as `request`."""
+        raise NotImplementedError
+
     async def _owned(self, session_id: str, principal: Principal) -> bool:
         """Does `principal` own this session? Asked of the store, which keeps
         the owner as long as the conversation; a session someone else owns and

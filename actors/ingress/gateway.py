@@ -6,8 +6,10 @@ message to the ingress replica as a Ray call. The gateway is one Ray actor
 per node running a plain ASGI server (uvicorn) on `ingress.gateway_port`: a
 device's socket ends in it, and its frames go straight to the session actor.
 It runs the same socket code as the replica (`IngressCore`: auth, device
-admission, caps, drain), so the two cannot disagree; the HTTP API, the OTA
-and the web pages stay on Serve. Measured in docs/benchmarks.md ("Device
+admission, caps, drain), so the two cannot disagree. It answers the
+firmware's OTA too (actors/ingress/ota.py, the replica's code): a device whose
+OTA URL names this port skips the Serve hop at boot as well. The HTTP API and
+the web pages stay on Serve. Measured in docs/benchmarks.md ("Device
 sockets without the Serve proxy").
 
 Lifetime. The gateway is detached and named per node, configuration and
@@ -94,13 +96,10 @@ class DeviceGateway(IngressCore):
         """Listen on `server.host`:`ingress.gateway_port`; → the port. Tries
         for a while: a gateway being replaced may still hold it."""
         import uvicorn
-        from starlette.applications import Starlette
-        from starlette.routing import WebSocketRoute
 
         if self._server is not None and self._server.started:
             return int(self.config.ingress.gateway_port)
-        app = Starlette(routes=[WebSocketRoute("/xiaozhi/v1/", self.serve_xiaozhi_socket),
-                                WebSocketRoute("/ws/voice", self.serve_native_socket)])
+        app = self._app()
         ingress, limits = self.config.ingress, self.config.limits
         deadline = time.monotonic() + BIND_TRIES_S
         while True:
@@ -119,6 +118,49 @@ class DeviceGateway(IngressCore):
                 raise RuntimeError(f"device gateway: cannot listen on {self.config.server.host}:"
                                    f"{ingress.gateway_port}")
             await asyncio.sleep(0.25)
+
+    def _app(self) -> Any:
+        """The two socket routes and the firmware's OTA, with the replica's body
+        limits, CORS (browser test pages ask OTA) and error envelope."""
+        from starlette.applications import Starlette
+        from starlette.middleware import Middleware
+        from starlette.responses import JSONResponse
+        from starlette.routing import Route, WebSocketRoute
+
+        from actors.ingress import http_guard
+        from actors.ingress.http_errors import ERROR_HANDLERS
+        from actors.ingress.ota import ACTIVATE_PATH, OTA_PATH, SOCKET_PATH, activation_status, answer_ota, ota_info
+
+        limits = self.config.limits
+        http_guard.configure(limits.max_json_bytes, limits.max_request_bytes, (), self.config.ingress.cors_allowed_origins)
+
+        async def ota(request: Any) -> JSONResponse:
+            if request.method == "GET":
+                return JSONResponse(ota_info(self, request))
+            return JSONResponse(await answer_ota(self, request))
+
+        async def activate(request: Any) -> JSONResponse:
+            return await activation_status(self, request)
+
+        return Starlette(
+            routes=[WebSocketRoute(SOCKET_PATH, self.serve_xiaozhi_socket),
+                    WebSocketRoute("/ws/voice", self.serve_native_socket),
+                    Route(OTA_PATH, ota, methods=["GET", "POST"]), Route(ACTIVATE_PATH, activate, methods=["POST"])],
+            middleware=[Middleware(http_guard.Cors), Middleware(http_guard.BodyGuard)],
+            exception_handlers=ERROR_HANDLERS)
+
+    def _ws_url(self, request: Any, path: str) -> str:
+        """This gateway, as the device reached it (or `ingress.gateway_public_url`)."""
+        base = self.config.ingress.gateway_public_url
+        if base:
+            return base.rstrip("/") + path
+        scheme = "wss" if request.url.scheme == "https" else "ws"
+        return f"{scheme}://{request.url.netloc}{path}"
+
+    def _public_host(self, request: Any) -> str:
+        """The HTTP API and pages are on Serve's port, not this one."""
+        host = request.url.hostname or "localhost"
+        return self.config.ingress.public_url or f"http://{f'[{host}]' if ':' in host else host}:{self.config.server.port}"
 
     def renew(self) -> None:
         self._renewed = time.monotonic()

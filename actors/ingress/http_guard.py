@@ -82,6 +82,24 @@ cors_origins: list[str] = ["*"]
 """Set by the replica from `ingress.cors_allowed_origins` before the first request."""
 
 
+def configure(json_bytes: int, upload_bytes: int, upload_paths: tuple[str, ...], origins: list[str]) -> None:
+    """Each process that serves routes sets its limits and origins here when it starts."""
+    body_limits.set(json_bytes, upload_bytes, upload_paths)
+    cors_origins[:] = origins
+
+
+async def json_body(request: Any) -> Any:
+    """A request's body as JSON, or None: BodyGuard has already refused JSON
+    it could not parse safely, so this never sees deep nesting."""
+    data = await request.body()
+    if not data:
+        return None
+    try:
+        return safe_json.loads(data)
+    except safe_json.JSONLimitError:
+        return None
+
+
 class BodyGuard:
     """ASGI middleware: each request's byte limit comes from `body_limits`;
     JSON bodies are checked by `safe_json` before FastAPI's own parser (which
