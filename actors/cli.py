@@ -191,10 +191,10 @@ def _serve(args: argparse.Namespace) -> int:
     serve.start(http_options={"host": server.host, "port": server.port})
     serve.run(build_app(config), name="voice-actors", route_prefix="/")
     print(f"voice-actors listening on http://{server.host}:{server.port} (Ctrl-C to stop)", file=sys.stderr)
-    print(reachability_message(server.host, server.port), file=sys.stderr)
+    print(reachability_message(server.host, config.ingress.gateway_port or server.port), file=sys.stderr)
     if config.ingress.gateway_port:
-        print(f"device sockets: the device gateway on port {config.ingress.gateway_port} (the OTA hands devices "
-              "its URL; actors/ingress/gateway.py)", file=sys.stderr)
+        print(f"device sockets and OTA: the device gateway on port {config.ingress.gateway_port} (an OTA through "
+              f"port {server.port} hands devices its URL too; actors/ingress/gateway.py)", file=sys.stderr)
     if config.auth.enabled:
         print(f"a development token is in {DEV_TOKEN_FILE} (mode 600, renewed while the server runs); "
               "`voice-actors client` reads it", file=sys.stderr)
@@ -237,7 +237,8 @@ def refresh_dev_token(config: AppConfig, path: Path) -> bool:
 
 def reachability_message(host: str, port: int) -> str:
     """Say at start how devices reach this server, so nobody wonders why a
-    device on the LAN cannot connect to a loopback-only server."""
+    device on the LAN cannot connect to a loopback-only server. `port` is
+    where devices ask OTA: the device gateway's when it is on (no Serve hop)."""
     from actors.ingress.admission import is_loopback
 
     if is_loopback(host) or host == "localhost":
