@@ -79,7 +79,7 @@ class Cors:
 
 
 cors_origins: list[str] = ["*"]
-"""Set by the replica from `ingress.cors_allowed_origins` before the first request."""
+"""Set from `ingress.cors_allowed_origins` (`configure`) before the first request."""
 
 
 def configure(json_bytes: int, upload_bytes: int, upload_paths: tuple[str, ...], origins: list[str]) -> None:

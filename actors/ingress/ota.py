@@ -4,24 +4,22 @@ token, or the activation code its owner must confirm (docs/security.md).
 Both kinds of process that take callers answer it with this one code: Serve's
 replica (serve_app.py) and the per-node device gateway on its own port
 (actors/ingress/gateway.py), where a device's boot-time request skips the
-Serve proxy's hop as its socket does (docs/benchmarks.md, "Connect → hello
-in a burst").
+Serve proxy's hop as its socket does (docs/benchmarks.md, "OTA on the
+gateway's port").
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from actors.ingress.auth import check_device_ids
+from actors.ingress.core import ApiError, IngressCore
 from actors.ingress.http_guard import json_body
-
-if TYPE_CHECKING:
-    from actors.ingress.core import IngressCore
 
 OTA_PATH = "/xiaozhi/ota/"
 ACTIVATE_PATH = "/xiaozhi/ota/activate"
@@ -31,8 +29,6 @@ SOCKET_PATH = "/xiaozhi/v1/"
 def device_headers(request: Request) -> tuple[str, str]:
     """(device id, client id) from the firmware's headers (or the query, for
     browser pages), checked; a missing device id is refused."""
-    from actors.ingress.core import ApiError
-
     device_id = request.headers.get("device-id") or request.query_params.get("device-id")
     client_id = request.headers.get("client-id") or request.query_params.get("client-id")
     if not device_id:
