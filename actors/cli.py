@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -245,19 +246,27 @@ def reachability_message(host: str, port: int) -> str:
         return (f"only this machine can reach it. For devices on your network: voice-actors serve --host 0.0.0.0 "
                 f"and point their OTA URL at http://<this machine's address>:{port}/xiaozhi/ota/ "
                 "(they are admitted by activation code, docs/security.md)")
-    shown = ", ".join(f"http://{a}:{port}/xiaozhi/ota/" for a in _local_addresses()) or f"http://{host}:{port}/xiaozhi/ota/"
+    anywhere = "<this machine's address>" if host in ("0.0.0.0", "::") else host
+    shown = ", ".join(f"http://{a}:{port}/xiaozhi/ota/" for a in _local_addresses()) or \
+        f"http://{anywhere}:{port}/xiaozhi/ota/"
     return (f"devices on your network: set their OTA URL to {shown}; each shows a six-digit code until you "
             "confirm it with POST /api/devices/activate (docs/security.md)")
 
 
 def _local_addresses() -> list[str]:
+    """This machine's IPv4 addresses others may reach. The host name alone
+    often resolves only to loopback (Debian maps it to 127.0.1.1), so the
+    address of the default route's interface counts too: a UDP socket
+    "connected" to an outside address picks it without sending a packet."""
     import socket
 
-    try:
-        infos = socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)
-    except OSError:
-        return []
-    return sorted({info[4][0] for info in infos if not info[4][0].startswith("127.")})
+    found: set[str] = set()
+    with contextlib.suppress(OSError):
+        found.update(info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET))
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect(("10.255.255.255", 1))
+        found.add(probe.getsockname()[0])
+    return sorted(a for a in found if not a.startswith("127.") and a != "0.0.0.0")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -76,6 +76,17 @@ def test_a_server_on_all_interfaces_names_the_ota_url():
     assert ":8123/xiaozhi/ota/" in message and "activate" in message
 
 
+def test_the_ota_url_shown_is_one_a_device_can_use(monkeypatch):
+    """A host name that resolves only to loopback (Debian's 127.0.1.1) once
+    made the server tell people to point devices at http://0.0.0.0:..."""
+    from actors import cli
+
+    assert all(not a.startswith("127.") and a != "0.0.0.0" for a in cli._local_addresses())
+    monkeypatch.setattr(cli, "_local_addresses", lambda: [])
+    message = reachability_message("0.0.0.0", 8128)
+    assert "0.0.0.0" not in message and "http://<this machine's address>:8128/xiaozhi/ota/" in message
+
+
 def test_serve_help_lists_host(capsys):
     with pytest.raises(SystemExit):
         main(["serve", "--help"])
