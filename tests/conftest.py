@@ -189,10 +189,11 @@ def served_config(config: Any, devices: list[str], admission: str = "allowlist",
 
 def _empty_metrics_hub(namespace: str) -> None:
     """Each module's server starts with an empty metrics hub (restarted: the
-    named actor stays, its snapshots go). The hub sums every ingress
-    process's last snapshot until it is SNAPSHOT_MAX_AGE_S old, so an
-    earlier module's replicas and gateways, gone, aged out of the sums in the
-    middle of a test that read a counter before and after a connect (6, then
+    named actor stays, its snapshots go). The hub keeps every ingress
+    process's counts, gone ones' too (`SnapshotSum`), so without this an
+    earlier module's replicas and gateways would be in a module's sums (and
+    before gone processes' counts were kept, they aged out of the sums in the
+    middle of a test that read a counter before and after a connect: 6, then
     4)."""
     import ray
 

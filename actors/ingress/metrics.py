@@ -7,13 +7,16 @@ stage's share. Each replica keeps its own registry and sends a snapshot to
 the `MetricsHub` actor every few seconds (and when asked for /metrics); the
 hub sums the snapshots, so whichever replica answers /metrics, the figures
 are the deployment's, not one replica's. Every sample here (counters,
-gauges, histogram buckets, sums and counts) adds up across replicas.
+gauges, histogram buckets, sums and counts) adds up across replicas; a
+process that goes away keeps its counts in the sums, not its gauges
+(`SnapshotSum`).
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -105,38 +108,76 @@ class IngressMetrics:
 
 
 Family = tuple[str, str, str, list[tuple[str, tuple[tuple[str, str], ...], float]]]
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 HUB_NAME = "metrics:hub"
 SNAPSHOT_MAX_AGE_S = 300.0
 """A replica that stopped reporting (gone, or scaled down) is dropped after this."""
+RETIRED_KEPT_APART = 64
+"""Gone processes whose final counts are kept by process (one that reports
+again replaces its own); older ones are merged into one sum."""
+MONOTONIC_KINDS = ("counter", "histogram")
 
 
-@ray.remote(num_cpus=0, max_restarts=-1)
-class MetricsHub:
-    """The latest snapshot of every ingress replica, summed into one exposition."""
+class SnapshotSum:
+    """The latest snapshot of every ingress process, summed into one
+    exposition. A process that stops reporting (a replica scaled down or
+    replaced, a gateway retired) leaves its gauges, but its counters and
+    histograms stay in the sums: Prometheus reads a counter that falls as a
+    restart from zero, so dropping a gone replica's 6 connections put a false
+    spike in every `rate()` five minutes after each redeploy."""
 
-    def __init__(self) -> None:
+    def __init__(self, now: Callable[[], float] = time.monotonic) -> None:
+        self._now = now
         self._snapshots: dict[str, tuple[float, list[Family]]] = {}
+        self._retired: dict[str, list[Family]] = {}
+        """Gone processes' counters and histograms, by process, newest last."""
+        self._retired_merged: dict[str, tuple[str, str, Samples]] = {}
+        """Older gone processes', summed: name → (kind, doc, samples)."""
 
-    def put(self, replica: str, families: list[Family]) -> None:
-        self._snapshots[replica] = (time.monotonic(), families)
+    def put(self, process: str, families: list[Family]) -> None:
+        self._retired.pop(process, None)  # it was slow, not gone: its snapshot counts from its start
+        self._snapshots[process] = (self._now(), families)
 
     def render(self) -> str:
-        now = time.monotonic()
-        self._snapshots = {k: v for k, v in self._snapshots.items() if now - v[0] < SNAPSHOT_MAX_AGE_S}
+        self._retire_silent()
         meta: dict[str, tuple[str, str]] = {}
-        totals: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
-        for _, families in self._snapshots.values():
+        totals: dict[str, Samples] = {}
+
+        def add(name: str, kind: str, doc: str, samples: Any) -> None:
+            meta.setdefault(name, (kind, doc))
+            family = totals.setdefault(name, {})
+            for sample, labels, value in samples:
+                family[(sample, labels)] = family.get((sample, labels), 0.0) + value
+
+        for families in [f for _, f in self._snapshots.values()] + list(self._retired.values()):
             for name, kind, doc, samples in families:
-                meta.setdefault(name, (kind, doc))
-                family = totals.setdefault(name, {})
-                for sample, labels, value in samples:
-                    family[(sample, labels)] = family.get((sample, labels), 0.0) + value
+                add(name, kind, doc, samples)
+        for name, (kind, doc, merged) in self._retired_merged.items():
+            add(name, kind, doc, [(sample, labels, value) for (sample, labels), value in merged.items()])
         lines = [f"# voice-actors ingress processes reporting (replicas and device gateways): {len(self._snapshots)}"]
         for name in sorted(totals):
             kind, doc = meta[name]
             lines += [f"# HELP {name} {doc}", f"# TYPE {name} {kind}"]
             lines += [f"{sample}{_labels(labels)} {_number(value)}" for (sample, labels), value in totals[name].items()]
         return "\n".join(lines) + "\n"
+
+    def _retire_silent(self) -> None:
+        now = self._now()
+        for process, (at, families) in list(self._snapshots.items()):
+            if now - at >= SNAPSHOT_MAX_AGE_S:
+                del self._snapshots[process]
+                self._retired[process] = [f for f in families if f[1] in MONOTONIC_KINDS]
+        while len(self._retired) > RETIRED_KEPT_APART:
+            oldest = next(iter(self._retired))
+            for name, kind, doc, samples in self._retired.pop(oldest):
+                merged = self._retired_merged.setdefault(name, (kind, doc, {}))[2]
+                for sample, labels, value in samples:
+                    merged[(sample, labels)] = merged.get((sample, labels), 0.0) + value
+
+
+@ray.remote(num_cpus=0, max_restarts=-1)
+class MetricsHub(SnapshotSum):
+    """The deployment's one `SnapshotSum`, named `HUB_NAME`; every ingress process pushes to it."""
 
 
 def _labels(labels: tuple[tuple[str, str], ...]) -> str:
