@@ -39,8 +39,6 @@ class SessionLink:
         self._exclusive = exclusive
         self._use_channel = use_channel
         self._ray: EventStream | None = None
-        self._make_ray_stream = lambda: EventStream(actor, exclusive, sample_rate=self._output.sample_rate,
-                                                    speak=self._output.speak, pace=self._output.pace)
         self._opening: asyncio.Future[None] | None = None
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -81,7 +79,8 @@ class SessionLink:
                     self._writer.write(frame(GRANT, token))
                     self._reading = asyncio.get_running_loop().create_task(self._read())
                     return
-        self._ray = self._make_ray_stream()
+        self._ray = EventStream(self._actor, self._exclusive, sample_rate=self._output.sample_rate,
+                                speak=self._output.speak, pace=self._output.pace)
 
     async def _read(self) -> None:
         assert self._reader is not None

@@ -60,11 +60,12 @@ class PendingHellos:
 
     def __call__(self) -> Callable[[], None]:
         self.count += 1
-        pending = [True]
+        pending = True
 
         def sent() -> None:
+            nonlocal pending
             if pending:
-                pending.clear()
+                pending = False
                 self.count -= 1
                 if not self.count:
                     self._all_out()
