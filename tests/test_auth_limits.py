@@ -291,6 +291,29 @@ def test_allowlisted_device_is_admitted_in_any_case(tmp_path):
     adm.check_socket(MAC.lower())
 
 
+def test_an_admitted_devices_boot_does_not_wait_for_the_write_lock(tmp_path):
+    """Each boot's OTA of an allow-listed or loopback device used to write its
+    row again: in a burst those writes queued for the file's one write lock."""
+    import sqlite3
+    import threading
+
+    adm = admission(tmp_path, device_allowlist=["AA:BB:CC:DD:EE:FF"], device_admission="activation")
+    assert adm.on_ota(MAC.lower(), "c", "192.168.1.20").admitted  # first boot: written
+    writer = sqlite3.connect(tmp_path / "devices.sqlite3")
+    writer.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    try:
+        answers: list[bool] = []
+        boot = threading.Thread(target=lambda: answers.append(adm.on_ota(MAC.lower(), "c", "192.168.1.20").admitted))
+        boot.start()
+        boot.join(3.0)
+        assert answers == [True], "an admitted device's OTA waited for the write lock"
+    finally:
+        writer.rollback()
+        writer.close()
+    boot.join()
+    assert adm.registry.list()[0]["admitted_by"] == "allowlist"
+
+
 def test_allowlist_mode_refuses_unlisted_devices(tmp_path):
     adm = admission(tmp_path, device_allowlist=["11:22:33:44:55:66"], device_admission="allowlist")
     with pytest.raises(AuthError) as err:

@@ -57,6 +57,13 @@ class DeviceRegistry(SqliteStore):
         return (row is not None, row[0] if row else None)
 
     def admit(self, device_id: str, client_id: str, owner: str | None, how: str) -> None:
+        """Admit a device (an owner given: theirs). One admitted already, with
+        no owner to set, is left as it is without a write: every boot of an
+        allow-listed or loopback device asks here, and in a burst of them the
+        writes queued behind each other and behind the sessions' own for the
+        file's one write lock."""
+        if owner is None and self.lookup(device_id)[0]:
+            return
         with self._lock, self._connect() as db:
             db.execute("INSERT INTO devices (device_id, client_id, owner, admitted, how) VALUES (?, ?, ?, ?, ?) "
                        "ON CONFLICT(device_id) DO UPDATE SET owner = COALESCE(excluded.owner, devices.owner)",
