@@ -203,7 +203,8 @@ async def _connects(protocol: str, base: str, serve_base: str, token: str, n: in
                     out: dict[str, list[float]]) -> None:
     """`n` new clients one after another (a gap between them, as devices
     arrive), the same `n` again resuming their sessions, then, once the warm
-    pool has refilled after them, `burst` new clients at once."""
+    pool has refilled after them, `burst` new clients at once, and those
+    `burst` again at once, resuming."""
     from bench.run import wait_for_warm_pool
 
     sids = []
@@ -224,11 +225,18 @@ async def _connects(protocol: str, base: str, serve_base: str, token: str, n: in
         _connect_once(protocol, base, token, f"02:00:00:03:{i // 256:02x}:{i % 256:02x}", None, out["burst_ota_ms"])
         for i in range(burst)])
     out["burst_ms"].extend(took for took, _ in results)
+    # the same clients back at once, as after a power cut or a server's restart: admitted, sessions live
+    await asyncio.sleep(CONNECT_GAP_S)
+    await wait_for_warm_pool(serve_base)
+    again = await asyncio.gather(*[
+        _connect_once(protocol, base, token, f"02:00:00:03:{i // 256:02x}:{i % 256:02x}", sid, [])
+        for i, (_, sid) in enumerate(results)])
+    out["burst_back_ms"].extend(took for took, _ in again)
 
 
 def connect_process(conn: Any, protocol: str, base: str, serve_base: str, token: str, n: int, burst: int) -> None:
     out: dict[str, list[float]] = {"new_ms": [], "resumed_ms": [], "burst_ms": [], "new_ota_ms": [], "burst_ota_ms": [],
-                                     "pool_wait_s": []}
+                                     "burst_back_ms": [], "pool_wait_s": []}
     cpu0, t0 = time.process_time(), time.monotonic()
     asyncio.run(_connects(protocol, base, serve_base, token, n, burst, out))
     conn.send({**out, "cpu_s": time.process_time() - cpu0, "wall_s": time.monotonic() - t0})
@@ -365,7 +373,8 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
             result = await asyncio.to_thread(recv.recv)
             split = {k: round(v, 2) for k, v in sorted(cpu_split(before, cpu_by_pid()).items()) if v >= 0.005}
             proc.join(10)
-            row = {k: pct(result[k]) for k in ("new_ms", "resumed_ms", "burst_ms", "new_ota_ms", "burst_ota_ms")}
+            row = {k: pct(result[k]) for k in ("new_ms", "resumed_ms", "burst_ms", "burst_back_ms", "new_ota_ms",
+                                               "burst_ota_ms")}
             pool_wait = round(result["pool_wait_s"][0], 1)
             report["connects"] = {**row, "n": opts.connects, "burst": burst, "server_cpu_s": split,
                                   "warm_pool_refill_wait_before_burst_s": pool_wait}
@@ -373,7 +382,8 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
                   f"p99 {row['new_ms']['p99']} ms; resumed p50 {row['resumed_ms']['p50']} p99 "
                   f"{row['resumed_ms']['p99']} ms; a burst of {burst} new (after {pool_wait} s for the warm pool "
                   f"to refill): p50 {row['burst_ms']['p50']} "
-                  f"p99 {row['burst_ms']['p99']} ms", flush=True)
+                  f"p99 {row['burst_ms']['p99']} ms; the same {burst} back at once (resuming): p50 "
+                  f"{row['burst_back_ms']['p50']} p99 {row['burst_back_ms']['p99']} ms", flush=True)
             if opts.protocol == "xiaozhi":
                 print(f"[load]   their OTA requests (before connect, not in the figures above; asked of "
                       f"{opts.ota if opts.gateway_port else 'serve'}): one after another p50 "
