@@ -54,6 +54,12 @@ class WordsEndASentence(Message):
 
 
 @dataclass
+class ClientsGone(Message):
+    """Every client left in the middle of an utterance and none came back
+    within `SessionCore.CLIENT_GONE_GRACE_S`."""
+
+
+@dataclass
 class AudioBatch(Message):
     frames: list[tuple[int | None, bytes]] = field(default_factory=list)
     stream: str = ""
@@ -127,6 +133,9 @@ class AudioBuffer(Child):
         if isinstance(message, WordsEndASentence):
             self._on_finished_words(message.turn_id, message.pause)
             return
+        if isinstance(message, ClientsGone):
+            self._on_clients_gone()
+            return
         assert isinstance(message, AudioBatch)
         if message.stream != self._stream:
             self._new_stream(message.stream)
@@ -164,6 +173,22 @@ class AudioBuffer(Child):
             self._end()
         self._manual = False
         self._listening = False
+        self._candidate.clear()
+        self._held_speech = False
+
+    def _on_clients_gone(self) -> None:
+        """The words so far end the utterance, as if the speaker had stopped:
+        its STT stream closes (held open until the orphan timeout, a cloud
+        stream kept the vendor's connection and a key's lease for minutes),
+        and the reply is kept in the history for the client's return.
+        Listening stays on: a client that comes back streams on."""
+        if self._turn is None or self._core.subscribers:
+            return
+        tail = bytes(self._pcm[: len(self._pcm) // 2 * 2])
+        self._pcm.clear()
+        if tail:
+            self._core.stt.post(SpeechAudio(self._turn, tail))
+        self._end()
         self._candidate.clear()
         self._held_speech = False
 

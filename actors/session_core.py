@@ -7,6 +7,7 @@ directly in one process as the no-Ray baseline, so both run the same code.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from actors.agent.moderation import build_moderator, safe_reply_for
 from actors.agent.persona import Persona
 from actors.agent.quick_replies import build_quick_replies
 from actors.agent.tools import SessionTools, ToolContext, ToolRegistry, ToolsConfig, clock, default_registry
-from actors.audio_buffer import AudioBatch, AudioBuffer, ListenControl, WordsEndASentence
+from actors.audio_buffer import AudioBatch, AudioBuffer, ClientsGone, ListenControl, WordsEndASentence
 from actors.config import AppConfig
 from actors.dialogue import AssistantSays, DialogueState, UserTurn
 from actors.events import (
@@ -158,9 +159,21 @@ class SessionCore:
             pace=self.config.tts.pace if prefs.pace is None else prefs.pace,
         )
 
+    CLIENT_GONE_GRACE_S = 5.0
+    """After the last client left in the middle of an utterance, how long its
+    words wait for it (a device whose link blinks reconnects and speaks on)
+    before they end the utterance (`ClientsGone`)."""
+
     def unsubscribe(self, q: asyncio.Queue[Event]) -> None:
         if self._subscribers.pop(q, None) is not None:
             self.last_activity = time.monotonic()  # the orphan clock starts when the last client leaves
+            if not self._subscribers:
+                with contextlib.suppress(RuntimeError):  # no loop: the stream was collected, not closed
+                    asyncio.get_running_loop().call_later(self.CLIENT_GONE_GRACE_S, self._after_clients_gone)
+
+    def _after_clients_gone(self) -> None:
+        if not self._subscribers and not self.closed:
+            self.audio.post(ClientsGone(None))
 
     @property
     def subscribers(self) -> int:

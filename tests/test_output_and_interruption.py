@@ -243,3 +243,44 @@ def _vad_onset_ms(config, pcm: bytes) -> int:
         if run >= needed:
             return (i + 1) * vad.frame_ms
     raise AssertionError("the VAD found no speech")
+
+
+# ------------------------------------------------------------------ a client that leaves mid-utterance
+async def test_words_of_a_client_that_left_mid_utterance_end_it_after_a_grace(ray_cluster, config, speech):
+    """Its STT stream used to stay open (a call in flight) until new speech or
+    the orphan timeout, two minutes: a cloud stream and a key's lease held for
+    nobody. Within the grace a returning client speaks on in the same utterance."""
+    from actors.providers.adapters.usage import provider_report
+    from actors.session import build_core
+
+    def stt_in_flight() -> int:
+        return sum(p["in_flight"] for key, p in provider_report().items() if key.startswith("stt:"))
+
+    core = build_core(new_session_id(), config)
+    core.CLIENT_GONE_GRACE_S = 0.5
+    core.start()
+    words = speech("What is twelve times seven?")
+    half = len(words) // 2 // 2 * 2
+    try:
+        q = core.subscribe()
+        for seq, frame in frames_of(silence(300) + words[:half]):
+            core.send_audio([(seq, frame)])
+        for _ in range(100):
+            if core.audio.in_speech:
+                break
+            await asyncio.sleep(0.05)
+        assert core.audio.in_speech and stt_in_flight() == 1
+        core.unsubscribe(q)  # the device's link blinks: back within the grace, the utterance goes on
+        await asyncio.sleep(0.1)
+        q = core.subscribe()
+        await asyncio.sleep(0.8)
+        assert core.audio.in_speech and core.audio.utterances == 1
+        core.unsubscribe(q)  # gone for good
+        for _ in range(200):
+            if not core.audio.in_speech and stt_in_flight() == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert not core.audio.in_speech and core.audio.utterances == 1
+        assert stt_in_flight() == 0  # its STT stream ended
+    finally:
+        await core.close()
