@@ -227,9 +227,8 @@ async def test_forget_ends_a_live_session_too(server, server_config, admin_token
 # ------------------------------------------------------------------ providers, errors, series, config
 async def _stt_seen(admin_token: str) -> tuple[float, float]:
     """(failures, calls in flight) live sessions report of the primary STT
-    provider. Sessions of modules run before this one may still be live (a
-    client that left mid-utterance keeps its STT stream open until its session
-    ends), theirs included."""
+    provider. Sessions of modules run before this one may still be live, theirs
+    included (a failure they saw, or a stream in flight)."""
     pools = await admin_get(admin_token, "/api/admin/pools")
     primary = pools["chains"]["stt"][0]
     row = next((p for p in pools["providers"] if (p["kind"], p["provider"]) == ("stt", primary)), None)
