@@ -165,16 +165,9 @@ class AudioBuffer(Child):
                 self._recording.append(bytes(self._pcm[: len(self._pcm) // 2 * 2]))
             self._pcm.clear()
             self._finish_recording()
-        tail = bytes(self._pcm) if self._turn is not None else b""
-        self._pcm.clear()
-        if self._turn is not None:
-            if tail:
-                self._core.stt.post(SpeechAudio(self._turn, tail))
-            self._end()
+        self._end_with_what_is_buffered()
         self._manual = False
         self._listening = False
-        self._candidate.clear()
-        self._held_speech = False
 
     def _on_clients_gone(self) -> None:
         """The words so far end the utterance, as if the speaker had stopped:
@@ -184,11 +177,17 @@ class AudioBuffer(Child):
         Listening stays on: a client that comes back streams on."""
         if self._turn is None or self._core.subscribers:
             return
-        tail = bytes(self._pcm[: len(self._pcm) // 2 * 2])
+        self._end_with_what_is_buffered()
+
+    def _end_with_what_is_buffered(self) -> None:
+        """The utterance in progress, if any, ends now with the audio still
+        buffered; speech the VAD was weighing is dropped."""
+        tail = bytes(self._pcm) if self._turn is not None else b""
         self._pcm.clear()
-        if tail:
-            self._core.stt.post(SpeechAudio(self._turn, tail))
-        self._end()
+        if self._turn is not None:
+            if tail:
+                self._core.stt.post(SpeechAudio(self._turn, tail))
+            self._end()
         self._candidate.clear()
         self._held_speech = False
 
