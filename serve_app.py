@@ -748,11 +748,7 @@ class VoiceIngress(IngressCore):
         ingress = self.config.ingress
         if self._gateway is not None and (ingress.gateway_public_url or not ingress.public_url):
             return self._gateway.url(request.url.hostname, path)
-        base = ingress.public_url
-        if base:
-            return base.rstrip("/") + path
-        scheme = "wss" if request.url.scheme == "https" else "ws"
-        return f"{scheme}://{request.url.netloc}{path}"
+        return self._ws_url_from(ingress.public_url, request, path)
 
     # ------------------------------------------------------------ control panel (issue 11)
     # GET /admin serves web/admin.html (static, no data in it; its script and style come from

@@ -108,6 +108,14 @@ class IngressCore:
         """The socket URL to hand a caller that reached this process as `request`."""
         raise NotImplementedError
 
+    @staticmethod
+    def _ws_url_from(base: str | None, request: Request, path: str) -> str:
+        """`path` under a configured public `base`, else on the host and port the caller used."""
+        if base:
+            return base.rstrip("/") + path
+        scheme = "wss" if request.url.scheme == "https" else "ws"
+        return f"{scheme}://{request.url.netloc}{path}"
+
     async def _owned(self, session_id: str, principal: Principal) -> bool:
         """Does `principal` own this session? Asked of the store, which keeps
         the owner as long as the conversation; a session someone else owns and

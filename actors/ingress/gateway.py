@@ -151,11 +151,7 @@ class DeviceGateway(IngressCore):
 
     def _ws_url(self, request: Any, path: str) -> str:
         """This gateway, as the device reached it (or `ingress.gateway_public_url`)."""
-        base = self.config.ingress.gateway_public_url
-        if base:
-            return base.rstrip("/") + path
-        scheme = "wss" if request.url.scheme == "https" else "ws"
-        return f"{scheme}://{request.url.netloc}{path}"
+        return self._ws_url_from(self.config.ingress.gateway_public_url, request, path)
 
     def _public_host(self, request: Any) -> str:
         """The HTTP API and pages are on Serve's port, not this one."""
