@@ -297,10 +297,15 @@ async def test_xiaozhi_device_keeps_its_session_across_connections(server, speec
         assert c.session_id == ids[0]
 
 
-async def test_xiaozhi_device_whose_session_needs_a_new_actor_hears_hello_first_and_loses_no_audio(server, speech):
+@pytest.mark.parametrize("ended", ["closed", "killed"])
+async def test_xiaozhi_device_whose_session_needs_a_new_actor_hears_hello_first_and_loses_no_audio(
+        server, speech, ended):
     """A session that must start on a new actor (none ready: a burst, or a
     device back after its session ended) answers hello at once; the audio
-    sent right after it waits in the socket and makes a normal turn."""
+    sent right after it waits in the socket and makes a normal turn.
+    `killed`: an actor that died without a word, so the directory still
+    names it as the host; its claim fails, and the new start must not come
+    before the hello either (it did: the hello waited for the whole start)."""
     device = ALLOWED_DEVICES[3]
     info = await ota(device)
     async with await XiaozhiClient.connect(info["websocket"]["url"], info["websocket"]["token"], device,
@@ -312,8 +317,11 @@ async def test_xiaozhi_device_whose_session_needs_a_new_actor_hears_hello_first_
             break
         await asyncio.sleep(0.1)
     assert hosted is not None
-    with contextlib.suppress(ray.exceptions.RayActorError):  # it exits while answering
-        await hosted.close.remote()
+    if ended == "killed":
+        ray.kill(hosted.actor)
+    else:
+        with contextlib.suppress(ray.exceptions.RayActorError):  # it exits while answering
+            await hosted.close.remote()
     await asyncio.sleep(0.5)
 
     def hello_first(text: str) -> float:

@@ -184,18 +184,24 @@ class IngressCore:
             # (a store write) may follow the hello; the socket reads nothing from its client until
             # the claim and its subscription are done
             return sid, self.sessions.after_hello(sid, self._claimed(actor, sid, owner)), resumed
-        return sid, await self._claimed(actor, sid, owner), resumed
+        return sid, await self._claimed(actor, sid, owner, soon), resumed
 
-    async def _claimed(self, actor: Any, sid: str, owner: str) -> Any:
+    async def _claimed(self, actor: Any, sid: str, owner: str, soon: bool = False) -> Any:
         """`actor` once claimed for `owner`; one that died or ended since it
-        was handed out is opened once more under the same id. → the actor."""
+        was handed out (the directory's host is last known, unchecked) is
+        opened once more under the same id. → the actor; with `soon` (a
+        socket), a `StartingSession` claimed once up if it needs a new actor,
+        so the hello of a device whose session's actor died waits for no
+        start (it waited for the whole start before its hello, uncounted in
+        `voice_hello_before_session`)."""
         import ray
 
         try:
             claimed = await actor.claim.remote(owner)
-        except ray.exceptions.RayActorError:
-            await self.sessions.directory.release.remote(sid)
-            actor = await self.sessions.open(sid)
+        except ray.exceptions.RayActorError:  # its place stays counted: the same session, reopened
+            actor = await (self.sessions.open_soon if soon else self.sessions.open)(sid)
+            if isinstance(actor, StartingSession):
+                return actor.then(lambda ref: self._claim_started(ref, owner))
             claimed = await actor.claim.remote(owner)
         if not claimed:
             raise SessionNotFound(sid)
