@@ -21,7 +21,8 @@ from actors.config import UserConfig
 from actors.ingress.auth import Authenticator, hash_password
 from actors.protocols.native import unpack_audio
 from actors.protocols.xiaozhi import pack_frame
-from tests.conftest import INGRESS_PORT, hosted_session, run_ingress, served_config
+from actors.session_directory import directory_name
+from tests.conftest import INGRESS_PORT, TEST_NAMESPACE, hosted_session, run_ingress, served_config
 
 PORT = INGRESS_PORT
 BASE = f"http://127.0.0.1:{PORT}"
@@ -334,7 +335,9 @@ async def test_xiaozhi_device_whose_session_needs_a_new_actor_hears_hello_first_
                                                client_id=device) as c:
             assert c.session_id == sid and c.hello.get("session_id") == sid
             turn = await c.ask_audio(silence(300) + speech(QUESTION), realtime=False)  # all of it at once
+            live = await ray.get_actor(directory_name(), namespace=TEST_NAMESPACE).live.remote()
         after = hello_first((await http.get(f"{BASE}/metrics")).text)
+    assert sid in live  # its place under the caps is counted (the failed claim's fallback freed it)
     assert after == before + 1
     assert "12" in turn.transcript and "84" in turn.reply, (turn.transcript, turn.reply)
 
