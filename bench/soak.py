@@ -19,6 +19,16 @@ p50/p99, turns and errors. After the clients leave it waits for the reaper
 (`--orphan-timeout-s` plus a margin) and counts leaked actors: claimed
 session actors still alive though no client is left.
 
+`--protocol xiaozhi` makes each client a device instead: Opus over the
+xiaozhi protocol, its session named by its device id (a reconnect gets it
+back; the rest of the time the client comes back as a new device and leaves
+its old session to the reaper), an OTA request at its first boot and at
+`--ota-share` of its reconnects; with `--gateway-port` the devices reach the
+node's device gateway and its session channels (docs/architecture.md), the
+path a deployment's devices take. Open file descriptors per process kind and
+session channels open are sampled too (a socket or channel that is never
+closed shows there first).
+
 Writes bench/results/soak-<stamp>.csv (one row a sample), .json (summary and
 samples) and .png (plot). Memory growth is the mean Ray USS of the last
 window (5 min, or a third of a short run) against the first, after the
@@ -138,6 +148,67 @@ async def client_loop(i: int, base: str, token: str, pcm: bytes, load: Load, opt
         await asyncio.sleep(rng.uniform(0.2, 1.0))  # between calls
 
 
+async def device_loop(i: int, base: str, pcm: bytes, load: Load, opts: argparse.Namespace,
+                      rng: random.Random) -> None:
+    """One xiaozhi device: OTA at boot, connect, a few spoken turns, hang up,
+    repeat; at `1 - resume_share` of its reconnects it comes back as a new
+    device (a new id: its old session is left to the reaper)."""
+    from actors.client import XiaozhiClient
+    from bench.load import _ota_websocket
+
+    await asyncio.sleep(i * opts.stagger_s)
+    generation, sid, ota = 0, None, None
+    while not load.stopping:
+        resume = sid is not None and rng.random() < opts.resume_share
+        if sid is not None and not resume:
+            generation, sid, ota = generation + 1, None, None
+        device = f"02:00:00:05:{i:02x}:{generation % 256:02x}"
+        t0 = time.monotonic()
+        try:
+            if ota is None or rng.random() < opts.ota_share:  # a boot
+                ota = await _ota_websocket(base, device)
+            c = await XiaozhiClient.connect(ota["url"], ota["token"], device, client_id=device)
+        except Exception as e:
+            load.error(f"connect: {type(e).__name__}: {e}"[:160])
+            ota = None
+            await asyncio.sleep(2.0)
+            continue
+        load.connected += 1
+        w = load.window
+        w.connects += 1
+        load.total_connects += 1
+        w.connect_ms.append((time.monotonic() - t0) * 1000)
+        if resume:
+            w.resumed += 1
+            load.total_resumed += 1
+            if c.session_id != sid:
+                load.error(f"device {device} got session {c.session_id}, had {sid}")
+        sid = c.session_id
+        try:
+            for _ in range(rng.randint(opts.min_turns, opts.max_turns)):
+                if load.stopping:
+                    break
+                turn = await c.ask_audio(pcm, timeout_s=60, lags_ms=load.window.lags_ms)
+                load.window.turns += 1
+                load.total_turns += 1
+                for e in turn.errors:
+                    load.error(f"turn: {e.get('code')}")
+                if turn.end_of_speech_to_first_audio_ms is None or not turn.audio:
+                    load.error("turn: no reply audio")
+                else:
+                    load.window.e2e_ms.append(turn.end_of_speech_to_first_audio_ms)
+                await asyncio.sleep(rng.uniform(0.3, opts.think_s))
+        except Exception as e:
+            load.error(f"turn: {type(e).__name__}: {e}"[:160])
+        finally:
+            load.connected -= 1
+            try:
+                await c.close()
+            except Exception:
+                pass
+        await asyncio.sleep(rng.uniform(0.2, 1.0))  # between calls
+
+
 # ------------------------------------------------------------------ what the server holds
 def process_kind(p: Any) -> str:
     """`ray::ServeReplica:voice-actors:VoiceIngress` → that; raylet, gcs_server, ... by name."""
@@ -150,7 +221,7 @@ def process_kind(p: Any) -> str:
 
 
 def memory_by_kind() -> dict[str, dict[str, float]]:
-    """USS and RSS (MB) and process count per kind, over this run's Ray processes."""
+    """USS and RSS (MB), open file descriptors and process count per kind, over this run's Ray processes."""
     out: dict[str, dict[str, float]] = {}
     for p in ray_processes():
         try:
@@ -158,7 +229,12 @@ def memory_by_kind() -> dict[str, dict[str, float]]:
             info = p.memory_full_info()
         except Exception:  # exited between listing and reading
             continue
-        k = out.setdefault(kind, {"uss_mb": 0.0, "rss_mb": 0.0, "procs": 0})
+        try:
+            fds = p.num_fds()
+        except Exception:
+            fds = 0
+        k = out.setdefault(kind, {"uss_mb": 0.0, "rss_mb": 0.0, "procs": 0, "fds": 0})
+        k["fds"] += fds
         k["uss_mb"] += info.uss / 2 ** 20
         k["rss_mb"] += info.rss / 2 ** 20
         k["procs"] += 1
@@ -220,6 +296,7 @@ async def census(namespace: str) -> dict[str, Any]:
         "directory_live": live,
         **table,
         "subscribers": sum(s.get("subscribers", 0) for s in stats),
+        "channels_open": sum(s.get("channels_open", 0) for s in stats),
         "dropped_events": sum(s.get("dropped_events", 0) for s in stats),
         "max_history_messages": max((s.get("history_messages", 0) for s in stats), default=0),
         "max_mailbox_backlog": max(backlogs) if backlogs else None,
@@ -235,8 +312,11 @@ async def health(http_base: str) -> dict[str, Any]:
     except Exception as e:
         return {"health_error": type(e).__name__}
     in_flight = sum(c.get("in_flight", 0) for k, c in h.get("checks", {}).items() if k.startswith("pool:"))
+    gateway = h.get("checks", {}).get("device_gateway", {})
+    # each ingress process (the replica, and the gateway when it is on) keeps a warm pool of its own
     return {"sockets": h.get("sockets"), "warm_ready": h.get("warm_sessions_ready"),
-            "pool_in_flight": in_flight, "status": h.get("status")}
+            "warm_target": (h.get("warm_sessions_target") or 0) + gateway.get("warm_sessions_target", 0),
+            "gateway_sockets": gateway.get("sockets"), "pool_in_flight": in_flight, "status": h.get("status")}
 
 
 async def sample(t0: float, phase: str, load: Load, namespace: str, http_base: str) -> dict[str, Any]:
@@ -261,6 +341,7 @@ async def sample(t0: float, phase: str, load: Load, namespace: str, http_base: s
         row[f"uss_mb:{kind}"] = round(k["uss_mb"], 1)
         row[f"rss_mb:{kind}"] = round(k["rss_mb"], 1)
         row[f"procs:{kind}"] = int(k["procs"])
+        row[f"fds:{kind}"] = int(k["fds"])
     row["error_kinds"] = sorted(set(w.errors))[:5]
     print(f"[soak] t={row['t_s']:>6}s {phase:<7} clients {row['clients_connected']:>2} "
           f"sessions {row['session_actors']:>2} (claimed {row['sessions_claimed']}, spare {row['spares']}, directory {row['directory_live']}) "
@@ -316,6 +397,9 @@ def summarize(rows: list[dict[str, Any]], load: Load, leak: dict[str, Any], opts
         "e2e_window_p99_ms_max": max((r["e2e_p99_ms"] for r in run if r["e2e_p99_ms"] is not None), default=None),
         "uplink_lag_window_p99_ms_max": max((r["uplink_lag_p99_ms"] for r in run
                                              if r["uplink_lag_p99_ms"] is not None), default=None),
+        "fds_by_kind": {k: {"first": mean(first, f"fds:{k}"), "last": mean(last, f"fds:{k}")}
+                        for k in kinds if k not in TRANSIENT},
+        "max_channels_open": max((r.get("channels_open") or 0) for r in run),
         "max_dropped_events": max(r["dropped_events"] for r in run),
         "max_pool_in_flight": max((r.get("pool_in_flight") or 0) for r in run),
         "max_session_actors": max(r["session_actors"] for r in run),
@@ -380,12 +464,12 @@ def plot(rows: list[dict[str, Any]], summary: dict[str, Any], path: Path) -> Non
 
 # ------------------------------------------------------------------ the server under test
 def server_config(mode: str, sessions: int, namespace: str, orphan_timeout_s: float,
-                  uplink_batch_ms: int = 120) -> Any:
+                  uplink_batch_ms: int = 120, gateway_port: int = 0) -> Any:
     """bench/run.py's config in a namespace of its own, with its stores in a
     temporary directory (not the project's data/: a soak writes thousands of
     turns) and the orphan timeout given."""
     bench_opts = argparse.Namespace(mode=mode, sessions=[sessions], uplink_batch_ms=uplink_batch_ms,
-                                    no_preemptive=False, no_decode_at_pause=False, fakes=None, gateway_port=0)
+                                    no_preemptive=False, no_decode_at_pause=False, fakes=None, gateway_port=gateway_port)
     config = build_config(bench_opts)
     store = Path(tempfile.mkdtemp(prefix=f"{namespace}-"))
     return config.model_copy(update={
@@ -417,7 +501,8 @@ async def soak(opts: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str
     from bench.run import speech_fixture
     from serve_app import build_app
 
-    config = server_config(opts.mode, opts.sessions, "voice-actors-soak", opts.orphan_timeout_s)
+    config = server_config(opts.mode, opts.sessions, "voice-actors-soak", opts.orphan_timeout_s,
+                           gateway_port=opts.gateway_port)
     namespace = config.server.namespace
     started = time.monotonic()
     print(f"[soak] starting Ray and Serve ({opts.mode} providers) on 127.0.0.1:{opts.port}...", flush=True)
@@ -436,8 +521,14 @@ async def soak(opts: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str
         rng = random.Random(opts.seed)
         rows: list[dict[str, Any]] = []
         t0 = time.monotonic()
-        clients = [asyncio.create_task(client_loop(i, base, token, pcm, load, opts, random.Random(rng.random())))
-                   for i in range(opts.sessions)]
+        # with the gateway on, sockets go to it, and devices boot with its OTA URL
+        sockets = f"ws://127.0.0.1:{opts.gateway_port}" if opts.gateway_port else base
+        if opts.protocol == "xiaozhi":
+            clients = [asyncio.create_task(device_loop(i, sockets, pcm, load, opts, random.Random(rng.random())))
+                       for i in range(opts.sessions)]
+        else:
+            clients = [asyncio.create_task(client_loop(i, sockets, token, pcm, load, opts, random.Random(rng.random())))
+                       for i in range(opts.sessions)]
         end = t0 + opts.minutes * 60
         await asyncio.sleep(min(opts.warmup_s, max(0.0, end - time.monotonic())))
         load.take_window()  # the warm-up's turns (first use of each provider) are not a window
@@ -457,13 +548,14 @@ async def soak(opts: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str
             await asyncio.sleep(max(0.0, min(opts.sample_s, reap_by - time.monotonic())))
             rows.append(await sample(t0, "reap", load, namespace, http_base))
         final = await census(namespace)
+        warm = (await health(http_base)).get("warm_target", config.server.warm_sessions)
         leak = {"claimed_session_actors_alive": final["sessions_claimed"], "claimed_ids": final["claimed_ids"],
-                "unclaimed_alive": final["sessions_unclaimed"], "warm_target": config.server.warm_sessions,
+                "unclaimed_alive": final["sessions_unclaimed"], "warm_target": warm,
                 "directory_live": final["directory_live"], "clients_connected": load.connected,
                 "session_actor_processes": memory_by_kind().get(SESSION_KIND, {}).get("procs", 0),
                 "session_actors_alive_in_gcs": final["session_actors_alive_in_gcs"],
                 "actors_alive": final["actors_alive"]}
-        warm, spares = config.server.warm_sessions, min(final["spares"], config.server.spare_sessions)
+        spares = min(final["spares"], config.server.spare_sessions)
         leak["spares"] = final["spares"]
         leak["spare_cap"] = config.server.spare_sessions
         leak["leaked_actors"] = max(final["sessions_claimed"] + max(0, final["sessions_unclaimed"] - warm)
@@ -490,8 +582,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup-s", type=float, default=20.0, help="not counted in the first memory window")
     p.add_argument("--min-turns", type=int, default=2, help="spoken turns per connection, at least")
     p.add_argument("--max-turns", type=int, default=4, help="spoken turns per connection, at most")
+    p.add_argument("--protocol", choices=("native", "xiaozhi"), default="native",
+                   help="native PCM clients, or xiaozhi devices (Opus, sessions by device id, OTA)")
+    p.add_argument("--gateway-port", type=int, default=0,
+                   help="run the device gateway on this port: the clients' sockets go to it, devices ask its OTA")
+    p.add_argument("--ota-share", type=float, default=0.25,
+                   help="xiaozhi: share of a device's reconnects that begin with an OTA request (a reboot)")
     p.add_argument("--resume-share", type=float, default=0.5,
-                   help="share of reconnects that resume the session by id (the rest start a new one)")
+                   help="share of reconnects that resume the session (by id; xiaozhi: the same device), "
+                        "the rest start a new one")
     p.add_argument("--think-s", type=float, default=2.0, help="pause after a turn, at most (uniform from 0.3)")
     p.add_argument("--stagger-s", type=float, default=0.5, help="between the clients' first connects")
     p.add_argument("--orphan-timeout-s", type=float, default=30.0,
