@@ -17,7 +17,9 @@ import pytest
 from actors.agent.knowledge import KnowledgeBase, KnowledgeEntry, tokenize
 from actors.agent.tools import ToolContext, ToolError, default_registry, evaluate
 from actors.providers.base import ChatMessage, LLMChunk, ToolCall
-from actors.providers.local.dialogue import LocalDialogueEngine, find_expression, parse_timer, words_to_digits
+from actors.providers.local.dialogue import LocalDialogueEngine
+from actors.providers.local.intents import find_expression, parse_timer
+from actors.providers.local.phrasing import words_to_digits
 
 MUSEUM = Path(__file__).resolve().parents[1] / "config" / "knowledge" / "museum.yaml"
 FIXED_NOW = datetime(2024, 5, 1, 15, 4, tzinfo=timezone(timedelta(hours=2)))

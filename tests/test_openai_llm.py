@@ -19,13 +19,10 @@ from typing import Any
 
 import pytest
 
-from actors.providers.base import ChatMessage, LLMChunk, ProviderError, ToolCall, ToolSpec
 from actors.providers.adapters.retry import RetryLLM, RetryPolicy, with_retries
-from actors.providers.openai_compat.llm import (
-    OpenAICompatConfig,
-    OpenAICompatLLM,
-    to_openai_messages,
-)
+from actors.providers.base import ChatMessage, LLMChunk, ProviderError, ToolCall, ToolSpec
+from actors.providers.openai_compat.llm import OpenAICompatConfig, OpenAICompatLLM
+from actors.providers.openai_compat.messages import to_openai_messages
 from tests.dialogue_stub import StubCore
 from tests.fakes.openai_server import Chunk, FakeOpenAIServer, FakeToolCall, RecordedRequest, Script
 

@@ -26,8 +26,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from actors.agent.knowledge import KnowledgeBase
-from actors.agent.tools import normalize_key
 from actors.providers.base import LLM, ChatMessage, LLMChunk, ToolCall, ToolSpec
+from actors.providers.local.intents import (
+    GREETING,
+    PATTERNS,
+    clean,
+    fact_phrase,
+    find_expression,
+    name_from,
+    parse_timer,
+)
 from actors.providers.local.phrasing import (
     as_sentence,
     format_duration,
@@ -35,7 +43,6 @@ from actors.providers.local.phrasing import (
     join_words,
     second_person,
     speak_expression,
-    words_to_digits,
 )
 from actors.providers.local.prompt_notes import (
     PromptNotes,
@@ -45,167 +52,6 @@ from actors.providers.local.prompt_notes import (
     relevant_memories,
     told_you,
 )
-
-# ------------------------------------------------------------ text rules
-_TRAILING = re.compile(r"[\s.!?,;:]+$")
-
-
-def _clean(text: str) -> str:
-    """Whisper output → one tidy line: no '[BLANK_AUDIO]'/'(music)' tags,
-    straight apostrophes, single spaces, no final punctuation."""
-    text = re.sub(r"\[[^\]]*\]|\((?:[A-Za-z\s]+)\)", " ", text)
-    text = text.replace("’", "'").replace("‘", "'").replace("“", '"').replace("”", '"')
-    text = " ".join(text.split())
-    return _TRAILING.sub("", text)
-
-
-def _math_text(lower: str) -> str:
-    """Lower-case transcript with number words as digits and operator words
-    as symbols, for the arithmetic and timer rules."""
-    t = re.sub(r"(?<=\d),(?=\d{3}\b)", "", words_to_digits(lower))
-    t = re.sub(r"-(?=[a-z])", " ", t)
-    for pattern, symbol in (
-        (r"\bmultiplied by\b|\btimes\b", " * "),
-        # Whisper tiny hears "twelve times seven" as "12th time 7" or "12, time 7" now and then (CI)
-        (r"(?<=\d)(?:st|nd|rd|th)?,?\s+time\b(?=\s*\d)", " * "),
-        (r"(?<=\d)\s*[x×]\s*(?=\d)", " * "),
-        (r"\bdivided by\b|\bover\b|÷", " / "),
-        (r"\bplus\b", " + "),
-        (r"\bminus\b|\btake away\b|\bnegative\b", " - "),
-        (r"\bsquared\b", " ** 2 "),
-        (r"\bcubed\b", " ** 3 "),
-        (r"\b(?:to the power of|raised to the power of|raised to)\b", " ** "),
-        (r"\bmod(?:ulo)?\b", " % "),
-        (r"\^", " ** "),
-    ):
-        t = re.sub(pattern, symbol, t)
-    # a pause Whisper wrote as a comma: "12, times 7"
-    return re.sub(r"(?<=\d),(?=\s*(?:\*\*|[-+*/%]))", "", t)
-
-
-_BINARY = re.compile(r"[\d)]\s*(?:\*\*|[-+*/%])\s*[-+(]*\s*\d")
-
-
-def find_expression(lower: str) -> str | None:
-    """The longest arithmetic span in the transcript, e.g. '12 * 7'."""
-    best = None
-    for m in re.finditer(r"[-+(]*\s*\d[\d.\s()+\-*/%]*", _math_text(lower)):
-        expr = re.sub(r"[\s.+\-*/%(]+$", "", m.group()).strip()
-        expr = " ".join(expr.split())
-        if _BINARY.search(expr) and (best is None or len(expr) > len(best)):
-            best = expr
-    return best
-
-
-_UNIT_S = {"d": 86400, "h": 3600, "m": 60, "s": 1}
-_DURATION = re.compile(
-    r"\b(?P<n>\d+(?:\.\d+)?(?:\s+and a half)?|half an?|an?)[\s-]*"
-    r"(?P<unit>days?|hours?|hrs?|minutes?|mins?|seconds?|secs?)\b"
-)
-_NOT_LABELS = {"new", "quick", "countdown", "the", "a", "an", "my", "one", "second", "minute", "hour", "day"}
-
-
-def parse_timer(lower: str) -> tuple[float | None, str]:
-    """(seconds or None, label) from 'set a timer for 1 hour and 30 minutes
-    for the pasta'."""
-    t = _math_text(lower)
-    total, last_end = 0.0, None
-    for m in _DURATION.finditer(t):
-        raw = m.group("n")
-        if raw.startswith("half"):
-            n = 0.5
-        elif raw in ("a", "an"):
-            n = 1.0
-        else:
-            n = float(raw.split()[0]) + (0.5 if "half" in raw else 0.0)
-        total += n * _UNIT_S[m.group("unit")[0]]
-        last_end = m.end()
-    label = ""
-    if last_end is not None:
-        tail = _TRAILING.sub("", t[last_end:])
-        lm = re.match(r"^\s*(?:,\s*)?(?:for|called|named|labell?ed|to)\s+(?:the\s+|my\s+)?([a-z][a-z' ]{0,40})$", tail)
-        if lm and lm.group(1).strip() not in ("please", "me"):
-            label = lm.group(1).strip()
-    if not label:
-        lm = re.search(r"\b(?:an?|the|my)\s+([a-z]+)\s+timer\b", t)
-        if lm and lm.group(1) not in _NOT_LABELS:
-            label = lm.group(1)
-    return (total if last_end is not None else None), label
-
-
-_NAME_STOP = {"and", "but", "so", "i", "nice", "what", "please", "by", "from", "the", "how", "can", "who", "it"}
-
-
-def _name_from(text: str) -> str:
-    """First one to three name-like words: 'Ana and I like dinosaurs' → 'Ana'."""
-    words = []
-    for w in re.findall(r"[^\W\d_][\w'-]*|\S", text):
-        if not re.match(r"[^\W\d_]", w) or w.lower() in _NAME_STOP or len(words) == 3:
-            break
-        words.append(w if not w.islower() else w.capitalize())
-    return " ".join(words)
-
-
-def _verb_for(key: str) -> str:
-    return "are" if key.endswith("s") and not key.endswith("ss") else "is"
-
-
-def _fact_phrase(key: str, value: str) -> str:
-    """'name','Ana' → 'your name is Ana'; a free-form note reads back as said."""
-    if normalize_key(value) == key:
-        return value
-    return f"your {key} {_verb_for(key)} {value}"
-
-
-# ------------------------------------------------------------ patterns
-_RE = {
-    "remember_name": re.compile(
-        r"(?:\bmy name(?:'s| is)|^(?:please |you can |just )?call me|^i'm called|^i am called)\s+(?P<rest>.+)$", re.I
-    ),
-    "remember": re.compile(
-        r"^(?:(?:please|okay|ok|and|also|so)[, ]+)*(?:can you |could you |would you |please )?"
-        r"(?:remember|don't forget|do not forget|note|make a note)\s+(?:that\s+)?(?P<fact>.+)$",
-        re.I,
-    ),
-    "fact_split": re.compile(r"^(?P<key>.+?)\s+(?:is|are|was|were)\s+(?P<value>.+)$", re.I),
-    "recall_all": re.compile(
-        r"\bwhat (?:do|did) you (?:remember|know about me)\b|\bwhat have i told you\b|\bwhat did i tell you\b"
-        r"|\bwhat have you remembered\b|\bwhat(?:'s| is) in your memory\b"
-    ),
-    "recall_key": re.compile(
-        r"^(?:(?:and|so|okay|ok)[, ]+)?"
-        r"(?:what(?:'s| is| was| are| were)|do you (?:know|remember)|tell me|remind me(?: of)?)"
-        r"\s+my\s+(?P<key>[a-z0-9' ]+?)(?:\s+again)?$"
-    ),
-    "recall_what_my": re.compile(r"\bwhat my (?P<key>[a-z0-9' ]+?) (?:is|was|are|were)$"),
-    "who_am_i": re.compile(r"\bwho am i\b"),
-    "timer": re.compile(r"\btimers?\b|\bcount ?down\b|\bremind me in\b"),
-    "timer_cancel": re.compile(r"\b(?:cancel|stop|delete|remove|turn off|how much time)\b"),
-    "time": re.compile(
-        r"\bwhat(?:'s| is)? the time\b|\bwhat time is it\b|\bwhat time it is\b|\btell me the time\b"
-        r"|\bcurrent time\b|\bthe time now\b|\bhave the time\b|\btime is it\b"
-    ),
-    "date": re.compile(
-        r"\bwhat(?:'s| is)? (?:the |today's )?date\b|\btoday's date\b|\bdate today\b|\bwhat day is (?:it|today)\b"
-        r"|\bwhat day of the week\b|\bwhich day is (?:it|today)\b|\bwhat is today\b|\bwhat year is it\b"
-    ),
-    "help": re.compile(
-        r"\bwhat can you do\b|\bwhat do you do\b|\bhow can you help\b|\bwhat can i ask\b|\bwho are you\b"
-        r"|\bwhat are you\b|^help(?: me)?$|\bwhat are your (?:skills|features)\b"
-        r"|\bare you an? (?:ai|robot|llm|language model)\b"
-    ),
-    "list": re.compile(
-        r"\bwhat can i see\b|\bwhich exhibits?\b|\bwhat exhibits?\b|\blist (?:the |all |your )?exhibits?\b"
-        r"|\bwhat(?:'s| is) on (?:display|show)\b|\bwhat do you have\b|\bwhat should i see\b|\bwhat is there to see\b"
-        r"|\b(?:tell me about|show me) (?:the |your |all )?exhibits\b|\ball (?:the |your )?exhibits\b"
-    ),
-    "how_are_you": re.compile(r"^(?:and )?how are you(?: doing| today)?$|^how's it going$"),
-    "thanks": re.compile(r"^(?:(?:ok(?:ay)?|great|perfect|cool|awesome)[, ]+)?(?:thanks|thank you|cheers)\b"),
-    "bye": re.compile(r"^(?:bye|goodbye|good bye|see you|good night)\b"),
-    "where": re.compile(r"^where\b|\bwhere (?:is|are|can i (?:find|see))\b|\bwhich (?:room|gallery|floor)\b"),
-}
-
-_GREETING = r"(?:hi|hello|hey|hiya|howdy|greetings|good (?:morning|afternoon|evening))"
 
 
 @dataclass
@@ -318,7 +164,7 @@ class LocalDialogueEngine(LLM):
         if name == "set_reminder" and "message" in data:
             return as_sentence(f"Okay, I will remind you to {data['message']}") if "in_seconds" in data else "Done."
         if name == "remember" and "key" in data:
-            return f"Got it, I will remember that {_fact_phrase(data['key'], data['value'])}."
+            return f"Got it, I will remember that {fact_phrase(data['key'], data['value'])}."
         if name == "recall":
             return self._recalled(data, notes)
         return as_sentence(str(data["spoken"])) if isinstance(data.get("spoken"), str) else "Done."
@@ -328,14 +174,14 @@ class LocalDialogueEngine(LLM):
         """This session's facts (the `recall` tool), else the long-term
         memories of earlier sessions that the prompt carries."""
         if "facts" in data:
-            facts = [_fact_phrase(k, v) for k, v in data["facts"].items()]
+            facts = [fact_phrase(k, v) for k, v in data["facts"].items()]
             said = {f.lower() for f in facts}
             facts += [f for f in (second_person(m) for m in notes.memories) if f.lower() not in said]
             if not facts:
                 return "I don't have anything remembered yet."
             return as_sentence(f"I remember that {join_words(facts)}")
         if data.get("found"):
-            return as_sentence(_fact_phrase(data["key"], data["value"]))
+            return as_sentence(fact_phrase(data["key"], data["value"]))
         memories = relevant_memories(str(data.get("key") or ""), notes.memories)
         if memories:
             return told_you(memories[0])
@@ -343,9 +189,9 @@ class LocalDialogueEngine(LLM):
 
     # ------------------------------------------------------------ user turn
     def _answer(self, raw: str, tool_names: set[str], call_id: str, notes: PromptNotes) -> Reply:
-        text = _clean(raw)
+        text = clean(raw)
         greeting = re.match(
-            rf"^{_GREETING}(?:\s+(?:there|everyone|again|{re.escape(self.persona_name.lower())}))*\b[\s,.!]*",
+            rf"^{GREETING}(?:\s+(?:there|everyone|again|{re.escape(self.persona_name.lower())}))*\b[\s,.!]*",
             text,
             re.I,
         )
@@ -363,13 +209,13 @@ class LocalDialogueEngine(LLM):
             return Reply(tool_call=ToolCall(id=f"{call_id}_{name}", name=name, arguments=arguments))
 
         # Statements about the user first: "Hi, my name is Ana" is not a greeting.
-        m = _RE["remember_name"].search(text)
-        if m and (name := _name_from(m.group("rest"))):
+        m = PATTERNS["remember_name"].search(text)
+        if m and (name := name_from(m.group("rest"))):
             return call("remember", key="name", value=name)
-        m = _RE["remember"].match(text)
+        m = PATTERNS["remember"].match(text)
         if m:
             fact = m.group("fact").strip()
-            split = _RE["fact_split"].match(fact)
+            split = PATTERNS["fact_split"].match(fact)
             if split:
                 return call("remember", key=split.group("key"), value=split.group("value").strip())
             spoken = second_person(fact)
@@ -383,16 +229,16 @@ class LocalDialogueEngine(LLM):
                     return Reply(text=told_you(found[0]))
             return call("recall") if key is None else call("recall", key=key)
 
-        if _RE["recall_all"].search(lower):
+        if PATTERNS["recall_all"].search(lower):
             return recall()
-        m = _RE["recall_key"].match(lower) or _RE["recall_what_my"].search(lower)
+        m = PATTERNS["recall_key"].match(lower) or PATTERNS["recall_what_my"].search(lower)
         if m:
             return recall(m.group("key"))
-        if _RE["who_am_i"].search(lower):
+        if PATTERNS["who_am_i"].search(lower):
             return recall("name")
 
-        if _RE["timer"].search(lower):
-            if _RE["timer_cancel"].search(lower):
+        if PATTERNS["timer"].search(lower):
+            if PATTERNS["timer_cancel"].search(lower):
                 return Reply(text="Sorry, I can only start new timers. I can't check or cancel them yet.")
             seconds, label = parse_timer(lower)
             if seconds is None:
@@ -405,22 +251,22 @@ class LocalDialogueEngine(LLM):
         expression = find_expression(lower)
         if expression:
             return call("calculate", expression=expression)
-        if _RE["time"].search(lower):
+        if PATTERNS["time"].search(lower):
             return call("get_time")
-        if _RE["date"].search(lower):
+        if PATTERNS["date"].search(lower):
             return call("get_date")
 
-        if _RE["help"].search(lower):
+        if PATTERNS["help"].search(lower):
             return Reply(text=self._help(tool_names))
-        if _RE["how_are_you"].search(lower):
+        if PATTERNS["how_are_you"].search(lower):
             return Reply(text="I'm doing well, thank you for asking. How can I help?", emotion="happy")
-        if _RE["thanks"].search(lower):
+        if PATTERNS["thanks"].search(lower):
             return Reply(text="You're welcome! Is there anything else I can help with?", emotion="happy")
-        if _RE["bye"].search(lower):
+        if PATTERNS["bye"].search(lower):
             if "end_conversation" in tool_names:  # the session really ends once this goodbye is spoken
                 return call("end_conversation")
             return Reply(text="Goodbye, and have a lovely day!", emotion="happy")
-        if self.knowledge is not None and _RE["list"].search(lower):
+        if self.knowledge is not None and PATTERNS["list"].search(lower):
             titles = self.knowledge.titles()
             return Reply(text=f"You can see {len(titles)} exhibits: {join_words(titles)}. Ask me about any of them.")
         return self._retrieve(text, lower, tool_names, notes)
@@ -431,11 +277,11 @@ class LocalDialogueEngine(LLM):
         engine's own curated entries, else a memory that answers a question
         about the user, else an honest "not sure"."""
         if notes.excerpts:
-            return Reply(text=knowledge_answer(notes.excerpts[0], text, _RE["where"].search(lower) is not None))
+            return Reply(text=knowledge_answer(notes.excerpts[0], text, PATTERNS["where"].search(lower) is not None))
         hits = self.knowledge.search(text, k=1) if self.knowledge is not None else []
         if hits and hits[0][1] >= self.min_score:
             entry = hits[0][0]
-            if entry.location and _RE["where"].search(lower):
+            if entry.location and PATTERNS["where"].search(lower):
                 return Reply(text=f"You can find it in {entry.location}.")
             where = f" Here, you'll find it in {entry.location}." if entry.location else ""
             return Reply(text=as_sentence(entry.text) + where)
