@@ -89,6 +89,10 @@ class SessionManager:
         self._cold_starts = asyncio.Semaphore(COLD_STARTS_AT_ONCE)
         self._cold_waiting = 0
         """Sessions waiting for, or in, a start on a new actor (`_start`); read by `refill`'s thread."""
+        self._offered = 0
+        """Warm sessions offered to a device while the directory decides (`open_alias`):
+        still the pool's for `refill`, which would otherwise start one to replace
+        each, then close it again when the offer came back unused."""
         self.hello_in_flight = PendingHellos(self._after_hellos)
         """Hellos being answered here (a socket calls it when its client's hello
         arrives); new actors wait for them (`_start`, `refill`, whose thread reads its count)."""
@@ -109,7 +113,7 @@ class SessionManager:
             starting = [ready for _, ready in self._warm]
             done = ray.wait(starting, num_returns=len(starting), timeout=0)[0] if starting else []
             in_flight = len(starting) - len(done)
-            while len(self._warm) < self._target and in_flight < STARTS_AT_ONCE:
+            while len(self._warm) + self._offered < self._target and in_flight < STARTS_AT_ONCE:
                 actor = idle_session_actor(self.config, self._directory)
                 sid = new_session_id()
                 self._warm.append((SessionRef(actor, sid), actor.host.remote(sid, self.config)))
@@ -148,15 +152,18 @@ class SessionManager:
         return None if entry is None else entry[0]
 
     def _put_back_warm(self, entry: tuple[SessionRef, ray.ObjectRef]) -> None:
-        """A warm session taken but not used goes back first in line (or to
+        """A warm session offered but not used goes back first in line (or to
         the spares, if the pool refilled meanwhile)."""
         with self._lock:
+            self._offered -= 1
             if len(self._warm) < self._target:
                 self._warm.appendleft(entry)
                 return
         entry[0].close.remote()
 
-    def _take_warm_entry(self) -> tuple[SessionRef, ray.ObjectRef] | None:
+    def _take_warm_entry(self, offer: bool = False) -> tuple[SessionRef, ray.ObjectRef] | None:
+        """A started warm session, taken from the pool; `offer`: only offered
+        (`_offered`), until `_put_back_warm` or `_keep_offered`."""
         with self._lock:
             for _ in range(len(self._warm)):
                 ref, ready = self._warm.popleft()
@@ -167,8 +174,14 @@ class SessionManager:
                     ray.get(ready, timeout=0)
                 except Exception:  # a spare that exited before it was taken: drop it
                     continue
+                self._offered += offer
                 return ref, ready
         return None
+
+    def _keep_offered(self) -> None:
+        """An offered warm session was taken for good: the pool may replace it."""
+        with self._lock:
+            self._offered -= 1
 
     async def open(self, session_id: str | None = None) -> SessionRef:
         """Resume `session_id` (live, or brought back from the store), else a
@@ -220,14 +233,20 @@ class SessionManager:
         never waits for a new actor it does not need; the three calls this
         used to make without a warm one stretched a burst's hellos to 1-2 s
         while new workers booted on the same cores)."""
-        entry = await asyncio.to_thread(self._take_warm_entry)
+        entry = await asyncio.to_thread(self._take_warm_entry, True)
         offered = entry[0].session_id if entry is not None else new_session_id()
-        winner, host, refused = await self._directory.bind_and_admit.remote(alias, offered, owner,
-                                                                           per_principal, per_node)
+        try:
+            winner, host, refused = await self._directory.bind_and_admit.remote(alias, offered, owner,
+                                                                               per_principal, per_node)
+        except BaseException:  # cancelled, or the directory is gone: the offer goes back
+            if entry is not None:
+                self._put_back_warm(entry)
+            raise
         if entry is not None and winner != offered:  # the alias had a session: the warm one offered goes back
             await asyncio.to_thread(self._put_back_warm, entry)
             entry = None
         if entry is not None:  # taken for good (bound to the alias: nobody else may get it)
+            self._keep_offered()
             self._refill_soon()
         if refused is not None:
             if entry is not None:

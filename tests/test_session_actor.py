@@ -278,6 +278,38 @@ async def test_warm_pool_hands_out_started_actors(ray_cluster, config):
     ray.kill(first.actor)
 
 
+async def test_a_warm_session_offered_to_a_device_is_not_replaced_while_the_directory_decides(ray_cluster, config):
+    """The pool's refill (its own thread, every 0.5 s) could run between a
+    device's offer and the directory's answer: it started a replacement, and
+    the offer, back unused (the device had a session already), found the pool
+    full and was closed: a worker boot (~1 s of CPU) for nothing, and a
+    one-off failure of the test above ("nothing used up")."""
+    async def two_ready() -> None:
+        for _ in range(100):
+            if manager.warm_ready() == 2:
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError("the warm pool did not fill")
+
+    manager = SessionManager(config, warm=2)
+    await two_ready()
+    device = f"device:{new_session_id()}"
+    first, _ = await manager.open_alias(device, device, 1, 100)
+    await two_ready()
+    warm_before = sorted(ref.session_id for ref, _ in manager._warm)
+    offer = await asyncio.to_thread(manager._take_warm_entry, True)  # as open_alias does, before the directory
+    assert offer is not None and len(manager._warm) == 1
+    await asyncio.to_thread(manager.refill)  # the pool's thread, at that moment
+    assert len(manager._warm) == 1  # nothing started to replace the one on offer
+    manager._put_back_warm(offer)  # the device had its session: the offer comes back
+    assert sorted(ref.session_id for ref, _ in manager._warm) == warm_before
+    again, resumed = await manager.open_alias(device, device, 1, 100)
+    assert resumed and again.session_id == first.session_id
+    assert sorted(ref.session_id for ref, _ in manager._warm) == warm_before and manager._offered == 0
+    manager.shutdown()
+    ray.kill(first.actor)
+
+
 async def test_sessions_beyond_the_warm_pool_start_two_at_a_time(ray_cluster, config, monkeypatch):
     """A burst beyond the warm pool: each new actor boots on ~1 s of CPU, so
     at most COLD_STARTS_AT_ONCE start together (the hellos and live sessions
