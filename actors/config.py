@@ -360,6 +360,15 @@ class LimitsConfig(_Section):
     max_ws_message_bytes: int = Field(64 * 1024, gt=0)
     ws_messages_per_second: float = Field(100, gt=0)
     """Per socket; a 60 ms audio stream needs ~17."""
+    request_read_s: float = Field(10, gt=0)
+    """Device gateway: how long a connection may take to deliver a whole
+    request (headers and body), from its opening or its last response;
+    then it is closed (actors/ingress/connection_guard.py)."""
+    pending_connections_per_address: int = Field(32, ge=1)
+    """Device gateway: connections one address may hold open before their
+    request (or WebSocket upgrade) has arrived; more are closed as they open."""
+    max_pending_connections: int = Field(1024, ge=1)
+    """Device gateway: the same, for all addresses together."""
 
 
 class IngressConfig(_Section):

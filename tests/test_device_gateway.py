@@ -11,6 +11,7 @@ with a new config replaces the gateway: its device hears `goodbye` and close
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
@@ -44,6 +45,8 @@ def free_port() -> int:
 
 
 GATEWAY_PORT = free_port()
+READ_S = 3.0
+"""limits.request_read_s here: a connection's time to deliver its request."""
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +54,8 @@ def server_config(config):
     config = served_config(config, DEVICES)
     ingress = config.ingress.model_copy(update={"gateway_port": GATEWAY_PORT})
     server = config.server.model_copy(update={"drain_grace_s": 0.0})
-    return config.model_copy(update={"ingress": ingress, "server": server})
+    limits = config.limits.model_copy(update={"request_read_s": READ_S, "pending_connections_per_address": 8})
+    return config.model_copy(update={"ingress": ingress, "server": server, "limits": limits})
 
 
 @pytest.fixture(scope="module")
@@ -199,6 +203,49 @@ async def test_a_device_whose_ota_url_is_the_gateways_gets_what_serve_would_answ
             "Origin": "http://page.example", "Access-Control-Request-Method": "POST",
             "Access-Control-Request-Headers": "device-id,client-id,content-type"})
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] in ("*", "http://page.example")
+
+
+async def test_connections_that_owe_a_request_are_timed_and_capped(server):
+    """Someone on the LAN opening connections and sending no request (or
+    half one) held them as long as they liked (uvicorn has no deadline for
+    a request): enough of them take the gateway's file limit and lock every
+    device out. Each now has `limits.request_read_s`, an address holds at
+    most `limits.pending_connections_per_address` at once, and a device is
+    served meanwhile."""
+    opened = time.monotonic()
+    silent = [await asyncio.open_connection("127.0.0.1", GATEWAY_PORT) for _ in range(4)]
+    for _, writer in silent[:2]:
+        writer.write(b"POST /xiaozhi/ota/ HTTP/1.1\r\nHost: x\r\nDevice-Id: ")  # half its headers, then nothing
+    # up to the cap: the next ones are closed as they open
+    more = [await asyncio.open_connection("127.0.0.1", GATEWAY_PORT) for _ in range(6)]
+
+    async def closed_at_once(reader: asyncio.StreamReader) -> bool:
+        with contextlib.suppress(asyncio.TimeoutError):
+            return await asyncio.wait_for(reader.read(), READ_S / 3) == b""
+        return False
+
+    at_once = await asyncio.gather(*(closed_at_once(reader) for reader, _ in more))
+    assert sum(at_once) == 2  # 8 held by this address (the 4, then 4 of these 6)
+    for _, writer in more:
+        writer.close()
+    await asyncio.sleep(0.2)
+    device = DEVICES[2]
+    ws = await ota(device)  # the cap is on connections that owe a request, so a device gets in meanwhile
+    async with await XiaozhiClient.connect(ws["url"], ws["token"], device, client_id=device) as c:
+        assert c.session_id
+        for reader, _ in silent:  # closed at their deadline; a socket open as long is not
+            assert await asyncio.wait_for(reader.read(), 30) == b""
+        took = time.monotonic() - opened
+        assert READ_S * 0.9 < took < READ_S * 6, took
+        await asyncio.wait_for(await c.ws.ping(), 5)  # the device's socket, older than the deadline, lives
+    for _ in range(40):  # the gateway's counts reach /metrics with its next snapshot (every 5 s)
+        async with httpx.AsyncClient() as http:
+            text = (await http.get(f"{BASE}/metrics")).text
+        if 'voice_refused_total{code="limit.request_timeout"} 4' in text:
+            break
+        await asyncio.sleep(0.5)
+    assert 'voice_refused_total{code="limit.request_timeout"} 4' in text
+    assert 'voice_refused_total{code="limit.connections"} 2' in text
 
 
 async def test_a_gateway_that_dies_is_started_again(server):

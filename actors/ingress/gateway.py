@@ -99,12 +99,20 @@ class DeviceGateway(IngressCore):
 
         if self._server is not None and self._server.started:
             return int(self.config.ingress.gateway_port)
+        from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+        from actors.ingress.connection_guard import PendingConnections, guarded_protocol
+
         app = self._app()
         ingress, limits = self.config.ingress, self.config.limits
+        # uvicorn waits forever for a request that does not come: each connection gets a deadline
+        http = guarded_protocol(AutoHTTPProtocol, PendingConnections(limits.pending_connections_per_address,
+                                                                     limits.max_pending_connections),
+                                limits.request_read_s, self.metrics.refused)
         deadline = time.monotonic() + BIND_TRIES_S
         while True:
             server = uvicorn.Server(uvicorn.Config(
-                app, host=self.config.server.host, port=ingress.gateway_port, ws="websockets", loop="none",
+                app, host=self.config.server.host, port=ingress.gateway_port, ws="websockets", loop="none", http=http,
                 lifespan="off", log_level="warning", ws_max_size=max(READ_LIMIT_BYTES, limits.max_ws_message_bytes),
                 timeout_graceful_shutdown=self.config.server.drain_grace_s + RETIRE_EXTRA_S))
             serving = asyncio.get_running_loop().create_task(server.serve())
