@@ -28,6 +28,12 @@ from actors.ingress.limits import FailureLimiter, LimitError, RateLimiter, Sessi
 from actors.session_ref import StartingSession
 
 METRICS_PUSH_S = 5.0
+HEAP_TRIM_S = 60.0
+"""How often an ingress process gives its C heap's free pages back
+(`_report_metrics`): a gateway serving 16 devices grew 91 → 171 MB in 30
+minutes of connects, most of it pages glibc kept after the connections
+that used them had gone (trimmed every minute, 97 MB after 6 minutes and
+level). A trim took ~20 ms on a 400 MB heap here, on this thread."""
 
 
 class ApiError(Exception):
@@ -224,13 +230,20 @@ class IngressCore:
 
     def _report_metrics(self) -> None:
         """Every few seconds, this process's snapshot to the hub (a thread:
-        the replica's own loop does not exist yet in __init__)."""
+        the replica's own loop does not exist yet in __init__); every
+        `HEAP_TRIM_S`, the heap's free pages back to the OS."""
+        from actors.heap import trim_heap
+
+        trimmed = time.monotonic()
         while True:
             time.sleep(METRICS_PUSH_S)
             try:
                 self._metrics_hub.put.remote(self._replica_id, self.metrics.snapshot())
             except Exception:  # Ray shutting down: the thread ends with the process
                 return
+            if time.monotonic() - trimmed >= HEAP_TRIM_S:
+                trimmed = time.monotonic()
+                trim_heap()
 
     # ------------------------------------------------------------ voice sockets
     async def serve_native_socket(self, ws: WebSocket) -> None:
