@@ -94,6 +94,44 @@ class Load:
         self.window.errors.append(what)
         self.total_errors.append(what)
 
+    def opened(self, t0: float, resumed: bool) -> None:
+        """A client's socket is open (asked for at `t0`)."""
+        self.connected += 1
+        self.window.connects += 1
+        self.total_connects += 1
+        self.window.connect_ms.append((time.monotonic() - t0) * 1000)
+        if resumed:
+            self.window.resumed += 1
+            self.total_resumed += 1
+
+
+async def talk(c: Any, pcm: bytes, load: Load, opts: argparse.Namespace, rng: random.Random) -> None:
+    """A few spoken turns on one open socket, then hang up (and pause before
+    the next call); a failure is counted, not raised."""
+    try:
+        for _ in range(rng.randint(opts.min_turns, opts.max_turns)):
+            if load.stopping:
+                break
+            turn = await c.ask_audio(pcm, timeout_s=60, lags_ms=load.window.lags_ms)
+            load.window.turns += 1
+            load.total_turns += 1
+            for e in turn.errors:
+                load.error(f"turn: {e.get('code')}")
+            if turn.end_of_speech_to_first_audio_ms is None or not turn.audio:
+                load.error("turn: no reply audio")
+            else:
+                load.window.e2e_ms.append(turn.end_of_speech_to_first_audio_ms)
+            await asyncio.sleep(rng.uniform(0.3, opts.think_s))
+    except Exception as e:
+        load.error(f"turn: {type(e).__name__}: {e}"[:160])
+    finally:
+        load.connected -= 1
+        try:
+            await c.close()
+        except Exception:
+            pass
+    await asyncio.sleep(rng.uniform(0.2, 1.0))  # between calls
+
 
 async def client_loop(i: int, base: str, token: str, pcm: bytes, load: Load, opts: argparse.Namespace,
                       rng: random.Random) -> None:
@@ -112,40 +150,12 @@ async def client_loop(i: int, base: str, token: str, pcm: bytes, load: Load, opt
             load.error(f"connect: {type(e).__name__}: {e}"[:160])
             await asyncio.sleep(2.0)
             continue
-        load.connected += 1
-        w = load.window
-        w.connects += 1
-        load.total_connects += 1
-        w.connect_ms.append((time.monotonic() - t0) * 1000)
+        load.opened(t0, resume)
         if resume:
-            w.resumed += 1
-            load.total_resumed += 1
             if c.session_id != sid or c.hello.get("resumed") is not True:
                 load.error(f"resume gave {c.session_id} resumed={c.hello.get('resumed')} for {sid}")
         sid = c.session_id
-        try:
-            for _ in range(rng.randint(opts.min_turns, opts.max_turns)):
-                if load.stopping:
-                    break
-                turn = await c.ask_audio(pcm, timeout_s=60, lags_ms=load.window.lags_ms)
-                load.window.turns += 1
-                load.total_turns += 1
-                for e in turn.errors:
-                    load.error(f"turn: {e.get('code')}")
-                if turn.end_of_speech_to_first_audio_ms is None or not turn.audio:
-                    load.error("turn: no reply audio")
-                else:
-                    load.window.e2e_ms.append(turn.end_of_speech_to_first_audio_ms)
-                await asyncio.sleep(rng.uniform(0.3, opts.think_s))
-        except Exception as e:
-            load.error(f"turn: {type(e).__name__}: {e}"[:160])
-        finally:
-            load.connected -= 1
-            try:
-                await c.close()
-            except Exception:
-                pass
-        await asyncio.sleep(rng.uniform(0.2, 1.0))  # between calls
+        await talk(c, pcm, load, opts, rng)
 
 
 async def device_loop(i: int, base: str, pcm: bytes, load: Load, opts: argparse.Namespace,
@@ -173,40 +183,12 @@ async def device_loop(i: int, base: str, pcm: bytes, load: Load, opts: argparse.
             ota = None
             await asyncio.sleep(2.0)
             continue
-        load.connected += 1
-        w = load.window
-        w.connects += 1
-        load.total_connects += 1
-        w.connect_ms.append((time.monotonic() - t0) * 1000)
+        load.opened(t0, resume)
         if resume:
-            w.resumed += 1
-            load.total_resumed += 1
             if c.session_id != sid:
                 load.error(f"device {device} got session {c.session_id}, had {sid}")
         sid = c.session_id
-        try:
-            for _ in range(rng.randint(opts.min_turns, opts.max_turns)):
-                if load.stopping:
-                    break
-                turn = await c.ask_audio(pcm, timeout_s=60, lags_ms=load.window.lags_ms)
-                load.window.turns += 1
-                load.total_turns += 1
-                for e in turn.errors:
-                    load.error(f"turn: {e.get('code')}")
-                if turn.end_of_speech_to_first_audio_ms is None or not turn.audio:
-                    load.error("turn: no reply audio")
-                else:
-                    load.window.e2e_ms.append(turn.end_of_speech_to_first_audio_ms)
-                await asyncio.sleep(rng.uniform(0.3, opts.think_s))
-        except Exception as e:
-            load.error(f"turn: {type(e).__name__}: {e}"[:160])
-        finally:
-            load.connected -= 1
-            try:
-                await c.close()
-            except Exception:
-                pass
-        await asyncio.sleep(rng.uniform(0.2, 1.0))  # between calls
+        await talk(c, pcm, load, opts, rng)
 
 
 # ------------------------------------------------------------------ what the server holds
