@@ -30,10 +30,11 @@ from actors.session_ref import StartingSession
 METRICS_PUSH_S = 5.0
 HEAP_TRIM_S = 60.0
 """How often an ingress process gives its C heap's free pages back
-(`_report_metrics`): a gateway serving 16 devices grew 91 → 171 MB in 30
-minutes of connects, most of it pages glibc kept after the connections
-that used them had gone (trimmed every minute, 97 MB after 6 minutes and
-level). A trim took ~20 ms on a 400 MB heap here, on this thread."""
+(`_report_metrics`): glibc keeps what closed connections freed. In a busy
+gateway a trim gave 10-12 MB back each minute; in the 16-device soak the
+trim alone left it at 146 MB after 12 minutes against 162 MB without (the
+rest was permessage-deflate's zlib state, now declined; docs/reliability.md).
+A trim took ~20 ms on a 400 MB heap here, on this thread, not the loop's."""
 
 
 class ApiError(Exception):
