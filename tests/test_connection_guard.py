@@ -16,7 +16,7 @@ from websockets.asyncio.client import connect
 from actors.ingress.connection_guard import REFUSED, TIMED_OUT, PendingConnections, guarded_protocol
 
 PORT = 18771
-READ_S = 0.6
+READ_S = 1.5
 PER_ADDRESS = 4
 
 
