@@ -49,7 +49,7 @@ def measure(rounds: int) -> dict[str, dict[str, list[float]]]:
         def __init__(self) -> None:
             import_session()
 
-        def memory(self) -> tuple[float, int, bool]:
+        def memory(self) -> tuple[float, bool]:
             import sys
 
             import psutil
@@ -58,7 +58,7 @@ def measure(rounds: int) -> dict[str, dict[str, list[float]]]:
 
             release_memory()
             time.sleep(0.2)
-            return psutil.Process().memory_full_info().uss / 2 ** 20, sys.flags.optimize, sys.dont_write_bytecode
+            return psutil.Process().memory_full_info().uss / 2 ** 20, sys.dont_write_bytecode
 
     out: dict[str, dict[str, list[float]]] = {name: {"uss_mb": [], "start_s": []} for name in VARIANTS}
     for _ in range(rounds):
@@ -67,10 +67,9 @@ def measure(rounds: int) -> dict[str, dict[str, list[float]]]:
             env.update({k: v for k, v in extra.items() if k != "env_vars"})
             t0 = time.perf_counter()
             actor = Probe.options(runtime_env=env).remote()
-            uss, optimize, no_bytecode = ray.get(actor.memory.remote())
+            uss, no_bytecode = ray.get(actor.memory.remote())
             out[name]["start_s"].append(time.perf_counter() - t0 - 0.2)
             out[name]["uss_mb"].append(uss)
-            out[name]["optimize"] = [optimize]
             out[name]["no_bytecode_written"] = [no_bytecode]
             ray.kill(actor)
             time.sleep(0.5)
