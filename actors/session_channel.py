@@ -39,15 +39,15 @@ import logging
 import os
 import pickle
 import secrets
-import stat
 import struct
-import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from ray.exceptions import RayActorError
+
+from actors.private_dir import private_dir
 
 log = logging.getLogger(__name__)
 
@@ -105,19 +105,6 @@ def _picklable(error: BaseException) -> BaseException:
 
 
 # ---------------------------------------------------------------- actor side
-def socket_dir() -> Path | None:
-    """This user's private directory for channel sockets; None when it is
-    not private (another user's, or open to others): no channel then."""
-    path = Path(tempfile.gettempdir()) / f"voice-actors-{os.getuid()}"
-    with contextlib.suppress(FileExistsError):
-        path.mkdir(mode=0o700)
-    info = path.lstat()
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
-        log.warning("session channels off: %s is not a private directory of this user", path)
-        return None
-    return path
-
-
 def _sweep(directory: Path) -> None:
     """Sockets of processes that died without cleaning up (killed): a
     server up for days starts thousands of session actors."""
@@ -165,7 +152,7 @@ class ChannelHost:
         return self._path, token
 
     async def _listen(self) -> bool:
-        directory = socket_dir()
+        directory = private_dir("session channels")
         if directory is None:
             return False
         _sweep(directory)

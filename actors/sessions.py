@@ -28,6 +28,7 @@ from actors.pools import pinned_to
 from actors.session import EventStream, SessionActor
 from actors.session_directory import session_directory
 from actors.session_ref import SessionRef, host_actor_name
+from actors.worker_env import session_runtime_env
 
 OPEN_ATTEMPTS = 3
 
@@ -52,6 +53,7 @@ def new_session_actor(config: AppConfig) -> ray.actor.ActorHandle:
         name=host_actor_name(uuid.uuid4().hex), namespace=config.server.namespace,
         lifetime="detached", enable_task_events=False,
         scheduling_strategy=pinned_to(ray.get_runtime_context().get_node_id(), num_cpus=0),
+        runtime_env=session_runtime_env(config),
     ).remote(config)
 
 

@@ -9,29 +9,56 @@ each setting, and prints its USS (after a collection and a heap trim, as a
 session does when idle) and how long it took from creation to its first
 answer (a cold start: what a burst of new devices waits for).
 
-The settings reach the worker as `runtime_env` `env_vars`, as they would
-for the session actors; `hook` imports in the worker's main thread at boot
-(`worker_process_setup_hook`) instead of in the actor's constructor.
+The settings reach the worker as `runtime_env` `env_vars`, as they do for
+the session actors. "shipped" is what session actors run with
+(actors/worker_env.py), "plain" what they ran with before; "cache empty"
+is the shipped settings on a node whose first session worker is still to
+write the bytecode (a fresh cache directory each round).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 ROOT = str(Path(__file__).resolve().parent.parent)
-VARIANTS: dict[str, dict[str, Any]] = {
-    "as shipped": {},
-    "PYTHONNODEBUGRANGES=1": {"env_vars": {"PYTHONNODEBUGRANGES": "1"}},
-    "PYTHONOPTIMIZE=2": {"env_vars": {"PYTHONOPTIMIZE": "2"}},
-    "PYTHONMALLOC=malloc": {"env_vars": {"PYTHONMALLOC": "malloc"}},
-    "MALLOC_ARENA_MAX=1": {"env_vars": {"MALLOC_ARENA_MAX": "1"}},
-    "the three that help": {"env_vars": {"PYTHONNODEBUGRANGES": "1", "PYTHONOPTIMIZE": "2", "MALLOC_ARENA_MAX": "1"}},
-    "imports at boot (hook)": {"worker_process_setup_hook": "bench.worker_memory.import_session"},
+PLAIN = "plain (before)"
+SHIPPED = "shipped: optimised, cached"
+
+
+def _shipped() -> dict[str, str]:
+    """The session actors' own settings (actors/worker_env.py)."""
+    from actors.config import AppConfig
+    from actors.worker_env import session_runtime_env
+
+    env = session_runtime_env(AppConfig())
+    assert env is not None, "no private directory for the bytecode"
+    return dict(env["env_vars"])
+
+
+def _empty_cache() -> dict[str, str]:
+    """The shipped settings on a node whose cache is not written yet: its
+    first session worker compiles every module."""
+    env = _shipped()
+    empty = Path(env["PYTHONPYCACHEPREFIX"]).parent / f"bench-empty-{time.monotonic_ns()}"
+    empty.mkdir(mode=0o700)
+    env["PYTHONPYCACHEPREFIX"] = str(empty)
+    return env
+
+
+VARIANTS: dict[str, Callable[[], dict[str, Any]]] = {
+    PLAIN: lambda: {},
+    SHIPPED: lambda: {"env_vars": _shipped()},
+    "shipped, cache empty": lambda: {"env_vars": _empty_cache()},
+    "shipped + PYTHONNODEBUGRANGES=1": lambda: {"env_vars": {**_shipped(), "PYTHONNODEBUGRANGES": "1"}},
+    "shipped + MALLOC_ARENA_MAX=1": lambda: {"env_vars": {**_shipped(), "MALLOC_ARENA_MAX": "1"}},
+    "PYTHONMALLOC=malloc": lambda: {"env_vars": {"PYTHONMALLOC": "malloc"}},
 }
 
 
@@ -62,9 +89,9 @@ def measure(rounds: int) -> dict[str, dict[str, list[float]]]:
 
     out: dict[str, dict[str, list[float]]] = {name: {"uss_mb": [], "start_s": []} for name in VARIANTS}
     for _ in range(rounds):
-        for name, extra in VARIANTS.items():
+        for name, variant in VARIANTS.items():
+            extra = variant()
             env = {"env_vars": {"PYTHONPATH": ROOT, **extra.get("env_vars", {})}}
-            env.update({k: v for k, v in extra.items() if k != "env_vars"})
             t0 = time.perf_counter()
             actor = Probe.options(runtime_env=env).remote()
             uss, no_bytecode = ray.get(actor.memory.remote())
@@ -89,7 +116,9 @@ def main() -> None:
         result = measure(opts.rounds)
     finally:
         ray.shutdown()
-    base = statistics.median(result["as shipped"]["uss_mb"])
+    for empty in Path(_shipped()["PYTHONPYCACHEPREFIX"]).parent.glob("bench-empty-*"):
+        shutil.rmtree(empty, ignore_errors=True)
+    base = statistics.median(result[PLAIN]["uss_mb"])
     for name, r in result.items():
         uss = statistics.median(r["uss_mb"])
         print(f"[worker-memory] {name:24s} USS {uss:5.1f} MB ({uss - base:+.1f}; "

@@ -625,3 +625,59 @@ def test_the_vad_model_loads_only_when_someone_speaks_and_decides_the_same(ray_c
     lazy.reset()
     decisions = [lazy.is_speech(f) for f in frames], [prepared.is_speech(f) for f in frames]
     assert decisions[0] == decisions[1] and sum(decisions[0]) > 20 and lazy._silero is not None
+
+
+def _interpreter(_actor) -> dict:
+    """Run inside a session actor (`__ray_call__`): how its Python runs."""
+    import importlib.util
+    import os
+    import sys
+
+    import actors.session
+
+    return {"optimize": sys.flags.optimize, "prefix": sys.pycache_prefix, "pid": os.getpid(),
+            "session_bytecode": importlib.util.cache_from_source(actors.session.__file__),
+            "doc": actors.session.__doc__}
+
+
+async def test_session_workers_run_without_docstrings_on_bytecode_of_their_own(ray_cluster, config, tmp_path,
+                                                                             monkeypatch):
+    """actors/worker_env.py: ~5 MB a session process. Its bytecode is written
+    once, to this user's private directory, and read by every later worker;
+    off, or without a private directory, a worker runs as the job's do."""
+    import stat
+    import tempfile
+
+    from actors.sessions import new_session_actor
+    from actors.worker_env import session_runtime_env
+
+    first, second = new_session_actor(config), new_session_actor(config)
+    try:
+        one, two = await first.__ray_call__.remote(_interpreter), await second.__ray_call__.remote(_interpreter)
+    finally:
+        ray.kill(first)
+        ray.kill(second)
+    assert one["pid"] != two["pid"]
+    for seen in (one, two):
+        assert seen["optimize"] == 2 and seen["doc"] is None, seen
+        assert seen["prefix"] == session_runtime_env(config)["env_vars"]["PYTHONPYCACHEPREFIX"]
+    cache = os.path.dirname(seen["prefix"])
+    assert stat.S_IMODE(os.stat(cache).st_mode) == 0o700 and os.stat(cache).st_uid == os.getuid()
+    # the session's own module, compiled without docstrings, under the prefix
+    assert seen["session_bytecode"].startswith(seen["prefix"] + "/"), seen
+    assert seen["session_bytecode"].endswith(".opt-2.pyc") and os.path.exists(seen["session_bytecode"])
+    assert stat.S_IMODE(os.stat(seen["prefix"]).st_mode) == 0o700
+
+    plain = config.model_copy(update={"server": config.server.model_copy(update={"optimize_session_workers": False})})
+    assert session_runtime_env(plain) is None
+    actor = new_session_actor(plain)
+    try:
+        seen = await actor.__ray_call__.remote(_interpreter)
+    finally:
+        ray.kill(actor)
+    assert seen["optimize"] == 0 and seen["doc"], seen
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    (tmp_path / f"voice-actors-{os.getuid()}").mkdir(mode=0o777)
+    os.chmod(tmp_path / f"voice-actors-{os.getuid()}", 0o777)  # another's, or open to all: no cache there
+    assert session_runtime_env(config) is None

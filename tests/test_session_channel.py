@@ -13,7 +13,8 @@ import pytest
 import ray
 from ray.exceptions import RayActorError
 
-from actors.session_channel import GRANT, HEAD, frame, read_frame, socket_dir
+from actors.private_dir import private_dir
+from actors.session_channel import GRANT, HEAD, frame, read_frame
 from actors.session_link import SessionLink
 from actors.sessions import new_session_id, open_session
 
@@ -179,6 +180,6 @@ def test_no_channel_from_a_directory_others_can_enter(monkeypatch, tmp_path):
     shared = tmp_path / f"voice-actors-{os.getuid()}"
     shared.mkdir(mode=0o755)
     shared.chmod(0o755)
-    assert socket_dir() is None
+    assert private_dir("session channels") is None
     shared.chmod(0o700)
-    assert socket_dir() == shared
+    assert private_dir("session channels") == shared

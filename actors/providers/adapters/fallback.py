@@ -73,7 +73,8 @@ class Chain(Generic[P]):
     """The order, the breakers and the telling; the adapters below do the calls."""
 
     def __init__(self, kind: str, links: list[Link[P]], notify: Callable[[str], None] | None = None) -> None:
-        assert links, "a chain needs at least one provider"
+        if not links:
+            raise ValueError("a chain needs at least one provider")
         self.kind = kind
         self.links = links
         self.notify = notify
