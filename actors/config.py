@@ -80,8 +80,9 @@ class ServerConfig(_Section):
     for good."""
     optimize_session_workers: bool = True
     """Session actors' workers run with `PYTHONOPTIMIZE=2` on bytecode
-    cached in this user's private directory (actors/worker_env.py): ~5 MB
-    less per session process. Off: the job's own interpreter settings."""
+    cached in this user's private directory, and two malloc arenas
+    (actors/worker_env.py): ~6 MB less per session process. Off: the job's
+    own interpreter settings."""
     drain_grace_s: float = Field(5.0, ge=0, le=60)
     """When an ingress replica is shut down (`serve deploy` of a new version,
     scale-down, `serve.delete`), a reply in flight on one of its sockets may

@@ -663,6 +663,8 @@ def main(argv: list[str] | None = None) -> int:
     cloud.add_argument("--tts-chunk-ms", type=float, default=0.0,
                        help="between 100 ms audio chunks (0: as fast as the socket takes them)")
     opts = p.parse_args(argv)
+    if opts.stream_sessions < 1:
+        p.error("--stream-sessions must be at least 1: the report compares its sockets with the echo's")
     opts.sessions = sorted(int(x) for x in opts.sessions.split(","))
     opts.protocols = [x for x in opts.protocols.split(",") if x]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -637,7 +637,7 @@ def _interpreter(_actor) -> dict:
 
     return {"optimize": sys.flags.optimize, "prefix": sys.pycache_prefix, "pid": os.getpid(),
             "session_bytecode": importlib.util.cache_from_source(actors.session.__file__),
-            "doc": actors.session.__doc__}
+            "doc": actors.session.__doc__, "arenas": os.environ.get("MALLOC_ARENA_MAX")}
 
 
 async def test_session_workers_run_without_docstrings_on_bytecode_of_their_own(ray_cluster, config, tmp_path,
@@ -659,7 +659,7 @@ async def test_session_workers_run_without_docstrings_on_bytecode_of_their_own(r
         ray.kill(second)
     assert one["pid"] != two["pid"]
     for seen in (one, two):
-        assert seen["optimize"] == 2 and seen["doc"] is None, seen
+        assert seen["optimize"] == 2 and seen["doc"] is None and seen["arenas"] == "2", seen
         assert seen["prefix"] == session_runtime_env(config)["env_vars"]["PYTHONPYCACHEPREFIX"]
     cache = os.path.dirname(seen["prefix"])
     assert stat.S_IMODE(os.stat(cache).st_mode) == 0o700 and os.stat(cache).st_uid == os.getuid()
