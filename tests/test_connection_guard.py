@@ -44,7 +44,7 @@ async def server():
     codes: list[str] = []
     pending = PendingConnections(PER_ADDRESS, 100)
     protocol = guarded_protocol(AutoHTTPProtocol, pending, READ_S, codes.append)
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=PORT, http=protocol, ws="websockets",
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=PORT, http=protocol, ws="websockets-sansio",
                                         loop="none", lifespan="off", log_level="warning"))
     task = asyncio.create_task(srv.serve())
     while not srv.started:

@@ -113,9 +113,10 @@ class DeviceGateway(IngressCore):
         while True:
             server = uvicorn.Server(uvicorn.Config(
                 # no permessage-deflate: audio does not compress, and each socket's zlib state (~300 KB)
-                # lived until the cycle collector reached the closed connection (docs/reliability.md)
-                app, host=self.config.server.host, port=ingress.gateway_port, ws="websockets", loop="none", http=http,
-                ws_per_message_deflate=False,
+                # lived until the cycle collector reached the closed connection (docs/reliability.md).
+                # websockets' sans-I/O protocol: uvicorn's default, its legacy one is deprecated (same CPU)
+                app, host=self.config.server.host, port=ingress.gateway_port, ws="websockets-sansio", loop="none",
+                http=http, ws_per_message_deflate=False,
                 lifespan="off", log_level="warning", ws_max_size=max(READ_LIMIT_BYTES, limits.max_ws_message_bytes),
                 timeout_graceful_shutdown=self.config.server.drain_grace_s + RETIRE_EXTRA_S))
             serving = asyncio.get_running_loop().create_task(server.serve())
