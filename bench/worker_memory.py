@@ -52,14 +52,15 @@ def _empty_cache() -> dict[str, str]:
     return env
 
 
-VARIANTS: dict[str, Callable[[], dict[str, Any]]] = {
-    PLAIN: lambda: {},
-    SHIPPED: lambda: {"env_vars": _shipped()},
-    "shipped, cache empty": lambda: {"env_vars": _empty_cache()},
-    "shipped + PYTHONNODEBUGRANGES=1": lambda: {"env_vars": {**_shipped(), "PYTHONNODEBUGRANGES": "1"}},
-    "shipped + MALLOC_ARENA_MAX=1": lambda: {"env_vars": {**_shipped(), "MALLOC_ARENA_MAX": "1"}},
-    "PYTHONMALLOC=malloc": lambda: {"env_vars": {"PYTHONMALLOC": "malloc"}},
+VARIANTS: dict[str, Callable[[], dict[str, str]]] = {
+    PLAIN: dict,
+    SHIPPED: _shipped,
+    "shipped, cache empty": _empty_cache,
+    "shipped + PYTHONNODEBUGRANGES=1": lambda: {**_shipped(), "PYTHONNODEBUGRANGES": "1"},
+    "shipped + MALLOC_ARENA_MAX=1": lambda: {**_shipped(), "MALLOC_ARENA_MAX": "1"},
+    "PYTHONMALLOC=malloc": lambda: {"PYTHONMALLOC": "malloc"},
 }
+"""Each setting's worker environment variables, made anew each round."""
 
 
 def import_session() -> None:
@@ -87,17 +88,15 @@ def measure(rounds: int) -> dict[str, dict[str, list[float]]]:
             time.sleep(0.2)
             return psutil.Process().memory_full_info().uss / 2 ** 20, sys.dont_write_bytecode
 
-    out: dict[str, dict[str, list[float]]] = {name: {"uss_mb": [], "start_s": []} for name in VARIANTS}
+    out: dict[str, dict[str, Any]] = {name: {"uss_mb": [], "start_s": []} for name in VARIANTS}
     for _ in range(rounds):
-        for name, variant in VARIANTS.items():
-            extra = variant()
-            env = {"env_vars": {"PYTHONPATH": ROOT, **extra.get("env_vars", {})}}
+        for name, env_vars in VARIANTS.items():
             t0 = time.perf_counter()
-            actor = Probe.options(runtime_env=env).remote()
+            actor = Probe.options(runtime_env={"env_vars": env_vars()}).remote()  # merged into the job's PYTHONPATH
             uss, no_bytecode = ray.get(actor.memory.remote())
             out[name]["start_s"].append(time.perf_counter() - t0 - 0.2)
             out[name]["uss_mb"].append(uss)
-            out[name]["no_bytecode_written"] = [no_bytecode]
+            out[name]["no_bytecode_written"] = no_bytecode
             ray.kill(actor)
             time.sleep(0.5)
     return out
@@ -123,7 +122,7 @@ def main() -> None:
         uss = statistics.median(r["uss_mb"])
         print(f"[worker-memory] {name:24s} USS {uss:5.1f} MB ({uss - base:+.1f}; "
               f"{', '.join(f'{x:.1f}' for x in r['uss_mb'])}), creation → first answer "
-              f"{statistics.median(r['start_s']):.2f} s; bytecode not written: {bool(r['no_bytecode_written'][0])}")
+              f"{statistics.median(r['start_s']):.2f} s; bytecode not written: {r['no_bytecode_written']}")
 
 
 if __name__ == "__main__":
