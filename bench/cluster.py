@@ -26,14 +26,11 @@ import multiprocessing
 import os
 import time
 from collections import Counter, defaultdict
-from pathlib import Path
 from typing import Any
 
 from bench.load import encoded_turn, load_process, write_report
-from bench.run import PORT, QUESTION, pct, speech_fixture
+from bench.run import PORT, QUESTION, checkout_on_workers_path, pct, speech_fixture
 from bench.soak import server_config
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def actor_kind(name: str, class_name: str) -> str | None:
@@ -111,13 +108,13 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
     os.environ["RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING"] = "0"  # inherited by the nodes' processes
     config = server_config("fake", opts.sessions, "voice-actors-cluster", 120.0)
     config = config.model_copy(update={"server": config.server.model_copy(update={"warm_sessions": opts.warm})})
+    checkout_on_workers_path()  # before the nodes start: their raylets inherit it
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False,
                                                             "_system_config": RAY_SYSTEM_CONFIG})
     for _ in range(opts.nodes - 1):
         cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()
-    ray.init(address=cluster.address, namespace=config.server.namespace, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    ray.init(address=cluster.address, namespace=config.server.namespace, log_to_driver=False)
     report: dict[str, Any] = {"nodes": opts.nodes, "sessions": opts.sessions, "turns": opts.turns,
                               "warm_sessions_per_replica": opts.warm}
     try:

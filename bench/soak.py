@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.run import PORT, QUESTION, build_config, pct, ray_processes
+from bench.run import PORT, QUESTION, build_config, checkout_on_workers_path, pct, ray_processes
 
 SOAK_PORT = PORT + 20
 SESSION_KIND = "SessionActor"
@@ -467,8 +467,8 @@ def start_ray(namespace: str) -> None:
 
     from actors.runtime import RAY_SYSTEM_CONFIG
 
+    checkout_on_workers_path()
     ray.init(address="local", include_dashboard=False, namespace=namespace, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}},
              _system_config=RAY_SYSTEM_CONFIG)
 
 

@@ -7,13 +7,17 @@ Python holds it. This starts, in turn and `--rounds` times, a bare Ray actor
 that imports what a session actor imports (numpy, `actors.session`) under
 each setting, and prints its USS (after a collection and a heap trim, as a
 session does when idle) and how long it took from creation to its first
-answer (a cold start: what a burst of new devices waits for).
+answer (a cold start: what a burst of new devices waits for), and the
+worker's own CPU time to then.
 
 The settings reach the worker as `runtime_env` `env_vars`, as they do for
-the session actors. "shipped" is what session actors run with
-(actors/worker_env.py), "plain" what they ran with before; "cache empty"
-is the shipped settings on a node whose first session worker is still to
-write the bytecode (a fresh cache directory each round).
+the session actors; "plain" has none, and the job none either, as the
+server's (actors/runtime.py): any `runtime_env` starts the worker through
+Ray's setup shim, a second interpreter that imports all of Ray first, and
+"plain" shows what that costs. "shipped" is what session actors run with
+by default (actors/worker_env.py); "cache empty" is the shipped settings
+on a node whose first session worker is still to write the bytecode (a
+fresh cache directory each round).
 """
 
 from __future__ import annotations
@@ -27,8 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ROOT = str(Path(__file__).resolve().parent.parent)
-PLAIN = "plain (before)"
+PLAIN = "plain (no runtime_env)"
 SHIPPED = "shipped: optimised, cached"
 
 
@@ -77,24 +80,27 @@ def measure(rounds: int) -> dict[str, dict[str, list[float]]]:
         def __init__(self) -> None:
             import_session()
 
-        def memory(self) -> tuple[float, bool]:
+        def memory(self) -> tuple[float, bool, float]:
             import sys
 
             import psutil
 
             from actors.heap import release_memory
 
+            times = os.times()
             release_memory()
             time.sleep(0.2)
-            return psutil.Process().memory_full_info().uss / 2 ** 20, sys.dont_write_bytecode
+            return psutil.Process().memory_full_info().uss / 2 ** 20, sys.dont_write_bytecode, times.user + times.system
 
-    out: dict[str, dict[str, Any]] = {name: {"uss_mb": [], "start_s": []} for name in VARIANTS}
+    out: dict[str, dict[str, Any]] = {name: {"uss_mb": [], "start_s": [], "cpu_s": []} for name in VARIANTS}
     for _ in range(rounds):
         for name, env_vars in VARIANTS.items():
             t0 = time.perf_counter()
-            actor = Probe.options(runtime_env={"env_vars": env_vars()}).remote()  # merged into the job's PYTHONPATH
-            uss, no_bytecode = ray.get(actor.memory.remote())
+            variables = env_vars()
+            actor = Probe.options(runtime_env={"env_vars": variables} if variables else None).remote()
+            uss, no_bytecode, cpu_s = ray.get(actor.memory.remote())
             out[name]["start_s"].append(time.perf_counter() - t0 - 0.2)
+            out[name]["cpu_s"].append(cpu_s)
             out[name]["uss_mb"].append(uss)
             out[name]["no_bytecode_written"] = no_bytecode
             ray.kill(actor)
@@ -108,9 +114,10 @@ def main() -> None:
     opts = p.parse_args()
     import ray
 
-    os.environ["PYTHONPATH"] = ROOT
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
+    from bench.run import checkout_on_workers_path
+
+    checkout_on_workers_path()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         result = measure(opts.rounds)
     finally:
@@ -122,7 +129,7 @@ def main() -> None:
         uss = statistics.median(r["uss_mb"])
         print(f"[worker-memory] {name:24s} USS {uss:5.1f} MB ({uss - base:+.1f}; "
               f"{', '.join(f'{x:.1f}' for x in r['uss_mb'])}), creation → first answer "
-              f"{statistics.median(r['start_s']):.2f} s; bytecode not written: {r['no_bytecode_written']}")
+              f"{statistics.median(r['start_s']):.2f} s, its CPU {statistics.median(r['cpu_s']):.2f} s; bytecode not written: {r['no_bytecode_written']}")
 
 
 if __name__ == "__main__":
