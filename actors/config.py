@@ -293,6 +293,10 @@ class PoolConfig(_Section):
 class PoolsConfig(_Section):
     stt: PoolConfig = PoolConfig()
     tts: PoolConfig = PoolConfig()
+    channel: bool = True
+    """A caller on a pool's node (a session, an ingress replica) calls it over
+    a Unix socket (actors/pool_channel.py) rather than a Ray call each way.
+    False: everything through Ray (for measuring)."""
 
 
 class UserConfig(_Section):

@@ -7,7 +7,8 @@ to its node and found by name, so adding nodes adds STT/TTS capacity and a
 caller never pays a cross-node hop when its own node has a pool (DESIGN §3).
 Sessions reach pools through `PooledSTT` / `PooledTTS`, which implement the
 plain provider interfaces, so a session cannot tell a pooled local model
-from an in-process one.
+from an in-process one; on the pool's own node they call it over a channel
+(actors/pool_channel.py), elsewhere through Ray.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.config import AppConfig
+from actors.pool_channel import call_pool, serve_pool_channel
 from actors.providers.base import STT, TTS, AudioSegment, ProviderError
+from actors.session_channel import ChannelHost
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +78,9 @@ class ProviderPool:
         """The latest calls' durations (ms), for the control panel's figures."""
         self._latency_total_ms = 0.0
         self._latency_count = 0
+        self._channels = ChannelHost(lambda _grant, channel: serve_pool_channel(self, channel))
+        self.channel_calls = 0
+        """Calls that came over a channel (the rest came through Ray)."""
 
     async def _call(self, coro_fn: Any, *args: Any) -> Any:
         async with self._slots:
@@ -93,6 +99,13 @@ class ProviderPool:
                 self._latency_total_ms += took_ms
                 self._latency_count += 1
 
+    async def open_channel(self, caller_node: str) -> tuple[str, bytes] | None:
+        """A channel for a caller on this pool's node (actors/pool_channel.py):
+        → (socket path, one-time secret); None for a caller elsewhere."""
+        if caller_node != _this_node():
+            return None
+        return await self._channels.grant(None)
+
     async def transcribe(self, pcm16: bytes) -> str:
         return await self._call(self._provider.transcribe, pcm16)  # type: ignore[union-attr]
 
@@ -106,6 +119,7 @@ class ProviderPool:
             "models_loaded_in_process": getattr(module, "MODELS_LOADED", None),
             "load_s": round(self._load_s, 3), "calls": self._calls, "failures": self._failures,
             "in_flight": self._in_flight, "max_concurrency": self._limit,
+            "channels_open": self._channels.open, "channel_calls": self.channel_calls,
             "node_id": _this_node(),  # where it really runs: soft affinity may have placed it elsewhere
             "latency_ms": self._latency_figures(),
             "decodes": dict(getattr(self._provider, "decodes", None) or {}),  # Whisper's by window
@@ -193,7 +207,8 @@ async def _restarted(respawn: Any) -> Any:
             await asyncio.sleep(0.2)
 
 
-async def _call_pool(pool: Any, method: str, arg: Any, respawn: Any, code: str, what: str) -> tuple[Any, Any]:
+async def _call_pool(pool: Any, method: str, arg: Any, respawn: Any, code: str, what: str,
+                     use_channel: bool) -> tuple[Any, Any]:
     """One pool call, retried once if the pool actor died under it: a crashed
     pool is restarted by Ray (`max_restarts=-1`, the model reloads) and the
     retry waits for it; a pool killed for good is made again by `respawn`
@@ -201,7 +216,7 @@ async def _call_pool(pool: Any, method: str, arg: Any, respawn: Any, code: str, 
     twice. → (result, the handle that answered)."""
     for attempt in (1, 2):
         try:
-            return await getattr(pool, method).remote(arg), pool
+            return await call_pool(pool, method, arg, use_channel), pool
         except ray.exceptions.RayActorError as e:  # the pool's process died (or restarts) during the call
             if attempt == 2 or respawn is None:
                 raise ProviderError(code, f"{what} failed: the {code.split('.')[0].upper()} pool "
@@ -214,24 +229,26 @@ async def _call_pool(pool: Any, method: str, arg: Any, respawn: Any, code: str, 
 
 
 class PooledSTT(STT):
-    def __init__(self, handle: ray.actor.ActorHandle, respawn: Any = None) -> None:
+    def __init__(self, handle: ray.actor.ActorHandle, respawn: Any = None, use_channel: bool = True) -> None:
         self._pool = handle
         self._respawn = respawn
+        self._use_channel = use_channel
 
     async def transcribe(self, pcm16: bytes) -> str:
         text, self._pool = await _call_pool(self._pool, "transcribe", pcm16, self._respawn,
-                                            "stt.failed", "speech recognition")
+                                            "stt.failed", "speech recognition", self._use_channel)
         return text
 
 
 class PooledTTS(TTS):
-    def __init__(self, handle: ray.actor.ActorHandle, respawn: Any = None) -> None:
+    def __init__(self, handle: ray.actor.ActorHandle, respawn: Any = None, use_channel: bool = True) -> None:
         self._pool = handle
         self._respawn = respawn
+        self._use_channel = use_channel
 
     async def synthesize(self, text: str) -> AudioSegment:
         segment, self._pool = await _call_pool(self._pool, "synthesize", text, self._respawn,
-                                               "tts.failed", "speech synthesis")
+                                               "tts.failed", "speech synthesis", self._use_channel)
         return segment
 
 
@@ -243,7 +260,7 @@ def stt_provider(name: str, config: AppConfig) -> STT:
 
     if not registry.spec("stt", name).pooled:
         return build_stt(name, config)
-    return PooledSTT(get_pool("stt", name, config), lambda: get_pool("stt", name, config))
+    return PooledSTT(get_pool("stt", name, config), lambda: get_pool("stt", name, config), config.pools.channel)
 
 
 def tts_provider(name: str, config: AppConfig) -> TTS:
@@ -252,4 +269,4 @@ def tts_provider(name: str, config: AppConfig) -> TTS:
 
     if not registry.spec("tts", name).pooled:
         return build_tts(name, config)
-    return PooledTTS(get_pool("tts", name, config), lambda: get_pool("tts", name, config))
+    return PooledTTS(get_pool("tts", name, config), lambda: get_pool("tts", name, config), config.pools.channel)

@@ -21,7 +21,8 @@ path: calls are answered in order, with the actor's own exceptions
 process dies the socket closes and every pending call and the stream raise
 `RayActorError`, which the connection already answers by reopening the
 session. This module is the wire and the actor's side; the connection's is
-actors/session_link.py.
+actors/session_link.py, on actors/channel_client.py. Provider pools offer
+the same channels for their calls (actors/pool_channel.py).
 
 Who may connect: the socket lives in a directory only this user can enter
 (checked, not assumed), and each channel is granted by a one-time secret

@@ -5,7 +5,6 @@ shares the node, else through Ray, with the same answers either way."""
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import pickle
 from collections import deque
@@ -13,8 +12,9 @@ from typing import Any
 
 import ray
 
+from actors.channel_client import ChannelClient
 from actors.session import EventStream, current_output
-from actors.session_channel import CALL, END, EVENTS, FAILED, GRANT, REPLY, ChannelClosed, dumps, frame, read_frame
+from actors.session_channel import END, EVENTS, FAILED
 
 log = logging.getLogger(__name__)
 
@@ -40,20 +40,16 @@ class SessionLink:
         self._use_channel = use_channel
         self._ray: EventStream | None = None
         self._opening: asyncio.Future[None] | None = None
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
-        self._reading: asyncio.Task[None] | None = None
+        self._channel: ChannelClient | None = None
         self._events: deque[Any] = deque()
         self._events_ready = asyncio.Event()
         self._events_done: BaseException | None = None
         """Set when the stream ended: StopAsyncIteration, or what ended it."""
-        self._replies: dict[int, asyncio.Future[Any]] = {}
-        self._ids = itertools.count(1)
         self._closed = False
 
     @property
     def over_channel(self) -> bool:
-        return self._writer is not None
+        return self._channel is not None
 
     async def _opened(self) -> None:
         """Open once, whoever asks first (the stream's first read, a call)."""
@@ -72,47 +68,24 @@ class SessionLink:
             if offer is not None:
                 path, token = offer
                 try:
-                    self._reader, self._writer = await asyncio.open_unix_connection(path)
+                    self._channel = await ChannelClient.connect(path, token, max_frame=MAX_EVENTS_BYTES,
+                                                                on_frame=self._on_frame, on_close=self._finish_events)
                 except OSError as e:  # not on this machine after all (containers): Ray works anywhere
                     log.warning("session channel %s unreachable (%r); using Ray calls", path, e)
                 else:
-                    self._writer.write(frame(GRANT, token))
-                    self._reading = asyncio.get_running_loop().create_task(self._read())
                     return
         self._ray = EventStream(self._actor, self._exclusive, sample_rate=self._output.sample_rate,
                                 speak=self._output.speak, pace=self._output.pace)
 
-    async def _read(self) -> None:
-        assert self._reader is not None
-        error: BaseException = ChannelClosed("the session actor's process closed it")
-        try:
-            while True:
-                kind, payload = await read_frame(self._reader, MAX_EVENTS_BYTES)
-                if kind == EVENTS:
-                    self._events.extend(pickle.loads(payload))
-                    self._events_ready.set()
-                elif kind == REPLY:
-                    call_id, ok, value = pickle.loads(payload)
-                    future = self._replies.pop(call_id, None)
-                    if future is not None and not future.done():
-                        future.set_result(value) if ok else future.set_exception(value)
-                elif kind in (END, FAILED):
-                    self._finish_events(StopAsyncIteration() if kind == END else pickle.loads(payload))
-                else:
-                    raise ValueError(f"unexpected channel frame {kind!r}")
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        except Exception as e:  # a frame over the cap or that does not unpickle: the channel is unusable
-            error = ChannelClosed(repr(e))
-            log.warning("session channel dropped: %r", e)
-        finally:
-            self._finish_events(error)
-            for future in self._replies.values():
-                if not future.done():
-                    future.set_exception(error)
-            self._replies.clear()
-            if self._writer is not None:
-                self._writer.close()
+    def _on_frame(self, kind: int, payload: bytes) -> None:
+        """The session's events on the channel (replies are the client's)."""
+        if kind == EVENTS:
+            self._events.extend(pickle.loads(payload))
+            self._events_ready.set()
+        elif kind in (END, FAILED):
+            self._finish_events(StopAsyncIteration() if kind == END else pickle.loads(payload))
+        else:
+            raise ValueError(f"unexpected channel frame {kind!r}")
 
     def _finish_events(self, outcome: BaseException) -> None:
         if self._events_done is None:
@@ -138,20 +111,9 @@ class SessionLink:
     async def call(self, method: str, *args: Any) -> Any:
         """`method` on the session, answered in the order called."""
         await self._opened()
-        if self._writer is None:
+        if self._channel is None:
             return await getattr(self._actor, method).remote(*args)
-        if self._reading is not None and self._reading.done():
-            raise ChannelClosed("the session actor's process closed it")
-        call_id = next(self._ids)
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._replies[call_id] = future
-        try:
-            self._writer.write(frame(CALL, dumps((call_id, method, args))))
-            await self._writer.drain()
-        except ConnectionError as e:
-            self._replies.pop(call_id, None)
-            raise ChannelClosed(repr(e)) from e
-        return await future
+        return await self._channel.call(method, *args)
 
     def close(self) -> None:
         if self._closed:
@@ -161,7 +123,5 @@ class SessionLink:
             self._ray.close()
         if self._opening is not None and not self._opening.done():
             self._opening.cancel()
-        if self._reading is not None:
-            self._reading.cancel()
-        if self._writer is not None:
-            self._writer.close()
+        if self._channel is not None:
+            self._channel.close()
