@@ -1,34 +1,68 @@
-"""How a session actor's Python runs: without docstrings, on cached bytecode,
-with two malloc arenas.
+"""How the server's Ray workers run Python: on bytecode cached in this
+user's private directory, and, when asked, session workers without
+docstrings and with two malloc arenas.
 
-Every session is its own Ray worker process, so whatever each one holds is
-paid once per session. ~820 modules' docstrings are ~5 MB of a session
-process (bench/worker_memory.py), and `PYTHONOPTIMIZE=2` drops them (and
-`assert`s, which the session's code uses for invariants only, never to
-check input). An optimised interpreter reads only `.opt-2.pyc` files,
-though, which nothing writes by default: pip writes plain `.pyc`, Ray's
-workers inherit `PYTHONDONTWRITEBYTECODE` where the host sets it, and
-site-packages may not be the server user's to write. Without them every
-cold start compiles every module from source (+1.3 s of CPU, what a burst
-of new devices waits for). So session workers keep their bytecode under
-this user's private directory (`PYTHONPYCACHEPREFIX`): the first session
-on a node writes it, every later one reads it, and Python checks each file
-against its source's size and time as it does beside the source.
+Bytecode, for every worker of a node the server starts itself. Hosts
+(containers, this project's machines) often set `PYTHONDONTWRITEBYTECODE`,
+and an editable install has no `.pyc` beside its sources, so every Ray
+worker compiled the server's modules from source on each start. A node the
+server starts (`connect_ray` with no cluster running) gets
+`PYTHONPYCACHEPREFIX` in the environment its raylet inherits, and every
+worker it starts writes and then reads `.pyc` files there: a session
+worker's cold start 0.41 → 0.31 s and 0.62 → 0.48 s of its CPU
+(`python -m bench.worker_memory`). Nothing else changes for those workers:
+the prefix is the one setting that reaches them without a `runtime_env`.
 
-The directory must be private: a `.pyc` there runs in every session.
+Session workers without docstrings (`server.optimize_session_workers`, off
+by default). `PYTHONOPTIMIZE=2` drops ~820 modules' docstrings: a live
+session actor 65.8 → 59.0 MB. It cannot be set for the whole node (Ray's
+own agents fail without docstrings), so it needs the session actors' own
+`runtime_env`, and any `runtime_env` makes the raylet start the worker
+through Ray's setup shim, a second interpreter that imports all of Ray:
+each session worker's cold start 0.31 → 0.85 s and its CPU 0.48 → 0.74 s.
+At 32 sessions on 2 cores that put the warm pool's refill into live turns
+(item 2's p99 78–141 ms against 57–123 plain) and a burst of 32 new
+devices waited ~200 ms for hello against ~30 (docs/benchmarks.md, "Session
+workers' own runtime_env"). So it is for nodes short of memory rather than
+CPU. An optimised interpreter reads only `.opt-2.pyc` files, kept under the
+same prefix.
 
 A live session's threads (its event loop, Ray's task and I/O threads, the
-VAD's loader) each took a malloc arena of their own; two hold the same
-for ~1 MB less (measured with `python -m bench.run`: live session actor
-59.0 against 60.1 MB, CPU per session and latencies alike).
+VAD's loader) each took a malloc arena of their own; two hold the same for
+~1 MB less: set with the optimisation, as it needs the same `runtime_env`.
+
+The directory must be private: a `.pyc` there runs in every worker.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 from actors.config import AppConfig
 from actors.private_dir import private_dir
+
+
+def bytecode_cache() -> Path | None:
+    """This user's bytecode directory on this node, made 0700 if missing;
+    None when there is no private directory for it."""
+    base = private_dir("cached bytecode")
+    if base is None:
+        return None
+    cache = base / "bytecode"
+    cache.mkdir(mode=0o700, exist_ok=True)
+    return cache
+
+
+def cache_bytecode_on_this_node() -> None:
+    """Before this process starts a Ray node: the raylet, and every worker it
+    starts, inherit this process's environment."""
+    cache = bytecode_cache()
+    if cache is None:
+        return
+    os.environ["PYTHONPYCACHEPREFIX"] = str(cache)
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
 
 def session_runtime_env(config: AppConfig) -> dict[str, Any] | None:
@@ -38,11 +72,9 @@ def session_runtime_env(config: AppConfig) -> dict[str, Any] | None:
     job's, so a `PYTHONPATH` given to the job still reaches the worker."""
     if not config.server.optimize_session_workers:
         return None
-    base = private_dir("optimised session workers")
-    if base is None:
+    cache = bytecode_cache()
+    if cache is None:
         return None
-    cache = base / "bytecode"
-    cache.mkdir(mode=0o700, exist_ok=True)
     return {"env_vars": {
         "PYTHONOPTIMIZE": "2",
         "PYTHONPYCACHEPREFIX": str(cache),

@@ -29,7 +29,7 @@ from collections import Counter, defaultdict
 from typing import Any
 
 from bench.load import encoded_turn, load_process, write_report
-from bench.run import PORT, QUESTION, checkout_on_workers_path, pct, speech_fixture
+from bench.run import PORT, QUESTION, pct, prepare_node_environment, speech_fixture
 from bench.soak import server_config
 
 
@@ -108,7 +108,7 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
     os.environ["RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING"] = "0"  # inherited by the nodes' processes
     config = server_config("fake", opts.sessions, "voice-actors-cluster", 120.0)
     config = config.model_copy(update={"server": config.server.model_copy(update={"warm_sessions": opts.warm})})
-    checkout_on_workers_path()  # before the nodes start: their raylets inherit it
+    prepare_node_environment()  # before the nodes start: their raylets inherit it
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False,
                                                             "_system_config": RAY_SYSTEM_CONFIG})
     for _ in range(opts.nodes - 1):

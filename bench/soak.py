@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.run import PORT, QUESTION, build_config, checkout_on_workers_path, pct, ray_processes
+from bench.run import PORT, QUESTION, build_config, pct, prepare_node_environment, ray_processes
 
 SOAK_PORT = PORT + 20
 SESSION_KIND = "SessionActor"
@@ -467,7 +467,7 @@ def start_ray(namespace: str) -> None:
 
     from actors.runtime import RAY_SYSTEM_CONFIG
 
-    checkout_on_workers_path()
+    prepare_node_environment()
     ray.init(address="local", include_dashboard=False, namespace=namespace, log_to_driver=False,
              _system_config=RAY_SYSTEM_CONFIG)
 

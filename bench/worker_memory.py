@@ -10,14 +10,15 @@ session does when idle) and how long it took from creation to its first
 answer (a cold start: what a burst of new devices waits for), and the
 worker's own CPU time to then.
 
-The settings reach the worker as `runtime_env` `env_vars`, as they do for
-the session actors; "plain" has none, and the job none either, as the
-server's (actors/runtime.py): any `runtime_env` starts the worker through
-Ray's setup shim, a second interpreter that imports all of Ray first, and
-"plain" shows what that costs. "shipped" is what session actors run with
-by default (actors/worker_env.py); "cache empty" is the shipped settings
-on a node whose first session worker is still to write the bytecode (a
-fresh cache directory each round).
+The node is started as the server starts its own (bytecode cached under
+the private directory, no job `runtime_env`: bench/run.py
+`prepare_node_environment`). "plain" is a session worker as shipped, with
+no `runtime_env` of its own; the other settings reach the worker as
+`runtime_env` `env_vars`, as `server.optimize_session_workers` does, and
+so through Ray's setup shim (a second interpreter that imports all of Ray
+first): their start and CPU figures include it. "cache empty" is the
+optimised settings on a node whose first session worker is still to write
+the `.opt-2.pyc` files (a fresh cache directory each round).
 """
 
 from __future__ import annotations
@@ -31,24 +32,24 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-PLAIN = "plain (no runtime_env)"
-SHIPPED = "shipped: optimised, cached"
+PLAIN = "plain (as shipped)"
+OPTIMISED = "optimised (server.optimize_session_workers)"
 
 
-def _shipped() -> dict[str, str]:
-    """The session actors' own settings (actors/worker_env.py)."""
-    from actors.config import AppConfig
+def _optimised() -> dict[str, str]:
+    """A session actor's settings with `server.optimize_session_workers` on (actors/worker_env.py)."""
+    from actors.config import AppConfig, ServerConfig
     from actors.worker_env import session_runtime_env
 
-    env = session_runtime_env(AppConfig())
+    env = session_runtime_env(AppConfig(server=ServerConfig(optimize_session_workers=True)))
     assert env is not None, "no private directory for the bytecode"
     return dict(env["env_vars"])
 
 
 def _empty_cache() -> dict[str, str]:
-    """The shipped settings on a node whose cache is not written yet: its
+    """The optimised settings on a node whose cache is not written yet: its
     first session worker compiles every module."""
-    env = _shipped()
+    env = _optimised()
     empty = Path(env["PYTHONPYCACHEPREFIX"]).parent / f"bench-empty-{time.monotonic_ns()}"
     empty.mkdir(mode=0o700)
     env["PYTHONPYCACHEPREFIX"] = str(empty)
@@ -57,10 +58,10 @@ def _empty_cache() -> dict[str, str]:
 
 VARIANTS: dict[str, Callable[[], dict[str, str]]] = {
     PLAIN: dict,
-    SHIPPED: _shipped,
-    "shipped, cache empty": _empty_cache,
-    "shipped + PYTHONNODEBUGRANGES=1": lambda: {**_shipped(), "PYTHONNODEBUGRANGES": "1"},
-    "shipped + MALLOC_ARENA_MAX=1": lambda: {**_shipped(), "MALLOC_ARENA_MAX": "1"},
+    OPTIMISED: _optimised,
+    "optimised, cache empty": _empty_cache,
+    "optimised + PYTHONNODEBUGRANGES=1": lambda: {**_optimised(), "PYTHONNODEBUGRANGES": "1"},
+    "optimised + MALLOC_ARENA_MAX=1": lambda: {**_optimised(), "MALLOC_ARENA_MAX": "1"},
     "PYTHONMALLOC=malloc": lambda: {"PYTHONMALLOC": "malloc"},
 }
 """Each setting's worker environment variables, made anew each round."""
@@ -114,15 +115,15 @@ def main() -> None:
     opts = p.parse_args()
     import ray
 
-    from bench.run import checkout_on_workers_path
+    from bench.run import prepare_node_environment
 
-    checkout_on_workers_path()
+    prepare_node_environment()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         result = measure(opts.rounds)
     finally:
         ray.shutdown()
-    for empty in Path(_shipped()["PYTHONPYCACHEPREFIX"]).parent.glob("bench-empty-*"):
+    for empty in Path(_optimised()["PYTHONPYCACHEPREFIX"]).parent.glob("bench-empty-*"):
         shutil.rmtree(empty, ignore_errors=True)
     base = statistics.median(result[PLAIN]["uss_mb"])
     for name, r in result.items():

@@ -642,15 +642,19 @@ def _interpreter(_actor) -> dict:
 
 async def test_session_workers_run_without_docstrings_on_bytecode_of_their_own(ray_cluster, config, tmp_path,
                                                                              monkeypatch):
-    """actors/worker_env.py: ~5 MB a session process. Its bytecode is written
-    once, to this user's private directory, and read by every later worker;
-    off, or without a private directory, a worker runs as the job's do."""
+    """actors/worker_env.py, `server.optimize_session_workers`: ~7 MB a
+    session process. Its bytecode is written once, to this user's private
+    directory, and read by every later worker; off (the default), or
+    without a private directory, a worker runs as the job's do."""
     import stat
     import tempfile
 
     from actors.sessions import new_session_actor
     from actors.worker_env import session_runtime_env
 
+    plain = config
+    assert not plain.server.optimize_session_workers and session_runtime_env(plain) is None
+    config = config.model_copy(update={"server": config.server.model_copy(update={"optimize_session_workers": True})})
     first, second = new_session_actor(config), new_session_actor(config)
     try:
         one, two = await first.__ray_call__.remote(_interpreter), await second.__ray_call__.remote(_interpreter)
@@ -668,8 +672,6 @@ async def test_session_workers_run_without_docstrings_on_bytecode_of_their_own(r
     assert seen["session_bytecode"].endswith(".opt-2.pyc") and os.path.exists(seen["session_bytecode"])
     assert stat.S_IMODE(os.stat(seen["prefix"]).st_mode) == 0o700
 
-    plain = config.model_copy(update={"server": config.server.model_copy(update={"optimize_session_workers": False})})
-    assert session_runtime_env(plain) is None
     actor = new_session_actor(plain)
     try:
         seen = await actor.__ray_call__.remote(_interpreter)
@@ -681,3 +683,38 @@ async def test_session_workers_run_without_docstrings_on_bytecode_of_their_own(r
     (tmp_path / f"voice-actors-{os.getuid()}").mkdir(mode=0o777)
     os.chmod(tmp_path / f"voice-actors-{os.getuid()}", 0o777)  # another's, or open to all: no cache there
     assert session_runtime_env(config) is None
+
+
+def test_a_node_the_server_starts_caches_bytecode_in_the_private_directory(monkeypatch, tmp_path):
+    """actors/worker_env.py: the raylet, and every worker it starts, inherit
+    the prefix; a host's PYTHONDONTWRITEBYTECODE no longer makes each worker
+    compile from source. Not into a directory others may enter."""
+    import stat
+    import subprocess
+    import sys
+    import tempfile
+
+    from actors.worker_env import cache_bytecode_on_this_node
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    monkeypatch.delenv("PYTHONPYCACHEPREFIX", raising=False)
+    cache_bytecode_on_this_node()
+    cache = tmp_path / f"voice-actors-{os.getuid()}" / "bytecode"
+    assert os.environ["PYTHONPYCACHEPREFIX"] == str(cache) and "PYTHONDONTWRITEBYTECODE" not in os.environ
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+    module = tmp_path / "probe_module.py"
+    module.write_text("VALUE = 1\n")
+    subprocess.run([sys.executable, "-c", "import probe_module"], cwd=tmp_path, check=True,
+                   env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert list(cache.rglob("probe_module*.pyc")), "a child process wrote its bytecode under the prefix"
+
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    monkeypatch.delenv("PYTHONPYCACHEPREFIX")
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(open_dir))
+    (open_dir / f"voice-actors-{os.getuid()}").mkdir(mode=0o777)
+    os.chmod(open_dir / f"voice-actors-{os.getuid()}", 0o777)
+    cache_bytecode_on_this_node()
+    assert "PYTHONPYCACHEPREFIX" not in os.environ and os.environ["PYTHONDONTWRITEBYTECODE"] == "1"
