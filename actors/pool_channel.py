@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import weakref
 from typing import Any
 
@@ -36,6 +37,20 @@ POOL_CALLS = frozenset({"transcribe", "synthesize"})
 """What a channel may call on a pool: its work, nothing that manages it."""
 MAX_REPLY_BYTES = 64 << 20
 """The largest answer a caller reads (a long sentence's synthesis is a few MB)."""
+
+
+def channel_budget() -> int:
+    """How many channels a pool process may hold: one file each, for every
+    session process on its node. Raises this process's soft limit on open
+    files to its hard one (allowed without privileges; many hosts start at
+    1,024) and keeps half of it for channels, the rest for the model's own
+    files and Ray's sockets."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 1 << 20, hard))
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return max(0, soft // 2)
 
 
 async def serve_pool_channel(pool: Any, channel: ActorChannel) -> None:

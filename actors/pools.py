@@ -24,7 +24,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.config import AppConfig
-from actors.pool_channel import call_pool, serve_pool_channel
+from actors.pool_channel import call_pool, channel_budget, serve_pool_channel
 from actors.providers.base import STT, TTS, AudioSegment, ProviderError
 from actors.session_channel import ChannelHost
 
@@ -79,6 +79,7 @@ class ProviderPool:
         self._latency_total_ms = 0.0
         self._latency_count = 0
         self._channels = ChannelHost(lambda _grant, channel: serve_pool_channel(self, channel))
+        self._max_channels = channel_budget()
         self.channel_calls = 0
         """Calls that came over a channel (the rest came through Ray)."""
 
@@ -102,8 +103,8 @@ class ProviderPool:
     async def open_channel(self, caller_node: str) -> tuple[str, bytes] | None:
         """A channel for a caller on this pool's node (actors/pool_channel.py):
         → (socket path, one-time secret); None for a caller elsewhere."""
-        if caller_node != _this_node():
-            return None
+        if caller_node != _this_node() or self._channels.open >= self._max_channels:
+            return None  # past the budget a caller goes through Ray: the same answers, no file of its own
         return await self._channels.grant(None)
 
     async def transcribe(self, pcm16: bytes) -> str:

@@ -85,3 +85,27 @@ async def test_a_channel_calls_only_a_pools_work(ray_cluster, config):
     finally:
         client.close()
     assert await pool.open_channel.remote("f" * 56) is None  # a caller on another node goes through Ray
+
+
+def _cap_channels(pool, limit: int) -> int:
+    before, pool._max_channels = pool._max_channels, limit
+    return before
+
+
+async def test_past_its_channel_budget_a_pool_is_called_through_ray(ray_cluster, config):
+    """One file a channel: a pool serving every session process of a big
+    node must not run out of files, so past its budget callers use Ray."""
+    pool = get_pool("stt", SCRIPTED, config)
+    assert (await stats(pool))["channels_open"] >= 0
+    budget = await pool.__ray_call__.remote(_cap_channels, 0)
+    assert budget >= 256  # half the open-file limit, raised to its hard value
+    try:
+        before = await stats(pool)
+        loop_result = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: asyncio.run(PooledSTT(pool).transcribe(b"abcd")))  # a new loop: no channel yet
+        assert loop_result == "heard 4 bytes"
+        after = await stats(pool)
+        assert after["calls"] - before["calls"] == 1 and after["channel_calls"] == before["channel_calls"]
+        assert await pool.open_channel.remote(ray.get_runtime_context().get_node_id()) is None
+    finally:
+        await pool.__ray_call__.remote(_cap_channels, budget)
