@@ -70,11 +70,7 @@ async def serve_pool_channel(pool: Any, channel: ActorChannel) -> None:
             await reply
 
     try:
-        while (call := await channel.next_call()) is not None:
-            call_id, method, args = call
-            if method not in POOL_CALLS:
-                await channel.reply(call_id, error=ValueError(f"{method!r} is not a pool channel call"))
-                continue
+        async for call_id, method, args in channel.calls(POOL_CALLS, "a pool channel call"):
             pool.channel_calls += 1
             task = asyncio.get_running_loop().create_task(answer(call_id, method, args))
             running.add(task)

@@ -212,6 +212,15 @@ class ActorChannel:
         call_id, method, args = pickle.loads(payload)
         return int(call_id), str(method), tuple(args)
 
+    async def calls(self, allowed: frozenset[str], what: str) -> AsyncIterator[tuple[int, str, tuple[Any, ...]]]:
+        """The calls of `allowed` methods until the connection leaves; any
+        other is answered with a ValueError (not `what`) and skipped."""
+        while (call := await self.next_call()) is not None:
+            if call[1] in allowed:
+                yield call
+            else:
+                await self.reply(call[0], error=ValueError(f"{call[1]!r} is not {what}"))
+
     async def _write(self, kind: int, payload: bytes) -> None:
         self._writer.write(frame(kind, payload))
         await self._writer.drain()
@@ -246,11 +255,7 @@ async def serve_session_channel(actor: Any, session_id: str, events: AsyncIterat
 
     streaming = asyncio.get_running_loop().create_task(stream())
     try:
-        while (call := await channel.next_call()) is not None:
-            call_id, method, args = call
-            if method not in CALLS:
-                await channel.reply(call_id, error=ValueError(f"{method!r} is not a channel call"))
-                continue
+        async for call_id, method, args in channel.calls(CALLS, "a channel call"):
             try:
                 value = await getattr(actor, method)(*args, session_id=session_id)
             except Exception as e:
