@@ -326,6 +326,19 @@ def cpu_split(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, 
     return out
 
 
+async def _boot_sessions(config: Any, n: int, booted: list[Any]) -> None:
+    """Start `n` session actors one after another from this process, each
+    hosting a session no client takes: the node's cost of a warm-pool refill
+    (a worker's boot, the raylet's and GCS's share) without the ingress's
+    part of it (`--boots-when-steady`)."""
+    from actors.sessions import new_session_actor, new_session_id
+
+    for _ in range(n):
+        actor = new_session_actor(config)
+        booted.append(actor)
+        await actor.host.remote(new_session_id(), config)
+
+
 # ------------------------------------------------------------------ orchestration
 async def run(opts: argparse.Namespace) -> dict[str, Any]:
     import ray
@@ -360,7 +373,8 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
     print(f"[load] {opts.protocol}; known provider + VAD delay {known:.0f} ms; {len(media)} frames a turn "
           f"({n_speech} to the end of speech), encoded once", flush=True)
     report: dict[str, Any] = {"protocol": opts.protocol, "ota": opts.ota, "known_ms": known, "turns": opts.turns,
-                              "warm_sessions": config.server.warm_sessions, "runs": []}
+                              "warm_sessions": config.server.warm_sessions,
+                              "boots_when_steady": opts.boots_when_steady, "runs": []}
     try:
         if opts.connects:
             await wait_for_warm_pool(base)
@@ -400,9 +414,14 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
             proc.start()
             result = await asyncio.to_thread(recv.recv)
             before, t0 = first, t_first
+            booted: list[Any] = []
             if result.get("steady"):  # from here on: every session past its first turn
                 before, t0 = cpu_by_pid(), time.monotonic()
+                boots = asyncio.get_running_loop().create_task(_boot_sessions(config, opts.boots_when_steady, booted))
                 result = await asyncio.to_thread(recv.recv)
+                await boots
+                for actor in booted:
+                    ray.kill(actor)
             after, t_end = cpu_by_pid(), time.monotonic()
             wall = t_end - t0
             proc.join(10)
@@ -461,6 +480,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connects", type=int, default=0,
                    help="first time connect -> hello: this many new clients, the same resuming, then a burst "
                         "of twice the warm pool (pass --sessions '' to do only this)")
+    p.add_argument("--boots-when-steady", type=int, default=0,
+                   help="once every session is past its first turn, start this many session actors one after "
+                        "another from the bench's own process (a refill's boots without the ingress's part; "
+                        "with --warm 0 nothing else boots)")
     opts = p.parse_args(argv)
     report = asyncio.run(run(opts))
     print(f"[load] wrote {write_report(f'load-{opts.protocol}', report)}", flush=True)

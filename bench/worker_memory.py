@@ -19,6 +19,13 @@ so through Ray's setup shim (a second interpreter that imports all of Ray
 first): their start and CPU figures include it. "cache empty" is the
 optimised settings on a node whose first session worker is still to write
 the `.opt-2.pyc` files (a fresh cache directory each round).
+
+`--breakdown` says where a plain session worker's USS goes instead: a bare
+Ray worker, then each layer a session adds, measured inside one process
+while a second worker holds the same layers (so the shared libraries' pages
+count as shared, as they are with many sessions on a node), then a live
+session opened through the notebook API (in-session fixed-delay fakes)
+after one spoken turn.
 """
 
 from __future__ import annotations
@@ -109,10 +116,95 @@ def measure(rounds: int) -> dict[str, dict[str, list[float]]]:
     return out
 
 
+LAYERS = ("a bare Ray worker", "+ Ray's serialization context", "+ numpy", "+ actors.config",
+          "+ actors.session", "+ Silero's weights")
+"""What a session worker loads, in order. Ray builds its serialization context
+on a worker's first argument or result that is not a plain value, and that
+imports pydantic (2, and its v1 package for Ray's FastAPI serializers) and
+starlette in every worker; numpy comes with the first audio (the VAD)."""
+
+
+def layer_breakdown(rounds: int) -> tuple[dict[str, list[float]], list[float]]:
+    """USS (MB) after each of `LAYERS`, per round; and a live session actor's."""
+    import asyncio
+
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Layers:
+        def add_each(self) -> list[float]:  # no argument: it would build the serialization context first
+            import psutil
+            import ray._private.worker
+
+            from actors.heap import release_memory
+
+            def uss() -> float:
+                release_memory()
+                return psutil.Process().memory_full_info().uss / 2 ** 20
+
+            def silero() -> None:
+                import numpy as np
+
+                from actors.providers.local.silero_numpy import WINDOW, SileroNumpy
+
+                self.silero = SileroNumpy()
+                self.silero.process(np.zeros(WINDOW, dtype=np.float32))
+
+            steps = [lambda: None, lambda: ray._private.worker.global_worker.get_serialization_context(),
+                     lambda: __import__("numpy"), lambda: __import__("actors.config"),
+                     lambda: __import__("actors.session"), silero]
+            out = []
+            for step in steps:
+                step()
+                out.append(uss())
+            return out
+
+    keeper = Layers.remote()
+    ray.get(keeper.add_each.remote())
+    layers: dict[str, list[float]] = {name: [] for name in LAYERS}
+    for _ in range(rounds):
+        actor = Layers.remote()
+        for name, uss in zip(LAYERS, ray.get(actor.add_each.remote())):
+            layers[name].append(uss)
+        ray.kill(actor)
+    return layers, asyncio.run(_live_sessions(rounds))
+
+
+async def _live_sessions(n: int) -> list[float]:
+    """Each of `n` sessions' actor USS (MB) after one spoken turn."""
+    from actors.config import AppConfig, STTConfig, TTSConfig
+    from actors.notebook import SessionHandle
+    from bench.run import QUESTION, speech_fixture
+
+    config = AppConfig(stt=STTConfig(provider="bench.fakes:InSessionFixedDelaySTT"),
+                       tts=TTSConfig(provider="bench.fakes:InSessionFixedDelayTTS"))
+    speech = speech_fixture(QUESTION) + bytes(32000)  # a second of silence ends the turn
+    sessions = [await SessionHandle.aopen(config=config) for _ in range(n)]
+    for session in sessions:
+        await session.aask_audio(speech)
+
+    def uss(actor: object) -> float:
+        import psutil
+
+        from actors.heap import release_memory
+
+        release_memory()
+        return psutil.Process().memory_full_info().uss / 2 ** 20
+
+    out = [await s.actor.actor.__ray_call__.remote(uss) for s in sessions]
+    for session in sessions:
+        await session.aclose()
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=3, help="each setting this many times, alternated")
+    p.add_argument("--breakdown", action="store_true", help="where a plain session worker's USS goes, layer by layer")
     opts = p.parse_args()
+    if opts.breakdown:
+        breakdown(opts.rounds)
+        return
     import ray
 
     from bench.run import prepare_node_environment
@@ -131,6 +223,28 @@ def main() -> None:
         print(f"[worker-memory] {name:24s} USS {uss:5.1f} MB ({uss - base:+.1f}; "
               f"{', '.join(f'{x:.1f}' for x in r['uss_mb'])}), creation → first answer "
               f"{statistics.median(r['start_s']):.2f} s, its CPU {statistics.median(r['cpu_s']):.2f} s; bytecode not written: {r['no_bytecode_written']}")
+
+
+def breakdown(rounds: int) -> None:
+    from actors.config import load_config
+    from actors.runtime import connect_ray
+    from bench.run import prepare_node_environment
+
+    prepare_node_environment()
+    connect_ray(load_config())  # as the server starts its node: the session directory and stores work
+    import ray
+
+    try:
+        layers, live = layer_breakdown(rounds)
+    finally:
+        ray.shutdown()
+    before = 0.0
+    for name, values in layers.items():
+        uss = statistics.median(values)
+        print(f"[worker-memory] {name:32s} USS {uss:5.1f} MB ({uss - before:+.1f}; {', '.join(f'{x:.1f}' for x in values)})")
+        before = uss
+    print(f"[worker-memory] {'a live session, one spoken turn':32s} USS {statistics.median(live):5.1f} MB "
+          f"({statistics.median(live) - before:+.1f}; {', '.join(f'{x:.1f}' for x in live)})")
 
 
 if __name__ == "__main__":
