@@ -79,10 +79,10 @@ class ServerConfig(_Section):
     so a quiet server sheds what its last busy spell left; 0 keeps spares
     for good."""
     optimize_session_workers: bool = False
-    """Session actors' workers run with `PYTHONOPTIMIZE=2` and two malloc
-    arenas (actors/worker_env.py): ~7 MB less per session process (59
-    against 66 MB), but each starts through Ray's runtime-env shim: +0.26 s
-    of CPU and +0.5 s to a cold start. For nodes short of memory, not CPU."""
+    """Session actors' workers run with `PYTHONOPTIMIZE=2` (actors/worker_env.py):
+    ~5 MB less per session process (59 against 64 MB), but each starts
+    through Ray's runtime-env shim: +0.26 s of CPU and +0.5 s to a cold
+    start. For nodes short of memory, not CPU."""
     drain_grace_s: float = Field(5.0, ge=0, le=60)
     """When an ingress replica is shut down (`serve deploy` of a new version,
     scale-down, `serve.delete`), a reply in flight on one of its sockets may

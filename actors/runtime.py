@@ -8,7 +8,7 @@ import os
 import ray
 
 from actors.config import AppConfig
-from actors.worker_env import cache_bytecode_on_this_node
+from actors.worker_env import prepare_this_node
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def connect_ray(config: AppConfig, address: str | None = None, num_cpus: int | N
         except ConnectionError:
             if address:  # asked for explicitly: do not silently start another cluster
                 raise
-    cache_bytecode_on_this_node()
+    prepare_this_node()
     ray.init(namespace=config.server.namespace, include_dashboard=False, num_cpus=num_cpus,
              log_to_driver=False, _system_config=RAY_SYSTEM_CONFIG)
     return "started a local Ray instance"

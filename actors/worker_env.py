@@ -1,6 +1,6 @@
 """How the server's Ray workers run Python: on bytecode cached in this
-user's private directory, and, when asked, session workers without
-docstrings and with two malloc arenas.
+user's private directory, with two malloc arenas, and, when asked, session
+workers without docstrings.
 
 Bytecode, for every worker of a node the server starts itself. Hosts
 (containers, this project's machines) often set `PYTHONDONTWRITEBYTECODE`,
@@ -10,8 +10,17 @@ server starts (`connect_ray` with no cluster running) gets
 `PYTHONPYCACHEPREFIX` in the environment its raylet inherits, and every
 worker it starts writes and then reads `.pyc` files there: a session
 worker's cold start 0.41 → 0.31 s and 0.62 → 0.48 s of its CPU
-(`python -m bench.worker_memory`). Nothing else changes for those workers:
-the prefix is the one setting that reaches them without a `runtime_env`.
+(`python -m bench.worker_memory`). The raylet's inherited environment is
+the one way a setting reaches every worker without a `runtime_env`.
+
+Two malloc arenas, for every process of a node the server starts (unless
+the host set `MALLOC_ARENA_MAX` itself). glibc gives each thread that
+allocates an arena of its own, up to 8 per core, and a Ray worker has a
+dozen threads (Ray's I/O, gRPC and task threads, the event loop, the VAD's
+loader, SQLite's): what they free stays spread over arenas that are never
+given back whole. Two hold the same: a live session actor 65.0 → 63.1 MB,
+and no CPU cost measured at 32 devices (docs/benchmarks.md, "Where a
+session worker's memory goes").
 
 Session workers without docstrings (`server.optimize_session_workers`, off
 by default). `PYTHONOPTIMIZE=2` drops ~820 modules' docstrings: a live
@@ -26,10 +35,6 @@ devices waited ~200 ms for hello against ~30 (docs/benchmarks.md, "Session
 workers' own runtime_env"). So it is for nodes short of memory rather than
 CPU. An optimised interpreter reads only `.opt-2.pyc` files, kept under the
 same prefix.
-
-A live session's threads (its event loop, Ray's task and I/O threads, the
-VAD's loader) each took a malloc arena of their own; two hold the same for
-~1 MB less: set with the optimisation, as it needs the same `runtime_env`.
 
 The directory must be private: a `.pyc` there runs in every worker.
 """
@@ -55,9 +60,14 @@ def bytecode_cache() -> Path | None:
     return cache
 
 
-def cache_bytecode_on_this_node() -> None:
+MALLOC_ARENAS = "2"
+
+
+def prepare_this_node() -> None:
     """Before this process starts a Ray node: the raylet, and every worker it
-    starts, inherit this process's environment."""
+    starts, inherit this process's environment (two malloc arenas; the
+    bytecode cache when there is a private directory for it)."""
+    os.environ.setdefault("MALLOC_ARENA_MAX", MALLOC_ARENAS)
     cache = bytecode_cache()
     if cache is None:
         return
@@ -79,5 +89,5 @@ def session_runtime_env(config: AppConfig) -> dict[str, Any] | None:
         "PYTHONOPTIMIZE": "2",
         "PYTHONPYCACHEPREFIX": str(cache),
         "PYTHONDONTWRITEBYTECODE": "",  # empty is unset to Python: write the cache
-        "MALLOC_ARENA_MAX": "2",
+        "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", MALLOC_ARENAS),
     }}

@@ -51,10 +51,10 @@ def prepare_node_environment() -> None:
     imports all of Ray (+0.27 s of CPU and +0.44 s to a session worker's
     first answer, bench/worker_memory.py), which the server's own job does
     not pay for its plain workers."""
-    from actors.worker_env import cache_bytecode_on_this_node
+    from actors.worker_env import prepare_this_node
 
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    cache_bytecode_on_this_node()
+    prepare_this_node()
 
 
 def pct(values: list[float]) -> dict[str, float | None]:

@@ -685,21 +685,24 @@ async def test_session_workers_run_without_docstrings_on_bytecode_of_their_own(r
     assert session_runtime_env(config) is None
 
 
-def test_a_node_the_server_starts_caches_bytecode_in_the_private_directory(monkeypatch, tmp_path):
+def test_a_node_the_server_starts_caches_bytecode_and_caps_malloc_arenas(monkeypatch, tmp_path):
     """actors/worker_env.py: the raylet, and every worker it starts, inherit
     the prefix; a host's PYTHONDONTWRITEBYTECODE no longer makes each worker
-    compile from source. Not into a directory others may enter."""
+    compile from source. Not into a directory others may enter. Two malloc
+    arenas unless the host chose a number itself."""
     import stat
     import subprocess
     import sys
     import tempfile
 
-    from actors.worker_env import cache_bytecode_on_this_node
+    from actors.worker_env import prepare_this_node
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
     monkeypatch.delenv("PYTHONPYCACHEPREFIX", raising=False)
-    cache_bytecode_on_this_node()
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    prepare_this_node()
+    assert os.environ["MALLOC_ARENA_MAX"] == "2"
     cache = tmp_path / f"voice-actors-{os.getuid()}" / "bytecode"
     assert os.environ["PYTHONPYCACHEPREFIX"] == str(cache) and "PYTHONDONTWRITEBYTECODE" not in os.environ
     assert stat.S_IMODE(cache.stat().st_mode) == 0o700
@@ -716,5 +719,7 @@ def test_a_node_the_server_starts_caches_bytecode_in_the_private_directory(monke
     monkeypatch.setattr(tempfile, "tempdir", str(open_dir))
     (open_dir / f"voice-actors-{os.getuid()}").mkdir(mode=0o777)
     os.chmod(open_dir / f"voice-actors-{os.getuid()}", 0o777)
-    cache_bytecode_on_this_node()
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    prepare_this_node()
     assert "PYTHONPYCACHEPREFIX" not in os.environ and os.environ["PYTHONDONTWRITEBYTECODE"] == "1"
+    assert os.environ["MALLOC_ARENA_MAX"] == "4", "the host's own number is kept"
