@@ -13,19 +13,9 @@ import pytest
 from pydantic import ValidationError
 
 from actors.agent import knowledge_api
-from actors.agent.knowledge import (
-    MAX_DOCUMENT_CHARS,
-    NOTHING_FOUND,
-    EmbeddingError,
-    EmbeddingsConfig,
-    Hit,
-    KnowledgeConfig,
-    KnowledgeIndex,
-    OpenAICompatEmbeddings,
-    chunk_text,
-    format_hits,
-    load_source,
-)
+from actors.agent.documents import MAX_DOCUMENT_CHARS, chunk_text, load_source
+from actors.agent.embeddings import EmbeddingError, EmbeddingsConfig, OpenAICompatEmbeddings
+from actors.agent.knowledge import NOTHING_FOUND, Hit, KnowledgeConfig, KnowledgeIndex, format_hits
 from actors.agent.knowledge_api import KnowledgeAPIError
 from actors.agent.knowledge_pool import DocumentStore, get_knowledge_pool
 from tests.fakes.openai_server import FakeOpenAIServer, Script

@@ -3,7 +3,9 @@ only [a-z0-9], so a Chinese question matched nothing."""
 
 from __future__ import annotations
 
-from actors.agent.knowledge import KnowledgeBase, KnowledgeEntry, tokenize
+from actors.agent.bm25 import tokenize
+from actors.agent.documents import KnowledgeEntry
+from actors.agent.knowledge import KnowledgeBase
 
 
 def test_chinese_is_tokenised_as_character_bigrams_and_english_as_words():

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from actors.agent.knowledge import KnowledgeBase, KnowledgeEntry, tokenize
+from actors.agent.bm25 import tokenize
+from actors.agent.documents import KnowledgeEntry
+from actors.agent.knowledge import KnowledgeBase
 from actors.agent.tools import ToolContext, ToolError, default_registry, evaluate
 from actors.providers.base import ChatMessage, LLMChunk, ToolCall
 from actors.providers.local.dialogue import LocalDialogueEngine

@@ -26,7 +26,8 @@ from typing import Any
 
 import ray
 
-from actors.agent.knowledge import MAX_QUERY_CHARS, Chunk, Hit, KnowledgeConfig, KnowledgeIndex, chunk_text
+from actors.agent.documents import Chunk, chunk_text
+from actors.agent.knowledge import MAX_QUERY_CHARS, Hit, KnowledgeConfig, KnowledgeIndex
 from actors.pools import pinned_to
 
 log = logging.getLogger(__name__)

@@ -39,8 +39,8 @@ from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from actors.agent.bm25 import tokenize
 from actors.agent.db import Database, Tx
-from actors.agent.knowledge import tokenize
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 """Same as `actors.config.PROJECT_ROOT`, not imported from there, so that

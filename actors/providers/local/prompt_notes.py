@@ -21,7 +21,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from actors.agent.knowledge import NOTHING_FOUND, tokenize
+from actors.agent.bm25 import tokenize
+from actors.agent.knowledge import NOTHING_FOUND
 from actors.providers.base import ChatMessage
 from actors.providers.local.phrasing import as_sentence, second_person
 
