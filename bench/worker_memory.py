@@ -74,6 +74,17 @@ VARIANTS: dict[str, Callable[[], dict[str, str]]] = {
 """Each setting's worker environment variables, made anew each round."""
 
 
+def released_uss_mb() -> float:
+    """This process's USS once its cycles are collected and its heap trimmed
+    (as a session does when idle)."""
+    import psutil
+
+    from actors.heap import release_memory
+
+    release_memory()
+    return psutil.Process().memory_full_info().uss / 2 ** 20
+
+
 def import_session() -> None:
     import numpy  # noqa: F401
 
@@ -91,14 +102,9 @@ def measure(rounds: int) -> dict[str, dict[str, list[float]]]:
         def memory(self) -> tuple[float, bool, float]:
             import sys
 
-            import psutil
-
-            from actors.heap import release_memory
-
             times = os.times()
-            release_memory()
             time.sleep(0.2)
-            return psutil.Process().memory_full_info().uss / 2 ** 20, sys.dont_write_bytecode, times.user + times.system
+            return released_uss_mb(), sys.dont_write_bytecode, times.user + times.system
 
     out: dict[str, dict[str, Any]] = {name: {"uss_mb": [], "start_s": [], "cpu_s": []} for name in VARIANTS}
     for _ in range(rounds):
@@ -133,14 +139,7 @@ def layer_breakdown(rounds: int) -> tuple[dict[str, list[float]], list[float]]:
     @ray.remote(num_cpus=0)
     class Layers:
         def add_each(self) -> list[float]:  # no argument: it would build the serialization context first
-            import psutil
             import ray._private.worker
-
-            from actors.heap import release_memory
-
-            def uss() -> float:
-                release_memory()
-                return psutil.Process().memory_full_info().uss / 2 ** 20
 
             def silero() -> None:
                 import numpy as np
@@ -156,7 +155,7 @@ def layer_breakdown(rounds: int) -> tuple[dict[str, list[float]], list[float]]:
             out = []
             for step in steps:
                 step()
-                out.append(uss())
+                out.append(released_uss_mb())
             return out
 
     keeper = Layers.remote()
@@ -183,15 +182,7 @@ async def _live_sessions(n: int) -> list[float]:
     for session in sessions:
         await session.aask_audio(speech)
 
-    def uss(actor: object) -> float:
-        import psutil
-
-        from actors.heap import release_memory
-
-        release_memory()
-        return psutil.Process().memory_full_info().uss / 2 ** 20
-
-    out = [await s.actor.actor.__ray_call__.remote(uss) for s in sessions]
+    out = [await s.actor.actor.__ray_call__.remote(lambda actor: released_uss_mb()) for s in sessions]
     for session in sessions:
         await session.aclose()
     return out
