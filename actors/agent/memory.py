@@ -16,7 +16,7 @@ Policy, decided here once:
   *unpinned* one. What the user asked for explicitly is pinned and never
   evicted silently; when every memory is pinned the store refuses with
   `memory.limit` and the user has to delete some first.
-- Recalled by relevance: BM25 over `actors.agent.knowledge.tokenize` (words for
+- Recalled by relevance: BM25 over `actors.agent.bm25.tokenize` (words for
   English, character bigrams for Chinese) across the owner's memories only;
   ties go to the more recent.
 - Anonymous principals (auth disabled) have no long-term memory unless

@@ -119,7 +119,7 @@ def told_you(line: str) -> str:
 # ----------------------------------------------------------------- knowledge
 def location_of(excerpt: Excerpt) -> tuple[str, str | None]:
     """(text, location) of an excerpt: a museum entry's chunk ends with
-    'Location: <where>.' (knowledge.chunks_from_entries)."""
+    'Location: <where>.' (documents.chunks_from_entries)."""
     m = _LOCATION.search(excerpt.text)
     if m is None:
         return excerpt.text, None
