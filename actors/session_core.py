@@ -14,13 +14,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from actors.agent.builtin_tools import default_registry
 from actors.agent.knowledge import format_hits
 from actors.agent.mcp import DeviceTools, mcp_source
 from actors.agent.memory import MemoryStore
 from actors.agent.moderation import build_moderator, safe_reply_for
 from actors.agent.persona import Persona
 from actors.agent.quick_replies import build_quick_replies
-from actors.agent.tools import SessionTools, ToolContext, ToolRegistry, ToolsConfig, clock, default_registry
+from actors.agent.tools import SessionTools, ToolContext, ToolRegistry, ToolsConfig, clock
 from actors.audio_buffer import AudioBatch, AudioBuffer, ClientsGone, ListenControl, WordsEndASentence
 from actors.config import AppConfig
 from actors.dialogue import AssistantSays, DialogueState, UserTurn

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 
 from actors.agent import knowledge_api
+from actors.agent.builtin_tools import default_registry
 from actors.agent.knowledge import NOTHING_FOUND, Hit, KnowledgeBase, format_hits
 from actors.agent.prompt import PromptParts, build_prompt
-from actors.agent.tools import default_registry
 from actors.config import PROJECT_ROOT, load_config
 from actors.providers.base import STT, TTS, AudioSegment, ChatMessage, ToolCall
 from actors.providers.local.dialogue import LocalDialogueEngine

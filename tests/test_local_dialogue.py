@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 from actors.agent.bm25 import tokenize
+from actors.agent.builtin_tools import default_registry, evaluate
 from actors.agent.documents import KnowledgeEntry
 from actors.agent.knowledge import KnowledgeBase
-from actors.agent.tools import ToolContext, ToolError, default_registry, evaluate
+from actors.agent.tools import ToolContext, ToolError
 from actors.providers.base import ChatMessage, LLMChunk, ToolCall
 from actors.providers.local.dialogue import LocalDialogueEngine
 from actors.providers.local.intents import find_expression, parse_timer

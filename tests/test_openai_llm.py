@@ -405,7 +405,8 @@ def _calculator_model(request: RecordedRequest) -> Script:
 
 
 async def test_dialogue_runs_the_tool_loop_through_this_provider(fake: FakeOpenAIServer, make_llm: Any) -> None:
-    from actors.agent.tools import ToolContext, default_registry
+    from actors.agent.builtin_tools import default_registry
+    from actors.agent.tools import ToolContext
     from actors.config import Persona
     from actors.dialogue import DialogueState, UserTurn
     from actors.events import LLMDelta, ToolCallEvent, ToolResultEvent

@@ -211,7 +211,8 @@ async def test_a_persona_offers_only_its_tools_and_a_call_to_another_gets_an_err
     anyway (a hallucinated or stale name) gets an error result instead of the tool running."""
     import json
 
-    from actors.agent.tools import SessionTools, ToolContext, ToolsConfig, default_registry
+    from actors.agent.builtin_tools import default_registry
+    from actors.agent.tools import SessionTools, ToolContext, ToolsConfig
     from actors.dialogue import DialogueState, UserTurn
     from actors.events import ToolResultEvent
     from actors.providers.base import ToolCall

@@ -28,14 +28,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from actors.agent.tools import (
-    TOOL_NAME_RE,
-    MCPServerConfig,
-    SessionTools,
-    ToolContext,
-    ToolError,
-    ToolsConfig,
-)
+from actors.agent.tools import TOOL_NAME_RE, MCPServerConfig, SessionTools, ToolContext, ToolError, ToolsConfig
 from actors.providers.base import ToolSpec
 
 log = logging.getLogger(__name__)

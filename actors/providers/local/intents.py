@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from actors.agent.tools import normalize_key
+from actors.agent.builtin_tools import normalize_key
 from actors.providers.local.phrasing import words_to_digits
 
 # ------------------------------------------------------------ text rules
