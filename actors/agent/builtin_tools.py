@@ -1,7 +1,8 @@
-"""The built-in tools every session gets: time and date, a calculator,
-timers and reminders, ending the conversation, facts kept for the session,
-knowledge search and long-term memory (those three only where the session
-has the hook). Each takes its arguments and the session's `ToolContext` and
+"""The built-in tools: time and date, a calculator, timers and reminders,
+ending the conversation, facts kept for the session, knowledge search and
+long-term memory. Those that need a hook of the session (reminders, ending
+the conversation, knowledge, long-term memory) are offered only to sessions
+that provide it. Each takes its arguments and the session's `ToolContext` and
 returns a JSON-able value, or raises `ToolError` with what to tell the model
 (actors/agent/tools.py turns both into the JSON string a model reads)."""
 
