@@ -268,9 +268,6 @@ def spec(name: str, description: str, properties: dict[str, Any], required: list
     )
 
 
-_spec = spec
-
-
 def _has(hook: str) -> Callable[[ToolContext], bool]:
     return lambda ctx: getattr(ctx, hook) is not None
 
@@ -278,10 +275,10 @@ def _has(hook: str) -> Callable[[ToolContext], bool]:
 def default_registry() -> ToolRegistry:
     """The built-in tools every session gets (hook-bound ones where it has the hook)."""
     reg = ToolRegistry()
-    reg.register(_spec("get_time", "Get the current local time.", {}, []), _get_time)
-    reg.register(_spec("get_date", "Get today's local date and weekday.", {}, []), _get_date)
+    reg.register(spec("get_time", "Get the current local time.", {}, []), _get_time)
+    reg.register(spec("get_date", "Get today's local date and weekday.", {}, []), _get_date)
     reg.register(
-        _spec(
+        spec(
             "calculate",
             "Evaluate an arithmetic expression with numbers, + - * / ** % and parentheses.",
             {"expression": {"type": "string", "description": "For example '12 * 7' or '(3 + 4) ** 2'."}},
@@ -290,7 +287,7 @@ def default_registry() -> ToolRegistry:
         _calculate,
     )
     reg.register(
-        _spec(
+        spec(
             "set_timer",
             "Start a countdown timer; the user is told when it ends.",
             {
@@ -302,7 +299,7 @@ def default_registry() -> ToolRegistry:
         _set_timer,
     )
     reg.register(
-        _spec(
+        spec(
             "remember",
             "Remember a fact the user told you for the rest of this conversation.",
             {
@@ -314,7 +311,7 @@ def default_registry() -> ToolRegistry:
         _remember,
     )
     reg.register(
-        _spec(
+        spec(
             "recall",
             "Look up a remembered fact by key, or all remembered facts when no key is given.",
             {"key": {"type": "string", "description": "The fact's key; omit to list everything."}},
@@ -323,7 +320,7 @@ def default_registry() -> ToolRegistry:
         _recall,
     )
     reg.register(
-        _spec(
+        spec(
             "set_reminder",
             "Remind the user of something later, by voice: at a time of day or after a delay.",
             {
@@ -336,12 +333,12 @@ def default_registry() -> ToolRegistry:
         _set_reminder, requires=_has("say"),
     )
     reg.register(
-        _spec("end_conversation",
+        spec("end_conversation",
               "End the conversation when the user says goodbye or asks to stop; then say a short goodbye.", {}, []),
         _end_conversation, requires=_has("end_conversation"),
     )
     reg.register(
-        _spec(
+        spec(
             "search_knowledge",
             "Search the knowledge base for facts to answer the user's question.",
             {"query": {"type": "string", "description": "What to look for."},
@@ -351,7 +348,7 @@ def default_registry() -> ToolRegistry:
         _knowledge_search, requires=_has("knowledge_search"),
     )
     reg.register(
-        _spec(
+        spec(
             "save_memory",
             "Save a lasting fact about the user for future conversations.",
             {"fact": {"type": "string", "description": "One short fact, e.g. 'Ana is allergic to peanuts'."}},
@@ -360,7 +357,7 @@ def default_registry() -> ToolRegistry:
         _memory_save, requires=_has("memory_save"),
     )
     reg.register(
-        _spec(
+        spec(
             "recall_memory",
             "Recall lasting facts about the user from earlier conversations.",
             {"query": {"type": "string", "description": "What to recall, e.g. 'allergies'."},
