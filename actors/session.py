@@ -34,6 +34,7 @@ from actors.session_directory import session_directory
 from actors.session_ref import SessionMoved, same_actor
 from actors.session_stores import ActorStores
 from actors.tts import OutputPrefs
+from actors.worker_env import lean_serialization_context
 
 log = logging.getLogger(__name__)
 
@@ -124,13 +125,23 @@ class SessionActor:
     call names its session (`session_id`, added by `SessionRef`) and is
     refused with `SessionMoved` unless this actor hosts that session now."""
 
-    def __init__(self, config: AppConfig) -> None:
-        self._config = config
+    def __init__(self) -> None:
+        """No argument: Ray builds a worker's serialization context on its
+        first one, and a session builds a leaner one first (worker_env.py);
+        the config comes with `host`."""
+        lean_serialization_context()
+        self._config_or_none: AppConfig | None = None
         self._stores = ActorStores()
         self._binds = 0
         """How many sessions this actor has hosted: a spare's timer knows if it was taken."""
         self._channels = ChannelHost(self._serve_channel)
         self._unbind()
+
+    @property
+    def _config(self) -> AppConfig:
+        if self._config_or_none is None:
+            raise RuntimeError("a new session actor is hosted with its config: host(session_id, config)")
+        return self._config_or_none
 
     def _unbind(self) -> None:
         """Forget the session: nothing of it may reach the next one."""
@@ -158,9 +169,11 @@ class SessionActor:
         bringing it back at once: the first wins)."""
         if self._session_id is not None:
             raise SessionMoved(session_id)
+        if config is None and self._config_or_none is None:
+            raise ValueError("a new session actor is hosted with its config: host(session_id, config)")
         self._session_id, self._binds = session_id, self._binds + 1
         if config is not None:
-            self._config = config
+            self._config_or_none = config
         if self._binds > 1:
             from actors.providers.adapters.usage import forget_provider_state
 

@@ -38,7 +38,7 @@ def new_session_id() -> str:
 
 
 def new_session_actor(config: AppConfig) -> ray.actor.ActorHandle:
-    """A new, idle session actor (it hosts nothing until `host`).
+    """A new, idle session actor (it hosts nothing, and has no config, until `host`).
 
     No Ray task events: a session makes several calls a second for as long
     as it lives, and Ray keeps an event per call in the GCS (and the
@@ -54,7 +54,7 @@ def new_session_actor(config: AppConfig) -> ray.actor.ActorHandle:
         lifetime="detached", enable_task_events=False,
         scheduling_strategy=pinned_to(ray.get_runtime_context().get_node_id(), num_cpus=0),
         runtime_env=session_runtime_env(config),
-    ).remote(config)
+    ).remote()
 
 
 def idle_session_actor(config: AppConfig, directory: ray.actor.ActorHandle) -> ray.actor.ActorHandle:

@@ -42,6 +42,7 @@ The directory must be private: a `.pyc` there runs in every worker.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,37 @@ def prepare_this_node() -> None:
         return
     os.environ["PYTHONPYCACHEPREFIX"] = str(cache)
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+
+
+UNSENT_BY_SESSIONS = ("starlette", "pydantic.v1")
+"""Packages Ray's serialization context imports, in every worker, only to
+register a serializer for one of their types (starlette's `State`,
+pydantic v1's `ModelField`: ray/util/serialization_addons.py); a session
+never sends either."""
+
+
+def lean_serialization_context() -> None:
+    """Build this Ray worker's serialization context now, without importing
+    `UNSENT_BY_SESSIONS` for it (each is hidden from import while Ray builds
+    it, then importable as usual). Ray builds it on a worker's first
+    argument, whatever its type, so a session actor calls this first in its
+    `__init__`, which takes no argument for that reason: 1.9 MB a session
+    (docs/benchmarks.md, "Where a session worker's memory goes"). A worker
+    that has built it already, or imported them, is left as it is."""
+    import ray._private.worker
+
+    worker = ray._private.worker.global_worker
+    if worker.mode != ray._private.worker.WORKER_MODE:
+        return
+    hidden = [name for name in UNSENT_BY_SESSIONS if name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None  # type: ignore[assignment]  # import raises ImportError, which Ray expects
+    try:
+        worker.get_serialization_context()
+    finally:
+        for name in hidden:
+            if sys.modules.get(name, 0) is None:
+                del sys.modules[name]
 
 
 def session_runtime_env(config: AppConfig) -> dict[str, Any] | None:

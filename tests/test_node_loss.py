@@ -97,8 +97,8 @@ try:
         sid = new_session_id()
         host = SessionActor.options(
             name=host_actor_name(new_session_id()), namespace=NAMESPACE, lifetime="detached",
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote(config)
-        assert ray.get(host.host.remote(sid), timeout=60) == sid
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote()
+        assert ray.get(host.host.remote(sid, config), timeout=60) == sid
         actor = SessionRef(host, sid)
         assert ray.get(actor.claim.remote(authn.verify_token(tokens[principal]).key), timeout=60)
         return sid, actor

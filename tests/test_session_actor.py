@@ -685,6 +685,40 @@ async def test_session_workers_run_without_docstrings_on_bytecode_of_their_own(r
     assert session_runtime_env(config) is None
 
 
+def _serialization_imports(_actor) -> list[str]:
+    """Run inside a session actor (`__ray_call__`)."""
+    import sys
+
+    from actors.worker_env import UNSENT_BY_SESSIONS
+
+    return [name for name in UNSENT_BY_SESSIONS if name in sys.modules]
+
+
+async def test_a_session_worker_builds_rays_serialization_context_without_what_it_never_sends(
+        ray_cluster, config, tap):
+    """actors/worker_env.py `lean_serialization_context`: 1.9 MB a session
+    process. The actor takes no argument (Ray builds the context on the
+    first one); its config, a pydantic model, comes with `host`; the hidden
+    packages stay importable; a new actor hosted without a config is refused."""
+    from actors.sessions import new_session_actor
+
+    actor = await open_actor(config)
+    async with tap(actor) as t:
+        turn = await actor.send_text.remote("What is twelve times seven?")
+        await t.wait_for(lambda e: e.type == "metrics" and e.turn_id == turn)
+    assert await actor.actor.__ray_call__.remote(_serialization_imports) == []
+    assert await actor.actor.__ray_call__.remote(lambda _: __import__("starlette.datastructures").__name__) == "starlette"
+    await actor.close.remote()
+
+    bare = new_session_actor(config)
+    try:
+        with pytest.raises(ValueError, match="hosted with its config"):
+            await bare.host.remote(new_session_id())
+        assert await bare.host.remote(new_session_id(), config)  # the refusal changed nothing
+    finally:
+        ray.kill(bare)
+
+
 def test_a_node_the_server_starts_caches_bytecode_and_caps_malloc_arenas(monkeypatch, tmp_path):
     """actors/worker_env.py: the raylet, and every worker it starts, inherit
     the prefix; a host's PYTHONDONTWRITEBYTECODE no longer makes each worker
