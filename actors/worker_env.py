@@ -1,5 +1,5 @@
 """How the server's Ray workers run Python: on bytecode cached in this
-user's private directory, with two malloc arenas, and, when asked, session
+user's private directory, with two malloc arenas and no column positions, and, when asked, session
 workers without docstrings.
 
 Bytecode, for every worker of a node the server starts itself. Hosts
@@ -21,6 +21,13 @@ loader, SQLite's): what they free stays spread over arenas that are never
 given back whole. Two hold the same: a live session actor 65.0 → 63.1 MB,
 and no CPU cost measured at 32 devices (docs/benchmarks.md, "Where a
 session worker's memory goes").
+
+No column positions in code objects, for every process of a node the
+server starts (`PYTHONNODEBUGRANGES`, unless the host set it): Python 3.11
+keeps, for every instruction of every module loaded, where on its line it
+came from, for the carets under a traceback's line; without them a live
+session actor is ~0.7 MB smaller (docs/benchmarks.md, "Where a session
+worker's memory goes"). Tracebacks still name the file and line.
 
 Session workers without docstrings (`server.optimize_session_workers`, off
 by default). `PYTHONOPTIMIZE=2` drops ~820 modules' docstrings: a live
@@ -52,11 +59,13 @@ from actors.private_dir import private_dir
 
 def bytecode_cache() -> Path | None:
     """This user's bytecode directory on this node, made 0700 if missing;
-    None when there is no private directory for it."""
+    None when there is no private directory for it. Bytecode compiled
+    without column positions has a directory of its own: a `.pyc` does not
+    say which it holds, and Python reads whichever it finds."""
     base = private_dir("cached bytecode")
     if base is None:
         return None
-    cache = base / "bytecode"
+    cache = base / ("bytecode-no-debug-ranges" if os.environ.get("PYTHONNODEBUGRANGES") else "bytecode")
     cache.mkdir(mode=0o700, exist_ok=True)
     return cache
 
@@ -66,9 +75,11 @@ MALLOC_ARENAS = "2"
 
 def prepare_this_node() -> None:
     """Before this process starts a Ray node: the raylet, and every worker it
-    starts, inherit this process's environment (two malloc arenas; the
-    bytecode cache when there is a private directory for it)."""
+    starts, inherit this process's environment (two malloc arenas; code
+    without column positions; the bytecode cache when there is a private
+    directory for it), each unless the host chose otherwise."""
     os.environ.setdefault("MALLOC_ARENA_MAX", MALLOC_ARENAS)
+    os.environ.setdefault("PYTHONNODEBUGRANGES", "1")
     cache = bytecode_cache()
     if cache is None:
         return

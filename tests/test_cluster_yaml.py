@@ -40,6 +40,25 @@ def test_head_starts_ray_with_the_servers_own_settings():
         assert f"RAY_{name}={value} " in start, (name, start)
 
 
+def test_every_node_starts_ray_in_the_environment_the_server_gives_a_node_it_starts(monkeypatch, tmp_path):
+    """actors/worker_env.py `prepare_this_node`: the same variables on both start lines."""
+    import os
+    import tempfile
+
+    from actors.worker_env import prepare_this_node
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    for name in ("MALLOC_ARENA_MAX", "PYTHONNODEBUGRANGES", "PYTHONPYCACHEPREFIX"):
+        monkeypatch.delenv(name, raising=False)
+    prepare_this_node()
+    cfg = load()
+    for start in (c for key in ("head_start_ray_commands", "worker_start_ray_commands") for c in cfg[key]
+                  if "ray start" in c):
+        for name in ("MALLOC_ARENA_MAX", "PYTHONNODEBUGRANGES"):
+            assert f"{name}={os.environ[name]} " in start, (name, start)
+        assert "PYTHONPYCACHEPREFIX=" in start, start
+
+
 def test_validation_really_rejects_a_broken_file():
     broken = copy.deepcopy(load())
     broken["setup_commandz"] = broken.pop("setup_commands")

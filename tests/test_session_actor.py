@@ -723,7 +723,8 @@ def test_a_node_the_server_starts_caches_bytecode_and_caps_malloc_arenas(monkeyp
     """actors/worker_env.py: the raylet, and every worker it starts, inherit
     the prefix; a host's PYTHONDONTWRITEBYTECODE no longer makes each worker
     compile from source. Not into a directory others may enter. Two malloc
-    arenas unless the host chose a number itself."""
+    arenas and code without column positions (in a cache of its own) unless
+    the host chose otherwise."""
     import stat
     import subprocess
     import sys
@@ -735,15 +736,19 @@ def test_a_node_the_server_starts_caches_bytecode_and_caps_malloc_arenas(monkeyp
     monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
     monkeypatch.delenv("PYTHONPYCACHEPREFIX", raising=False)
     monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    monkeypatch.delenv("PYTHONNODEBUGRANGES", raising=False)
     prepare_this_node()
-    assert os.environ["MALLOC_ARENA_MAX"] == "2"
-    cache = tmp_path / f"voice-actors-{os.getuid()}" / "bytecode"
+    assert os.environ["MALLOC_ARENA_MAX"] == "2" and os.environ["PYTHONNODEBUGRANGES"] == "1"
+    cache = tmp_path / f"voice-actors-{os.getuid()}" / "bytecode-no-debug-ranges"
     assert os.environ["PYTHONPYCACHEPREFIX"] == str(cache) and "PYTHONDONTWRITEBYTECODE" not in os.environ
     assert stat.S_IMODE(cache.stat().st_mode) == 0o700
     module = tmp_path / "probe_module.py"
-    module.write_text("VALUE = 1\n")
-    subprocess.run([sys.executable, "-c", "import probe_module"], cwd=tmp_path, check=True,
-                   env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    module.write_text("def f(x):\n    return x + 1\n")
+    columns = "import probe_module; print(sum(p[2] is not None for p in probe_module.f.__code__.co_positions()))"
+    for _ in range(2):  # compiled, then read from the cache: no column positions either way
+        seen = subprocess.run([sys.executable, "-c", columns], cwd=tmp_path, check=True, capture_output=True,
+                              text=True, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+        assert seen.stdout.strip() == "0", seen
     assert list(cache.rglob("probe_module*.pyc")), "a child process wrote its bytecode under the prefix"
 
     monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
@@ -754,6 +759,8 @@ def test_a_node_the_server_starts_caches_bytecode_and_caps_malloc_arenas(monkeyp
     (open_dir / f"voice-actors-{os.getuid()}").mkdir(mode=0o777)
     os.chmod(open_dir / f"voice-actors-{os.getuid()}", 0o777)
     monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    monkeypatch.setenv("PYTHONNODEBUGRANGES", "")
     prepare_this_node()
     assert "PYTHONPYCACHEPREFIX" not in os.environ and os.environ["PYTHONDONTWRITEBYTECODE"] == "1"
     assert os.environ["MALLOC_ARENA_MAX"] == "4", "the host's own number is kept"
+    assert os.environ["PYTHONNODEBUGRANGES"] == "", "and its own choice of column positions"
