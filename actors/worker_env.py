@@ -51,10 +51,12 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from actors.config import AppConfig
 from actors.private_dir import private_dir
+
+if TYPE_CHECKING:  # not imported for it: a session worker calls `lean_serialization_context` before its config
+    from actors.config import AppConfig
 
 
 def bytecode_cache() -> Path | None:

@@ -326,6 +326,13 @@ def cpu_split(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, 
     return out
 
 
+def session_boots(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> int:
+    """Session actors whose worker started, or was still booting, between two
+    snapshots (a warm-pool refill overlapping the figures taken between them)."""
+    return sum(1 for pid, (kind, _) in after.items()
+               if kind_group(kind) == "session actors" and kind_group(before.get(pid, ("", 0.0))[0]) != "session actors")
+
+
 async def _boot_sessions(config: Any, n: int, booted: list[Any]) -> None:
     """Start `n` session actors one after another from this process, each
     hosting a session no client takes: the node's cost of a warm-pool refill
@@ -441,6 +448,7 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
                    "server_cpu_pct_of_core": round(sum(split.values()) * n, 1),
                    "server_cpu_pct_of_core_whole_run": round(100 * whole, 1),
                    "load_generator_cpu_pct_of_core": round(100 * result["cpu_s"] / result["wall_s"], 1),
+                   "session_actors_started_in_steady_turns": session_boots(before, after) if before is not first else None,
                    "wall_s": round(wall, 1)}
             report["runs"].append(row)
             print(f"[load] {n} sessions: e2e p50 {e2e['p50']} p99 {e2e['p99']} ms; overhead p50 {over['p50']} "
@@ -457,7 +465,8 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
             print(f"[load]   server CPU after every session's first turn {row['server_cpu_pct_of_core']}% of a core "
                   f"({sum(split.values()):.1f}% per session: {split}); whole run (actor starts and model loads "
                   f"included) {row['server_cpu_pct_of_core_whole_run']}%; load generator "
-                  f"{row['load_generator_cpu_pct_of_core']}% of a core", flush=True)
+                  f"{row['load_generator_cpu_pct_of_core']}% of a core; session actors started (or still "
+                  f"booting) in the steady turns: {row['session_actors_started_in_steady_turns']}", flush=True)
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -125,13 +125,16 @@ def measure(rounds: int) -> dict[str, dict[str, list[float]]]:
 LAYERS = ("a bare Ray worker", "+ Ray's serialization context", "+ numpy", "+ actors.config",
           "+ actors.session", "+ Silero's weights")
 """What a session worker loads, in order. Ray builds its serialization context
-on a worker's first argument or result that is not a plain value, and that
-imports pydantic (2, and its v1 package for Ray's FastAPI serializers) and
-starlette in every worker; numpy comes with the first audio (the VAD)."""
+on a worker's first argument, and that imports pydantic 2 in every worker
+(and, but for a session's `lean_serialization_context`, pydantic's v1
+package and starlette: `--full-context` measures that); numpy comes with
+the first audio (the VAD); Silero's weights are mapped from a file every
+session process of the node maps (actors/providers/local/shared_arrays.py)."""
 
 
-def layer_breakdown(rounds: int) -> tuple[dict[str, list[float]], list[float]]:
-    """USS (MB) after each of `LAYERS`, per round; and a live session actor's."""
+def layer_breakdown(rounds: int, full_context: bool = False) -> tuple[dict[str, list[float]], list[float]]:
+    """USS (MB) after each of `LAYERS`, per round; and a live session actor's.
+    `full_context`: Ray's serialization context as any other worker builds it."""
     import asyncio
 
     import ray
@@ -149,7 +152,11 @@ def layer_breakdown(rounds: int) -> tuple[dict[str, list[float]], list[float]]:
                 self.silero = SileroNumpy()
                 self.silero.process(np.zeros(WINDOW, dtype=np.float32))
 
-            steps = [lambda: None, lambda: ray._private.worker.global_worker.get_serialization_context(),
+            from actors.worker_env import lean_serialization_context
+
+            context = (ray._private.worker.global_worker.get_serialization_context if full_context
+                       else lean_serialization_context)
+            steps = [lambda: None, context,
                      lambda: __import__("numpy"), lambda: __import__("actors.config"),
                      lambda: __import__("actors.session"), silero]
             out = []
@@ -192,9 +199,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=3, help="each setting this many times, alternated")
     p.add_argument("--breakdown", action="store_true", help="where a plain session worker's USS goes, layer by layer")
+    p.add_argument("--full-context", action="store_true",
+                   help="with --breakdown: Ray's serialization context as a worker other than a session's builds it")
     opts = p.parse_args()
     if opts.breakdown:
-        breakdown(opts.rounds)
+        breakdown(opts.rounds, opts.full_context)
         return
     import ray
 
@@ -216,7 +225,7 @@ def main() -> None:
               f"{statistics.median(r['start_s']):.2f} s, its CPU {statistics.median(r['cpu_s']):.2f} s; bytecode not written: {r['no_bytecode_written']}")
 
 
-def breakdown(rounds: int) -> None:
+def breakdown(rounds: int, full_context: bool = False) -> None:
     from actors.config import load_config
     from actors.runtime import connect_ray
     from bench.run import prepare_node_environment
@@ -226,7 +235,7 @@ def breakdown(rounds: int) -> None:
     import ray
 
     try:
-        layers, live = layer_breakdown(rounds)
+        layers, live = layer_breakdown(rounds, full_context)
     finally:
         ray.shutdown()
     before = 0.0
