@@ -26,7 +26,7 @@ No column positions in code objects, for every process of a node the
 server starts (`PYTHONNODEBUGRANGES`, unless the host set it): Python 3.11
 keeps, for every instruction of every module loaded, where on its line it
 came from, for the carets under a traceback's line; without them a live
-session actor is ~0.7 MB smaller (docs/benchmarks.md, "Where a session
+session actor is ~0.4 MB smaller (docs/benchmarks.md, "Where a session
 worker's memory goes"). Tracebacks still name the file and line.
 
 Session workers without docstrings (`server.optimize_session_workers`, off
