@@ -62,6 +62,18 @@ def test_without_a_private_directory_the_arrays_are_built_in_memory(tmp_path, mo
     assert not (tmp_path / f"voice-actors-{os.getuid()}" / "arrays").exists()
 
 
+def test_a_file_that_cannot_be_written_leaves_the_arrays_in_memory(private_tmp, monkeypatch):
+    import actors.providers.local.shared_arrays as shared
+
+    def disk_full(path, arrays):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shared, "_write", disk_full)
+    got = shared_arrays("x.f32", arrays)
+    np.testing.assert_array_equal(got["a"], arrays()["a"])
+    assert not (private_tmp / "x.f32").exists()
+
+
 def test_silero_weights_from_the_shared_file_equal_those_read_from_the_model(private_tmp, monkeypatch):
     monkeypatch.setattr(_Weights, "_loaded", None)
     mapped = _Weights.get()

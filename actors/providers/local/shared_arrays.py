@@ -13,13 +13,15 @@ arrays are a model's weights, so whoever can write there decides what the
 model computes. It is written whole under a temporary name and renamed into
 place, so a reader sees either no file or a complete one; one that does not
 parse, or whose size does not match its header, is rebuilt. Without a
-private directory the arrays are built in this process's memory instead.
+private directory, or when the file cannot be written, the arrays are
+built in this process's memory instead.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import struct
 import tempfile
@@ -29,6 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from actors.private_dir import private_dir
+
+log = logging.getLogger(__name__)
 
 MAGIC = b"VA-ARRAYS-1\n"
 MAX_HEADER_BYTES = 16 << 10
@@ -48,8 +52,13 @@ def shared_arrays(name: str, build: Callable[[], dict[str, np.ndarray]]) -> dict
     path = directory / name
     with contextlib.suppress(OSError, ValueError, TypeError):  # none yet, or not a whole one: rebuilt
         return _mapped(path)
-    _write(path, build())
-    return _mapped(path)
+    arrays = build()
+    try:
+        _write(path, arrays)
+        return _mapped(path)
+    except OSError as e:  # a full or read-only disk costs memory, not the model
+        log.warning("%s not shared (%s): kept in this process", name, e)
+        return arrays
 
 
 def _write(path: Path, arrays: dict[str, np.ndarray]) -> None:
