@@ -48,7 +48,8 @@ def shared_arrays(name: str, build: Callable[[], dict[str, np.ndarray]]) -> dict
     if base is None:
         return build()
     directory = base / "arrays"
-    directory.mkdir(mode=0o700, exist_ok=True)
+    with contextlib.suppress(OSError):  # cannot be made: written nowhere, kept in memory below
+        directory.mkdir(mode=0o700, exist_ok=True)
     path = directory / name
     with contextlib.suppress(OSError, ValueError, TypeError):  # none yet, or not a whole one: rebuilt
         return _mapped(path)
