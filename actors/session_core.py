@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from actors.agent.builtin_tools import default_registry
+from actors.agent.device_tools import DeviceTools
 from actors.agent.knowledge import format_hits
-from actors.agent.mcp import DeviceTools, mcp_source
+from actors.agent.mcp import mcp_source
 from actors.agent.memory import MemoryStore
 from actors.agent.moderation import build_moderator, safe_reply_for
 from actors.agent.persona import Persona

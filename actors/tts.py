@@ -17,7 +17,8 @@ the persona's safe reply (said once per turn; later blocked sentences are
 dropped; text the dialogue already checked, `TextDelta.checked`, is not
 checked again: agent/reply_gate.py), and a sentence that is a quick-reply
 phrase plays from the phrase cache without a TTS call. `tts.sentence` and the heard text follow
-what was actually said.
+what was actually said. A reply in flight, its sentences' audio and its clock are
+actors/tts_playback.py's.
 """
 
 from __future__ import annotations
@@ -25,14 +26,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from actors.config import TTSConfig
 from actors.events import AudioChunk, ErrorCode, LLMEmotion, TTSAudioEnd, TTSSentence, TTSStart, TTSStop
 from actors.mailbox import Child, Message
-from actors.providers.base import TTS, AudioSegment, TTSStream
-from actors.text import EmotionFilter, MarkdownLines, SentenceSplitter, has_words, speakable
+from actors.providers.base import TTS, TTSStream
+from actors.text import has_words, speakable
+from actors.tts_playback import Playback, SentenceAudio, Spoken
 
 if TYPE_CHECKING:
     from actors.agent.moderation import Moderator, Verdict
@@ -94,173 +96,6 @@ class TextEnd(Message):
     pass
 
 
-@dataclass
-class _Spoken:
-    text: str
-    start_ms: float
-    audio: _SentenceAudio
-    """Still growing while the sentence streams in: its duration is read when asked."""
-
-    @property
-    def duration_ms(self) -> float:
-        return self.audio.duration_ms
-
-
-class _SentenceAudio:
-    """One sentence's audio, growing while its synthesis streams in.
-
-    Chunks are cut on one time grid: chunk k covers the same milliseconds at
-    every output rate, so subscribers at different rates hear the same audio
-    under the same sequence numbers. Each chunk is resampled on its own from
-    the source samples around it, on the same sample positions a
-    whole-sentence resampling would use, so chunks join without seams.
-    """
-
-    def __init__(self, chunk_ms: int) -> None:
-        self._chunk_ms = chunk_ms
-        self._pcm = bytearray()
-        self.sample_rate = 0
-        self.finished = False
-        self.error: BaseException | None = None
-        self._grown = asyncio.Event()
-        self._done = asyncio.Event()
-        self.task: asyncio.Task[None] | None = None
-        """The synthesis filling it (cancelled when nobody is left to listen)."""
-        self.text: str | None = None
-        """What is actually said (the safe reply when moderation blocked the sentence)."""
-
-    # ---------------------------------------------------------- producer side
-    def append(self, segment: AudioSegment) -> None:
-        if not segment.pcm16:
-            return
-        if not self.sample_rate:
-            self.sample_rate = segment.sample_rate
-        if segment.sample_rate == self.sample_rate:
-            pcm = segment.pcm16
-        else:
-            # numpy (~4 MB per session process) is loaded when audio first needs it, not at import
-            from actors.audio import resample_pcm16
-
-            pcm = resample_pcm16(segment.pcm16, segment.sample_rate, self.sample_rate)
-        self._pcm.extend(pcm[: len(pcm) - len(pcm) % 2])
-        self._grown.set()
-
-    def finish(self, error: BaseException | None = None) -> None:
-        if self.finished:
-            return
-        self.finished, self.error = True, error
-        self._grown.set()
-        self._done.set()
-
-    async def wait_finished(self) -> None:
-        await self._done.wait()
-
-    # ---------------------------------------------------------- player side
-    @property
-    def samples(self) -> int:
-        return len(self._pcm) // 2
-
-    @property
-    def duration_ms(self) -> float:
-        return self.samples / self.sample_rate * 1000.0 if self.sample_rate else 0.0
-
-    def _edge(self, k: int) -> float:
-        """Source sample position where chunk k starts."""
-        return k * self._chunk_ms * self.sample_rate / 1000.0
-
-    def ready(self, k: int) -> bool:
-        """Chunk k can be cut: its source samples (and the one after, for
-        interpolation) are here, or the sentence is done and k is in it."""
-        if not self.sample_rate:
-            return False
-        if self.finished:
-            return self._edge(k) < self.samples
-        return self._edge(k + 1) + 1 < self.samples
-
-    async def wait_chunk(self, k: int) -> bool:
-        """Wait until chunk k can be cut; False when the sentence ended before it."""
-        while not self.ready(k):
-            if self.finished:
-                return False
-            self._grown.clear()
-            await self._grown.wait()
-        return True
-
-    def chunk_duration_ms(self, k: int) -> float:
-        end = min(self._edge(k + 1), float(self.samples))
-        return max(0.0, (end - self._edge(k)) / self.sample_rate * 1000.0)
-
-    def chunk(self, rate: int, k: int) -> bytes:
-        src_rate = self.sample_rate
-        last = self.finished and self._edge(k + 1) >= self.samples
-        if rate == src_rate:
-            start, end = round(self._edge(k)), (self.samples if last else round(self._edge(k + 1)))
-            return bytes(self._pcm[start * 2:end * 2])
-        out_start = round(k * self._chunk_ms * rate / 1000)
-        out_end = (round(self.samples * rate / src_rate) if last
-                   else round((k + 1) * self._chunk_ms * rate / 1000))
-        if out_end <= out_start:
-            return b""
-        import numpy as np  # when first needed: see `append`
-
-        positions = np.arange(out_start, out_end) * (src_rate / rate)
-        first = int(positions[0])
-        stop = min(self.samples, int(positions[-1]) + 2)
-        window = np.frombuffer(self._pcm, dtype=np.int16, count=stop - first, offset=first * 2).astype(np.float32)
-        out = np.interp(positions, np.arange(first, stop), window)
-        return np.clip(np.round(out), -32768, 32767).astype(np.int16).tobytes()
-
-
-@dataclass
-class _Playback:
-    """One turn's reply being spoken."""
-
-    turn: int
-    splitter: SentenceSplitter = field(default_factory=SentenceSplitter)
-    emotions: EmotionFilter = field(default_factory=EmotionFilter)
-    lines: MarkdownLines = field(default_factory=MarkdownLines)
-    checks: list[asyncio.Task[Verdict]] = field(default_factory=list)
-    """Moderation post-checks, started as sentences arrive so their latency overlaps."""
-    safe_said: bool = False
-    """The safe reply was said this turn: later blocked sentences are dropped."""
-    checked: bool = False
-    """The text coming in passed moderation already (`TextDelta.checked`)."""
-    queue: asyncio.Queue[tuple[str, _SentenceAudio | None] | None] = field(default_factory=asyncio.Queue)
-    player: asyncio.Task[None] | None = None
-    synths: list[asyncio.Task[None]] = field(default_factory=list)
-    """This turn's synthesis tasks, in sentence order; each waits for the one before."""
-    stream: TTSStream | None = None
-    """The provider's stream for this reply, opened with its first synthesised sentence."""
-    router: asyncio.Task[None] | None = None
-    segments: dict[int, _SentenceAudio] = field(default_factory=dict)
-    """Stream segment → the sentence its audio fills."""
-    started: bool = False
-    clock_start: float | None = None
-    paced: bool = True
-    """Whether the last chunk was paced: when pacing comes back (a listener
-    joined an HTTP reply) the clock restarts instead of sleeping off the lead."""
-    sent_ms: float = 0.0
-    spoken: list[_Spoken] = field(default_factory=list)
-    seq: int = 0
-
-    def played_ms(self) -> float:
-        if self.clock_start is None:
-            return 0.0
-        return min(self.sent_ms, (time.monotonic() - self.clock_start) * 1000.0)
-
-    def heard_text(self) -> str:
-        played = self.played_ms()
-        words: list[str] = []
-        for s in self.spoken:
-            if s.start_ms + s.duration_ms <= played:
-                words.extend(s.text.split())
-            elif s.start_ms < played:
-                sentence_words = s.text.split()
-                share = (played - s.start_ms) / max(s.duration_ms, 1.0)
-                words.extend(sentence_words[: int(len(sentence_words) * share)])
-        return " ".join(words)
-
-
 class TTSChild(Child):
     name = "tts"
 
@@ -270,7 +105,7 @@ class TTSChild(Child):
         self._core = core
         self._tts = tts
         self._cfg = config
-        self._turns: dict[int, _Playback] = {}
+        self._turns: dict[int, Playback] = {}
         self._moderator = moderator if moderator is not None and moderator.active else None
         self._quick = quick_replies
         self._safe_reply = safe_reply or (moderator.safe_reply if moderator is not None else
@@ -317,7 +152,7 @@ class TTSChild(Child):
         assert turn is not None
         pb = self._turns.get(turn)
         if pb is None:
-            pb = self._turns[turn] = _Playback(turn)
+            pb = self._turns[turn] = Playback(turn)
             pb.player = asyncio.get_running_loop().create_task(self._play(pb))
         if isinstance(message, TextDelta) and message.phrase and self._quick is not None \
                 and self._quick.match(message.text.strip()) is not None:
@@ -350,7 +185,7 @@ class TTSChild(Child):
             self._emotion_turns.discard(min(self._emotion_turns))
         self._core.emit(LLMEmotion(turn_id=turn, emotion=emotion))
 
-    def _enqueue(self, pb: _Playback, sentence: str) -> None:
+    def _enqueue(self, pb: Playback, sentence: str) -> None:
         """Queue a sentence to play; synthesise it only if a subscriber wants
         speech now (a text-only turn must not spend TTS time). Only its
         speakable words go on; a sentence with none (an emoji, a URL) is not said."""
@@ -363,7 +198,7 @@ class TTSChild(Child):
         timer = self._core.timer(pb.turn)
         if timer.first_sentence is None:
             timer.first_sentence = time.time()
-        audio = _SentenceAudio(self._cfg.chunk_ms)
+        audio = SentenceAudio(self._cfg.chunk_ms)
         previous = pb.synths[-1] if pb.synths else None
         loop = asyncio.get_running_loop()
         check = None
@@ -375,7 +210,7 @@ class TTSChild(Child):
         pb.queue.put_nowait((sentence, audio))
 
     async def _synthesize_after(self, previous: asyncio.Task[None] | None, sentence: str,
-                                audio: _SentenceAudio, pb: _Playback | None = None,
+                                audio: SentenceAudio, pb: Playback | None = None,
                                 check: asyncio.Task[Verdict] | None = None) -> None:
         """One sentence at a time, in order: run side by side they would all
         share the CPU and the first sentence (the one the listener waits for)
@@ -413,14 +248,14 @@ class TTSChild(Child):
             self._close_stream(pb)
             raise
 
-    def _stream_of(self, pb: _Playback) -> TTSStream:
+    def _stream_of(self, pb: Playback) -> TTSStream:
         """The reply's stream, opened on first use; its audio is routed to the sentences."""
         if pb.stream is None:
             pb.stream = stream = self._tts.open_stream()
             pb.router = asyncio.get_running_loop().create_task(self._route(pb, stream))
         return pb.stream
 
-    async def _route(self, pb: _Playback, stream: TTSStream) -> None:
+    async def _route(self, pb: Playback, stream: TTSStream) -> None:
         try:
             async for piece in stream:
                 audio = pb.segments.get(piece.segment)
@@ -437,7 +272,7 @@ class TTSChild(Child):
                     audio.finish(RuntimeError("the speech synthesis stream ended early"))
                 pb.segments.clear()
 
-    def _close_stream(self, pb: _Playback) -> None:
+    def _close_stream(self, pb: Playback) -> None:
         """Cancel the reply's stream (barge-in, nobody listening); a later
         sentence of the turn opens a new one."""
         stream, router, pb.stream, pb.router = pb.stream, pb.router, None, None
@@ -458,7 +293,7 @@ class TTSChild(Child):
             log.exception("session %s: a moderation check failed", self._core.session_id)
             return False
 
-    async def _play_quick(self, phrase: str, audio: _SentenceAudio) -> None:
+    async def _play_quick(self, phrase: str, audio: SentenceAudio) -> None:
         """A quick-reply phrase: its cached audio, synthesised on first use only."""
         assert self._quick is not None
         made = self._quick.cache.stats["synthesized"]
@@ -476,7 +311,7 @@ class TTSChild(Child):
         audio.append(segment)
         audio.finish()
 
-    async def _play(self, pb: _Playback) -> None:
+    async def _play(self, pb: Playback) -> None:
         while (item := await pb.queue.get()) is not None:
             sentence, audio = item
             if audio is None or not self._core.wants_speech:  # nobody listens: skip, do not wait
@@ -499,7 +334,7 @@ class TTSChild(Child):
             self._core.emit(TTSStop(turn_id=pb.turn, reason="done"))
         self._core.on_reply_done(pb.turn)
 
-    async def _play_sentence(self, pb: _Playback, sentence: str, audio: _SentenceAudio) -> None:
+    async def _play_sentence(self, pb: Playback, sentence: str, audio: SentenceAudio) -> None:
         """Chunks out as soon as each is synthesised and due; a sentence that
         never produced audio is not announced."""
         k = 0
@@ -510,7 +345,7 @@ class TTSChild(Child):
                     self._core.emit_per_rate(lambda rate: TTSStart(turn_id=pb.turn, sample_rate=rate))
                 said = audio.text or sentence
                 self._core.emit(TTSSentence(turn_id=pb.turn, text=said))
-                pb.spoken.append(_Spoken(said, pb.sent_ms, audio))
+                pb.spoken.append(Spoken(said, pb.sent_ms, audio))
             await self._pace(pb)
             if pb.seq == 0:
                 self._core.timer(pb.turn).first_audio = time.time()
@@ -519,14 +354,14 @@ class TTSChild(Child):
             pb.sent_ms += audio.chunk_duration_ms(k)
             k += 1
 
-    def _emit_chunk(self, pb: _Playback, audio: _SentenceAudio, k: int) -> None:
+    def _emit_chunk(self, pb: Playback, audio: SentenceAudio, k: int) -> None:
         """Chunk k to every speaking subscriber, made once per output rate."""
         turn, seq = pb.turn, pb.seq
         self._core.emit_per_rate(
             lambda rate: AudioChunk(turn_id=turn, seq=seq, sample_rate=rate, pcm16=audio.chunk(rate, k)),
             speakers_only=True)
 
-    async def _pace(self, pb: _Playback) -> None:
+    async def _pace(self, pb: Playback) -> None:
         now = time.monotonic()
         if pb.clock_start is None:
             pb.clock_start = now

@@ -1,6 +1,7 @@
 """How the server's Ray workers run Python: on bytecode cached in this
-user's private directory, with two malloc arenas and no column positions, and, when asked, session
-workers without docstrings.
+user's private directory, with two malloc arenas and no column positions,
+session workers with a lean serialization context, and, when asked,
+session workers without docstrings.
 
 Bytecode, for every worker of a node the server starts itself. Hosts
 (containers, this project's machines) often set `PYTHONDONTWRITEBYTECODE`,
@@ -26,8 +27,8 @@ No column positions in code objects, for every process of a node the
 server starts (`PYTHONNODEBUGRANGES`, unless the host set it): Python 3.11
 keeps, for every instruction of every module loaded, where on its line it
 came from, for the carets under a traceback's line; without them a live
-session actor is ~0.4 MB smaller (docs/benchmarks.md, "Where a session
-worker's memory goes"). Tracebacks still name the file and line.
+session actor is ~0.4 MB smaller (docs/benchmarks.md, "A session worker
+under 60 MB by default"). Tracebacks still name the file and line.
 
 Session workers without docstrings (`server.optimize_session_workers`, off
 by default). `PYTHONOPTIMIZE=2` drops ~820 modules' docstrings: a live
@@ -102,7 +103,7 @@ def lean_serialization_context() -> None:
     it, then importable as usual). Ray builds it on a worker's first
     argument, whatever its type, so a session actor calls this first in its
     `__init__`, which takes no argument for that reason: 1.9 MB a session
-    (docs/benchmarks.md, "Where a session worker's memory goes"). A worker
+    (docs/benchmarks.md, "A session worker under 60 MB by default"). A worker
     that has built it already, or imported them, is left as it is."""
     import ray._private.worker
 

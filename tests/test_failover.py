@@ -28,7 +28,7 @@ from actors.providers.base import (
     SpeechEvent,
     ToolSpec,
 )
-from actors.tts import _SentenceAudio
+from actors.tts_playback import SentenceAudio
 
 
 class Clock:
@@ -401,7 +401,7 @@ async def test_streamed_sentence_chunks_join_like_one_resampling(src: int, dst: 
     the same number of chunks covering the same time."""
     rng = np.random.default_rng(1)
     pcm = (np.sin(np.arange(int(src * 1.37)) * 2 * np.pi * 220 / src) * 12000).astype(np.int16).tobytes()
-    audio = _SentenceAudio(chunk_ms=120)
+    audio = SentenceAudio(chunk_ms=120)
     cut = 0
     chunks: list[bytes] = []
     k = 0
@@ -426,7 +426,7 @@ async def test_streamed_sentence_chunks_join_like_one_resampling(src: int, dst: 
 
 
 async def test_a_sentence_without_audio_has_no_chunks() -> None:
-    audio = _SentenceAudio(chunk_ms=120)
+    audio = SentenceAudio(chunk_ms=120)
     waiter = asyncio.get_running_loop().create_task(audio.wait_chunk(0))
     await asyncio.sleep(0)
     audio.finish(ProviderError("tts.failed", "x"))

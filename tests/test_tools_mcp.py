@@ -24,7 +24,8 @@ import pytest
 from pydantic import SecretStr, ValidationError
 
 from actors.agent.builtin_tools import default_registry, reminder_delay, spec
-from actors.agent.mcp import DeviceTools, LocalSource, MCPManager, clean_schema, llm_name, result_text
+from actors.agent.device_tools import DeviceTools
+from actors.agent.mcp import LocalSource, MCPManager, clean_schema, llm_name, result_text
 from actors.agent.persona import Persona
 from actors.agent.tools import MCPServerConfig, SessionTools, ToolContext, ToolError, ToolRegistry, ToolsConfig, clock
 from actors.providers.base import LLM, TTS, AudioSegment, ChatMessage, LLMChunk, ToolCall, ToolSpec

@@ -5,8 +5,8 @@ process loaded: an array read into each process is private memory in each
 (issue 13 item 5: a live session actor ≤ 60 MB USS). Arrays mapped from the
 same file are one copy in the page cache, counted as shared once two
 processes map them: Silero's prepared weights, 1.4 MB a session read into
-each, cost a session nothing this way (docs/benchmarks.md, "Where a session
-worker's memory goes").
+each, cost a session nothing this way (docs/benchmarks.md, "A session
+worker under 60 MB by default").
 
 The file lives in this user's private directory (actors/private_dir.py): the
 arrays are a model's weights, so whoever can write there decides what the
