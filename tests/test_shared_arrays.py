@@ -53,6 +53,15 @@ def test_a_file_that_is_not_a_whole_one_is_rebuilt(private_tmp, damage):
     assert shared_arrays("x.f32", lambda: pytest.fail("built again"))["b"][0] == 0.5
 
 
+def test_a_new_version_removes_the_older_ones_and_a_mapping_of_one_stays_readable(private_tmp):
+    old = shared_arrays("m-1.f32", arrays, supersedes="m-")
+    shared_arrays("other.f32", arrays)
+    new = shared_arrays("m-2.f32", lambda: {"a": arrays()["a"] * 2, "b": arrays()["b"]}, supersedes="m-")
+    assert sorted(p.name for p in private_tmp.iterdir()) == ["m-2.f32", "other.f32"]
+    np.testing.assert_array_equal(old["a"], arrays()["a"])  # still mapped after its file went
+    np.testing.assert_array_equal(new["a"], arrays()["a"] * 2)
+
+
 def test_without_a_private_directory_the_arrays_are_built_in_memory(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     (tmp_path / f"voice-actors-{os.getuid()}").mkdir(mode=0o755)

@@ -40,10 +40,14 @@ MAX_HEADER_BYTES = 16 << 10
 _ALIGN = 64
 
 
-def shared_arrays(name: str, build: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+def shared_arrays(name: str, build: Callable[[], dict[str, np.ndarray]],
+                  supersedes: str = "") -> dict[str, np.ndarray]:
     """`build()`'s float32 arrays, mapped read-only from `<private dir>/arrays/<name>`
     (written from `build()` the first time); `name` should change whenever
-    what `build` returns would (a version, the source file's size and mtime)."""
+    what `build` returns would (a version, the source file's size and mtime).
+    `supersedes`: the name prefix of the older versions this one replaces,
+    removed once it is written (a reinstalled model would otherwise leave
+    each old file behind; a process mapping one keeps its mapping)."""
     base = private_dir("shared model weights")
     if base is None:
         return build()
@@ -56,6 +60,8 @@ def shared_arrays(name: str, build: Callable[[], dict[str, np.ndarray]]) -> dict
     arrays = build()
     try:
         _write(path, arrays)
+        if supersedes:
+            _remove_older(directory, supersedes, name)
         return _mapped(path)
     except OSError as e:  # a full or read-only disk costs memory, not the model
         log.warning("%s not shared (%s): kept in this process", name, e)
@@ -81,6 +87,13 @@ def _write(path: Path, arrays: dict[str, np.ndarray]) -> None:
         with contextlib.suppress(OSError):
             os.unlink(temp)
         raise
+
+
+def _remove_older(directory: Path, prefix: str, current: str) -> None:
+    for older in directory.glob(f"{prefix}*"):
+        if older.name != current:
+            with contextlib.suppress(OSError):
+                older.unlink()
 
 
 def _data_offset(header_bytes: int) -> int:

@@ -210,8 +210,9 @@ class _Weights:
                 if cls._loaded is None:
                     path = model_path()
                     stat = path.stat()
-                    name = f"silero-v5-16k-{stat.st_size}-{stat.st_mtime_ns}.f32"
-                    cls._loaded = cls(shared_arrays(name, lambda: prepared_weights(path)))
+                    family = "silero-v5-16k-"
+                    name = f"{family}{stat.st_size}-{stat.st_mtime_ns}.f32"
+                    cls._loaded = cls(shared_arrays(name, lambda: prepared_weights(path), supersedes=family))
         return cls._loaded
 
 
