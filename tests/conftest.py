@@ -46,6 +46,9 @@ def config() -> Any:
 def ray_cluster(config: Any) -> Iterator[Any]:
     import ray
 
+    from actors.worker_env import prepare_this_node
+
+    prepare_this_node()  # its workers run as those of a node the server starts
     # "local": always a Ray of its own; with no address, ray.init joins the
     # last cluster `ray start` (or another test run's Cluster) left on the machine
     ray.init(address="local", num_cpus=2, include_dashboard=False, namespace=TEST_NAMESPACE,

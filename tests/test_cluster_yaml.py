@@ -48,15 +48,21 @@ def test_every_node_starts_ray_in_the_environment_the_server_gives_a_node_it_sta
     from actors.worker_env import prepare_this_node
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    for name in ("MALLOC_ARENA_MAX", "PYTHONNODEBUGRANGES", "PYTHONPYCACHEPREFIX"):
+    from actors.worker_env import WORKER_SITE
+
+    for name in ("MALLOC_ARENA_MAX", "PYTHONNODEBUGRANGES", "PYTHONPYCACHEPREFIX", "VOICE_ACTORS_DEFERRED_IMPORTS"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))  # restored after
     prepare_this_node()
     cfg = load()
+    [mount] = [remote for remote, local in cfg["file_mounts"].items() if local == "."]
+    site = f"{mount.replace('~', '$HOME', 1)}/{WORKER_SITE.relative_to(CLUSTER_YAML.parent).as_posix()}"
     for start in (c for key in ("head_start_ray_commands", "worker_start_ray_commands") for c in cfg[key]
                   if "ray start" in c):
-        for name in ("MALLOC_ARENA_MAX", "PYTHONNODEBUGRANGES"):
+        for name in ("MALLOC_ARENA_MAX", "PYTHONNODEBUGRANGES", "VOICE_ACTORS_DEFERRED_IMPORTS"):
             assert f"{name}={os.environ[name]} " in start, (name, start)
         assert "PYTHONPYCACHEPREFIX=" in start, start
+        assert f"PYTHONPATH={site} " in start, "the package's worker site, where file_mounts puts it"
 
 
 def test_validation_really_rejects_a_broken_file():

@@ -723,22 +723,28 @@ def test_a_node_the_server_starts_caches_bytecode_and_caps_malloc_arenas(monkeyp
     """actors/worker_env.py: the raylet, and every worker it starts, inherit
     the prefix; a host's PYTHONDONTWRITEBYTECODE no longer makes each worker
     compile from source. Not into a directory others may enter. Two malloc
-    arenas and code without column positions (in a cache of its own) unless
-    the host chose otherwise."""
+    arenas, code without column positions (in a cache of its own) and Ray's
+    unused imports deferred (the worker site first on the path) unless the
+    host chose otherwise."""
     import stat
     import subprocess
     import sys
     import tempfile
 
-    from actors.worker_env import prepare_this_node
+    from actors.worker_env import DEFERRED_IMPORTS, WORKER_SITE, prepare_this_node
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
     monkeypatch.delenv("PYTHONPYCACHEPREFIX", raising=False)
     monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
     monkeypatch.delenv("PYTHONNODEBUGRANGES", raising=False)
+    monkeypatch.delenv("VOICE_ACTORS_DEFERRED_IMPORTS", raising=False)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(["/opt/host-lib", str(WORKER_SITE)]))
     prepare_this_node()
     assert os.environ["MALLOC_ARENA_MAX"] == "2" and os.environ["PYTHONNODEBUGRANGES"] == "1"
+    assert os.environ["VOICE_ACTORS_DEFERRED_IMPORTS"] == DEFERRED_IMPORTS
+    assert os.environ["PYTHONPATH"] == os.pathsep.join([str(WORKER_SITE), "/opt/host-lib"]), \
+        "the worker site first, once; the host's own path kept"
     cache = tmp_path / f"voice-actors-{os.getuid()}" / "bytecode-no-debug-ranges"
     assert os.environ["PYTHONPYCACHEPREFIX"] == str(cache) and "PYTHONDONTWRITEBYTECODE" not in os.environ
     assert stat.S_IMODE(cache.stat().st_mode) == 0o700
@@ -760,7 +766,9 @@ def test_a_node_the_server_starts_caches_bytecode_and_caps_malloc_arenas(monkeyp
     os.chmod(open_dir / f"voice-actors-{os.getuid()}", 0o777)
     monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
     monkeypatch.setenv("PYTHONNODEBUGRANGES", "")
+    monkeypatch.setenv("VOICE_ACTORS_DEFERRED_IMPORTS", "")
     prepare_this_node()
+    assert os.environ["VOICE_ACTORS_DEFERRED_IMPORTS"] == "", "the host's choice of no deferred imports"
     assert "PYTHONPYCACHEPREFIX" not in os.environ and os.environ["PYTHONDONTWRITEBYTECODE"] == "1"
     assert os.environ["MALLOC_ARENA_MAX"] == "4", "the host's own number is kept"
     assert os.environ["PYTHONNODEBUGRANGES"] == "", "and its own choice of column positions"
