@@ -20,6 +20,10 @@ first): their start and CPU figures include it. "cache empty" is the
 optimised settings on a node whose first session worker is still to write
 the `.opt-2.pyc` files (a fresh cache directory each round).
 
+`--deferred-imports` compares plain session workers on a node whose
+workers defer Ray's unused imports (as shipped, actors/deferred_imports.py)
+with one whose host turned that off, a fresh node for each, alternated.
+
 `--breakdown` says where a plain session worker's USS goes instead: a bare
 Ray worker, then each layer a session adds, measured inside one process
 while a second worker holds the same layers (so the shared libraries' pages
@@ -38,6 +42,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from actors.worker_env import DEFERRED_IMPORTS
 
 PLAIN = "plain (as shipped)"
 OPTIMISED = "optimised (server.optimize_session_workers)"
@@ -91,7 +97,7 @@ def import_session() -> None:
     import actors.session  # noqa: F401
 
 
-def measure(rounds: int) -> dict[str, dict[str, list[float]]]:
+def measure(rounds: int, variants: dict[str, Callable[[], dict[str, str]]] = VARIANTS) -> dict[str, dict[str, Any]]:
     import ray
 
     @ray.remote(num_cpus=0)
@@ -106,9 +112,9 @@ def measure(rounds: int) -> dict[str, dict[str, list[float]]]:
             time.sleep(0.2)
             return released_uss_mb(), sys.dont_write_bytecode, times.user + times.system
 
-    out: dict[str, dict[str, Any]] = {name: {"uss_mb": [], "start_s": [], "cpu_s": []} for name in VARIANTS}
+    out: dict[str, dict[str, Any]] = {name: {"uss_mb": [], "start_s": [], "cpu_s": []} for name in variants}
     for _ in range(rounds):
-        for name, env_vars in VARIANTS.items():
+        for name, env_vars in variants.items():
             t0 = time.perf_counter()
             variables = env_vars()
             actor = Probe.options(runtime_env={"env_vars": variables} if variables else None).remote()
@@ -195,15 +201,60 @@ async def _live_sessions(n: int) -> list[float]:
     return out
 
 
+DEFERRED = "Ray's unused imports deferred (as shipped)"
+EAGER = "every import eager (VOICE_ACTORS_DEFERRED_IMPORTS='')"
+
+
+def deferred_imports(rounds: int) -> dict[str, dict[str, Any]]:
+    """Plain session workers on a node whose workers defer Ray's unused
+    imports (actors/deferred_imports.py) and on one whose host turned that
+    off, alternated, a fresh node each: the setting reaches workers only
+    through the environment their raylet inherits."""
+    import ray
+
+    from bench.run import prepare_node_environment
+
+    out: dict[str, dict[str, Any]] = {name: {"uss_mb": [], "start_s": [], "cpu_s": []} for name in (DEFERRED, EAGER)}
+    for _ in range(rounds):
+        for name in (DEFERRED, EAGER):
+            os.environ["VOICE_ACTORS_DEFERRED_IMPORTS"] = "" if name == EAGER else DEFERRED_IMPORTS
+            prepare_node_environment()
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            try:
+                result = measure(4, {PLAIN: dict})[PLAIN]
+            finally:
+                ray.shutdown()
+            for key in ("uss_mb", "start_s", "cpu_s"):
+                out[name][key] += result[key]
+            out[name]["no_bytecode_written"] = result["no_bytecode_written"]
+    return out
+
+
+def report(result: dict[str, dict[str, Any]], base_name: str) -> None:
+    base = statistics.median(result[base_name]["uss_mb"])
+    for name, r in result.items():
+        uss = statistics.median(r["uss_mb"])
+        print(f"[worker-memory] {name:24s} USS {uss:5.1f} MB ({uss - base:+.1f}; "
+              f"{', '.join(f'{x:.1f}' for x in r['uss_mb'])}), creation → first answer "
+              f"{statistics.median(r['start_s']):.2f} s, its CPU {statistics.median(r['cpu_s']):.2f} s "
+              f"({', '.join(f'{x:.2f}' for x in sorted(r['cpu_s']))}); "
+              f"bytecode not written: {r['no_bytecode_written']}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=3, help="each setting this many times, alternated")
     p.add_argument("--breakdown", action="store_true", help="where a plain session worker's USS goes, layer by layer")
     p.add_argument("--full-context", action="store_true",
                    help="with --breakdown: Ray's serialization context as a worker other than a session's builds it")
+    p.add_argument("--deferred-imports", action="store_true",
+                   help="a plain session worker with and without Ray's unused imports deferred, 4 workers a node each round")
     opts = p.parse_args()
     if opts.breakdown:
         breakdown(opts.rounds, opts.full_context)
+        return
+    if opts.deferred_imports:
+        report(deferred_imports(opts.rounds), DEFERRED)
         return
     import ray
 
@@ -217,12 +268,7 @@ def main() -> None:
         ray.shutdown()
     for empty in Path(_optimised()["PYTHONPYCACHEPREFIX"]).parent.glob("bench-empty-*"):
         shutil.rmtree(empty, ignore_errors=True)
-    base = statistics.median(result[PLAIN]["uss_mb"])
-    for name, r in result.items():
-        uss = statistics.median(r["uss_mb"])
-        print(f"[worker-memory] {name:24s} USS {uss:5.1f} MB ({uss - base:+.1f}; "
-              f"{', '.join(f'{x:.1f}' for x in r['uss_mb'])}), creation → first answer "
-              f"{statistics.median(r['start_s']):.2f} s, its CPU {statistics.median(r['cpu_s']):.2f} s; bytecode not written: {r['no_bytecode_written']}")
+    report(result, PLAIN)
 
 
 def breakdown(rounds: int, full_context: bool = False) -> None:
