@@ -85,7 +85,9 @@ class BM25F:
     fields, with an inverted index so a query touches only the documents that
     share a term with it."""
 
-    def __init__(self, docs: Sequence[dict[str, list[str]]]) -> None:
+    def __init__(self, docs: Sequence[dict[str, list[str]]], *, min_corpus: int = _MIN_CORPUS) -> None:
+        """`min_corpus`: idf as if there were at least this many documents
+        (1: plain BM25 idf, as a user's memories are scored)."""
         n = max(len(docs), 1)
         self._lens = [{f: len(d.get(f, ())) for f in FIELD_WEIGHTS} for d in docs]
         self._avg = {f: max(sum(lens[f] for lens in self._lens) / n, 1.0) for f in FIELD_WEIGHTS}
@@ -97,7 +99,7 @@ class BM25F:
                     per_term.setdefault(term, {})[f] = count
             for term, counts in per_term.items():
                 self._postings.setdefault(term, []).append((i, counts))
-        n_idf = max(len(docs), _MIN_CORPUS)
+        n_idf = max(len(docs), min_corpus)
         self._idf = {t: math.log(1 + (n_idf - len(p) + 0.5) / (len(p) + 0.5)) for t, p in self._postings.items()}
 
     def scores(self, terms: Iterable[str]) -> dict[int, float]:

@@ -26,7 +26,6 @@ Policy, decided here once:
 from __future__ import annotations
 
 import builtins
-import math
 import os
 import re
 import secrets
@@ -39,7 +38,7 @@ from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from actors.agent.bm25 import tokenize
+from actors.agent.bm25 import BM25F, tokenize
 from actors.agent.db import Database, Tx
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -57,8 +56,6 @@ MAX_RECALL_K = 50
 _MEMORY_ID = re.compile(r"[0-9a-f]{24}")
 _OWNER = re.compile(r"(user|device|anonymous):[^\x00-\x1f\x7f]+")
 _URL_ENV = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
-_BM25_K1 = 1.2
-_BM25_B = 0.75
 
 
 class MemoryConfig(BaseModel):
@@ -411,7 +408,8 @@ class MemoryStore:
         if not terms:
             return []
         rows = await self._rows(owner)
-        scored = [(score, row) for row, score in zip(rows, _bm25(terms, [tokenize(r["text"]) for r in rows]))
+        index = BM25F([{"text": tokenize(row["text"])} for row in rows], min_corpus=1)
+        scored = [(score, rows[i]) for i, score in index.scores(terms).items()
                   if score > 0 and score >= self.config.min_score]
         scored.sort(key=lambda s: (-round(s[0], 9), -float(s[1]["updated"]), -float(s[1]["created"]), s[1]["id"]))
         return [_memory(row, round(score, 6)) for score, row in scored[:k]]
@@ -504,22 +502,3 @@ class MemoryStore:
         if len(cleaned) > limit:
             raise MemoryStoreError("memory.too_long", f"a memory may have at most {limit} characters")
         return cleaned
-
-
-def _bm25(terms: builtins.list[str], docs: builtins.list[builtins.list[str]]) -> builtins.list[float]:
-    """BM25 score of each document for the query terms, with IDF over these documents."""
-    n = len(docs)
-    if n == 0:
-        return []
-    avg_len = max(sum(len(d) for d in docs) / n, 1.0)
-    df = {t: sum(1 for d in docs if t in d) for t in terms}
-    scores = []
-    for doc in docs:
-        score = 0.0
-        for term in terms:
-            tf = doc.count(term)
-            if tf:
-                idf = math.log(1 + (n - df[term] + 0.5) / (df[term] + 0.5))
-                score += idf * tf * (_BM25_K1 + 1) / (tf + _BM25_K1 * (1 - _BM25_B + _BM25_B * len(doc) / avg_len))
-        scores.append(score)
-    return scores
