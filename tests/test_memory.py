@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -71,14 +72,34 @@ class Clock:
 # --------------------------------------------------------------------------- the store
 
 
+MEMORIES = ["My daughter Emma is allergic to peanuts", "I live in Paris near the Louvre",
+            "My favourite opera is Tosca by Puccini"]
+
+
+def plain_bm25(query: str, texts: list[str], i: int, k1: float = 1.2, b: float = 0.75) -> float:
+    """Textbook BM25 of `texts[i]` for `query`, idf over `texts`."""
+    from actors.agent.bm25 import tokenize
+
+    docs = [tokenize(t) for t in texts]
+    avg = sum(map(len, docs)) / len(docs)
+    score = 0.0
+    for term in dict.fromkeys(tokenize(query)):
+        df = sum(term in d for d in docs)
+        tf = docs[i].count(term)
+        if tf:
+            idf = math.log(1 + (len(docs) - df + 0.5) / (df + 0.5))
+            score += idf * tf * (k1 + 1) / (tf + k1 * (1 - b + b * len(docs[i]) / avg))
+    return score
+
+
 async def test_remember_and_recall_by_relevance(make_store: StoreFactory) -> None:
     store = await make_store().open()
-    await store.remember(ALICE, "My daughter Emma is allergic to peanuts")
-    await store.remember(ALICE, "I live in Paris near the Louvre")
-    await store.remember(ALICE, "My favourite opera is Tosca by Puccini")
+    for text in MEMORIES:
+        await store.remember(ALICE, text)
     found = await store.recall(ALICE, "Where do I live?")
     assert [m.text for m in found] == ["I live in Paris near the Louvre"]
-    assert found[0].score is not None and found[0].score > 0
+    assert found[0].score == pytest.approx(plain_bm25("Where do I live?", MEMORIES, 1), abs=1e-6), \
+        "idf over the owner's memories only, not the knowledge base's floor of ten documents"
     found = await store.recall(ALICE, "Can Emma eat peanut butter?", k=2)
     assert found[0].text.startswith("My daughter Emma")
     assert await store.recall(ALICE, "the weather tomorrow") == []
