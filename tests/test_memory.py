@@ -20,7 +20,8 @@ import pytest
 
 from actors.agent import memory_api
 from actors.agent.db import Database, DatabaseError, redact_url, to_numbered
-from actors.agent.memory import Candidate, MemoryConfig, MemoryStore, MemoryStoreError, extract_memories
+from actors.agent.memory import MemoryConfig, MemoryStore, MemoryStoreError
+from actors.agent.memory_policy import Candidate, extract_memories
 from tests.pg import PG_USER, free_port, fresh_pg_schema
 
 ALICE, BOB, DEVICE = "user:alice", "user:bob", "device:aa:bb:cc:dd:ee:ff"
