@@ -86,8 +86,18 @@ MALLOC_ARENAS = "2"
 DEFERRED_IMPORTS = "requests,jsonschema,wcwidth"
 """What a node's Ray workers import only when read (actors/deferred_imports.py)."""
 
+DEFERRED_IMPORTS_ENV = "VOICE_ACTORS_DEFERRED_IMPORTS"
+"""The variable naming them, which worker_site/sitecustomize.py reads."""
+
 WORKER_SITE = Path(__file__).resolve().parent / "worker_site"
 """The directory whose `sitecustomize` defers them in a Ray worker."""
+
+
+def put_first_on_pythonpath(directory: Path) -> None:
+    """`directory` first on this process's `PYTHONPATH` (what a node started
+    from it inherits), once however often this runs; the rest kept in order."""
+    rest = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(directory)]
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(directory), *rest])
 
 
 def prepare_this_node() -> None:
@@ -98,9 +108,8 @@ def prepare_this_node() -> None:
     chose otherwise."""
     os.environ.setdefault("MALLOC_ARENA_MAX", MALLOC_ARENAS)
     os.environ.setdefault("PYTHONNODEBUGRANGES", "1")
-    os.environ.setdefault("VOICE_ACTORS_DEFERRED_IMPORTS", DEFERRED_IMPORTS)
-    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(WORKER_SITE)]
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(WORKER_SITE), *paths])
+    os.environ.setdefault(DEFERRED_IMPORTS_ENV, DEFERRED_IMPORTS)
+    put_first_on_pythonpath(WORKER_SITE)
     cache = bytecode_cache()
     if cache is None:
         return

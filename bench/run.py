@@ -51,9 +51,9 @@ def prepare_node_environment() -> None:
     imports all of Ray (+0.27 s of CPU and +0.44 s to a session worker's
     first answer, bench/worker_memory.py), which the server's own job does
     not pay for its plain workers."""
-    from actors.worker_env import prepare_this_node
+    from actors.worker_env import prepare_this_node, put_first_on_pythonpath
 
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    put_first_on_pythonpath(ROOT)
     prepare_this_node()
 
 

@@ -43,7 +43,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from actors.worker_env import DEFERRED_IMPORTS
+from actors.worker_env import DEFERRED_IMPORTS, DEFERRED_IMPORTS_ENV
 
 PLAIN = "plain (as shipped)"
 OPTIMISED = "optimised (server.optimize_session_workers)"
@@ -217,7 +217,7 @@ def deferred_imports(rounds: int) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {name: {"uss_mb": [], "start_s": [], "cpu_s": []} for name in (DEFERRED, EAGER)}
     for _ in range(rounds):
         for name in (DEFERRED, EAGER):
-            os.environ["VOICE_ACTORS_DEFERRED_IMPORTS"] = "" if name == EAGER else DEFERRED_IMPORTS
+            os.environ[DEFERRED_IMPORTS_ENV] = "" if name == EAGER else DEFERRED_IMPORTS
             prepare_node_environment()
             ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
             try:

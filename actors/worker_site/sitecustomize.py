@@ -11,12 +11,13 @@ import importlib.util
 import os
 import sys
 
-DEFERRED_IMPORTS = "VOICE_ACTORS_DEFERRED_IMPORTS"
+# worker_env.DEFERRED_IMPORTS_ENV, not imported from there: outside a worker this imports nothing of ours
+DEFERRED_IMPORTS_ENV = "VOICE_ACTORS_DEFERRED_IMPORTS"
 RAY_WORKER_SCRIPT = "default_worker.py"  # ray/_private/workers/: what the raylet runs for every worker
 
 
 def _defer_in_a_ray_worker() -> None:
-    names = [name.strip() for name in os.environ.get(DEFERRED_IMPORTS, "").split(",") if name.strip()]
+    names = [name.strip() for name in os.environ.get(DEFERRED_IMPORTS_ENV, "").split(",") if name.strip()]
     if not names or not sys.argv or os.path.basename(sys.argv[0]) != RAY_WORKER_SCRIPT:
         return
     try:
