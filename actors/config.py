@@ -64,6 +64,14 @@ class ServerConfig(_Section):
     """Ray namespace holding every named session and pool actor."""
     warm_sessions: int = Field(2, ge=0, le=64)
     """Idle session actors started ahead so a new session is ready in ms."""
+    refill_idle_cpus: float = Field(1.25, ge=0, le=64)
+    """The warm pool starts a new worker (~1 s of a core) only when the node's
+    CPUs had at least this many idle (at most 75 % of the node's) in each
+    second of the last five, its own boots left out: on a node busy with
+    live sessions a boot made every turn it overlapped wait (docs/benchmarks.md,
+    "The warm pool's refill waits for an idle core"). Meanwhile a new
+    device's session starts its own actor, as it would with no warm pool.
+    0: refill whatever the load."""
     spare_sessions: int = Field(8, ge=0, le=64)
     """Session actors kept, idle, after their session ended, to host later
     sessions (the warm pool takes them before starting new ones): a new Ray

@@ -21,6 +21,7 @@ import ray
 
 from actors.config import AppConfig
 from actors.ingress.limits import LimitError
+from actors.node_cpu import NodeCpu
 from actors.session_directory import session_directory
 from actors.session_ref import SessionRef, StartingSession
 from actors.sessions import find_session, idle_session_actor, new_session_id, open_session
@@ -76,7 +77,7 @@ class PendingHellos:
 class SessionManager:
     """Hands out session actors, from the warm pool when it has one."""
 
-    def __init__(self, config: AppConfig, warm: int | None = None) -> None:
+    def __init__(self, config: AppConfig, warm: int | None = None, node_cpu: NodeCpu | None = None) -> None:
         self.config = config
         self._target = config.server.warm_sessions if warm is None else warm
         self._warm: deque[tuple[SessionRef, ray.ObjectRef]] = deque()
@@ -96,6 +97,10 @@ class SessionManager:
         self.hello_in_flight = PendingHellos(self._after_hellos)
         """Hellos being answered here (a socket calls it when its client's hello
         arrives); new actors wait for them (`_start`, `refill`, whose thread reads its count)."""
+        self.node_cpu = node_cpu or NodeCpu()
+        """Sampled by the pool's thread; the refill waits for an idle core (`refill`)."""
+        self._booting = False
+        """A worker the refill started is booting (read and set under `_lock`)."""
         self._directory = session_directory(config)  # started now: a device's first connect won't wait
         threading.Thread(target=self._keep_warm, name="warm-pool", daemon=True).start()
         self.refill()
@@ -106,13 +111,25 @@ class SessionManager:
         starved the live sessions on the same cores (bench: p50 end of speech
         → first audio 1.5 s → 2.4 s at 8 sessions). None while a session
         waits for its own actor, or a socket for its hello: a client that is
-        here comes first."""
+        here comes first. None either unless the node had
+        `server.refill_idle_cpus` idle in each second of the last five (its
+        own boots not counted): a boot on a node busy with live sessions
+        made their turns wait."""
         if self._cold_waiting or self.hello_in_flight.count:
             return
         with self._lock:
             starting = [ready for _, ready in self._warm]
             done = ray.wait(starting, num_returns=len(starting), timeout=0)[0] if starting else []
             in_flight = len(starting) - len(done)
+            if self._booting and not in_flight:
+                self._booting = False
+                self.node_cpu.own_work(False)
+            if len(self._warm) + self._offered >= self._target or in_flight >= STARTS_AT_ONCE:
+                return
+            if not self.node_cpu.has_room(self.config.server.refill_idle_cpus):
+                return
+            self._booting = True
+            self.node_cpu.own_work(True)  # the boot is not load to wait for
             while len(self._warm) + self._offered < self._target and in_flight < STARTS_AT_ONCE:
                 actor = idle_session_actor(self.config, self._directory)
                 sid = new_session_id()
@@ -122,8 +139,10 @@ class SessionManager:
     def _keep_warm(self) -> None:
         keepalive_every = self.config.session.idle_timeout_s * KEEPALIVE_SHARE
         touched = time.monotonic()
+        self.node_cpu.sample()
         while not self._stopped.wait(min(REFILL_PERIOD_S, keepalive_every)):
             try:
+                self.node_cpu.sample()
                 self.refill()
                 if time.monotonic() - touched >= keepalive_every:
                     touched = time.monotonic()

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import math
 import multiprocessing
 import time
 from collections.abc import Awaitable, Callable
@@ -274,6 +276,12 @@ def load_process(conn: Any, protocol: str, base: str, token: str, media: list[by
         steady_from = max(out["first_turn_done"]) if len(out["first_turn_done"]) == sessions else float("inf")
         out["steady_e2e_ms"] = [e2e for e2e, at in zip(out["e2e_ms"], out["eos_at"]) if at >= steady_from]
         out["steady_server_ms"] = [ms for ms, at in zip(out["server_ms"], out["server_eos_at"]) if at >= steady_from]
+        # when each steady turn's speech ended, from the steady start (monotonic: the same clock in every process)
+        out["steady_from"] = steady_from
+        out["steady_turns"] = [[round(at - steady_from, 2), e2e] for e2e, at in zip(out["e2e_ms"], out["eos_at"])
+                               if at >= steady_from]
+        out["steady_server_turns"] = [[round(at - steady_from, 2), ms]
+                                      for ms, at in zip(out["server_ms"], out["server_eos_at"]) if at >= steady_from]
 
     cpu0, t0 = time.process_time(), time.monotonic()
     asyncio.run(main())
@@ -326,11 +334,23 @@ def cpu_split(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, 
     return out
 
 
-def session_boots(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> int:
+def booted_session_pids(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> list[int]:
     """Session actors whose worker started, or was still booting, between two
     snapshots (a warm-pool refill overlapping the figures taken between them)."""
-    return sum(1 for pid, (kind, _) in after.items()
-               if kind_group(kind) == "session actors" and kind_group(before.get(pid, ("", 0.0))[0]) != "session actors")
+    return [pid for pid, (kind, _) in after.items()
+            if kind_group(kind) == "session actors" and kind_group(before.get(pid, ("", 0.0))[0]) != "session actors"]
+
+
+def started_at(pids: list[int], since: float) -> list[float]:
+    """When these processes started, in seconds after `since` (time.monotonic)."""
+    import psutil
+
+    wall_minus_monotonic = time.time() - time.monotonic()
+    out = []
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            out.append(round(psutil.Process(pid).create_time() - wall_minus_monotonic - since, 2))
+    return sorted(out)
 
 
 async def _boot_sessions(config: Any, n: int, booted: list[Any]) -> None:
@@ -448,7 +468,13 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
                    "server_cpu_pct_of_core": round(sum(split.values()) * n, 1),
                    "server_cpu_pct_of_core_whole_run": round(100 * whole, 1),
                    "load_generator_cpu_pct_of_core": round(100 * result["cpu_s"] / result["wall_s"], 1),
-                   "session_actors_started_in_steady_turns": session_boots(before, after) if before is not first else None,
+                   "session_actors_started_in_steady_turns":
+                       len(booted_session_pids(before, after)) if before is not first else None,
+                   # for a look at which turns a boot overlapped: seconds from the steady start
+                   "session_actor_boots_at_s": started_at(booted_session_pids(before, after), result["steady_from"])
+                   if before is not first and math.isfinite(result["steady_from"]) else None,
+                   "steady_turns_at_s_e2e_ms": result["steady_turns"],
+                   "steady_turns_at_s_server_ms": result["steady_server_turns"],
                    "wall_s": round(wall, 1)}
             report["runs"].append(row)
             print(f"[load] {n} sessions: e2e p50 {e2e['p50']} p99 {e2e['p99']} ms; overhead p50 {over['p50']} "

@@ -38,6 +38,10 @@ def config() -> Any:
         "VOICE_ACTORS__KNOWLEDGE__STORE_DIR": str(history_db.parent / "knowledge"),
         "VOICE_ACTORS__SERVER__NAMESPACE": TEST_NAMESPACE,
         "VOICE_ACTORS__SERVER__WARM_SESSIONS": "1",
+        # the warm pool refills whatever the node's load: tests share two cores with their own
+        # node's boots and model loads, and wait for warm actors; the wait for an idle core has
+        # its own test (test_session_actor, test_node_cpu)
+        "VOICE_ACTORS__SERVER__REFILL_IDLE_CPUS": "0",
         "VOICE_ACTORS__SESSION__IDLE_TIMEOUT_S": "600",
     })
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -235,7 +236,7 @@ async def _stt_seen(admin_token: str) -> tuple[float, float]:
     return (row["failures"], row["in_flight"]) if row else (0, 0)
 
 
-async def test_series_errors_and_pools_after_a_turn_and_an_error(server, admin_token, user_token, speech):
+async def test_series_errors_and_pools_after_a_turn_and_an_error(server, server_config, admin_token, user_token, speech):
     failures_before, in_flight_before = await _stt_seen(admin_token)
     async with await NativeClient.connect(f"{WS}/ws/voice", user_token) as client:
         sid = client.session_id
@@ -294,6 +295,7 @@ async def test_series_errors_and_pools_after_a_turn_and_an_error(server, admin_t
         assert mine["providers"]["llm:local-dialogue"]["calls"] >= 1  # the spoken turn's reply
         warm = pools["warm_pool"]
         assert warm["target"] == 1 and 0 <= warm["ready"] <= 1 and warm["unclaimed_in_cluster"] >= 0
+        assert 0 <= warm["node_idle_cpus"] <= os.cpu_count() and warm["refill_idle_cpus"] == server_config.server.refill_idle_cpus
 
         overview = await admin_get(admin_token, "/api/admin/overview")
         assert {"sessions", "pools", "breakers", "warm_pool", "errors", "series", "time"} <= set(overview)

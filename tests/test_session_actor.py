@@ -16,6 +16,7 @@ import ray
 
 from actors.audio import rms_dbfs, silence
 from actors.ingress.limits import LimitError
+from actors.node_cpu import NodeCpu
 from actors.pools import get_pool
 from actors.session_manager import SessionManager
 from actors.session_ref import SessionMoved
@@ -276,6 +277,40 @@ async def test_warm_pool_hands_out_started_actors(ray_cluster, config):
     manager.shutdown()
     ray.kill(actor.actor)
     ray.kill(first.actor)
+
+
+class NodeLoad:
+    """A node's busy CPU-seconds as the test sets its load (real time)."""
+
+    def __init__(self, busy_cpus: float) -> None:
+        self.busy_cpus, self._at, self._busy = busy_cpus, time.monotonic(), 0.0
+
+    def read(self) -> float:
+        now = time.monotonic()
+        self._busy += (now - self._at) * self.busy_cpus
+        self._at = now
+        return self._busy
+
+
+async def test_the_warm_pool_starts_no_worker_until_the_node_has_an_idle_core(ray_cluster, config):
+    """A worker's boot is ~1 s of a core: on a node whose live sessions use
+    most of it, the refill waits (server.refill_idle_cpus) rather than make
+    their turns wait."""
+    config = config.model_copy(update={"server": config.server.model_copy(update={"refill_idle_cpus": 1.25})})
+    load = NodeLoad(busy_cpus=1.0)  # two CPUs, one busy: 1.0 idle, under the 1.25 asked
+    manager = SessionManager(config, warm=1, node_cpu=NodeCpu(read=load.read, capacity=2.0))
+    try:
+        await asyncio.sleep(2.5)  # five turns of the pool's thread
+        assert not manager._warm and manager.node_cpu.idle_cpus() is not None
+        assert abs(manager.node_cpu.idle_cpus() - 1.0) < 0.05
+        load.busy_cpus = 0.5
+        for _ in range(100):
+            if manager.warm_ready() == 1:
+                break
+            await asyncio.sleep(0.1)
+        assert manager.warm_ready() == 1
+    finally:
+        manager.shutdown()
 
 
 async def test_a_warm_session_offered_to_a_device_is_not_replaced_while_the_directory_decides(ray_cluster, config):

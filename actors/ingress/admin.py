@@ -359,7 +359,9 @@ class AdminPanel:
     async def warm_pool(self, sessions: dict[str, Any] | None = None) -> dict[str, Any]:
         sessions = sessions or await self.list_sessions()
         ready = await asyncio.to_thread(self.sessions.warm_ready)
-        return {"target": self.sessions.warm_target, "ready": ready, "unclaimed_in_cluster": sessions["warm"]}
+        return {"target": self.sessions.warm_target, "ready": ready, "unclaimed_in_cluster": sessions["warm"],
+                "node_idle_cpus": self.sessions.node_cpu.idle_cpus(),
+                "refill_idle_cpus": self.config.server.refill_idle_cpus}
 
     # ------------------------------------------------------------ errors, series, config
     def errors(self, limit: int = ERRORS_RETURNED) -> dict[str, Any]:
