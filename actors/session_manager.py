@@ -99,8 +99,6 @@ class SessionManager:
         arrives); new actors wait for them (`_start`, `refill`, whose thread reads its count)."""
         self.node_cpu = node_cpu or NodeCpu()
         """Sampled by the pool's thread; the refill waits for an idle core (`refill`)."""
-        self._booting = False
-        """A worker the refill started is booting (read and set under `_lock`)."""
         self._directory = session_directory(config)  # started now: a device's first connect won't wait
         threading.Thread(target=self._keep_warm, name="warm-pool", daemon=True).start()
         self.refill()
@@ -121,15 +119,12 @@ class SessionManager:
             starting = [ready for _, ready in self._warm]
             done = ray.wait(starting, num_returns=len(starting), timeout=0)[0] if starting else []
             in_flight = len(starting) - len(done)
-            if self._booting and not in_flight:
-                self._booting = False
-                self.node_cpu.own_work(False)
+            self.node_cpu.own_work(in_flight > 0)  # the pool's own boots are not load to wait for
             if len(self._warm) + self._offered >= self._target or in_flight >= STARTS_AT_ONCE:
                 return
             if not self.node_cpu.has_room(self.config.server.refill_idle_cpus):
                 return
-            self._booting = True
-            self.node_cpu.own_work(True)  # the boot is not load to wait for
+            self.node_cpu.own_work(True)
             while len(self._warm) + self._offered < self._target and in_flight < STARTS_AT_ONCE:
                 actor = idle_session_actor(self.config, self._directory)
                 sid = new_session_id()

@@ -453,6 +453,7 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
             wall = t_end - t0
             proc.join(10)
             split = {k: round(100 * v / wall / n, 2) for k, v in sorted(cpu_split(before, after, live=n).items())}
+            boot_pids = booted_session_pids(before, after) if before is not first else None
             whole = sum(cpu_split(first, after).values()) / (t_end - t_first)
             e2e, steady = pct(result["e2e_ms"]), pct(result["steady_e2e_ms"])
             over = pct([x - known for x in result["e2e_ms"]])
@@ -468,11 +469,10 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
                    "server_cpu_pct_of_core": round(sum(split.values()) * n, 1),
                    "server_cpu_pct_of_core_whole_run": round(100 * whole, 1),
                    "load_generator_cpu_pct_of_core": round(100 * result["cpu_s"] / result["wall_s"], 1),
-                   "session_actors_started_in_steady_turns":
-                       len(booted_session_pids(before, after)) if before is not first else None,
+                   "session_actors_started_in_steady_turns": None if boot_pids is None else len(boot_pids),
                    # for a look at which turns a boot overlapped: seconds from the steady start
-                   "session_actor_boots_at_s": started_at(booted_session_pids(before, after), result["steady_from"])
-                   if before is not first and math.isfinite(result["steady_from"]) else None,
+                   "session_actor_boots_at_s": started_at(boot_pids, result["steady_from"])
+                   if boot_pids is not None and math.isfinite(result["steady_from"]) else None,
                    "steady_turns_at_s_e2e_ms": result["steady_turns"],
                    "steady_turns_at_s_server_ms": result["steady_server_turns"],
                    "wall_s": round(wall, 1)}
